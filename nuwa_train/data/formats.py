@@ -1,0 +1,316 @@
+"""Read and write the two public formats users bring: LLaVA conversations and RefCOCO grounding.
+
+Both loaders return a `datasets.Dataset` with one schema (FEATURES), so VQA and grounding data
+can be concatenated. Real user files go through the same validation as the synthetic export:
+a malformed record raises `DatasetFormatError` naming the file, record and field, or with
+`on_error="skip"` is left out and counted in a `LoadReport`.
+"""
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from PIL import Image
+
+from .synthetic import COORD_RANGE, LOC_PATTERN, Box, Record, SyntheticConfig, box_to_tokens, generate_records, render, tokens_to_box
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+LLAVA_FILE = "llava_vqa.json"
+REFCOCO_FILE = "refcoco_grounding.json"
+IMAGE_DIR = "images"
+ON_ERROR = ("raise", "skip")
+_ROLES = {"human": "user", "gpt": "assistant"}
+_COORDINATE = r"(?:<loc_\d+>|\d+)"
+_BOX_ANSWER = re.compile(rf"[\s\[\](),]*(?:{_COORDINATE}[\s\[\](),]*){{4}}")  # four coordinates, nothing else
+
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "task": datasets.Value("string"),  # "vqa" or "grounding"
+        "prompt": datasets.Value("string"),  # first user turn, image placeholder removed
+        "answer": datasets.Value("string"),  # first assistant turn: what the model must emit
+        "box": datasets.List(datasets.Value("int32"), length=4),  # grounding target in [0, 1000); None for vqa
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    }
+)
+
+
+class DatasetFormatError(ValueError):
+    """A file or record that does not follow its format; the message says where and why."""
+
+    def __init__(self, path: str, reason: str, index: int | None = None, record_id: object = None, field: str | None = None):
+        self.path, self.reason, self.index, self.record_id, self.field = path, reason, index, record_id, field
+        where = [str(path)]
+        if index is not None:
+            where.append(f"record {index} (id {record_id!r})")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(": ".join([*where, reason]))
+
+
+@dataclass
+class LoadReport:
+    """What a loader kept and what it skipped (with `on_error="skip"`), and why."""
+
+    path: str
+    loaded: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class _FieldError(Exception):
+    """Raised inside a record parser; the caller adds the file and record to the message."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# field checks
+
+
+def _get(record: object, key: str, kind: type | tuple[type, ...]) -> object:
+    if not isinstance(record, dict):
+        raise _FieldError("<record>", f"expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise _FieldError(key, "missing")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, kind):  # bool is an int in Python, never in JSON
+        raise _FieldError(key, f"expected {_type_names(kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _text(record: object, key: str) -> str:
+    value = _get(record, key, str).strip()
+    if not value:
+        raise _FieldError(key, "empty")
+    return value
+
+
+def _image(record: object, root: Path) -> tuple[str, tuple[int, int]]:
+    """Absolute path and (width, height) of the record's image; opens only the header."""
+    path = os.path.abspath(root / _text(record, "image"))
+    if not os.path.isfile(path):
+        raise _FieldError("image", f"file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return path, image.size
+    except (OSError, Image.DecompressionBombError) as error:
+        raise _FieldError("image", f"cannot read image {path}: {error}") from None
+
+
+def _check_box(box: object, field: str) -> Box:
+    """A valid [x1, y1, x2, y2] box of integers in [0, 1000) with x1 < x2 and y1 < y2."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(type(v) is int for v in box):
+        raise _FieldError(field, f"expected a list of 4 integers, got {box!r}")
+    box = list(box)
+    if not all(0 <= v < COORD_RANGE for v in box):
+        raise _FieldError(field, f"box {box} has a coordinate outside [0, {COORD_RANGE})")
+    if box[0] >= box[2]:
+        raise _FieldError(field, f"box {box} has x1 >= x2")
+    if box[1] >= box[3]:
+        raise _FieldError(field, f"box {box} has y1 >= y2")
+    return tuple(box)
+
+
+def _answer_box(answer: str, bins: int, field: str) -> Box | None:
+    """The box of a grounding answer (four coordinates and nothing else), None for a VQA answer."""
+    if not _BOX_ANSWER.fullmatch(answer):
+        if LOC_PATTERN.search(answer):
+            raise _FieldError(field, f"coordinate tokens must form exactly one box of four, got {answer!r}")
+        return None
+    box = tokens_to_box(answer, bins)
+    if box is None:
+        raise _FieldError(field, f"box answer {answer!r} has a coordinate outside [0, {COORD_RANGE}) or {bins} bins")
+    return _check_box(box, field)
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+
+
+def _parse(path: str | os.PathLike, image_root: str | os.PathLike | None, on_error: str, parse_record: Callable[[object, Path], dict]) -> tuple[list[dict], LoadReport]:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetFormatError(path, f"not valid UTF-8 JSON: {error}") from None
+    if not isinstance(records, list):
+        raise DatasetFormatError(path, f"expected a JSON list of records, got {type(records).__name__}")
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    rows, report = [], LoadReport(path)
+    for index, record in enumerate(records):
+        try:
+            rows.append(parse_record(record, root))
+        except _FieldError as error:
+            record_id = record.get("id") if isinstance(record, dict) else None
+            problem = DatasetFormatError(path, error.reason, index, record_id, error.field)
+            if on_error == "raise":
+                raise problem from None
+            report.skipped += 1
+            report.reasons.append(str(problem))
+    report.loaded = len(rows)
+    return rows, report
+
+
+def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
+    if report.skipped:
+        logger.warning("%s: skipped %d malformed records, first: %s", report.path, report.skipped, report.reasons[0])
+    return datasets.Dataset.from_list(rows, features=FEATURES)
+
+
+def parse_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+                     coordinate_bins: int = SyntheticConfig.coordinate_bins) -> tuple[list[dict], LoadReport]:
+    """Validate a LLaVA conversation file into rows of FEATURES plus a LoadReport.
+
+    A record is grounding when its first answer is a box (four coordinate tokens or integers).
+    """
+
+    def parse_record(record: object, root: Path) -> dict:
+        record_id = str(_get(record, "id", (str, int)))
+        image, _ = _image(record, root)
+        turns = _get(record, "conversations", list)
+        if len(turns) < 2 or len(turns) % 2:
+            raise _FieldError("conversations", f"expected alternating human/gpt turns ending with gpt, got {len(turns)} turns")
+        messages = []
+        for t, turn in enumerate(turns):
+            speaker = ("human", "gpt")[t % 2]
+            if not isinstance(turn, dict) or turn.get("from") != speaker:
+                got = turn.get("from") if isinstance(turn, dict) else turn
+                raise _FieldError(f"conversations[{t}].from", f"expected {speaker!r} (turns alternate human, gpt), got {got!r}")
+            value = turn.get("value")
+            if not isinstance(value, str):
+                raise _FieldError(f"conversations[{t}].value", f"expected str, got {type(value).__name__}")
+            if value.count(IMAGE_TOKEN) != (1 if t == 0 else 0):
+                where = "the first human turn needs exactly one" if t == 0 else "only the first human turn may hold an"
+                raise _FieldError(f"conversations[{t}].value", f"{where} {IMAGE_TOKEN!r} placeholder")
+            messages.append({"role": _ROLES[speaker], "content": value.replace(IMAGE_TOKEN, "").strip()})
+        answer = messages[1]["content"]
+        if not answer:
+            raise _FieldError("conversations[1].value", "empty answer")
+        box = _answer_box(answer, coordinate_bins, "conversations[1].value")
+        task = "vqa" if box is None else "grounding"
+        return {"id": record_id, "image": image, "task": task, "prompt": messages[0]["content"], "answer": answer,
+                "box": None if box is None else list(box), "messages": messages}
+
+    return _parse(path, image_root, on_error, parse_record)
+
+
+def load_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+                    coordinate_bins: int = SyntheticConfig.coordinate_bins) -> datasets.Dataset:
+    """A LLaVA conversation JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
+    return _to_dataset(*parse_llava_json(path, image_root, on_error, coordinate_bins))
+
+
+def parse_refcoco_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+                       coordinate_bins: int = SyntheticConfig.coordinate_bins,
+                       prompt_template: str = SyntheticConfig.grounding_template) -> tuple[list[dict], LoadReport]:
+    """Validate a RefCOCO-style grounding file into rows of FEATURES plus a LoadReport.
+
+    `problem` is a bare referring expression in RefCOCO, so the prompt is
+    `prompt_template.format(expression=problem)`; pass "{expression}" if problems are full questions.
+    The answer is the box in coordinate tokens, as the model must emit it.
+    """
+
+    def parse_record(record: object, root: Path) -> dict:
+        record_id = str(_get(record, "id", (str, int)))
+        image, size = _image(record, root)
+        problem = _text(record, "problem")
+        box = _check_box(_get(record, "normalized_solution", list), "normalized_solution")
+        for key, actual in zip(("width", "height"), size):
+            declared = _get(record, key, int)
+            if declared != actual:
+                raise _FieldError(key, f"{declared} does not match the image's {key} {actual}")
+        prompt = prompt_template.format(expression=problem)
+        answer = box_to_tokens(box, coordinate_bins)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return {"id": record_id, "image": image, "task": "grounding", "prompt": prompt, "answer": answer,
+                "box": list(box), "messages": messages}
+
+    return _parse(path, image_root, on_error, parse_record)
+
+
+def load_refcoco_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+                      coordinate_bins: int = SyntheticConfig.coordinate_bins,
+                      prompt_template: str = SyntheticConfig.grounding_template) -> datasets.Dataset:
+    """A RefCOCO-style grounding JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
+    return _to_dataset(*parse_refcoco_json(path, image_root, on_error, coordinate_bins, prompt_template))
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _write_json(path: Path, rows: list[dict]):
+    """A JSON list with one record per line: valid for any JSON reader, readable in a diff."""
+    path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n", encoding="utf-8")
+
+
+def export_records(records: Iterable[Record], out_dir: str | os.PathLike, config: SyntheticConfig) -> tuple[Path, Path]:
+    """Write PNG images plus a LLaVA file (VQA records) and a RefCOCO file (grounding records)."""
+    out = Path(out_dir)
+    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    llava, refcoco, written = [], [], set()
+    for record in records:
+        scene = record.scene
+        image = f"{IMAGE_DIR}/{scene.image_name}"
+        if image not in written:
+            render(scene, config).save(out / image)
+            written.add(image)
+        if record.task == "vqa":
+            conversation = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{record.prompt}"}, {"from": "gpt", "value": record.answer}]
+            llava.append({"id": record.id, "image": image, "conversations": conversation})
+        else:
+            refcoco.append({"id": record.id, "image": image, "problem": record.expression,
+                            "normalized_solution": list(record.box), "width": scene.width, "height": scene.height})
+    _write_json(out / LLAVA_FILE, llava)
+    _write_json(out / REFCOCO_FILE, refcoco)
+    return out / LLAVA_FILE, out / REFCOCO_FILE
+
+
+def export_split(out_dir: str | os.PathLike, config: SyntheticConfig, split: str, num_images: int, start: int = 0) -> tuple[Path, Path]:
+    """Export images [start, start + num_images) of a split: one VQA and one grounding record per image."""
+    return export_records(generate_records(config, split, num_images, start), out_dir, config)
+
+
+def write_sample(out_dir: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(), split: str = "test", num_images: int = 24) -> tuple[Path, Path]:
+    """Regenerate the committed sample (data/synthetic_sample) byte for byte, README included."""
+    paths = export_split(out_dir, config, split, num_images)
+    readme = f"""# Synthetic grounding sample
+
+{num_images} images of the `{split}` split of nuwa-train's synthetic benchmark
+(`nuwa_train.data.synthetic`), each with one VQA record in `{LLAVA_FILE}` (LLaVA
+conversations) and one grounding record in `{REFCOCO_FILE}` (RefCOCO style, boxes as
+integers in [0, 1000)). Images are in `{IMAGE_DIR}/`.
+
+Generated with
+
+```
+{config!r}
+```
+
+To regenerate it exactly (with the default config), from the repository root:
+
+```
+python -c "from nuwa_train.data import write_sample; write_sample('data/synthetic_sample')"
+```
+"""
+    (Path(out_dir) / "README.md").write_text(readme, encoding="utf-8")
+    return paths

@@ -1,0 +1,6 @@
+"""Model adapters: attach Nüwa pruning to one HF VLM instance without patching any class."""
+
+from .attach import NuwaHandle, NuwaInputError, attach_nuwa, detach_nuwa
+from .llava import LlavaAdapter, UnsupportedModelError
+
+__all__ = ["NuwaHandle", "NuwaInputError", "attach_nuwa", "detach_nuwa", "LlavaAdapter", "UnsupportedModelError"]

@@ -1,0 +1,360 @@
+"""Attach Nüwa pruning to one loaded HF VLM instance, ToMe-style, and take it off again.
+
+Nothing global is patched. `attach_nuwa(model)` changes that instance only:
+- its `get_image_features` (the entry point `generate` uses to pre-encode images) returns the
+  stage-1 tokens: selection is purely visual, so it happens where HF encodes images;
+- a pre-hook on the model runs the vision tower once, selects/aggregates the stage-1 tokens and
+  hands the LLM a *physically shorter* sequence (inputs_embeds) whose kept vision tokens carry their
+  original position ids, with an explicit 2-D mask (gapped positions without a mask would be read as
+  packed sequences in transformers 5.x); on decode steps it maps the caller's unpruned mask and
+  positions onto the pruned KV cache;
+- pre-hooks on decoder layers L2-1 .. L run stage 2: one attention row is recomputed at L2-1, the
+  vision tokens are dropped before L2, and the later layers get the matching positions, rotary
+  tables and masks (sized against their own, shorter, KV cache);
+- a post-hook computes the loss on the pruned sequence when labels are given.
+All per-call state lives in one small `NuwaHandle`; `handle.detach()` restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.utils import ModelOutput
+
+from ..pruning import NuwaConfig, Stage1Output, last_token_attention, run_stage1, select_top
+from .llava import LlavaAdapter, UnsupportedModelError
+
+ADAPTERS = (LlavaAdapter,)
+IGNORE_INDEX = -100
+
+
+class NuwaInputError(ValueError):
+    """The inputs cannot be pruned as given; the message says which input and why."""
+
+
+@dataclass
+class NuwaImageFeatures(ModelOutput):
+    """Stage-1 output in the place of HF's image features (what `generate` pre-encodes)."""
+
+    pooler_output: torch.Tensor | None = None  # (images, K, D_text) projected kept tokens
+    kept_indices: torch.Tensor | None = None  # (images, K) grid indices, ascending
+    pillars: torch.Tensor | None = None  # (images, K) bool, Nüwa only
+
+
+@dataclass
+class Stage2Layout:
+    source: torch.Tensor  # (B, L2) index into the stage-1 sequence, -1 for inserted padding
+    attention_mask: torch.Tensor  # (B, L2)
+    kept_vision: torch.Tensor  # (B, L1) bool: vision tokens of the stage-1 sequence that survive
+
+
+@dataclass
+class PrefillLayout:
+    """How the pruned prefill maps onto the caller's unpruned sequence; kept for decoding."""
+
+    source: torch.Tensor  # (B, L1) index into the unpruned input, -1 for inserted padding
+    attention_mask: torch.Tensor  # (B, L1)
+    position_ids: torch.Tensor  # (B, L1)
+    is_vision: torch.Tensor  # (B, L1) bool
+    prompt_end: torch.Tensor  # (B,) index in L1 of the last prompt token (stage-2 query)
+    images_per_sample: torch.Tensor  # (B,)
+    input_length: int  # unpruned prompt length L
+    next_position: torch.Tensor  # (B,) position id of the first token after the prompt
+    selection: NuwaImageFeatures  # stage-1 indices per image (into its grid), for inspection
+    labels: torch.Tensor | None = None  # (B, L1)
+    stage2: Stage2Layout | None = None
+
+    def token_map(self) -> torch.Tensor:
+        """(B, L_final) index into the unpruned input of every output position (-1 for padding)."""
+        if self.stage2 is None:
+            return self.source
+        mapped = self.source.gather(1, self.stage2.source.clamp(min=0))
+        return mapped.masked_fill(self.stage2.source < 0, -1)
+
+
+def compact(keep: torch.Tensor) -> torch.Tensor:
+    """(B, L') source indices of the kept positions in order, left-padded with -1 to the longest row.
+
+    Left padding keeps every row's last token last, which generation relies on.
+    """
+    counts = keep.sum(dim=1)
+    length = int(counts.max())
+    kept_first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :max(length, 1)]
+    slot = torch.arange(length, device=keep.device) - (length - counts).unsqueeze(1)
+    return torch.where(slot >= 0, kept_first.gather(1, slot.clamp(min=0)), torch.full_like(slot, -1))
+
+
+def _gather_rows(values: torch.Tensor, source: torch.Tensor, fill=0) -> torch.Tensor:
+    """values (B, L, ...) gathered along dim 1 at `source` (B, L'); -1 entries become `fill`."""
+    index = source.clamp(min=0)
+    if values.dim() == 2:
+        return values.gather(1, index).masked_fill(source < 0, fill)
+    expanded = index.view(*index.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, expanded).masked_fill((source < 0).view(*source.shape, *([1] * (values.dim() - 2))), fill)
+
+
+class NuwaHandle:
+    """The state and hooks of Nüwa on one model instance. Use `detach()` (or `with`) to remove."""
+
+    def __init__(self, model: nn.Module, adapter, config: NuwaConfig):
+        self.model, self.adapter, self.config = model, adapter, config
+        self.num_layers = len(adapter.decoder_layers)
+        self.plan = config.plan(adapter.grid, self.num_layers)
+        self.layout: PrefillLayout | None = None
+        self.overhead_seconds: dict[str, float] = defaultdict(float)
+        self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
+        self._decode_columns: torch.Tensor | None = None
+        self._stage2_kwargs: dict = {}
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._forward_params = list(inspect.signature(model.forward).parameters)
+        self._encoder_owner = getattr(model, model.base_model_prefix)
+        self._encoder_owner.get_image_features = self.image_features
+        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                       model.register_forward_hook(self._after_forward, with_kwargs=True)]
+        if self.plan.stage2 is not None:
+            layers, first = adapter.decoder_layers, self.plan.stage2.layer
+            self._hooks.append(layers[first - 1].register_forward_pre_hook(self._score_stage2, with_kwargs=True))
+            self._hooks.append(layers[first].register_forward_pre_hook(self._drop_stage2, with_kwargs=True))
+            for layer in layers[first + 1:]:
+                self._hooks.append(layer.register_forward_pre_hook(self._follow_stage2, with_kwargs=True))
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._encoder_owner.__dict__.get("get_image_features") == self.image_features:
+            del self._encoder_owner.get_image_features
+        self.layout = None
+        if getattr(self.model, "_nuwa", None) is self:
+            del self.model._nuwa
+
+    def __enter__(self) -> NuwaHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @contextmanager
+    def _timed(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.overhead_seconds[name] += time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------- model hooks
+    def _before_forward(self, model, args, kwargs):
+        kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
+        cache = kwargs.get("past_key_values")
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cached > 0:
+            return (), self._decode(kwargs, cached)
+        self.layout, self._phase = None, "off"
+        input_ids, pixel_values = kwargs.pop("input_ids", None), kwargs.pop("pixel_values", None)
+        images = (kwargs.pop("mm_encoder_outputs", None) or {}).get("image")
+        if pixel_values is not None:
+            images = self.image_features(pixel_values)
+        elif images is not None and not isinstance(images, NuwaImageFeatures):
+            raise NuwaInputError("pre-computed image features were not made by this Nüwa handle; pass pixel_values "
+                                 "(generate with num_beams > 1 or num_return_sequences > 1 is not supported yet)")
+        if images is None:
+            if input_ids is not None and (input_ids == self.adapter.image_token_id).any():
+                raise NuwaInputError("input_ids contain image tokens but no pixel_values were given")
+            return (), {**kwargs, "input_ids": input_ids}
+        if input_ids is None:
+            raise NuwaInputError("Nüwa needs input_ids (to find the image tokens) when pixel_values are given")
+        return (), self._prefill(kwargs, input_ids, images)
+
+    def image_features(self, pixel_values: torch.Tensor, **unused) -> NuwaImageFeatures:
+        """Vision tower once, stage-1 selection/aggregation, projector: the pruned image tokens."""
+        hidden = self.adapter.vision_hidden_states(pixel_values)
+        with self._timed("saliency"):
+            encoding = self.adapter.read_encoding(hidden, self.config)
+        with self._timed("stage1"):
+            if self.plan.stage1 is None:
+                images, tokens = encoding.features.shape[:2]
+                indices = torch.arange(tokens, device=encoding.features.device).expand(images, -1)
+                selection = Stage1Output(encoding.features, indices)
+            else:
+                selection = run_stage1(self.plan.stage1, self.config, encoding.features, encoding.sim_features,
+                                       encoding.scores, encoding.grid, self._generator)
+        return NuwaImageFeatures(pooler_output=self.adapter.project(selection.tokens),
+                                 kept_indices=selection.indices, pillars=selection.pillars)
+
+    def _after_forward(self, model, args, kwargs, output):
+        layout = self.layout
+        if self._phase != "prefill" or layout is None or layout.labels is None:
+            return output
+        labels = layout.labels
+        if layout.stage2 is not None:
+            labels = _gather_rows(labels, layout.stage2.source, IGNORE_INDEX)
+        output.loss = model.loss_function(logits=output.logits, labels=labels,
+                                          vocab_size=model.config.text_config.vocab_size)
+        return output
+
+    def _prefill(self, kwargs: dict, input_ids: torch.Tensor, images: NuwaImageFeatures) -> dict:
+        batch, length = input_ids.shape
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        elif mask.dim() != 2:
+            raise NuwaInputError(f"attention_mask must be 2-D (batch, length) for Nüwa, got shape {tuple(mask.shape)}")
+        is_image = input_ids == self.adapter.image_token_id
+        if not is_image.any():
+            raise NuwaInputError(f"pixel_values were given but input_ids contain no image token "
+                                 f"(id {self.adapter.image_token_id}); add the image placeholder to the prompt")
+        num_images, num_tokens = images.kept_indices.shape[0], self.plan.num_tokens
+        images_per_sample = self._check_image_tokens(is_image, num_images, num_tokens)
+
+        # Placeholder j of image i sits at image_slots[i, j]; keep the selected ones.
+        image_slots = is_image.nonzero()[:, 1].view(num_images, num_tokens)
+        image_rows = torch.repeat_interleave(torch.arange(batch, device=input_ids.device), images_per_sample)
+        keep = ~is_image
+        keep[image_rows.unsqueeze(1), image_slots.gather(1, images.kept_indices)] = True
+        source = compact(keep)
+        valid = source >= 0
+
+        text_ids = input_ids.masked_fill(is_image, 0)
+        embeds = self.adapter.embed(_gather_rows(text_ids, source))
+        is_vision = _gather_rows(is_image, source, False)
+        embeds = embeds.masked_scatter(is_vision.unsqueeze(-1), images.pooler_output.to(embeds.dtype))
+        pruned_mask = _gather_rows(mask, source)
+
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        if self.config.position_mode == "original":
+            pruned_positions = _gather_rows(positions, source)
+        else:
+            pruned_positions = (pruned_mask.long().cumsum(1) - 1).clamp(min=0)
+
+        labels = kwargs.pop("labels", None)
+        self.layout = PrefillLayout(
+            source=source, attention_mask=pruned_mask, position_ids=pruned_positions, is_vision=is_vision,
+            prompt_end=self._prompt_end(mask, labels, source), images_per_sample=images_per_sample,
+            input_length=length, next_position=(pruned_positions * pruned_mask).amax(dim=1) + 1,
+            selection=images, labels=None if labels is None else _gather_rows(labels, source, IGNORE_INDEX))
+        self._phase = "prefill"
+        kwargs.update(inputs_embeds=embeds, attention_mask=pruned_mask, position_ids=pruned_positions)
+        return kwargs
+
+    def _check_image_tokens(self, is_image: torch.Tensor, num_images: int, num_tokens: int) -> torch.Tensor:
+        counts = is_image.sum(dim=1)
+        for row, count in enumerate(counts.tolist()):
+            if count % num_tokens:
+                raise NuwaInputError(f"sample {row} has {count} image tokens, not a multiple of the {num_tokens} "
+                                     f"patches per image; the prompt and the image grid disagree")
+        if int(counts.sum()) != num_images * num_tokens:
+            raise NuwaInputError(f"input_ids hold {int(counts.sum()) // num_tokens} image(s) worth of image tokens but "
+                                 f"pixel_values hold {num_images} image(s)")
+        return counts // num_tokens
+
+    @staticmethod
+    def _prompt_end(mask: torch.Tensor, labels: torch.Tensor | None, source: torch.Tensor) -> torch.Tensor:
+        """Index (in the pruned sequence) of the token right before the answer: the stage-2 query."""
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last_valid = (positions * mask.bool()).amax(dim=1)
+        end = last_valid
+        if labels is not None:
+            answered = labels != IGNORE_INDEX
+            first_answer = torch.where(answered, positions, mask.shape[1]).amin(dim=1)
+            end = torch.where(answered.any(dim=1), first_answer - 1, last_valid)
+        return (torch.searchsorted(source.contiguous(), end.unsqueeze(1), right=True) - 1).squeeze(1).clamp(min=0)
+
+    def _decode(self, kwargs: dict, cached: int) -> dict:
+        layout = self.layout
+        if kwargs.get("pixel_values") is not None:
+            raise NuwaInputError("pixel_values with a non-empty KV cache: Nüwa prunes images at prefill only")
+        if layout is None:  # a text-only generation
+            self._phase = "off"
+            return kwargs
+        step_ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        batch, new = step_ids.shape[:2]
+        if batch != layout.source.shape[0]:
+            raise NuwaInputError(f"decoding a batch of {batch} on a cache prefilled for {layout.source.shape[0]}")
+        generated = cached - layout.source.shape[1]  # tokens appended since the prefill
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            columns = layout.attention_mask.new_ones(batch, generated + new)
+        elif mask.shape[1] != layout.input_length + generated + new:
+            raise NuwaInputError(f"attention_mask has {mask.shape[1]} columns; expected the unpruned prompt "
+                                 f"({layout.input_length}) + {generated} generated + {new} new")
+        else:
+            columns = mask[:, layout.input_length:]
+        self._phase, self._decode_columns = "decode", columns
+        steps = torch.arange(generated, generated + new, device=columns.device)
+        kwargs.update(attention_mask=torch.cat([layout.attention_mask, columns.to(layout.attention_mask.dtype)], 1),
+                      position_ids=layout.next_position.unsqueeze(1) + steps)
+        return kwargs
+
+    # ------------------------------------------------------------------------------- layer hooks
+    def _score_stage2(self, layer, args, kwargs):
+        layout = self.layout
+        if self._phase != "prefill":
+            return None
+        with self._timed("stage2"), torch.no_grad():
+            hidden = args[0] if args else kwargs["hidden_states"]
+            query, keys, scale = self.adapter.query_and_keys(layer, hidden, layout.prompt_end,
+                                                             kwargs["position_embeddings"])
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            visible = layout.attention_mask.bool() & (positions <= layout.prompt_end.unsqueeze(1))
+            scores = last_token_attention(query, keys, visible, scale)
+            budget = layout.images_per_sample * self.plan.stage2.keep
+            kept_vision = select_top(scores, layout.is_vision, budget)
+            source = compact(~layout.is_vision | kept_vision)
+            layout.stage2 = Stage2Layout(source, _gather_rows(layout.attention_mask, source), kept_vision)
+        return None
+
+    def _drop_stage2(self, layer, args, kwargs):
+        if self._phase == "off":
+            return None
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        stage2 = self.layout.stage2
+        cos, sin = kwargs["position_embeddings"]
+        positions = kwargs["position_ids"]
+        if self._phase == "prefill":
+            hidden = _gather_rows(hidden, stage2.source)
+            cos, sin = _gather_rows(cos, stage2.source), _gather_rows(sin, stage2.source)
+            positions = _gather_rows(positions.expand(hidden.shape[0], -1), stage2.source)
+            mask_2d = stage2.attention_mask
+        else:
+            mask_2d = torch.cat([stage2.attention_mask, self._decode_columns.to(stage2.attention_mask.dtype)], 1)
+        mask = create_causal_mask(config=self.adapter.language_model.config, inputs_embeds=hidden,
+                                  attention_mask=mask_2d, past_key_values=kwargs.get("past_key_values"),
+                                  position_ids=positions, layer_idx=self.plan.stage2.layer)
+        self._stage2_kwargs = dict(attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
+        kwargs.update(self._stage2_kwargs)
+        return (hidden, *args[1:]), kwargs
+
+    def _follow_stage2(self, layer, args, kwargs):
+        if self._phase == "off":
+            return None
+        kwargs.update(self._stage2_kwargs)
+        return args, kwargs
+
+
+def attach_nuwa(model: nn.Module, config: NuwaConfig | None = None) -> NuwaHandle:
+    """Attach Nüwa pruning to this model instance (a supported HF VLM, or a peft model wrapping one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    adapter_class = next((a for a in ADAPTERS if isinstance(base, a.model_classes)), None)
+    if adapter_class is None:
+        supported = ", ".join(c.__name__ for a in ADAPTERS for c in a.model_classes)
+        raise UnsupportedModelError(f"{type(base).__name__} is not supported by Nüwa yet; supported: {supported}")
+    if getattr(base, "_nuwa", None) is not None:
+        raise RuntimeError("Nüwa is already attached to this model; call detach() on the existing handle first")
+    handle = NuwaHandle(base, adapter_class(base), config or NuwaConfig())
+    base._nuwa = handle
+    return handle
+
+
+def detach_nuwa(model: nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = getattr(base, "_nuwa", None)
+    if handle is not None:
+        handle.detach()

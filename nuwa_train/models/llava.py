@@ -1,0 +1,129 @@
+"""What Nüwa needs to know about the LLaVA-1.5 family (HF `LlavaForConditionalGeneration`).
+
+Everything model-specific lives here: where the vision tower, projector and decoder layers are, how
+the stage-1 saliency is read (the CLS-query row of the feature layer, from its own q/k projections,
+so the tower keeps running SDPA), and how a decoder layer's queries/keys are formed for stage 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+from transformers.models.llama.modeling_llama import rotate_half
+
+from ..pruning import NuwaConfig
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its settings) is not something this adapter can prune."""
+
+
+@dataclass
+class VisionEncoding:
+    features: torch.Tensor  # (images, N, D) patch features the projector consumes
+    sim_features: torch.Tensor  # (images, N, Ds) mean of the configured layers, for similarity
+    scores: torch.Tensor  # (images, N) CLS attention to every patch, summed over heads
+    grid: tuple[int, int]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama-style rotary embedding; x (B, heads, L, Dh), cos/sin (B, L, Dh)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class LlavaAdapter:
+    """LLaVA-1.5: CLIP tower (CLS + square patch grid), MLP projector, Llama-family LM."""
+
+    model_classes = (LlavaForConditionalGeneration,)
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        config = model.config
+        if config.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(
+                f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}: Nüwa needs the patch grid "
+                f"without the CLS feature ('default')")
+        if not isinstance(config.vision_feature_layer, int):
+            raise UnsupportedModelError(f"vision_feature_layer={config.vision_feature_layer!r}: only a single "
+                                        f"feature layer is supported")
+        self.model = model
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.grid = (side, side)
+        self.num_vision_layers = vision.num_hidden_layers
+        self.feature_index = config.vision_feature_layer % (self.num_vision_layers + 1)
+        if self.feature_index == 0:
+            raise UnsupportedModelError("vision_feature_layer points at the embeddings; no attention to score with")
+        self.image_token_id = config.image_token_index
+
+    # ----------------------------------------------------------------------------------- modules
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(tokens)
+
+    # ----------------------------------------------------------------------------------- stage 1
+    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the tower once, keeping every layer's hidden states (CLS first)."""
+        tower = self.vision_tower
+        pixel_values = pixel_values.to(dtype=next(tower.parameters()).dtype)
+        return tower(pixel_values, output_hidden_states=True).hidden_states
+
+    def read_encoding(self, hidden: tuple[torch.Tensor, ...], config: NuwaConfig) -> VisionEncoding:
+        """Features, similarity features and CLS saliency, read from the tower's hidden states."""
+        features = hidden[self.feature_index][:, 1:]
+        if features.shape[1] != self.grid[0] * self.grid[1]:
+            raise UnsupportedModelError(f"the tower returned {features.shape[1]} patches, not the "
+                                        f"{self.grid[0]}x{self.grid[1]} grid its config implies")
+        low, high = config.sim_layers
+        first = max(1, round(low * self.num_vision_layers))
+        last = max(first, round(high * self.num_vision_layers))
+        sim_features = torch.stack(hidden[first:last + 1]).mean(0)[:, 1:]
+        scores = self._cls_attention(hidden[self.feature_index - 1])
+        return VisionEncoding(features, sim_features, scores, self.grid)
+
+    def _cls_attention(self, layer_input: torch.Tensor) -> torch.Tensor:
+        """Attention of the CLS query to every patch in the feature layer, summed over heads."""
+        layer = self.vision_tower.encoder.layers[self.feature_index - 1]
+        attn = layer.self_attn
+        normed = layer.layer_norm1(layer_input)
+        batch, length, _ = normed.shape
+        query = attn.q_proj(normed[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        keys = attn.k_proj(normed).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = ((query @ keys.transpose(-1, -2)) * attn.scale).float().softmax(dim=-1)  # (B, heads, 1, N+1)
+        return probs[:, :, 0, 1:].sum(dim=1)
+
+    # ----------------------------------------------------------------------------------- stage 2
+    def query_and_keys(self, layer: nn.Module, hidden: torch.Tensor, query_index: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """Post-RoPE query of one token per sample and all keys, as `layer` computes them.
+
+        Returns query (B, heads, Dh), keys (B, heads, L, Dh) (GQA heads repeated) and the scale.
+        """
+        attn = layer.self_attn
+        cos, sin = position_embeddings
+        batch, length, _ = hidden.shape
+        rows = torch.arange(batch, device=hidden.device)
+        normed = layer.input_layernorm(hidden)
+        head_dim = attn.head_dim
+        query = attn.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        query = _rope(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
+        keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        keys = _rope(keys, cos, sin)
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+        return query[:, :, 0], keys, attn.scaling

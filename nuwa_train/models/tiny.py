@@ -1,0 +1,111 @@
+"""A tiny LLaVA-architecture model and word-level processor, built from configs (no network).
+
+It is the real `LlavaForConditionalGeneration` (CLIP vision tower + Llama LM), only small, so every
+code path used on `llava-hf/llava-1.5-7b-hf` is exercised on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (AutoProcessor, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
+CHAT_WORDS = ("user", "assistant", ":")
+# A chat template in the LLaVA-1.5 style: "<s> user : <image> question assistant : answer </s>".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}user : "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} "
+    "{% endif %}{% endfor %}"
+    "{% else %}assistant : {% for part in message['content'] %}{{ part['text'] }} {% endfor %}</s> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Sizes of the tiny model. 96 px / 8 px patches give a 12x12 grid (even, as stage 1 needs)."""
+
+    image_size: int = 96
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_feature_layer: int = -1
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    mlp_ratio: int = 2
+    max_positions: int = 1024
+    attn_implementation: str = "sdpa"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+
+def build_tokenizer(words: list[str], atomic_tokens: list[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: `Whitespace` splitting (\\w+ | punctuation runs), atomic extra tokens."""
+    specials = [PAD, UNK, BOS, EOS, IMAGE]
+    vocab: dict[str, int] = {}
+    for token in [*specials, *CHAT_WORDS, *words]:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                        special_tokens=[(BOS, vocab[BOS])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                        unk_token=UNK, extra_special_tokens={"image_token": IMAGE})
+    if atomic_tokens:
+        tokenizer.add_tokens(list(atomic_tokens))
+    return tokenizer
+
+
+def build_processor(spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[str] = ()) -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(size={"shortest_edge": spec.image_size},
+                                         crop_size={"height": spec.image_size, "width": spec.image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words, atomic_tokens),
+                          patch_size=spec.patch_size, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, image_token=IMAGE, chat_template=CHAT_TEMPLATE)
+
+
+def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * spec.mlp_ratio,
+                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                              image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
+                       intermediate_size=spec.text_hidden * spec.mlp_ratio, num_hidden_layers=spec.text_layers,
+                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                       max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+                         vision_feature_layer=spec.vision_feature_layer, vision_feature_select_strategy="default",
+                         image_seq_length=spec.grid[0] * spec.grid[1], pad_token_id=tokenizer.pad_token_id)
+    config._attn_implementation = spec.attn_implementation
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
+def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (), atomic_tokens: list[str] = ()):
+    """(model, processor) for a tiny LLaVA with random weights and a vocabulary of `words`."""
+    processor = build_processor(spec, list(words), list(atomic_tokens))
+    return build_model(spec, processor.tokenizer), processor
+
+
+def save_tiny_llava(model, processor, path: str | Path) -> None:
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def load_tiny_llava(path: str | Path):
+    """Load with the plain `from_pretrained` path that real checkpoints use."""
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
