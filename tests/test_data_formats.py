@@ -120,10 +120,11 @@ LLAVA_CASES = {
     "no answer turn": (_set(["conversations"], [{"from": "human", "value": "<image>\nhi?"}]), "conversations", "got 1 turns"),
     "no image placeholder": (_set(["conversations", 0, "value"], "what colour is it?"), "conversations[0].value", "'<image>'"),
     "non-alternating": (_set(["conversations", 1, "from"], "human"), "conversations[1].from", "expected 'gpt'"),
-    "placeholder in a later turn": (_late_image_token, "conversations[2].value", "only the first human turn"),
+    "placeholder in a later turn": (_late_image_token, "conversations[2].value", "only the first turn"),
     "value not a string": (_set(["conversations", 1, "value"], 3), "conversations[1].value", "expected str"),
     "empty answer": (_set(["conversations", 1, "value"], "  "), "conversations[1].value", "empty answer"),
     "inverted box answer": (_set(["conversations", 1, "value"], "[500, 10, 400, 90]"), "conversations[1].value", "x1 >= x2"),
+    "zero-width token box": (_set(["conversations", 1, "value"], "<loc_3><loc_4><loc_3><loc_9>"), "conversations[1].value", "x1 >= x2"),
     "five coordinate tokens": (_set(["conversations", 1, "value"], "<loc_1><loc_2><loc_3><loc_4><loc_5>"), "conversations[1].value", "exactly one box"),
     "coordinate token out of range": (_set(["conversations", 1, "value"], "<loc_1><loc_2><loc_3><loc_40>"), "conversations[1].value", "32 bins"),
 }
@@ -135,6 +136,7 @@ REFCOCO_CASES = {
     "empty problem": (_set(["problem"], ""), "problem", "empty"),
     "missing box": (_set(["normalized_solution"], None), "normalized_solution", "missing"),
     "inverted x": (_set(["normalized_solution"], [10, 5, 3, 40]), "normalized_solution", "box [10, 5, 3, 40] has x1 >= x2"),
+    "zero-width box": (_set(["normalized_solution"], [10, 5, 10, 40]), "normalized_solution", "has x1 >= x2"),
     "inverted y": (_set(["normalized_solution"], [10, 50, 30, 40]), "normalized_solution", "has y1 >= y2"),
     "coordinate 1000": (_set(["normalized_solution"], [10, 5, 30, 1000]), "normalized_solution", "outside [0, 1000)"),
     "negative coordinate": (_set(["normalized_solution"], [-1, 5, 30, 40]), "normalized_solution", "outside [0, 1000)"),
@@ -219,6 +221,13 @@ def test_skip_mode_drops_and_counts_every_bad_record(exported, tmp_path):
             load(path)
         with pytest.raises(ValueError, match="on_error"):
             load(path, on_error="ignore")
+
+
+def test_skip_mode_with_nothing_left_keeps_the_schema(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([{"id": "a"}]))
+    dataset = load_refcoco_json(path, on_error="skip")
+    assert len(dataset) == 0 and dataset.features == load_llava_json(SAMPLE_DIR / LLAVA_FILE).features
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_batch_elements_are_independent_and_keep_the_full_budget():
 def test_windowed_aggregation_equals_dense():
     features, sim, scores = random_grid_inputs(2, (24, 24))
     dense = nuwa_stage1(features, sim, scores, (24, 24), 112, aggregation="dense")
-    windowed = nuwa_stage1(features, sim, scores, (24, 24), 112, aggregation="windowed", window_chunk=7)
+    windowed = nuwa_stage1(features, sim, scores, (24, 24), 112, aggregation="windowed", window_tile=5)
     torch.testing.assert_close(windowed.tokens, dense.tokens, atol=1e-5, rtol=1e-5)
 
 

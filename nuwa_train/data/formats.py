@@ -17,9 +17,20 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
-from .synthetic import COORD_RANGE, LOC_PATTERN, Box, Record, SyntheticConfig, box_to_tokens, generate_records, render, tokens_to_box
+from .synthetic import (
+    COORD_RANGE,
+    LOC_PATTERN,
+    Box,
+    Record,
+    SyntheticConfig,
+    box_to_tokens,
+    generate_records,
+    render,
+    tokens_to_box,
+)
 
 logger = logging.getLogger(__name__)
+PathLike = str | os.PathLike
 
 IMAGE_TOKEN = "<image>"
 LLAVA_FILE = "llava_vqa.json"
@@ -46,7 +57,8 @@ FEATURES = datasets.Features(
 class DatasetFormatError(ValueError):
     """A file or record that does not follow its format; the message says where and why."""
 
-    def __init__(self, path: str, reason: str, index: int | None = None, record_id: object = None, field: str | None = None):
+    def __init__(self, path: str, reason: str, index: int | None = None, record_id: object = None,
+                 field: str | None = None):
         self.path, self.reason, self.index, self.record_id, self.field = path, reason, index, record_id, field
         where = [str(path)]
         if index is not None:
@@ -135,7 +147,8 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
         return None
     box = tokens_to_box(answer, bins)
     if box is None:
-        raise _FieldError(field, f"box answer {answer!r} has a coordinate outside [0, {COORD_RANGE}) or {bins} bins")
+        raise _FieldError(field, f"box {answer!r} has an integer outside [0, {COORD_RANGE}) "
+                                 f"or a token outside the {bins} bins")
     return _check_box(box, field)
 
 
@@ -143,7 +156,8 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
 # loaders
 
 
-def _parse(path: str | os.PathLike, image_root: str | os.PathLike | None, on_error: str, parse_record: Callable[[object, Path], dict]) -> tuple[list[dict], LoadReport]:
+def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
+           parse_record: Callable[[object, Path], dict]) -> tuple[list[dict], LoadReport]:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = str(path)
@@ -172,11 +186,13 @@ def _parse(path: str | os.PathLike, image_root: str | os.PathLike | None, on_err
 
 def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
     if report.skipped:
-        logger.warning("%s: skipped %d malformed records, first: %s", report.path, report.skipped, report.reasons[0])
-    return datasets.Dataset.from_list(rows, features=FEATURES)
+        logger.warning("%s: skipped %d malformed records, first: %s",
+                       report.path, report.skipped, report.reasons[0])
+    columns = {name: [row[name] for row in rows] for name in FEATURES}  # also right when every record was skipped
+    return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
-def parse_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                      coordinate_bins: int = SyntheticConfig.coordinate_bins) -> tuple[list[dict], LoadReport]:
     """Validate a LLaVA conversation file into rows of FEATURES plus a LoadReport.
 
@@ -188,19 +204,21 @@ def parse_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | No
         image, _ = _image(record, root)
         turns = _get(record, "conversations", list)
         if len(turns) < 2 or len(turns) % 2:
-            raise _FieldError("conversations", f"expected alternating human/gpt turns ending with gpt, got {len(turns)} turns")
+            raise _FieldError("conversations",
+                              f"expected alternating human/gpt turns ending with gpt, got {len(turns)} turns")
         messages = []
         for t, turn in enumerate(turns):
             speaker = ("human", "gpt")[t % 2]
             if not isinstance(turn, dict) or turn.get("from") != speaker:
                 got = turn.get("from") if isinstance(turn, dict) else turn
-                raise _FieldError(f"conversations[{t}].from", f"expected {speaker!r} (turns alternate human, gpt), got {got!r}")
+                raise _FieldError(f"conversations[{t}].from",
+                                  f"expected {speaker!r} (turns alternate human, gpt), got {got!r}")
             value = turn.get("value")
             if not isinstance(value, str):
                 raise _FieldError(f"conversations[{t}].value", f"expected str, got {type(value).__name__}")
             if value.count(IMAGE_TOKEN) != (1 if t == 0 else 0):
-                where = "the first human turn needs exactly one" if t == 0 else "only the first human turn may hold an"
-                raise _FieldError(f"conversations[{t}].value", f"{where} {IMAGE_TOKEN!r} placeholder")
+                rule = "the first human turn needs exactly one" if t == 0 else "only the first turn may hold an"
+                raise _FieldError(f"conversations[{t}].value", f"{rule} {IMAGE_TOKEN!r} placeholder")
             messages.append({"role": _ROLES[speaker], "content": value.replace(IMAGE_TOKEN, "").strip()})
         answer = messages[1]["content"]
         if not answer:
@@ -213,13 +231,13 @@ def parse_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | No
     return _parse(path, image_root, on_error, parse_record)
 
 
-def load_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+def load_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                     coordinate_bins: int = SyntheticConfig.coordinate_bins) -> datasets.Dataset:
     """A LLaVA conversation JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
     return _to_dataset(*parse_llava_json(path, image_root, on_error, coordinate_bins))
 
 
-def parse_refcoco_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+def parse_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                        coordinate_bins: int = SyntheticConfig.coordinate_bins,
                        prompt_template: str = SyntheticConfig.grounding_template) -> tuple[list[dict], LoadReport]:
     """Validate a RefCOCO-style grounding file into rows of FEATURES plus a LoadReport.
@@ -247,10 +265,10 @@ def parse_refcoco_json(path: str | os.PathLike, image_root: str | os.PathLike | 
     return _parse(path, image_root, on_error, parse_record)
 
 
-def load_refcoco_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, on_error: str = "raise",
+def load_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                       coordinate_bins: int = SyntheticConfig.coordinate_bins,
                       prompt_template: str = SyntheticConfig.grounding_template) -> datasets.Dataset:
-    """A RefCOCO-style grounding JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
+    """A RefCOCO-style JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
     return _to_dataset(*parse_refcoco_json(path, image_root, on_error, coordinate_bins, prompt_template))
 
 
@@ -263,7 +281,7 @@ def _write_json(path: Path, rows: list[dict]):
     path.write_text("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n", encoding="utf-8")
 
 
-def export_records(records: Iterable[Record], out_dir: str | os.PathLike, config: SyntheticConfig) -> tuple[Path, Path]:
+def export_records(records: Iterable[Record], out_dir: PathLike, config: SyntheticConfig) -> tuple[Path, Path]:
     """Write PNG images plus a LLaVA file (VQA records) and a RefCOCO file (grounding records)."""
     out = Path(out_dir)
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
@@ -275,7 +293,8 @@ def export_records(records: Iterable[Record], out_dir: str | os.PathLike, config
             render(scene, config).save(out / image)
             written.add(image)
         if record.task == "vqa":
-            conversation = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{record.prompt}"}, {"from": "gpt", "value": record.answer}]
+            conversation = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{record.prompt}"},
+                            {"from": "gpt", "value": record.answer}]
             llava.append({"id": record.id, "image": image, "conversations": conversation})
         else:
             refcoco.append({"id": record.id, "image": image, "problem": record.expression,
@@ -285,12 +304,14 @@ def export_records(records: Iterable[Record], out_dir: str | os.PathLike, config
     return out / LLAVA_FILE, out / REFCOCO_FILE
 
 
-def export_split(out_dir: str | os.PathLike, config: SyntheticConfig, split: str, num_images: int, start: int = 0) -> tuple[Path, Path]:
+def export_split(out_dir: PathLike, config: SyntheticConfig, split: str, num_images: int,
+                 start: int = 0) -> tuple[Path, Path]:
     """Export images [start, start + num_images) of a split: one VQA and one grounding record per image."""
     return export_records(generate_records(config, split, num_images, start), out_dir, config)
 
 
-def write_sample(out_dir: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(), split: str = "test", num_images: int = 24) -> tuple[Path, Path]:
+def write_sample(out_dir: PathLike, config: SyntheticConfig = SyntheticConfig(), split: str = "test",
+                 num_images: int = 24) -> tuple[Path, Path]:
     """Regenerate the committed sample (data/synthetic_sample) byte for byte, README included."""
     paths = export_split(out_dir, config, split, num_images)
     readme = f"""# Synthetic grounding sample

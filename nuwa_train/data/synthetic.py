@@ -91,21 +91,24 @@ class SyntheticConfig:
         low, high = self.object_count
         combos = len(self.shapes) * len(self.colours) * len(self.sizes)
         weights = dict(self.vqa_mix)
-        checks = [
-            (1 <= low <= high < combos, f"object_count {self.object_count} must satisfy 1 <= low <= high < {combos}"),
-            (0.0 <= self.single_object_fraction <= 1.0, "single_object_fraction must be in [0, 1]"),
-            (0.0 <= self.relational_fraction <= 1.0, "relational_fraction must be in [0, 1]"),
-            (set(self.shapes) <= set(_DRAWERS), f"shapes must be among {sorted(_DRAWERS)}"),
-            (all(0 < lo <= hi and hi + 2 * self.margin <= min(self.width, self.height) for _, lo, hi in self.sizes),
-             "every size range must be positive and fit inside the image"),
-            (set(weights) <= set(VQA_KINDS) and all(w >= 0 for w in weights.values()), f"vqa_mix kinds must be in {VQA_KINDS} with weights >= 0"),
-            (any(weights.get(kind, 0) > 0 for kind in ALWAYS_ANSWERABLE), f"vqa_mix needs weight on one of {ALWAYS_ANSWERABLE} so every image gets a question"),
-            (1 <= self.coordinate_bins <= COORD_RANGE, f"coordinate_bins must be in [1, {COORD_RANGE}]"),
-            ("{expression}" in self.grounding_template, "grounding_template must contain '{expression}'"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SyntheticConfig: {message}")
+        side_fits = all(0 < lo <= hi <= min(self.width, self.height) - 2 * self.margin for _, lo, hi in self.sizes)
+        _require(1 <= low <= high < combos,
+                 f"object_count {self.object_count} must satisfy 1 <= low <= high < {combos}")
+        _require(0 <= self.single_object_fraction <= 1, "single_object_fraction must be in [0, 1]")
+        _require(0 <= self.relational_fraction <= 1, "relational_fraction must be in [0, 1]")
+        _require(set(self.shapes) <= set(_DRAWERS), f"shapes must be among {sorted(_DRAWERS)}")
+        _require(side_fits, "every size range must be positive and fit inside the image")
+        _require(set(weights) <= set(VQA_KINDS) and min(weights.values()) >= 0,
+                 f"vqa_mix kinds must be in {VQA_KINDS} with weights >= 0")
+        _require(any(weights.get(kind, 0) > 0 for kind in ALWAYS_ANSWERABLE),
+                 f"vqa_mix needs weight on one of {ALWAYS_ANSWERABLE} so every image gets a question")
+        _require(1 <= self.coordinate_bins <= COORD_RANGE, f"coordinate_bins must be in [1, {COORD_RANGE}]")
+        _require("{expression}" in self.grounding_template, "grounding_template must contain '{expression}'")
+
+
+def _require(ok: bool, message: str):
+    if not ok:
+        raise ValueError(f"SyntheticConfig: {message}")
 
 
 @dataclass(frozen=True)
@@ -259,9 +262,11 @@ def generate_scene(config: SyntheticConfig, split: str, index: int) -> Scene:
         sides = [int(rng.integers(lo, hi + 1)) for (_, lo, hi), _, _ in picked]
         boxes = _place(sides, config, rng)
         if boxes is not None:
-            objects = tuple(SceneObject(shape, colour, size, box) for ((size, _, _), (colour, _), shape), box in zip(picked, boxes))
+            objects = tuple(SceneObject(shape, colour, size, box)
+                            for ((size, _, _), (colour, _), shape), box in zip(picked, boxes))
             return Scene(split, index, config.width, config.height, objects)
-    raise RuntimeError(f"could not place {count} objects in {config.layout_attempts} layouts; enlarge the image or shrink the objects")
+    raise RuntimeError(f"could not place {count} objects in {config.layout_attempts} layouts: "
+                       "enlarge the image or shrink the objects")
 
 
 def _draw_circle(draw: ImageDraw.ImageDraw, corners: tuple[int, int, int, int], fill: tuple[int, int, int]):
@@ -314,7 +319,8 @@ def _phrase(description: Description, article: str = "the") -> str:
     return " ".join([article, *words])
 
 
-def _unique_descriptions(obj: SceneObject, objects: tuple[SceneObject, ...], leave_out: str = "") -> list[Description]:
+def _unique_descriptions(obj: SceneObject, objects: tuple[SceneObject, ...],
+                         leave_out: str = "") -> list[Description]:
     """Descriptions (not mentioning `leave_out`) that match `obj` and nothing else."""
     found = []
     for subset in _SUBSETS:
@@ -361,7 +367,8 @@ def _count_questions(scene: Scene, config: SyntheticConfig) -> list[tuple[str, s
 
     questions = [(TEMPLATES["count"].format(things="objects"), str(len(scene.objects)))]
     questions += [(TEMPLATES["count"].format(things=f"{s}s"), count("shape", s)) for s in config.shapes]
-    questions += [(TEMPLATES["count"].format(things=f"{c} objects"), count("colour", c)) for c, _ in config.colours]
+    questions += [(TEMPLATES["count"].format(things=f"{c} objects"), count("colour", c))
+                  for c, _ in config.colours]
     return questions
 
 
@@ -371,7 +378,8 @@ def _existence_questions(scene: Scene, config: SyntheticConfig, rng: np.random.G
         descriptions = [_describe(o, s) for o in scene.objects for s in (("colour", "shape"), ATTRIBUTES)]
         answer = "yes"
     else:
-        candidates = [(("colour", c), ("shape", s)) for (c, _), s in itertools.product(config.colours, config.shapes)]
+        pairs = itertools.product(config.colours, config.shapes)
+        candidates = [(("colour", c), ("shape", s)) for (c, _), s in pairs]
         candidates += [(("size", z),) + d for (z, _, _) in config.sizes for d in candidates]
         descriptions = [d for d in candidates if not any(_matches(o, d) for o in scene.objects)]
         answer = "no"
@@ -446,7 +454,8 @@ def make_grounding(scene: Scene, config: SyntheticConfig) -> Record:
     box = normalise_box(target.box, scene.width, scene.height)
     prompt = config.grounding_template.format(expression=expression)
     answer = box_to_tokens(box, config.coordinate_bins)
-    return Record(f"{scene.split}-{scene.index:06d}-grounding", "grounding", kind, prompt, answer, scene, expression, box)
+    record_id = f"{scene.split}-{scene.index:06d}-grounding"
+    return Record(record_id, "grounding", kind, prompt, answer, scene, expression, box)
 
 
 def generate_records(config: SyntheticConfig, split: str, num_images: int, start: int = 0) -> Iterator[Record]:

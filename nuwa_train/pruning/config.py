@@ -46,8 +46,8 @@ class NuwaConfig:
     sim_layers: tuple[float, float] = (16 / 24, 24 / 24)  # similarity = mean of these vision layers
     position_mode: PositionMode = "original"  # "compact" renumbers kept tokens (ablation)
     aggregation: Aggregation = "auto"  # "windowed" skips pairs beyond the radius; "auto" picks by size
-    windowed_min_tokens: int = 2304  # "auto" switches to windowed from this grid size (see bench)
-    window_chunk: int = 16  # anchors per chunk in windowed aggregation (bounds memory)
+    windowed_min_tokens: int = 4096  # "auto" switches to windowed from this many grid tokens (see bench)
+    window_tile: int = 32  # windowed aggregation works in tile x tile blocks of the grid
     fastv_layer: int = 2  # FastV baseline: prune after this many decoder layers
     visionzip_contextual: float = 10 / 64  # VisionZip baseline: share of merged contextual tokens
     seed: int = 0  # random baseline
@@ -73,7 +73,7 @@ class NuwaConfig:
             raise NuwaConfigError(f"position_mode={self.position_mode!r} must be 'original' or 'compact'")
         if self.aggregation not in ("auto", "dense", "windowed"):
             raise NuwaConfigError(f"aggregation={self.aggregation!r} must be 'auto', 'dense' or 'windowed'")
-        _positive_int("window_chunk", self.window_chunk)
+        _positive_int("window_tile", self.window_tile)
         _positive_int("fastv_layer", self.fastv_layer)
         if not 0.0 <= self.visionzip_contextual < 1.0:
             raise NuwaConfigError(f"visionzip_contextual={self.visionzip_contextual!r} must be in [0, 1)")

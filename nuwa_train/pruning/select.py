@@ -18,7 +18,7 @@ def run_stage1(plan: Stage1Plan, config: NuwaConfig, features: torch.Tensor, sim
             aggregation = "windowed" if grid[0] * grid[1] >= config.windowed_min_tokens else "dense"
         return nuwa_stage1(features, sim_features, scores, grid, plan.keep, top_n=plan.top_n,
                            distance=config.distance, pillar_quantile=config.pillar_quantile,
-                           region=config.region_size, aggregation=aggregation, window_chunk=config.window_chunk)
+                           region=config.region_size, aggregation=aggregation, window_tile=config.window_tile)
     if plan.method == "random":
         return random_stage1(features, plan.keep, generator)
     if plan.method == "uniform":

@@ -102,43 +102,40 @@ def aggregate_dense(features, sim_features, anchors, grid, distance, pillars) ->
     return weights.to(features.dtype) @ features
 
 
-def window_offsets(distance: float, device: torch.device) -> torch.Tensor:
-    """(M, 2) integer (drow, dcol) offsets with non-zero proximity weight, (0, 0) first."""
-    reach = int(distance**0.5)
-    steps = torch.arange(-reach, reach + 1, device=device)
-    offsets = torch.cartesian_prod(steps, steps)
-    offsets = offsets[(offsets.float() ** 2).sum(-1) < distance]
-    first = (offsets == 0).all(-1)
-    return torch.cat([offsets[first], offsets[~first]])
+def aggregate_windowed(features, sim_features, anchors, grid, distance, pillars, tile: int) -> torch.Tensor:
+    """Aggregation that skips token pairs beyond the proximity radius, where the weight is zero.
 
-
-def aggregate_windowed(features, sim_features, anchors, grid, distance, pillars, chunk: int) -> torch.Tensor:
-    """Aggregation that only visits neighbours inside the proximity radius (pays off on large grids)."""
+    The grid is cut into tile x tile blocks; the anchors of a block only meet the tokens of the block
+    grown by the radius, so each block is one small dense product instead of a row of the full grid.
+    """
     height, width = grid
-    batch, keep = anchors.shape
-    offsets = window_offsets(distance, features.device)  # (M, 2); column 0 is the anchor itself
-    near = proximity(offsets.float().norm(dim=-1), distance)  # (M,)
-    sim = F.normalize(sim_features, p=2, dim=-1)
-    out = torch.empty(batch, keep, features.shape[-1], dtype=features.dtype, device=features.device)
-    batch_ids = torch.arange(batch, device=features.device)[:, None, None]
-    for start in range(0, keep, chunk):
-        ids = anchors[:, start:start + chunk]  # (B, c)
-        rows = (ids // width).unsqueeze(-1) + offsets[:, 0]
-        cols = (ids % width).unsqueeze(-1) + offsets[:, 1]
-        inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)  # (B, c, M)
-        neighbours = (rows.clamp(0, height - 1) * width + cols.clamp(0, width - 1))
-        cos = (sim[batch_ids, neighbours] * sim[batch_ids, ids.unsqueeze(-1)]).sum(-1)  # (B, c, M)
-        weights = F.relu(cos) * near * inside
-        self_column = torch.zeros_like(ids)
-        weights = _normalise_rows(weights, self_column, pillars[:, start:start + chunk])
-        out[:, start:start + chunk] = torch.einsum("bcm,bcmd->bcd", weights.to(features.dtype),
-                                                    features[batch_ids, neighbours])
+    reach = int(distance**0.5)  # whole patches that can still carry weight
+    xy = grid_coordinates(grid, features.device)
+    unit = F.normalize(sim_features, p=2, dim=-1)
+    out = torch.empty(*anchors.shape, features.shape[-1], dtype=features.dtype, device=features.device)
+    rows, cols = anchors // width, anchors % width
+    for top in range(0, height, tile):
+        window_rows = torch.arange(max(0, top - reach), min(height, top + tile + reach), device=features.device)
+        for left in range(0, width, tile):
+            window_cols = torch.arange(max(0, left - reach), min(width, left + tile + reach), device=features.device)
+            window = (window_rows[:, None] * width + window_cols[None, :]).reshape(-1)  # ascending raster ids
+            in_tile = (rows >= top) & (rows < top + tile) & (cols >= left) & (cols < left + tile)
+            for b in range(anchors.shape[0]):
+                members = in_tile[b].nonzero().squeeze(1)
+                if members.numel() == 0:
+                    continue
+                ids = anchors[b, members]
+                weights = F.relu(unit[b, ids] @ unit[b, window].T) * proximity(torch.cdist(xy[ids], xy[window]),
+                                                                                 distance)
+                self_column = torch.searchsorted(window, ids)
+                weights = _normalise_rows(weights, self_column, pillars[b, members])
+                out[b, members] = weights.to(features.dtype) @ features[b, window]
     return out
 
 
 def nuwa_stage1(features: torch.Tensor, sim_features: torch.Tensor, scores: torch.Tensor, grid: tuple[int, int],
                 keep: int, *, top_n: int = 1, distance: float = 280.0, pillar_quantile: float = 0.55,
-                region: int = 2, aggregation: str = "dense", window_chunk: int = 16) -> Stage1Output:
+                region: int = 2, aggregation: str = "dense", window_tile: int = 32) -> Stage1Output:
     """Nüwa stage 1 (separation, alignment, aggregation) on a batch of patch grids.
 
     features (B, N, D) feed the projector; sim_features (B, N, Ds) define similarity; scores (B, N)
@@ -152,7 +149,7 @@ def nuwa_stage1(features: torch.Tensor, sim_features: torch.Tensor, scores: torc
     if aggregation == "dense":
         tokens = aggregate_dense(features, sim_features, anchors, grid, distance, pillars)
     elif aggregation == "windowed":
-        tokens = aggregate_windowed(features, sim_features, anchors, grid, distance, pillars, window_chunk)
+        tokens = aggregate_windowed(features, sim_features, anchors, grid, distance, pillars, window_tile)
     else:
         raise ValueError(f"aggregation={aggregation!r} must be 'dense' or 'windowed'")
     return Stage1Output(tokens, anchors, pillars)

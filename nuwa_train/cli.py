@@ -1,0 +1,52 @@
+"""The `nuwa-train` command line (also `python -m nuwa_train`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import SHAPES, run_bench
+
+    unknown = sorted(set(args.shapes) - set(SHAPES))
+    if unknown:
+        raise SystemExit(f"nuwa-train bench: unknown --shapes {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_bench(args.shapes, args.budgets, args.repeats, Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nuwa-train", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="prefill latency full vs Nüwa-pruned, and aggregation cost by grid size")
+    bench.add_argument("--shapes", type=lambda s: s.split(","), default=["tiny", "llava15"],
+                       help="model shapes to time (comma-separated): tiny, llava15")
+    bench.add_argument("--budgets", type=_int_list, default=[64, 128, 192],
+                       help="average vision tokens per image on the 24x24 reference grid")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median reported)")
+    bench.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0) or 0),
+                       help="torch threads (default: OMP_NUM_THREADS or torch's default)")
+    bench.add_argument("--out", default="outputs/bench", help="directory for bench.md, bench.json, bench.png")
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
