@@ -4,18 +4,23 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import PROMPTS, encode, make_images
+from conftest import PROMPTS, WORDS, encode, make_images
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
+from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
 
 IGNORE = -100
 
 
-def causal_keys_mask(allowed: torch.Tensor) -> torch.Tensor:
-    """(B, 1, L, L) bool: causal, only `allowed` keys, and every query may see itself (no empty rows)."""
+def causal_keys_mask(allowed: torch.Tensor, eager: bool) -> torch.Tensor:
+    """(B, 1, L, L): causal, only `allowed` keys, every query may see itself (no empty rows).
+
+    Bool (True = attend) for SDPA; additive float for eager, which adds the mask to the scores.
+    """
     length = allowed.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    return ((causal & allowed[:, None, None, :]) | torch.eye(length, dtype=torch.bool))
+    mask = (causal & allowed[:, None, None, :]) | torch.eye(length, dtype=torch.bool)
+    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min) if eager else mask
 
 
 def masked_reference(model, inputs, layout, plan, labels=None):
@@ -29,36 +34,36 @@ def masked_reference(model, inputs, layout, plan, labels=None):
     batch = input_ids.shape[0]
     assert not hasattr(model, "_nuwa"), "the reference runs on the unpatched model"
     with torch.no_grad():
-        if True:  # noqa
-            full_features = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"])
-                                           .pooler_output))
-            embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-            embeds[is_image] = full_features
-            slots = is_image.nonzero()[:, 1].view(-1, plan.num_tokens)
-            kept_slots = slots.gather(1, layout.selection.kept_indices)
-            rows = torch.repeat_interleave(torch.arange(batch), layout.images_per_sample)[:, None].expand_as(kept_slots)
-            embeds[rows, kept_slots] = layout.selection.pooler_output
-            kept1 = ~is_image
-            kept1[rows, kept_slots] = True
-            allowed1 = kept1 & mask.bool()
-            token_map = layout.token_map()
-            kept2 = torch.zeros_like(kept1)
-            kept2.scatter_(1, token_map.clamp(min=0), token_map >= 0)
-            allowed2 = allowed1 & (kept2 | ~is_image)
-            masks = (causal_keys_mask(allowed1), causal_keys_mask(allowed2))
+        full_features = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"])
+                                       .pooler_output))
+        embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        embeds[is_image] = full_features
+        slots = is_image.nonzero()[:, 1].view(-1, plan.num_tokens)
+        kept_slots = slots.gather(1, layout.selection.kept_indices)
+        rows = torch.repeat_interleave(torch.arange(batch), layout.images_per_sample)[:, None].expand_as(kept_slots)
+        embeds[rows, kept_slots] = layout.selection.pooler_output
+        kept1 = ~is_image
+        kept1[rows, kept_slots] = True
+        allowed1 = kept1 & mask.bool()
+        token_map = layout.token_map()
+        kept2 = torch.zeros_like(kept1)
+        kept2.scatter_(1, token_map.clamp(min=0), token_map >= 0)
+        allowed2 = allowed1 & (kept2 | ~is_image)
+        eager = model.config.text_config._attn_implementation == "eager"
+        masks = (causal_keys_mask(allowed1, eager), causal_keys_mask(allowed2, eager))
 
-            def later_layers(layer, args, kwargs):
-                kwargs["attention_mask"] = masks[1]
-                return args, kwargs
+        def later_layers(layer, args, kwargs):
+            kwargs["attention_mask"] = masks[1]
+            return args, kwargs
 
-            hooks = []
-            if plan.stage2 is not None:
-                hooks = [layer.register_forward_pre_hook(later_layers, with_kwargs=True)
-                         for layer in model.model.language_model.layers[plan.stage2.layer:]]
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = model(inputs_embeds=embeds, attention_mask=masks[0], position_ids=positions, labels=labels)
-            for hook in hooks:
-                hook.remove()
+        hooks = []
+        if plan.stage2 is not None:
+            hooks = [layer.register_forward_pre_hook(later_layers, with_kwargs=True)
+                     for layer in model.model.language_model.layers[plan.stage2.layer:]]
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(inputs_embeds=embeds, attention_mask=masks[0], position_ids=positions, labels=labels)
+        for hook in hooks:
+            hook.remove()
     return out
 
 
@@ -68,6 +73,14 @@ def pruned_and_reference(model, inputs, config, labels=None):
         pruned = model(**inputs, labels=labels)
         layout, plan = handle.layout, handle.plan
     return pruned, masked_reference(model, inputs, layout, plan, labels), layout
+
+
+def test_hard_pruning_equals_masking_under_eager_attention():
+    model, processor = build_tiny_llava(TinyLlavaSpec(attn_implementation="eager"), WORDS)
+    inputs = encode(processor, PROMPTS, make_images(3), "left")
+    pruned, reference, layout = pruned_and_reference(model, inputs, NuwaConfig(budget=128))
+    b, j, p = map(torch.tensor, zip(*text_positions(inputs, layout.token_map(), model)))
+    torch.testing.assert_close(pruned.logits[b, j], reference.logits[b, p], atol=1e-5, rtol=1e-5)
 
 
 def text_positions(inputs, token_map, model):
