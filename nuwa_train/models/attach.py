@@ -12,6 +12,9 @@ Nothing global is patched. `attach_nuwa(model)` changes that instance only:
   vision tokens are dropped before L2, and the later layers get the matching positions, rotary
   tables and masks (sized against their own, shorter, KV cache);
 - a post-hook computes the loss on the pruned sequence when labels are given.
+Training modes (`handle.set_selection`): "soft" keeps every token and biases attention by log p of
+a differentiable top-k (stage 1 from the first layer, stage 2 from L2), "straight_through" uses the
+hard masks forward and the soft gradient backward; both tend to "hard" as the temperature -> 0.
 All per-call state lives in one small `NuwaHandle`; `handle.detach()` restores the model exactly.
 """
 
@@ -28,11 +31,14 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
-from ..pruning import NuwaConfig, Stage1Output, last_token_attention, run_stage1, select_top
+from ..pruning import NuwaConfig, NuwaConfigError, Stage1Output, last_token_attention, run_stage1, select_top
+from ..pruning.soft import gumbel_like, log_keep, nuwa_stage1_soft, soft_topk, straight_through
 from .llava import LlavaAdapter, UnsupportedModelError
 
 ADAPTERS = (LlavaAdapter,)
 IGNORE_INDEX = -100
+SELECTION_MODES = ("hard", "soft", "straight_through")
+SOFT_METHODS = ("none", "nuwa", "nuwa_stage1", "fastv")  # selections with a differentiable form
 
 
 class NuwaInputError(ValueError):
@@ -46,13 +52,15 @@ class NuwaImageFeatures(ModelOutput):
     pooler_output: torch.Tensor | None = None  # (images, K, D_text) projected kept tokens
     kept_indices: torch.Tensor | None = None  # (images, K) grid indices, ascending
     pillars: torch.Tensor | None = None  # (images, K) bool, Nüwa only
+    keep_bias: torch.Tensor | None = None  # (images, K) attention bias log p (soft / straight-through only)
+    anchor_indices: torch.Tensor | None = None  # (images, K1) hard anchors (soft / straight-through only)
 
 
 @dataclass
 class Stage2Layout:
     source: torch.Tensor  # (B, L2) index into the stage-1 sequence, -1 for inserted padding
     attention_mask: torch.Tensor  # (B, L2)
-    kept_vision: torch.Tensor  # (B, L1) bool: vision tokens of the stage-1 sequence that survive
+    kept_vision: torch.Tensor  # (B, L1) bool (hard) or keep probability (soft) of the stage-1 vision tokens
 
 
 @dataclass
@@ -110,6 +118,10 @@ class NuwaHandle:
         self.layout: PrefillLayout | None = None
         self.overhead_seconds: dict[str, float] = defaultdict(float)
         self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
+        self.mode, self.temperature, self.gumbel = "hard", 1.0, 0.0
+        self._paused = False
+        self._soft_bias: torch.Tensor | None = None  # (B, L) stage-1 log p on vision columns, 0 elsewhere
+        self._soft_bias2: torch.Tensor | None = None  # (B, L) the same for stage 2
         self._decode_columns: torch.Tensor | None = None
         self._stage2_kwargs: dict = {}
         self._generator = torch.Generator().manual_seed(config.seed)
@@ -142,6 +154,30 @@ class NuwaHandle:
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    def set_selection(self, mode: str, temperature: float | None = None, gumbel: float | None = None) -> None:
+        """Switch between "hard" (inference), "soft" and "straight_through" (training) selection."""
+        if mode not in SELECTION_MODES:
+            raise NuwaConfigError(f"selection mode {mode!r} must be one of {', '.join(SELECTION_MODES)}")
+        if mode != "hard" and self.config.method not in SOFT_METHODS:
+            raise NuwaConfigError(f"method={self.config.method!r} has no differentiable selection; use mode 'hard' "
+                                  f"(soft modes exist for {', '.join(SOFT_METHODS)})")
+        if temperature is not None and not temperature > 0:
+            raise NuwaConfigError(f"temperature={temperature!r} must be > 0")
+        self.mode = mode
+        self.temperature = self.temperature if temperature is None else temperature
+        self.gumbel = self.gumbel if gumbel is None else gumbel
+
+    @contextmanager
+    def paused(self):
+        """Run the unpruned model (e.g. a distillation teacher) without detaching."""
+        self._paused = True
+        del self._encoder_owner.get_image_features
+        try:
+            yield
+        finally:
+            self._encoder_owner.get_image_features = self.image_features
+            self._paused = False
+
     @contextmanager
     def _timed(self, name: str):
         start = time.perf_counter()
@@ -150,10 +186,16 @@ class NuwaHandle:
 
     # ------------------------------------------------------------------------------- model hooks
     def _before_forward(self, model, args, kwargs):
+        if self._paused:
+            self._phase = "off"
+            return None
         kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
         cache = kwargs.get("past_key_values")
         cached = cache.get_seq_length() if cache is not None else 0
         if cached > 0:
+            if self.mode != "hard":
+                raise NuwaInputError(f"selection mode {self.mode!r} is for training forwards; call "
+                                     f"set_selection('hard') before generating")
             return (), self._decode(kwargs, cached)
         self.layout, self._phase = None, "off"
         input_ids, pixel_values = kwargs.pop("input_ids", None), kwargs.pop("pixel_values", None)
@@ -176,16 +218,46 @@ class NuwaHandle:
         hidden = self.adapter.vision_hidden_states(pixel_values)
         with self._timed("saliency"):
             encoding = self.adapter.read_encoding(hidden, self.config)
+        if self.mode != "hard":
+            return self._soft_image_features(encoding)
         with self._timed("stage1"):
             if self.plan.stage1 is None:
-                images, tokens = encoding.features.shape[:2]
-                indices = torch.arange(tokens, device=encoding.features.device).expand(images, -1)
-                selection = Stage1Output(encoding.features, indices)
+                selection = Stage1Output(encoding.features, self._all_indices(encoding.features))
             else:
                 selection = run_stage1(self.plan.stage1, self.config, encoding.features, encoding.sim_features,
                                        encoding.scores, encoding.grid, self._generator)
         return NuwaImageFeatures(pooler_output=self.adapter.project(selection.tokens),
                                  kept_indices=selection.indices, pillars=selection.pillars)
+
+    def _soft_image_features(self, encoding) -> NuwaImageFeatures:
+        """Every token, as it would be if kept, with its keep probability as an attention bias."""
+        features, every = encoding.features, self._all_indices(encoding.features)
+        plan = self.plan.stage1
+        if plan is None:
+            tokens, bias, anchors = features, torch.zeros(every.shape, device=features.device), every
+        else:
+            noise = gumbel_like(encoding.scores) * self.gumbel if self.gumbel and self.model.training else None
+            config = self.config
+            soft = nuwa_stage1_soft(features, encoding.sim_features, encoding.scores, encoding.grid, plan.keep,
+                                    self.temperature, top_n=plan.top_n, distance=config.distance,
+                                    pillar_quantile=config.pillar_quantile, region=config.region_size,
+                                    aggregation=self._aggregation(encoding.grid), window_tile=config.window_tile,
+                                    noise=noise)
+            keep = soft.keep_prob
+            if self.mode == "straight_through":
+                keep = straight_through(keep, torch.zeros_like(keep).scatter_(1, soft.hard_indices, 1.0))
+            tokens, bias, anchors = soft.tokens, log_keep(keep), soft.hard_indices
+        return NuwaImageFeatures(pooler_output=self.adapter.project(tokens), kept_indices=every, keep_bias=bias,
+                                 anchor_indices=anchors)
+
+    def _aggregation(self, grid: tuple[int, int]) -> str:
+        if self.config.aggregation != "auto":
+            return self.config.aggregation
+        return "windowed" if grid[0] * grid[1] >= self.config.windowed_min_tokens else "dense"
+
+    @staticmethod
+    def _all_indices(features: torch.Tensor) -> torch.Tensor:
+        return torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
 
     def _after_forward(self, model, args, kwargs, output):
         layout = self.layout
@@ -241,8 +313,24 @@ class NuwaHandle:
             input_length=length, next_position=(pruned_positions * pruned_mask).amax(dim=1) + 1,
             selection=images, labels=None if labels is None else _gather_rows(labels, source, IGNORE_INDEX))
         self._phase = "prefill"
-        kwargs.update(inputs_embeds=embeds, attention_mask=pruned_mask, position_ids=pruned_positions)
+        attention_mask, self._soft_bias = pruned_mask, None
+        if images.keep_bias is not None:  # soft: all tokens stay, biased by log p
+            self._soft_bias = torch.zeros(is_vision.shape, dtype=images.keep_bias.dtype, device=is_vision.device)
+            self._soft_bias = self._soft_bias.masked_scatter(is_vision, images.keep_bias)
+            attention_mask = self._biased_mask(pruned_mask, self._soft_bias, embeds.dtype)
+        kwargs.update(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pruned_positions)
         return kwargs
+
+    @staticmethod
+    def _biased_mask(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, L, L) additive mask: causal and padding as the float minimum, `bias` on key columns.
+
+        Every query may see itself, so padded rows stay finite; such a mask works under SDPA and eager.
+        """
+        length = mask.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        allowed = (causal & mask.bool()[:, None, None, :]) | torch.eye(length, dtype=torch.bool, device=mask.device)
+        return torch.where(allowed, bias[:, None, None, :].to(dtype), torch.finfo(dtype).min)
 
     def _check_image_tokens(self, is_image: torch.Tensor, num_images: int, num_tokens: int) -> torch.Tensor:
         counts = is_image.sum(dim=1)
@@ -298,22 +386,38 @@ class NuwaHandle:
         layout = self.layout
         if self._phase != "prefill":
             return None
-        with self._timed("stage2"), torch.no_grad():
+        soft = self.mode != "hard"
+        with self._timed("stage2"), torch.set_grad_enabled(soft and torch.is_grad_enabled()):
             hidden = args[0] if args else kwargs["hidden_states"]
             query, keys, scale = self.adapter.query_and_keys(layer, hidden, layout.prompt_end,
                                                              kwargs["position_embeddings"])
             positions = torch.arange(hidden.shape[1], device=hidden.device)
             visible = layout.attention_mask.bool() & (positions <= layout.prompt_end.unsqueeze(1))
-            scores = last_token_attention(query, keys, visible, scale)
+            scores = last_token_attention(query, keys, visible, scale, self._soft_bias if soft else None)
             budget = layout.images_per_sample * self.plan.stage2.keep
-            kept_vision = select_top(scores, layout.is_vision, budget)
-            source = compact(~layout.is_vision | kept_vision)
+            candidates = layout.is_vision & layout.attention_mask.bool()
+            kept_vision = select_top(scores.detach(), candidates, budget)
+            if soft:
+                keep = soft_topk(scores, budget, self.temperature, candidates)
+                if self.mode == "straight_through":
+                    keep = straight_through(keep, kept_vision)
+                source = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+                self._soft_bias2 = torch.where(layout.is_vision, log_keep(keep), 0.0)
+                kept_vision = keep
+            else:
+                source = compact(~layout.is_vision | kept_vision)
             layout.stage2 = Stage2Layout(source, _gather_rows(layout.attention_mask, source), kept_vision)
         return None
 
     def _drop_stage2(self, layer, args, kwargs):
         if self._phase == "off":
             return None
+        if self.mode != "hard":  # soft: nothing is dropped, the stage-2 bias joins the stage-1 bias
+            dtype = (args[0] if args else kwargs["hidden_states"]).dtype
+            bias = self._soft_bias2 if self._soft_bias is None else self._soft_bias + self._soft_bias2
+            self._stage2_kwargs = dict(attention_mask=self._biased_mask(self.layout.attention_mask, bias, dtype))
+            kwargs.update(self._stage2_kwargs)
+            return args, kwargs
         hidden = args[0] if args else kwargs.pop("hidden_states")
         stage2 = self.layout.stage2
         cos, sin = kwargs["position_embeddings"]

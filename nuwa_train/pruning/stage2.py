@@ -9,13 +9,17 @@ from __future__ import annotations
 import torch
 
 
-def last_token_attention(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+def last_token_attention(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """Head-averaged attention probabilities of one query per sample.
 
     query (B, H, Dh) and keys (B, H, L, Dh) are post-RoPE (keys already repeated for GQA);
-    visible (B, L) marks the keys the query may attend to. Returns (B, L).
+    visible (B, L) marks the keys the query may attend to; bias (B, L) is added to the logits
+    (the soft keep log-probabilities during training). Returns (B, L).
     """
     logits = torch.einsum("bhd,bhld->bhl", query.float(), keys.float()) * scale
+    if bias is not None:
+        logits = logits + bias.float().unsqueeze(1)
     logits = logits.masked_fill(~visible.unsqueeze(1), float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)
 
