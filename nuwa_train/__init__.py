@@ -3,7 +3,7 @@
 from .pruning import NuwaConfig, NuwaConfigError, nuwa_stage1
 
 __version__ = "0.1.0"
-__all__ = ["NuwaConfig", "NuwaConfigError", "nuwa_stage1", "attach_nuwa", "detach_nuwa", "__version__"]
+__all__ = ["NuwaConfig", "NuwaConfigError", "nuwa_stage1", "attach_nuwa", "detach_nuwa", "load_pruned", "__version__"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from . import models
 
         return getattr(models, name)
+    if name == "load_pruned":
+        from .export import load_pruned
+
+        return load_pruned
     raise AttributeError(f"module 'nuwa_train' has no attribute {name!r}")

@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random-weight LLaVA and prompts of different lengths (no network)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava
 
 WORDS = "what colour is the red blue green circle square triangle left right of how many are there ? yes no".split()
 
-torch.set_num_threads(2)
+# Two threads match CI's two cores; NUWA_TEST_THREADS=1 avoids oversubscription next to another job.
+torch.set_num_threads(int(os.environ.get("NUWA_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

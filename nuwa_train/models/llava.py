@@ -77,6 +77,17 @@ class LlavaAdapter:
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(tokens)
 
+    def lora_target_pattern(self, include_vision: bool) -> str:
+        """peft `target_modules` regex: LLM projections, plus the vision layers that feed the features.
+
+        Vision layers after the feature layer never receive a gradient (and would break plain DDP).
+        """
+        llm = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        if not include_vision:
+            return llm
+        layers = "|".join(str(i) for i in range(self.feature_index))
+        return rf"{llm}|model\.vision_tower\.encoder\.layers\.({layers})\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
+
     # ----------------------------------------------------------------------------------- stage 1
     def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the tower once, keeping every layer's hidden states (CLS first)."""

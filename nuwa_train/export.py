@@ -1,0 +1,111 @@
+"""Export an adapted checkpoint as a plain HF directory, and load it back with pruning attached.
+
+`export_checkpoint` merges LoRA into the base weights (or keeps the adapter only) and writes
+`save_pretrained` output, the processor (tokenizer, chat template), the generation config and
+`nuwa_config.json`. Everything is written to a staging directory that is renamed into place at the
+end, so a crash never leaves a half-written directory that loads. `load_pruned(path)` is
+`from_pretrained` plus one `attach_nuwa` call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .models import attach_nuwa
+from .pruning import NuwaConfig
+
+NUWA_CONFIG_NAME = "nuwa_config.json"
+
+
+class ExportError(RuntimeError):
+    """The checkpoint or the target directory cannot be used; the message says which and why."""
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move a finished staging directory to `target`; an existing target is swapped out, then removed."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+    os.replace(staging, target)
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Atomically write model + processor + nuwa_config.json to `target`."""
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / NUWA_CONFIG_NAME).write_text(json.dumps({**pruning.to_dict(), **(extra or {})}, indent=2))
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, merge: bool = True,
+                      model_path: str | None = None) -> Path:
+    """From a Lightning checkpoint of `NuwaFineTuner` to a HF directory (merged, or adapter only)."""
+    from .lightning.module import NuwaFineTuner
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ExportError(f"checkpoint {checkpoint} does not exist (pass a .ckpt written by `nuwa-train fit`)")
+    overrides = {"model_path": model_path} if model_path else {}
+    module = NuwaFineTuner.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False, **overrides)
+    return export_module(module, target, merge)
+
+
+def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path:
+    """Export a (trained) `NuwaFineTuner`: merge_and_unload for a plain model, or the adapter alone."""
+    module.configure_model()
+    module.nuwa.detach()
+    try:
+        extra = {"exported_from": {"base_model": str(module.hparams.model_path), "merged": merge}}
+        if merge:
+            merged = module.model.merge_and_unload()
+            return write_pretrained(merged, module.processor, module.pruning, target, extra)
+        # The adapter must find its base wherever it is loaded from.
+        module.model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.model_path).resolve())
+        return write_pretrained(module.model, module.processor, module.pruning, target, extra)
+    finally:
+        if not merge:
+            module.nuwa = attach_nuwa(module.model, module.pruning)
+
+
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: NuwaConfig | None = None):
+    """An exported model (merged or adapter-only) with hard Nüwa pruning attached from nuwa_config.json.
+
+    Returns the HF model; its handle is `model._nuwa` (use `detach_nuwa(model)` to remove it).
+    """
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(path)
+    config_file = path / NUWA_CONFIG_NAME
+    if config is None:
+        if not config_file.is_file():
+            raise ExportError(f"{path} has no {NUWA_CONFIG_NAME}; export it with `nuwa-train export` or pass config=")
+        settings = json.loads(config_file.read_text())
+        settings.pop("exported_from", None)
+        config = NuwaConfig.from_dict(settings)
+    if (path / "adapter_config.json").is_file():
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        base = LlavaForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"], dtype=dtype)
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model.eval()
+    attach_nuwa(model, config)
+    return model

@@ -1,0 +1,158 @@
+"""The LightningDataModule: the synthetic benchmark or a user's LLaVA / RefCOCO files, batched for a VLM.
+
+The training stream is indexed by a global sample counter that the module saves in its checkpoints,
+so `fit --ckpt_path last` continues with exactly the batch an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.collate import VisionLanguageCollator
+from ..data.formats import load_llava_json, load_refcoco_json
+from ..data.synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
+
+TASKS_PER_IMAGE = 2  # every synthetic image yields one VQA and one grounding record
+PASS_SEED_STRIDE = 1_000_003  # seeds of successive passes over the data never collide across run seeds
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def as_synthetic_config(value: SyntheticConfig | dict) -> SyntheticConfig:
+    """LightningCLI hands over nested-tuple dataclasses as plain dicts; rebuild the config."""
+    if isinstance(value, SyntheticConfig):
+        return value
+    return SyntheticConfig(**{key: _tuples(item) for key, item in value.items()})
+
+
+class SyntheticRecords(Dataset):
+    """Record i of a split, generated on demand (deterministic by seed, split and index)."""
+
+    def __init__(self, config: SyntheticConfig, split: str, num_images: int):
+        self.config, self.split, self.num_images = config, split, num_images
+
+    def __len__(self) -> int:
+        return self.num_images * TASKS_PER_IMAGE
+
+    def __getitem__(self, index: int) -> dict:
+        scene = generate_scene(self.config, self.split, index // TASKS_PER_IMAGE)
+        record = (make_vqa if index % TASKS_PER_IMAGE == 0 else make_grounding)(scene, self.config)
+        return dict(id=record.id, image=render(scene, self.config), prompt=record.prompt, answer=record.answer,
+                    task=record.task, box=record.box, kind=record.kind)
+
+
+class FileRecords(Dataset):
+    """LLaVA-conversation and RefCOCO-style JSON files, concatenated (rows as dicts)."""
+
+    def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str):
+        self.parts = [load_llava_json(path, on_error=on_error) for path in llava_files]
+        self.parts += [load_refcoco_json(path, on_error=on_error) for path in refcoco_files]
+        self.offsets = torch.tensor([0] + [len(p) for p in self.parts]).cumsum(0).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> dict:
+        part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
+        return dict(self.parts[part][index - self.offsets[part]])
+
+
+class ResumableSampler(Sampler[int]):
+    """Global sample k -> dataset index via a per-pass permutation; rank r takes its share of each step.
+
+    Starts at `start` (samples already seen by all ranks), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, size: int, batch_size: int, start: int, total: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.start, self.total = size, batch_size, start, total
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def __iter__(self):
+        step = self.batch_size * self.world
+        permutation, current_pass = None, -1
+        for first in range(self.start, self.total, step):
+            for k in range(first + self.rank * self.batch_size, first + (self.rank + 1) * self.batch_size):
+                if k // self.size != current_pass:
+                    current_pass = k // self.size
+                    generator = torch.Generator().manual_seed(self.seed * PASS_SEED_STRIDE + current_pass)
+                    permutation = torch.randperm(self.size, generator=generator).tolist()
+                yield permutation[k % self.size]
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.start) // self.world)
+
+
+@dataclass(frozen=True)
+class FileSources:
+    """A user's data in the two public formats (see README: Data formats)."""
+
+    llava: list[str] = field(default_factory=list)
+    refcoco: list[str] = field(default_factory=list)
+
+
+class NuwaDataModule(L.LightningDataModule):
+    """Synthetic splits by default; set `train_files`/`val_files`/`test_files` to use real data."""
+
+    def __init__(self, processor_path: str = "data/tiny_base", synthetic: SyntheticConfig = SyntheticConfig(),
+                 train_images: int = 20000, val_images: int = 64, test_images: int = 250,
+                 train_files: FileSources | None = None, val_files: FileSources | None = None,
+                 test_files: FileSources | None = None, batch_size: int = 16, eval_batch_size: int = 32,
+                 num_workers: int = 0, max_length: int | None = None, on_error: str = "raise", seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.synthetic = as_synthetic_config(synthetic)
+        self.processor = None
+        self._datasets: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None:
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(self.hparams.processor_path)
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in self._datasets:
+            files = self.hparams[f"{split}_files"]
+            if files is not None:
+                self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error)
+            else:
+                self._datasets[split] = SyntheticRecords(self.synthetic, split, self.hparams[f"{split}_images"])
+        return self._datasets[split]
+
+    def evaluation_records(self, split: str, limit: int | None = None) -> list[dict]:
+        """The first `limit` records of a split (for generate-based metrics)."""
+        data = self.dataset(split)
+        return [data[i] for i in range(len(data) if limit is None else min(limit, len(data)))]
+
+    def collator(self, with_answer: bool = True, padding_side: str = "right") -> VisionLanguageCollator:
+        self.setup()
+        return VisionLanguageCollator(self.processor, padding_side=padding_side, max_length=self.hparams.max_length,
+                                      with_answer=with_answer)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer, module = self.trainer, self.trainer.lightning_module
+        batch = self.hparams.batch_size
+        steps = trainer.max_steps if trainer.max_steps > 0 else 1
+        total = steps * batch * trainer.accumulate_grad_batches * trainer.world_size
+        sampler = ResumableSampler(len(self.dataset("train")), batch, module.samples_seen, total, self.hparams.seed,
+                                   trainer.global_rank, trainer.world_size)
+        # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
+        return DataLoader(self.dataset("train"), batch_size=batch, sampler=sampler, collate_fn=self.collator(),
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.hparams.seed))
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=self.hparams.eval_batch_size, shuffle=False,
+                          collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,232 @@
+"""The LightningModule: LoRA fine-tuning of a HF VLM while Nüwa pruning is active in the forward pass.
+
+Training uses soft (or straight-through) selection with an annealed temperature, so the model adapts to
+its pruned anchors while gradients reach the selection scores; validation uses the hard path (tokens
+physically dropped, `generate`) and reports retention against the same base model with all tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from ..models import attach_nuwa
+from ..pruning import NuwaConfig
+from ..pruning.soft import temperature_at
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Which weights adapt. Vision layers past the feature layer get no gradient and are never targeted."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: str = "lm"  # "lm" or "lm+vision"
+    train_projector: bool = True  # projector as a fully trained module (peft modules_to_save)
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """How the pruner selects during training (validation and export always use "hard")."""
+
+    mode: str = "soft"  # "soft", "straight_through" or "hard"
+    temperature_start: float = 1.0
+    temperature_end: float = 0.02
+    anneal_steps: int = 200
+    schedule: str = "exponential"  # or "linear", "cosine"
+    gumbel: float = 0.0  # scale of Gumbel noise on the standardised scores (0 = off)
+    hard_final_fraction: float = 0.0  # the last share of max_steps trains with physically dropped tokens
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+
+
+def load_vlm(path: str, dtype: str = "float32"):
+    """A HF VLM and its processor from a local directory (real checkpoints take the same path)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model, AutoProcessor.from_pretrained(path)
+
+
+class NuwaFineTuner(L.LightningModule):
+    """LoRA + Nüwa pruning in the loop. `model_path` is a HF directory (the shipped tiny base by default)."""
+
+    def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
+                 lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
+                 optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
+                 distill_temperature: float = 1.0, dtype: str = "float32", val_eval_limit: int = 64,
+                 val_max_new_tokens: int = 8):
+        super().__init__()
+        self.save_hyperparameters()
+        self.pruning, self.lora, self.selection, self.optim = pruning, lora, selection, optimizer
+        self.model = None  # built in configure_model, so sharded strategies can place it
+        self.processor = None
+        self.nuwa = None
+        self.samples_seen = 0  # data position, saved in checkpoints for exact resume
+        self.full_token_reference: dict | None = None  # base model, all tokens, on the validation subset
+
+    # ------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        base, self.processor = load_vlm(self.hparams.model_path, self.hparams.dtype)
+        self.model = get_peft_model(base.train(), self._lora_config(base))
+        self.nuwa = attach_nuwa(self.model, self.pruning)
+
+    def _lora_config(self, base) -> LoraConfig:
+        from ..models.llava import LlavaAdapter
+
+        if self.lora.targets not in ("lm", "lm+vision"):
+            raise ValueError(f"lora.targets={self.lora.targets!r} must be 'lm' or 'lm+vision'")
+        targets = LlavaAdapter(base).lora_target_pattern(include_vision=self.lora.targets == "lm+vision")
+        return LoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                          target_modules=targets,
+                          modules_to_save=["multi_modal_projector"] if self.lora.train_projector else None)
+
+    @property
+    def base_model(self):
+        """The HF model with LoRA layers injected (what generate/evaluate run on)."""
+        return self.model.get_base_model()
+
+    # ------------------------------------------------------------------------------- schedule
+    def temperature(self, step: int | None = None) -> float:
+        s = self.selection
+        return temperature_at(self.global_step if step is None else step, s.temperature_start, s.temperature_end,
+                              s.anneal_steps, s.schedule)
+
+    def selection_mode(self, step: int | None = None) -> str:
+        step = self.global_step if step is None else step
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps > 0 and step >= max_steps * (1 - self.selection.hard_final_fraction):
+            return "hard"
+        return self.selection.mode
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        mode, temperature = self.selection_mode(), self.temperature()
+        self.nuwa.set_selection(mode, temperature, self.selection.gumbel)
+        output = self.model(**batch)
+        loss = lm_loss = output.loss
+        size = batch["input_ids"].shape[0]
+        if self.hparams.distill_weight > 0:
+            distill = self._distillation(batch, output.logits)
+            loss = lm_loss + self.hparams.distill_weight * distill
+            self.log("train/distill_loss", distill, batch_size=size)
+        self.samples_seen += size * self.trainer.world_size
+        self.log_dict({"train/loss": loss, "train/lm_loss": lm_loss, "train/temperature": temperature,
+                       "train/hard": float(mode == "hard")}, prog_bar=True, batch_size=size)
+        self.log_dict(self._kept_tokens(), batch_size=size)
+        return loss
+
+    def _kept_tokens(self) -> dict[str, float]:
+        """Expected vision tokens per image after each stage (exact counts in hard mode)."""
+        layout = self.nuwa.layout
+        images = layout.images_per_sample.sum().clamp(min=1).float()
+        selection = layout.selection
+        stage1 = selection.keep_bias.detach().exp().sum() if selection.keep_bias is not None else \
+            selection.kept_indices.numel()
+        kept = {"train/kept_stage1": float(stage1) / float(images)}
+        if layout.stage2 is not None:
+            kept["train/kept_stage2"] = float(layout.stage2.kept_vision.float().sum()) / float(images)
+        return kept
+
+    def _distillation(self, batch: dict, student_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) on answer tokens; the teacher is this model, adapters off, no pruning."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad(), self.model.disable_adapter(), self.nuwa.paused():
+            teacher_logits = self.model(**inputs).logits
+        token_map = self.nuwa.layout.token_map()  # student position -> unpruned position
+        labels = batch["labels"]
+        predicts_answer = torch.zeros_like(labels, dtype=torch.bool)
+        predicts_answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # the logit at t predicts token t + 1
+        rows, cols = (predicts_answer.gather(1, token_map.clamp(min=0)) & (token_map >= 0)).nonzero(as_tuple=True)
+        student = student_logits[rows, cols].float() / self.hparams.distill_temperature
+        teacher = teacher_logits[rows, token_map[rows, cols]].float() / self.hparams.distill_temperature
+        return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                        reduction="batchmean") * self.hparams.distill_temperature**2
+
+    # ------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        self.nuwa.set_selection("hard")
+        output = self.model(**batch)
+        self.log("val/loss", output.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Hard-path `generate` on the validation subset: VQA / grounding and retention vs full tokens."""
+        from ..evaluation import evaluate
+
+        records = self._validation_records()
+        if not records:
+            return
+        if self.full_token_reference is None:
+            with self.model.disable_adapter(), self.nuwa.paused():
+                reference = evaluate(self.base_model, self.processor, records, pruning=None, progress=False,
+                                     max_new_tokens=self.hparams.val_max_new_tokens)
+            self.full_token_reference = {"vqa": reference.vqa_exact_match, "grounding": reference.grounding_acc50}
+        self.nuwa.detach()  # evaluate attaches its own hard-path handle
+        try:
+            result = evaluate(self.base_model, self.processor, records, pruning=self.pruning, progress=False,
+                              max_new_tokens=self.hparams.val_max_new_tokens)
+        finally:
+            self.nuwa = attach_nuwa(self.model, self.pruning)
+        metrics = {"val/vqa_em": result.vqa_exact_match, "val/grounding_acc50": result.grounding_acc50,
+                   "val/grounding_miou": result.grounding_miou, "val/vision_tokens": result.average_vision_tokens}
+        for task, key in (("vqa", "val/vqa_em"), ("grounding", "val/grounding_acc50")):
+            full = self.full_token_reference[task]
+            if metrics[key] is not None and full:
+                metrics[f"val/{task}_retention"] = metrics[key] / full
+        self.log_dict({k: float(v) for k, v in metrics.items() if v is not None}, sync_dist=True)
+
+    def _validation_records(self) -> list:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "evaluation_records"):
+            return []
+        return datamodule.evaluation_records("val", self.hparams.val_eval_limit)
+
+    # ------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        warmup = max(self.optim.warmup_steps, 1)
+        total = max(self.trainer.max_steps, warmup + 1)
+
+        def factor(step: int) -> float:  # linear warm-up, then cosine to 10%
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / (total - warmup), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nuwa_train"] = {"samples_seen": self.samples_seen, "pruning": self.pruning.to_dict(),
+                                    "full_token_reference": self.full_token_reference,
+                                    "lora": asdict(self.lora), "torch_rng": torch.get_rng_state()}
+        # Only trainable weights go into the checkpoint: the base model is read from model_path.
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("nuwa_train", {})
+        self.samples_seen = state.get("samples_seen", 0)
+        self.full_token_reference = state.get("full_token_reference")
+        if "torch_rng" in state:  # dropout / Gumbel draws continue as in an uninterrupted run
+            torch.set_rng_state(state["torch_rng"])
+        self.configure_model()
+        missing = set(self.state_dict()) - set(checkpoint["state_dict"])
+        checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if k in missing},
+                                    **checkpoint["state_dict"]}

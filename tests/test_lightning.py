@@ -1,0 +1,160 @@
+"""Pruning-aware LoRA fine-tuning: the loss falls, a killed run resumes exactly, exports reload exactly."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from nuwa_train.data import SyntheticConfig, coordinate_tokens, vocabulary
+from nuwa_train.export import ExportError, export_module, load_pruned, write_pretrained
+from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
+from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
+from nuwa_train.pruning import NuwaConfig
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """A tiny random LLaVA with the synthetic benchmark's vocabulary, saved like the shipped base."""
+    torch.manual_seed(0)
+    config = SyntheticConfig()
+    model, processor = build_tiny_llava(TinyLlavaSpec(), vocabulary(config), coordinate_tokens(config))
+    path = tmp_path_factory.mktemp("tiny_base")
+    save_tiny_llava(model, processor, path)
+    return str(path)
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+class KillAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index):
+        if trainer.global_step == self.step:
+            raise SimulatedKill(f"killed before step {self.step + 1}")
+
+
+def make(base_dir, mode="soft", lr=2e-3, dropout=0.05, gumbel=0.0, distill=0.0, train_images=40):
+    module = NuwaFineTuner(model_path=base_dir, pruning=NuwaConfig(budget=64),
+                           lora=LoraSettings(rank=8, dropout=dropout), optimizer=OptimizerSettings(lr=lr, warmup_steps=2),
+                           selection=SelectionSettings(mode=mode, anneal_steps=10, gumbel=gumbel), distill_weight=distill)
+    data = NuwaDataModule(processor_path=base_dir, train_images=train_images, val_images=4, batch_size=4)
+    return module, data
+
+
+def trainer(tmp_path, steps, callbacks=(), **kwargs):
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                     use_distributed_sampler=False, default_root_dir=tmp_path, callbacks=list(callbacks), **kwargs)
+
+
+def test_a_few_soft_steps_reduce_the_loss(base_dir, tmp_path):
+    module, data = make(base_dir, lr=5e-3, train_images=4)  # 8 records: two batches seen again and again
+    recorder = LossRecorder()
+    trainer(tmp_path, 40, [recorder], enable_checkpointing=False).fit(module, data)
+    losses = [recorder.losses[s] for s in sorted(recorder.losses)]
+    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4
+
+
+@pytest.mark.parametrize("mode,gumbel", [("soft", 0.5), ("straight_through", 0.0)])
+def test_resume_after_kill_gives_the_same_next_losses(base_dir, tmp_path, mode, gumbel):
+    module, data = make(base_dir, mode=mode, gumbel=gumbel)
+    uninterrupted = LossRecorder()
+    L.seed_everything(0)
+    trainer(tmp_path / "a", 6, [uninterrupted], enable_checkpointing=False).fit(module, data)
+
+    L.seed_everything(0)
+    module, data = make(base_dir, mode=mode, gumbel=gumbel)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=1, save_top_k=0)
+    with pytest.raises(SimulatedKill):
+        trainer(tmp_path / "b", 6, [KillAt(3), checkpoints]).fit(module, data)
+    module, data = make(base_dir, mode=mode, gumbel=gumbel)
+    resumed = LossRecorder()
+    trainer(tmp_path / "b", 6, [resumed], enable_checkpointing=False).fit(module, data,
+                                                                          ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == pytest.approx(uninterrupted.losses[step], abs=1e-5)
+
+
+def test_temperature_and_hard_final_phase_follow_the_step(base_dir):
+    module = NuwaFineTuner(model_path=base_dir, selection=SelectionSettings(temperature_start=1.0,
+                           temperature_end=0.01, anneal_steps=100, hard_final_fraction=0.25))
+    assert module.temperature(0) == 1.0 and module.temperature(100) == pytest.approx(0.01)
+    module.trainer = L.Trainer(max_steps=400, logger=False)
+    assert module.selection_mode(299) == "soft" and module.selection_mode(300) == "hard"
+
+
+def test_distillation_adds_a_finite_positive_term(base_dir):
+    module, data = make(base_dir, distill=1.0)
+    module.configure_model()
+    data.setup()
+    batch = data.collator()([data.dataset("train")[i] for i in range(4)])
+    module.nuwa.set_selection("soft", 0.5)
+    output = module.model(**batch)
+    distill = module._distillation(batch, output.logits)
+    assert torch.isfinite(distill) and distill > 0
+    module.nuwa.set_selection("hard")
+    output = module.model(**batch)
+    assert torch.isfinite(module._distillation(batch, output.logits))
+
+
+def test_lora_never_targets_vision_layers_without_gradient(tmp_path):
+    config = SyntheticConfig()
+    model, processor = build_tiny_llava(TinyLlavaSpec(vision_feature_layer=-2), vocabulary(config),
+                                        coordinate_tokens(config))
+    save_tiny_llava(model, processor, tmp_path)
+    module = NuwaFineTuner(model_path=str(tmp_path), lora=LoraSettings(targets="lm+vision"))
+    module.configure_model()
+    names = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert any("vision_tower.encoder.layers.1." in n and "lora_A" in n for n in names)
+    assert not any("vision_tower.encoder.layers.2." in n for n in names)  # past the feature layer (-2 of 3)
+    assert any("multi_modal_projector" in n for n in names)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_reload_gives_the_same_logits_as_the_trained_module(base_dir, tmp_path, merge):
+    module, data = make(base_dir, dropout=0.0)
+    trainer(tmp_path, 3, enable_checkpointing=False).fit(module, data)
+    batch = data.collator(with_answer=False, padding_side="left")([data.dataset("val")[i] for i in range(4)])
+    module.eval()
+    module.nuwa.set_selection("hard")
+    with torch.no_grad():
+        expected = module.model(**batch).logits
+    target = export_module(module, tmp_path / "export", merge=merge)
+    assert (target / "nuwa_config.json").is_file() and (target / "chat_template.jinja").is_file()
+    assert (target / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
+    model = load_pruned(target)
+    with torch.no_grad():
+        reloaded = model(**batch).logits
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
+    assert reloaded.shape[1] < batch["input_ids"].shape[1]  # pruning is attached
+
+
+def test_export_is_atomic(base_dir, tmp_path, monkeypatch):
+    module, _ = make(base_dir)
+    module.configure_model()
+    target = tmp_path / "out"
+    write_pretrained(module.base_model, module.processor, module.pruning, target)
+    before = sorted(p.name for p in target.iterdir())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(module.processor), "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_pretrained(module.base_model, module.processor, module.pruning, target)
+    assert sorted(p.name for p in target.iterdir()) == before  # the previous export is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
+    with pytest.raises(ExportError, match="has no nuwa_config.json"):
+        load_pruned(tmp_path)
