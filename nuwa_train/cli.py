@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 
@@ -27,6 +28,23 @@ def _bench(args: argparse.Namespace) -> None:
     run_bench(args.shapes, args.budgets, args.repeats, Path(args.out))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_checkpoint
+
+    target = export_checkpoint(args.checkpoint, args.out, merge=not args.adapter_only, model_path=args.model_path)
+    kind = "adapter" if args.adapter_only else "merged model"
+    print(f"exported the {kind} to {target} (load it with nuwa_train.load_pruned({str(target)!r}))")
+
+
+def _pretrain_base(args: argparse.Namespace) -> None:
+    from .pretrain import main as pretrain_main
+
+    raise SystemExit(pretrain_main(args.rest))
+
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nuwa-train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,10 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads (default: OMP_NUM_THREADS or torch's default)")
     bench.add_argument("--out", default="outputs/bench", help="directory for bench.md, bench.json, bench.png")
     bench.set_defaults(handler=_bench)
+
+    export = commands.add_parser("export", help="merge LoRA from a fit checkpoint into a plain HF directory")
+    export.add_argument("checkpoint", help="a .ckpt written by `nuwa-train fit` (e.g. .../checkpoints/last.ckpt)")
+    export.add_argument("out", help="target directory (written atomically)")
+    export.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter instead of merging")
+    export.add_argument("--model-path", help="base model directory, if it moved since training")
+    export.set_defaults(handler=_export)
+
+    pretrain = commands.add_parser("pretrain-base", help="train the tiny base VLM from scratch (resumable)",
+                                   add_help=False)
+    pretrain.add_argument("rest", nargs=argparse.REMAINDER)
+    pretrain.set_defaults(handler=_pretrain_base)
+
+    for name in LIGHTNING_COMMANDS:
+        commands.add_parser(name, help=f"LightningCLI {name}: --config recipes/<name>.yaml [--section.key value]")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from .lightning.cli import run
+
+        run(argv)
+        return
     args = build_parser().parse_args(argv)
     args.handler(args)
 

@@ -37,6 +37,20 @@ def encode(processor, prompts, images, padding_side="left"):
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> str:
+    """A tiny random LLaVA with the synthetic benchmark's vocabulary, saved like the shipped base."""
+    from nuwa_train.data import SyntheticConfig, coordinate_tokens, vocabulary
+    from nuwa_train.models.tiny import save_tiny_llava
+
+    torch.manual_seed(0)
+    config = SyntheticConfig()
+    model, processor = build_tiny_llava(TinyLlavaSpec(), vocabulary(config), coordinate_tokens(config))
+    path = tmp_path_factory.mktemp("tiny_base")
+    save_tiny_llava(model, processor, path)
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     """Every test starts from the same RNG state, so random inputs cannot make a test flaky."""

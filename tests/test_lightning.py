@@ -12,15 +12,9 @@ from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_ll
 from nuwa_train.pruning import NuwaConfig
 
 
-@pytest.fixture(scope="session")
-def base_dir(tmp_path_factory):
-    """A tiny random LLaVA with the synthetic benchmark's vocabulary, saved like the shipped base."""
-    torch.manual_seed(0)
-    config = SyntheticConfig()
-    model, processor = build_tiny_llava(TinyLlavaSpec(), vocabulary(config), coordinate_tokens(config))
-    path = tmp_path_factory.mktemp("tiny_base")
-    save_tiny_llava(model, processor, path)
-    return str(path)
+@pytest.fixture
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 class LossRecorder(Callback):

@@ -66,8 +66,8 @@ class NuwaFineTuner(L.LightningModule):
     def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
                  lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
                  optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
-                 distill_temperature: float = 1.0, dtype: str = "float32", val_eval_limit: int = 64,
-                 val_max_new_tokens: int = 8):
+                 distill_temperature: float = 1.0, dtype: str = "float32", eval_records: int = 64,
+                 eval_max_new_tokens: int = 8):
         super().__init__()
         self.save_hyperparameters()
         self.pruning, self.lora, self.selection, self.optim = pruning, lora, selection, optimizer
@@ -164,36 +164,48 @@ class NuwaFineTuner(L.LightningModule):
         self.log("val/loss", output.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        """Hard-path `generate` on the validation subset: VQA / grounding and retention vs full tokens."""
+        self._log_generation_metrics("val")
+
+    def test_step(self, batch: dict, batch_index: int) -> None:
+        self.nuwa.set_selection("hard")
+        output = self.model(**batch)
+        self.log("test/loss", output.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_generation_metrics("test")
+
+    def _log_generation_metrics(self, split: str) -> None:
+        """Hard-path `generate` on a subset of the split: VQA / grounding and retention vs full tokens."""
         from ..evaluation import evaluate
 
-        records = self._validation_records()
+        records = self._evaluation_records(split)
         if not records:
             return
-        if self.full_token_reference is None:
+        settings = dict(progress=False, max_new_tokens=self.hparams.eval_max_new_tokens)
+        if self.full_token_reference is None or self.full_token_reference.get("split") != split:
             with self.model.disable_adapter(), self.nuwa.paused():
-                reference = evaluate(self.base_model, self.processor, records, pruning=None, progress=False,
-                                     max_new_tokens=self.hparams.val_max_new_tokens)
-            self.full_token_reference = {"vqa": reference.vqa_exact_match, "grounding": reference.grounding_acc50}
+                reference = evaluate(self.base_model, self.processor, records, pruning=None, **settings)
+            self.full_token_reference = {"split": split, "vqa": reference.vqa_exact_match,
+                                         "grounding": reference.grounding_acc50}
         self.nuwa.detach()  # evaluate attaches its own hard-path handle
         try:
-            result = evaluate(self.base_model, self.processor, records, pruning=self.pruning, progress=False,
-                              max_new_tokens=self.hparams.val_max_new_tokens)
+            result = evaluate(self.base_model, self.processor, records, pruning=self.pruning, **settings)
         finally:
             self.nuwa = attach_nuwa(self.model, self.pruning)
-        metrics = {"val/vqa_em": result.vqa_exact_match, "val/grounding_acc50": result.grounding_acc50,
-                   "val/grounding_miou": result.grounding_miou, "val/vision_tokens": result.average_vision_tokens}
-        for task, key in (("vqa", "val/vqa_em"), ("grounding", "val/grounding_acc50")):
+        metrics = {f"{split}/vqa_em": result.vqa_exact_match, f"{split}/grounding_acc50": result.grounding_acc50,
+                   f"{split}/grounding_miou": result.grounding_miou,
+                   f"{split}/vision_tokens": result.average_vision_tokens}
+        for task, key in (("vqa", f"{split}/vqa_em"), ("grounding", f"{split}/grounding_acc50")):
             full = self.full_token_reference[task]
             if metrics[key] is not None and full:
-                metrics[f"val/{task}_retention"] = metrics[key] / full
+                metrics[f"{split}/{task}_retention"] = metrics[key] / full
         self.log_dict({k: float(v) for k, v in metrics.items() if v is not None}, sync_dist=True)
 
-    def _validation_records(self) -> list:
+    def _evaluation_records(self, split: str) -> list:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "evaluation_records"):
             return []
-        return datamodule.evaluation_records("val", self.hparams.val_eval_limit)
+        return datamodule.evaluation_records(split, self.hparams.eval_records)
 
     # ------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):

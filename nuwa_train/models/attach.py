@@ -290,7 +290,6 @@ class NuwaHandle:
         keep = ~is_image
         keep[image_rows.unsqueeze(1), image_slots.gather(1, images.kept_indices)] = True
         source = compact(keep)
-        valid = source >= 0
 
         text_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.adapter.embed(_gather_rows(text_ids, source))
