@@ -42,6 +42,19 @@ def _pretrain_base(args: argparse.Namespace) -> None:
     raise SystemExit(pretrain_main(args.rest))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .compare import run_eval
+
+    run_eval(args.model, args.split, args.images, Path(args.out), None if args.compare else args.method, args.budget,
+             tuple(args.budgets), args.batch_size)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.recipe, args.out, args.test_images, args.max_steps)
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
@@ -58,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads (default: OMP_NUM_THREADS or torch's default)")
     bench.add_argument("--out", default="outputs/bench", help="directory for bench.md, bench.json, bench.png")
     bench.set_defaults(handler=_bench)
+
+    demo = commands.add_parser("demo", help="the main job: fine-tune with pruning on the tiny base, compare, export")
+    demo.add_argument("--recipe", default="recipes/default.yaml")
+    demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--test-images", type=int, default=250, help="synthetic test images (two records each)")
+    demo.add_argument("--max-steps", type=int, help="override the recipe's trainer.max_steps")
+    demo.set_defaults(handler=_demo)
+
+    evaluate = commands.add_parser("eval", help="VQA / grounding with a pruner (hard path, generate), or the "
+                                               "comparison table of all pruners (--compare)")
+    evaluate.add_argument("--model", default="data/tiny_base", help="a HF model directory")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--images", type=int, default=250, help="synthetic images (two records each)")
+    evaluate.add_argument("--method", default="nuwa", help="pruner: none, nuwa, nuwa_stage1, random, pooling, "
+                                                           "uniform, visionzip, fastv")
+    evaluate.add_argument("--budget", type=int, default=64, help="average tokens per image on the 24x24 grid")
+    evaluate.add_argument("--compare", action="store_true", help="every pruner at every --budgets")
+    evaluate.add_argument("--budgets", type=_int_list, default=[64, 128, 192])
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--out", default="outputs/eval")
+    evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="merge LoRA from a fit checkpoint into a plain HF directory")
     export.add_argument("checkpoint", help="a .ckpt written by `nuwa-train fit` (e.g. .../checkpoints/last.ckpt)")

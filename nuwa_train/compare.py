@@ -1,0 +1,161 @@
+"""`nuwa-train eval`: one pruner, or the comparison table of every pruner at several budgets.
+
+Every row is measured with the hard path and `generate`; retention is relative to the same model with
+all vision tokens. The table is printed and written as JSON and Markdown, with a PNG of the kept
+tokens of each pruner on a few test images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .evaluation import EvalResult, evaluate
+from .models import attach_nuwa
+from .pruning import NuwaConfig, NuwaConfigError
+from .viz import kept_tokens, plot_kept_tokens
+
+# (row label, method): the training-free table of the benchmark issue, in display order.
+TRAINING_FREE = (("random", "random"), ("pooling", "pooling"), ("uniform", "uniform"), ("FastV", "fastv"),
+                 ("VisionZip-like", "visionzip"), ("Nüwa stage 1", "nuwa_stage1"), ("Nüwa", "nuwa"))
+PAPER_BUDGETS = (64, 128, 192)  # of 576 on LLaVA-1.5: about 11%, 22% and 33% of the vision tokens
+OVERLAY_IMAGES = 4
+
+
+@dataclass
+class Row:
+    label: str
+    budget: int | None
+    result: EvalResult | None
+    reference: EvalResult
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        def retention(value, full):
+            return None if value is None or not full else value / full
+
+        r = self.result
+        return {"method": self.label, "budget": self.budget, "note": self.note,
+                "vision_tokens": None if r is None else r.average_vision_tokens,
+                "vqa_em": None if r is None else r.vqa_exact_match,
+                "grounding_acc50": None if r is None else r.grounding_acc50,
+                "grounding_miou": None if r is None else r.grounding_miou,
+                "vqa_retention": None if r is None else retention(r.vqa_exact_match, self.reference.vqa_exact_match),
+                "grounding_retention": None if r is None else retention(r.grounding_acc50,
+                                                                        self.reference.grounding_acc50)}
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    def cell(value, kind="{:.3f}"):
+        return "-" if value is None else kind.format(value)
+
+    lines = [f"## {title}", "", "| method | budget | vision tokens / layer | VQA EM | grounding Acc@0.5 | grounding mIoU "
+             "| VQA retention | grounding retention | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['budget'] or 'all'} | {cell(row['vision_tokens'], '{:.1f}')} | "
+                     f"{cell(row['vqa_em'])} | {cell(row['grounding_acc50'])} | {cell(row['grounding_miou'])} | "
+                     f"{cell(row['vqa_retention'], '{:.1%}')} | {cell(row['grounding_retention'], '{:.1%}')} | "
+                     f"{row['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], out_dir: Path, name: str, title: str, extra: dict | None = None) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown_table(rows, title)
+    (out_dir / f"{name}.md").write_text(text)
+    (out_dir / f"{name}.json").write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2))
+    return text
+
+
+def overlay(model, processor, records: list[dict], configs: list[tuple[str, NuwaConfig]], path: Path) -> Path:
+    """Kept tokens of each pruner on the first few records' images (hard path, one image at a time)."""
+    from .data.collate import VisionLanguageCollator
+
+    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False)
+    grounding = [r for r in records if r.get("task") == "grounding"]  # one per image; spatial questions
+    picked = (grounding or records)[:OVERLAY_IMAGES]
+    rows, grid = [], None
+    for label, config in configs:
+        try:
+            handle = attach_nuwa(model, config)
+        except NuwaConfigError:  # a budget this method cannot meet: no row, as in the table
+            continue
+        grid = handle.adapter.grid
+        with handle, torch.no_grad():
+            kept = []
+            for record in picked:
+                model(**collator([record]))
+                kept.append(kept_tokens(handle))
+            rows.append((label, kept))
+    return plot_kept_tokens([r["image"] for r in picked], rows, grid, path)
+
+
+def compare_training_free(model, processor, records: list[dict], budgets=PAPER_BUDGETS, methods=TRAINING_FREE,
+                          batch_size: int = 64, console=None) -> list[dict]:
+    """Full tokens, then every training-free pruner at every budget (a budget a method cannot meet is noted)."""
+    reference = evaluate(model, processor, records, pruning=None, batch_size=batch_size, description="full tokens")
+    rows = [Row("full tokens", None, reference, reference).as_dict()]
+    for budget in budgets:
+        for label, method in methods:
+            config = NuwaConfig(method=method, budget=budget)
+            try:
+                result = evaluate(model, processor, records, pruning=config, batch_size=batch_size,
+                                  description=f"{label} @ {budget}")
+                rows.append(Row(label, budget, result, reference).as_dict())
+            except NuwaConfigError as error:
+                rows.append(Row(label, budget, None, reference, note=str(error)).as_dict())
+        if console is not None:
+            console.print(markdown_table(rows, "so far"))
+    return rows
+
+
+def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: str | None, budget: int,
+             budgets: tuple[int, ...], batch_size: int) -> dict:
+    from rich.console import Console
+
+    from .lightning.data import SyntheticRecords
+    from .lightning.module import load_vlm
+
+    console = Console()
+    model, processor = load_vlm(model_path)
+    model.eval()
+    dataset = SyntheticRecords(synthetic_config_for(model_path), split, images)
+    records = [dataset[i] for i in range(len(dataset))]
+    if method is not None:
+        reference = evaluate(model, processor, records, pruning=None, batch_size=batch_size,
+                             description="full tokens")
+        pruning = None if method == "none" else NuwaConfig(method=method, budget=budget)
+        result = reference if pruning is None else evaluate(model, processor, records, pruning=pruning,
+                                                            batch_size=batch_size)
+        rows = [Row("full tokens", None, reference, reference).as_dict()]
+        if pruning is not None:
+            rows.append(Row(method, budget, result, reference).as_dict())
+        name, configs = f"eval_{method}_{budget}", [(method, pruning or NuwaConfig(method="none"))]
+    else:
+        rows = compare_training_free(model, processor, records, budgets, batch_size=batch_size, console=console)
+        name = "compare"
+        configs = [("full tokens", NuwaConfig(method="none"))] + [
+            (f"{label} @ {budgets[0]}", NuwaConfig(method=m, budget=budgets[0])) for label, m in TRAINING_FREE]
+    title = f"{model_path}: {split} split, {len(records)} records"
+    text = write_table(rows, out_dir, name, title, {"model": model_path, "split": split, "records": len(records)})
+    picture = overlay(model, processor, records, configs, out_dir / f"{name}_kept_tokens.png")
+    console.print(text)
+    console.print(f"wrote {out_dir / (name + '.md')}, {out_dir / (name + '.json')}, {picture}")
+    return {"rows": rows}
+
+
+def synthetic_config_for(model_path: str):
+    """The synthetic data a model was trained on, if its directory says so (the shipped base does)."""
+    from .data.synthetic import SyntheticConfig
+    from .lightning.data import as_synthetic_config
+
+    recipe = Path(model_path) / "recipe.yaml"
+    if recipe.is_file():
+        import yaml
+
+        settings = yaml.safe_load(recipe.read_text()).get("eval_data") or {}
+        return as_synthetic_config(settings)
+    return SyntheticConfig()

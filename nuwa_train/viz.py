@@ -1,0 +1,115 @@
+"""Pictures people would rather see than read: kept-token overlays and training curves (PNG)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class KeptTokens:
+    """Which grid cells of one image survive each stage (grid raster indices)."""
+
+    stage1: list[int]
+    pillars: list[int]
+    stage2: list[int] | None  # None when the method has no stage 2
+
+
+def kept_tokens(handle, sample: int = 0) -> KeptTokens:
+    """Read the last forward's selection for the first image of `sample` from a hard-mode handle."""
+    layout = handle.layout
+    image = int(layout.images_per_sample[:sample].sum())
+    selection = layout.selection
+    stage1 = selection.kept_indices[image].tolist()
+    pillars = []
+    if selection.pillars is not None:
+        pillars = selection.kept_indices[image][selection.pillars[image]].tolist()
+    stage2 = None
+    if layout.stage2 is not None:
+        vision_slots = layout.is_vision[sample].nonzero().squeeze(1)[:len(stage1)]  # this image's slots, in order
+        survived = layout.stage2.kept_vision[sample, vision_slots].bool()
+        stage2 = torch.tensor(stage1)[survived].tolist()
+    return KeptTokens(stage1, pillars, stage2)
+
+
+def plot_kept_tokens(images: list, rows: list[tuple[str, list[KeptTokens]]], grid: tuple[int, int],
+                     path: str | Path) -> Path:
+    """One row per pruner, one column per image: kept tokens outlined, pillars filled, stage-2 survivors red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    height, width = grid
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(2.2 * len(images), 2.3 * len(rows)), squeeze=False)
+    for r, (name, kept_per_image) in enumerate(rows):
+        for c, (image, kept) in enumerate(zip(images, kept_per_image)):
+            ax = axes[r][c]
+            ax.imshow(image)
+            cell_w, cell_h = image.size[0] / width, image.size[1] / height
+            pillars = set(kept.pillars)
+            for index in kept.stage1:
+                top, left = divmod(index, width)
+                ax.add_patch(Rectangle((left * cell_w, top * cell_h), cell_w, cell_h, fill=index in pillars,
+                                       alpha=0.45 if index in pillars else 0.9, edgecolor="cyan",
+                                       facecolor="orange", linewidth=0.8))
+            for index in kept.stage2 or []:
+                top, left = divmod(index, width)
+                ax.add_patch(Rectangle((left * cell_w, top * cell_h), cell_w, cell_h, fill=False, edgecolor="red",
+                                       linewidth=1.6))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle("kept tokens: cyan = after stage 1, orange = pillar, red = after stage 2", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Lightning CSVLogger metrics.csv -> {metric: [(step, value), ...]} (empty cells skipped)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = int(row["step"])
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
+                         metrics=("train/lm_loss", "train/temperature", "train/kept_stage1")) -> Path:
+    """Loss, temperature and expected kept tokens against step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for name, csv_path in runs.items():
+        series = read_metrics_csv(csv_path)
+        for ax, metric in zip(axes[0], metrics):
+            if metric in series:
+                steps, values = zip(*series[metric])
+                ax.plot(steps, values, label=name)
+    for ax, metric in zip(axes[0], metrics):
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        if metric == "train/temperature":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
