@@ -252,4 +252,73 @@ def run_bench(shapes: list[str], budgets: list[int], repeats: int, out_dir: Path
     return report
 
 
-__all__ = ["run_bench", "time_prefill", "time_aggregation", "llm_flops", "SHAPES"]
+# ------------------------------------------------------------------------------------------ training step
+TRAINING_MODES = {  # label -> (pruning method, selection mode)
+    "plain LoRA": ("none", "hard"),
+    "Nüwa soft": ("nuwa", "soft"),
+    "Nüwa straight-through": ("nuwa", "straight_through"),
+    "Nüwa hard": ("nuwa", "hard"),
+}
+
+
+def _training_probe(model_path: str, method: str, mode: str, steps: int, batch_size: int, threads: int, queue) -> None:
+    """One mode in a fresh process, so its peak RSS is its own: median step time and memory growth."""
+    import resource
+
+    torch.set_num_threads(threads)
+    from .lightning import LoraSettings, NuwaDataModule, NuwaFineTuner
+
+    module = NuwaFineTuner(model_path=model_path, pruning=NuwaConfig(method=method), lora=LoraSettings(dropout=0.0))
+    module.setup("fit")  # what the Trainer calls first (CPU numerics)
+    module.configure_model()
+    data = NuwaDataModule(processor_path=model_path)
+    records = data.dataset("train")
+    batch = data.collator()([records[i] for i in range(batch_size)])
+    optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
+    module.nuwa.set_selection(mode, 0.5)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        start = time.perf_counter()
+        module.model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"step_ms": statistics.median(times[1:]) * 1e3, "peak_rss_mb": peak, "growth_mb": peak - before})
+
+
+def time_training(model_path: str, steps: int = 8, batch_size: int = 16, threads: int = 2) -> list[dict]:
+    """Training step time and peak memory of each selection mode vs plain LoRA, on the same batch."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for label, (method, mode) in TRAINING_MODES.items():
+        queue = context.Queue()
+        process = context.Process(target=_training_probe,
+                                  args=(model_path, method, mode, steps, batch_size, threads, queue))
+        process.start()
+        result = queue.get()
+        process.join()
+        rows.append({"mode": label, **result})
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["step_ms"] / base["step_ms"]
+        row["memory_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
+        row["growth_ratio"] = row["growth_mb"] / max(base["growth_mb"], 1e-9)
+    return rows
+
+
+def training_markdown(rows: list[dict], model_path: str, batch_size: int) -> str:
+    lines = [f"## Training step: {model_path}, batch {batch_size} (median ms; peak RSS of a fresh process)", "",
+             "| mode | step ms | time ratio | peak RSS MB | memory ratio | growth during steps MB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['memory_ratio']:.2f} | {r['growth_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["run_bench", "time_prefill", "time_aggregation", "llm_flops", "SHAPES", "time_training",
+           "training_markdown"]

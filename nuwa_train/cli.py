@@ -25,6 +25,16 @@ def _bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"nuwa-train bench: unknown --shapes {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.training:
+        from .bench import time_training, training_markdown
+
+        rows = time_training(args.training, batch_size=args.batch_size, threads=torch.get_num_threads())
+        text = training_markdown(rows, args.training, args.batch_size)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training.md").write_text(text)
+        print(text + f"\nwrote {out / 'training.md'}")
+        return
     run_bench(args.shapes, args.budgets, args.repeats, Path(args.out))
 
 
@@ -70,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0) or 0),
                        help="torch threads (default: OMP_NUM_THREADS or torch's default)")
     bench.add_argument("--out", default="outputs/bench", help="directory for bench.md, bench.json, bench.png")
+    bench.add_argument("--training", metavar="MODEL_DIR",
+                       help="instead: training step time / peak memory of each selection mode vs plain LoRA")
+    bench.add_argument("--batch-size", type=int, default=16, help="batch size of --training")
     bench.set_defaults(handler=_bench)
 
     demo = commands.add_parser("demo", help="the main job: fine-tune with pruning on the tiny base, compare, export")
