@@ -35,6 +35,17 @@ def kept_tokens(handle, sample: int = 0) -> KeptTokens:
     return KeptTokens(stage1, pillars, stage2)
 
 
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_kept_tokens(images: list, rows: list[tuple[str, list[KeptTokens]]], grid: tuple[int, int],
                      path: str | Path) -> Path:
     """One row per pruner, one column per image: kept tokens outlined, pillars filled, stage-2 survivors red."""
@@ -66,12 +77,7 @@ def plot_kept_tokens(images: list, rows: list[tuple[str, list[KeptTokens]]], gri
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle("kept tokens: cyan = after stage 1, orange = pillar, red = after stage 2", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -106,10 +112,6 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
         ax.set_xlabel("step")
         if metric == "train/temperature":
             ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _save(fig, path)

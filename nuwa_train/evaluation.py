@@ -1,0 +1,197 @@
+"""Evaluate a VLM on VQA + grounding records with greedy `generate`, optionally with hard pruning.
+
+`evaluate(model, processor, data, pruning=NuwaConfig(...))` attaches the pruner (tokens physically
+dropped, original position ids), generates greedily on left-padded batches, detaches, and scores:
+VQA exact match, grounding Acc@IoU>=0.5 and mean IoU (boxes parsed with `tokens_to_box`), accuracy per
+question kind, unparseable grounding answers, and the average number of vision tokens per image that
+each decoder layer sees (the pruning plan's average; all tokens without pruning).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .data.collate import VisionLanguageCollator
+from .data.synthetic import RELATIONS, Record, SyntheticConfig, iou, render, tokens_to_box
+from .pruning import NuwaConfig
+
+IOU_THRESHOLD = 0.5
+_RELATION_PHRASES = tuple(phrase for phrase, _, _ in RELATIONS.values())
+_VQA_KINDS = (("what colour", "colour"), ("what shape", "shape"), ("how many", "count"), ("is there", "existence"),
+              ("what is", "spatial"))
+
+
+def question_kind(task: str, prompt: str) -> str:
+    """The question kind of a record from its text (for rows that do not carry it, e.g. loaded JSON)."""
+    text = prompt.lower().strip()
+    if task == "grounding":
+        return "relational" if any(phrase in text for phrase in _RELATION_PHRASES) else "attribute"
+    for start, kind in _VQA_KINDS:
+        if text.startswith(start):
+            return kind
+    return "other"
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, single spaces, no trailing punctuation: the exact-match comparison form."""
+    return re.sub(r"\s+", " ", text.lower()).strip().rstrip(".?!").strip()
+
+
+@dataclass
+class Prediction:
+    id: str
+    task: str
+    kind: str
+    answer: str
+    prediction: str
+    correct: bool
+    iou: float | None = None
+
+
+@dataclass
+class EvalResult:
+    method: str
+    budget: int | None
+    num_vqa: int
+    num_grounding: int
+    vqa_exact_match: float | None
+    grounding_acc50: float | None
+    grounding_miou: float | None
+    unparseable: int  # grounding answers that are not exactly one box
+    per_kind: dict[str, float]  # kind -> accuracy (exact match for VQA, IoU>=0.5 for grounding)
+    per_kind_count: dict[str, int]
+    vision_tokens_total: int  # per image, unpruned
+    average_vision_tokens: float  # per image, averaged over decoder layers
+    seconds: float
+    predictions: list[Prediction] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_predictions: bool = False) -> dict:
+        data = asdict(self)
+        if not with_predictions:
+            data.pop("predictions")
+        return data
+
+
+def _rows(data: object, synthetic_config: SyntheticConfig | None, limit: int | None) -> list[dict]:
+    """Records of any supported kind as dicts with id, image, prompt, answer, task, box, kind."""
+    rows = []
+    for position, item in enumerate(data if isinstance(data, Iterable) else [data]):
+        if limit is not None and len(rows) >= limit:
+            break
+        if isinstance(item, Record):
+            config = synthetic_config or SyntheticConfig()
+            rows.append(dict(id=item.id, image=render(item.scene, config), prompt=item.prompt, answer=item.answer,
+                             task=item.task, box=item.box, kind=item.kind))
+            continue
+        if not isinstance(item, Mapping):
+            raise TypeError(f"record {position}: expected a Record or a mapping, got {type(item).__name__}")
+        row = dict(item)
+        missing = [key for key in ("image", "prompt", "answer") if row.get(key) is None]
+        if missing:
+            raise ValueError(f"record {position} (id {row.get('id')!r}): missing field(s) {missing}")
+        row.setdefault("id", str(position))
+        if row.get("task") is None:
+            row["task"] = "grounding" if tokens_to_box(row["answer"]) is not None else "vqa"
+        if row["task"] == "grounding" and row.get("box") is None:
+            row["box"] = tokens_to_box(row["answer"])
+        if row.get("kind") is None:
+            row["kind"] = question_kind(row["task"], row["prompt"])
+        rows.append(row)
+    return rows
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+@torch.no_grad()
+def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch_size: int = 32,
+             max_new_tokens: int = 8, limit: int | None = None, synthetic_config: SyntheticConfig | None = None,
+             coordinate_bins: int | None = None, progress: bool = True, description: str | None = None) -> EvalResult:
+    """Greedy-generate an answer for every record and score it (see the module docstring).
+
+    data: a `datasets.Dataset` in the loaders' schema, mappings with image/prompt/answer (task/box
+    optional), or synthetic `Record`s (rendered with `synthetic_config`). `limit` caps the records.
+    """
+    from .models.attach import attach_nuwa  # late import: attach pulls in the whole pruning stack
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bins = coordinate_bins or (synthetic_config or SyntheticConfig()).coordinate_bins
+    rows = _rows(data, synthetic_config, limit)
+    if not rows:
+        raise ValueError("no records to evaluate")
+    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False)
+    tokenizer = processor.tokenizer
+    image_token_id = model.config.image_token_index
+    was_training = model.training
+    model.eval()
+    handle = attach_nuwa(model, pruning) if pruning is not None else None
+    predictions: list[Prediction] = []
+    vision_total, average = None, None
+    start = time.perf_counter()
+    name = description or f"eval {pruning.method if pruning else 'full'}"
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task(name, total=len(rows))
+            for first in range(0, len(rows), batch_size):
+                chunk = rows[first:first + batch_size]
+                batch = collator(chunk)
+                if vision_total is None:
+                    vision_total = int((batch["input_ids"][0] == image_token_id).sum())
+                    average = handle.plan.average_tokens if handle is not None else float(vision_total)
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for row, text in zip(chunk, texts):
+                    predictions.append(_score(row, text, bins))
+                bar.advance(task, len(chunk))
+    finally:
+        if handle is not None:
+            handle.detach()
+        model.train(was_training)
+    return _summarise(predictions, pruning, vision_total, average, time.perf_counter() - start)
+
+
+def _score(row: dict, text: str, bins: int) -> Prediction:
+    text = text.strip()
+    if row["task"] == "grounding":
+        box = tokens_to_box(text, bins)
+        truth = tuple(row["box"])
+        overlap = iou(box, truth) if box is not None else 0.0
+        return Prediction(str(row["id"]), "grounding", row["kind"], row["answer"], text, overlap >= IOU_THRESHOLD,
+                          overlap if box is not None else None)
+    return Prediction(str(row["id"]), "vqa", row["kind"], row["answer"], text,
+                      normalise_answer(text) == normalise_answer(row["answer"]))
+
+
+def _summarise(predictions: list[Prediction], pruning: NuwaConfig | None, vision_total: int, average: float,
+               seconds: float) -> EvalResult:
+    vqa = [p for p in predictions if p.task == "vqa"]
+    grounding = [p for p in predictions if p.task == "grounding"]
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        by_kind[p.kind].append(p.correct)
+
+    def mean(values):
+        return sum(values) / len(values) if values else None
+
+    return EvalResult(
+        method=pruning.method if pruning else "none", budget=pruning.budget if pruning else None,
+        num_vqa=len(vqa), num_grounding=len(grounding),
+        vqa_exact_match=mean([p.correct for p in vqa]),
+        grounding_acc50=mean([p.correct for p in grounding]),
+        grounding_miou=mean([p.iou or 0.0 for p in grounding]),
+        unparseable=sum(p.iou is None for p in grounding),
+        per_kind={kind: mean(values) for kind, values in sorted(by_kind.items())},
+        per_kind_count={kind: len(values) for kind, values in sorted(by_kind.items())},
+        vision_tokens_total=vision_total, average_vision_tokens=float(average), seconds=seconds,
+        predictions=predictions)
