@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="VQA / grounding with a pruner (hard path, generate), or the "
                                                "comparison table of all pruners (--compare)")
-    evaluate.add_argument("--model", default="data/tiny_base", help="a HF model directory")
+    evaluate.add_argument("--model", default="data/tiny_base", help="a HF model directory, or a recipe (.yaml)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--images", type=int, default=250, help="synthetic images (two records each)")
     evaluate.add_argument("--method", default="nuwa", help="pruner: none, nuwa, nuwa_stage1, random, pooling, "

@@ -120,6 +120,7 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
     from .lightning.module import load_vlm
 
     console = Console()
+    model_path = resolve_model_path(model_path)
     model, processor = load_vlm(model_path)
     model.eval()
     dataset = SyntheticRecords(synthetic_config_for(model_path), split, images)
@@ -145,6 +146,21 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
     console.print(text)
     console.print(f"wrote {out_dir / (name + '.md')}, {out_dir / (name + '.json')}, {picture}")
     return {"rows": rows}
+
+
+def resolve_model_path(model: str) -> str:
+    """A model directory, or a fine-tuning recipe (its `model.model_path`)."""
+    if model.endswith((".yaml", ".yml")):
+        import yaml
+
+        recipe = yaml.safe_load(Path(model).read_text())
+        try:
+            return recipe["model"]["model_path"]
+        except (KeyError, TypeError):
+            raise SystemExit(f"nuwa-train eval: recipe {model} has no model.model_path") from None
+    if not (Path(model) / "config.json").is_file():
+        raise SystemExit(f"nuwa-train eval: {model} is neither a HF model directory (no config.json) nor a recipe")
+    return model
 
 
 def synthetic_config_for(model_path: str):
