@@ -1,0 +1,38 @@
+"""The user-facing commands run end to end on a tiny random base (numbers are not asserted, outputs are)."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from nuwa_train.cli import main
+
+RECIPE = Path(__file__).parent.parent / "recipes" / "default.yaml"
+
+
+def test_eval_compare_writes_the_table_and_the_overlay(tiny_base_dir, tmp_path):
+    main(["eval", "--model", tiny_base_dir, "--images", "2", "--compare", "--budgets", "64", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full tokens", "random", "pooling", "uniform", "FastV", "VisionZip-like",
+                                           "Nüwa stage 1", "Nüwa"]
+    fastv = rows[4]
+    assert fastv["vqa_em"] is None and "cannot be met by FastV" in fastv["note"]  # 4 LLM layers are too few
+    assert rows[-1]["vision_tokens"] == 16.0 and rows[0]["vision_tokens"] == 144.0
+    assert (tmp_path / "compare_kept_tokens.png").stat().st_size > 0 and (tmp_path / "compare.md").is_file()
+
+
+def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["model"]["model_path"] = tiny_base_dir
+    recipe["trainer"].update(val_check_interval=2, limit_val_batches=1, log_every_n_steps=1)
+    recipe["model"]["eval_records"] = 2
+    recipe["data"].update(batch_size=2, val_images=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)
+    main(["demo", "--recipe", "recipe.yaml", "--out", "demo", "--test-images", "2", "--max-steps", "2"])
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full tokens", "Nüwa, training-free", "Nüwa, fine-tuned",
+                                           "VisionZip-like, fine-tuned", "FastV, fine-tuned"]
+    for picture in ("training_curves.png", "kept_tokens_base.png", "kept_tokens_fine_tuned.png"):
+        assert (tmp_path / "demo" / picture).stat().st_size > 0
+    assert (tmp_path / "demo" / "export" / "nuwa_config.json").is_file()
