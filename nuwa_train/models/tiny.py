@@ -24,6 +24,16 @@ CHAT_TEMPLATE = (
     "{% else %}assistant : {% for part in message['content'] %}{{ part['text'] }} {% endfor %}</s> {% endif %}"
     "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
 )
+# The same template with every image placed after the user's text ("user : question <image> assistant :"),
+# whatever the order of the content parts: the vision tokens can then attend to the question.
+CHAT_TEMPLATE_IMAGE_LAST = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}user : "
+    "{% for part in message['content'] %}{% if part['type'] != 'image' %}{{ part['text'] }} {% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image> {% endif %}{% endfor %}"
+    "{% else %}assistant : {% for part in message['content'] %}{{ part['text'] }} {% endfor %}</s> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class TinyLlavaSpec:
     mlp_ratio: int = 2
     max_positions: int = 1024
     attn_implementation: str = "sdpa"
+    image_after_text: bool = False  # chat template puts the image after the question (CHAT_TEMPLATE_IMAGE_LAST)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -72,7 +83,8 @@ def build_processor(spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[s
                                          crop_size={"height": spec.image_size, "width": spec.image_size})
     return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words, atomic_tokens),
                           patch_size=spec.patch_size, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, image_token=IMAGE, chat_template=CHAT_TEMPLATE)
+                          num_additional_image_tokens=1, image_token=IMAGE,
+                          chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE)
 
 
 def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
