@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .io import replace_directory
 from .models import attach_nuwa
 from .pruning import NuwaConfig
 
@@ -25,17 +26,6 @@ NUWA_CONFIG_NAME = "nuwa_config.json"
 
 class ExportError(RuntimeError):
     """The checkpoint or the target directory cannot be used; the message says which and why."""
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move a finished staging directory to `target`; an existing target is swapped out, then removed."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-    os.replace(staging, target)
-    if backup is not None:
-        shutil.rmtree(backup)
 
 
 def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -47,7 +37,7 @@ def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.Pat
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / NUWA_CONFIG_NAME).write_text(json.dumps({**pruning.to_dict(), **(extra or {})}, indent=2))
-        _replace_directory(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -62,6 +62,7 @@ from .data.synthetic import (
     render,
     vocabulary,
 )
+from .io import replace_directory
 from .models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 
 IGNORE = -100
@@ -134,11 +135,7 @@ class PretrainConfig:
         return TinyLlavaSpec(**self.model)
 
     def synthetic(self, which: str = "data") -> SyntheticConfig:
-        values = dict(getattr(self, which))
-        for key in ("object_count", "shapes", "colours", "sizes", "vqa_mix"):
-            if key in values:
-                values[key] = _tuples(values[key])
-        return SyntheticConfig(**values)
+        return SyntheticConfig.from_dict(getattr(self, which))
 
     @property
     def total_steps(self) -> int:
@@ -148,10 +145,6 @@ class PretrainConfig:
         data = asdict(self)
         data["phases"] = [asdict(p) for p in self.phases]
         return data
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _set_path(data: dict, dotted: str, value: object) -> None:
@@ -705,7 +698,7 @@ class Trainer:
             staging.chmod(0o755)  # mkdtemp (and safetensors) create private files; the export is for everyone
             for item in staging.iterdir():
                 item.chmod(0o644)
-            _swap_dir(staging, target)
+            replace_directory(staging, target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -812,17 +805,6 @@ def _atomic_torch_save(state: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def _swap_dir(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging` with renames only (never a half-written directory in place)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def report_markdown(report: dict) -> str:

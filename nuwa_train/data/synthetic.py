@@ -57,6 +57,10 @@ RELATIONS = {
 }
 
 
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Every knob of the benchmark. Changing any field changes the data, so keep it with results."""
@@ -86,6 +90,11 @@ class SyntheticConfig:
     grounding_template: str = "locate {expression}."
     placement_attempts: int = 100  # random positions tried per object before re-drawing the layout
     layout_attempts: int = 100  # layouts tried before giving up on an impossible config
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SyntheticConfig":
+        """From YAML/JSON, where tuples arrive as lists (nested tuples included)."""
+        return cls(**{key: _as_tuples(value) for key, value in values.items()})
 
     def __post_init__(self):
         low, high = self.object_count
