@@ -241,7 +241,7 @@ class NuwaHandle:
             soft = nuwa_stage1_soft(features, encoding.sim_features, encoding.scores, encoding.grid, plan.keep,
                                     self.temperature, top_n=plan.top_n, distance=config.distance,
                                     pillar_quantile=config.pillar_quantile, region=config.region_size,
-                                    aggregation=self._aggregation(encoding.grid), window_tile=config.window_tile,
+                                    aggregation=config.aggregation_for(encoding.grid), window_tile=config.window_tile,
                                     noise=noise)
             keep = soft.keep_prob
             if self.mode == "straight_through":
@@ -249,11 +249,6 @@ class NuwaHandle:
             tokens, bias, anchors = soft.tokens, log_keep(keep), soft.hard_indices
         return NuwaImageFeatures(pooler_output=self.adapter.project(tokens), kept_indices=every, keep_bias=bias,
                                  anchor_indices=anchors)
-
-    def _aggregation(self, grid: tuple[int, int]) -> str:
-        if self.config.aggregation != "auto":
-            return self.config.aggregation
-        return "windowed" if grid[0] * grid[1] >= self.config.windowed_min_tokens else "dense"
 
     @staticmethod
     def _all_indices(features: torch.Tensor) -> torch.Tensor:

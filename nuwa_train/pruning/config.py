@@ -122,6 +122,12 @@ class NuwaConfig:
             self._check_regions(grid, keep, top_n)
         return PruningPlan(Stage1Plan(self.method, keep, top_n), None, num_tokens, average, num_layers)
 
+    def aggregation_for(self, grid: tuple[int, int]) -> str:
+        """"dense" or "windowed" for this grid ("auto" switches at `windowed_min_tokens`)."""
+        if self.aggregation != "auto":
+            return self.aggregation
+        return "windowed" if grid[0] * grid[1] >= self.windowed_min_tokens else "dense"
+
     def resolve_stage2_layer(self, num_layers: int) -> int:
         layer = self.stage2_layer
         if isinstance(layer, float):

@@ -13,12 +13,10 @@ def run_stage1(plan: Stage1Plan, config: NuwaConfig, features: torch.Tensor, sim
                scores: torch.Tensor, grid: tuple[int, int], generator: torch.Generator | None = None) -> Stage1Output:
     """Select (and for Nüwa/VisionZip, merge) `plan.keep` tokens per image."""
     if plan.method in ("nuwa", "nuwa_stage1"):
-        aggregation = config.aggregation
-        if aggregation == "auto":
-            aggregation = "windowed" if grid[0] * grid[1] >= config.windowed_min_tokens else "dense"
         return nuwa_stage1(features, sim_features, scores, grid, plan.keep, top_n=plan.top_n,
                            distance=config.distance, pillar_quantile=config.pillar_quantile,
-                           region=config.region_size, aggregation=aggregation, window_tile=config.window_tile)
+                           region=config.region_size, aggregation=config.aggregation_for(grid),
+                           window_tile=config.window_tile)
     if plan.method == "random":
         return random_stage1(features, plan.keep, generator)
     if plan.method == "uniform":
