@@ -44,8 +44,11 @@ def _fine_tune(recipe: Path, run_dir: Path, method: str, mode: str, extra: dict,
             "--trainer.callbacks", json.dumps(callbacks)]
     for key, value in extra.items():
         args += [f"--model.pruning.{key}", str(value)]
-    if max_steps is not None:
-        args += ["--trainer.max_steps", str(max_steps)]
+    if max_steps is not None:  # a shorter run anneals over the same share of its steps as the recipe
+        recipe_settings = yaml.safe_load(recipe.read_text())
+        share = recipe_settings["model"]["selection"]["anneal_steps"] / recipe_settings["trainer"]["max_steps"]
+        args += ["--trainer.max_steps", str(max_steps), "--model.selection.anneal_steps",
+                 str(max(1, round(share * max_steps)))]
     cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, args=args, run=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
