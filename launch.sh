@@ -1,21 +1,45 @@
 #!/usr/bin/env bash
-# nuwa-train launcher: sets up .venv on first use, then runs a command.
+# nuwa-train launcher: sets up .venv on first use, then runs a command or a training recipe.
 #
-#   ./launch.sh demo               the main job (today: the prefill benchmark, `nuwa-train bench`)
-#   ./launch.sh test [PYTEST...]   the test suite
-#   ./launch.sh COMMAND [ARGS...]  any `nuwa-train` command, e.g. `./launch.sh bench --shapes tiny`
+#   ./launch.sh demo                the main job (`nuwa-train demo`)
+#   ./launch.sh test [PYTEST...]    the test suite
+#   ./launch.sh COMMAND [ARGS...]   any `nuwa-train` command, e.g. `./launch.sh bench --shapes tiny`
+#   ./launch.sh [LAUNCH OPTIONS] RECIPE.yaml [OVERRIDES...]
+#                                   `nuwa-train fit --config RECIPE.yaml [OVERRIDES...]` on one or more processes
+#                                   and nodes; overrides are LightningCLI flags, e.g. --trainer.max_steps 100
+# Launch options (before the recipe):
+#   --launcher local|torchrun|fabric|deepspeed
+#                       who starts the processes: local (default) lets the Lightning Trainer spawn them;
+#                       torchrun, `fabric run` and DeepSpeed's `deepspeed` start them and the Trainer joins
+#   --devices N         processes per node (required by torchrun, fabric and deepspeed)
+#   --nodes M           nodes (default 1); more than one needs --master-addr, and --node-rank unless deepspeed
+#   --node-rank R       this node's index, 0 .. M-1 (local, torchrun, fabric: run the command on every node)
+#   --master-addr A     address of node 0;  --master-port P: its port
+#   --hostfile F        DeepSpeed hostfile (deepspeed only; its launcher starts every node over ssh)
+#   --dry-run           print the command and exit (no set-up, nothing runs)
+# Every process gets OMP_NUM_THREADS = cores / processes per node (an OMP_NUM_THREADS you set wins):
+# threads beyond the core count slow CPU training ~10x. The exact command is printed before it runs.
 #
 # Set-up: uses the active virtualenv if there is one, else creates ./.venv. torch==2.13.0 (a CPU
 # build) is installed only when no torch is importable, so an existing CUDA torch is never replaced;
-# the project is (re)installed whenever pyproject.toml changes.
+# the project is (re)installed whenever pyproject.toml changes, with its dev extra (and the deepspeed
+# extra for `test` and --launcher deepspeed).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$root"
 
-log() { printf '[launch.sh] %s\n' "$*" >&2; }
+HELP_LINES='2,26p'
+LAUNCHERS="local torchrun fabric deepspeed"
+LAUNCH_OPTIONS="--launcher --devices --nodes --node-rank --master-addr --master-port --hostfile --dry-run"
+MAX_PORT=65535
+DEFAULT_MASTER_PORT=29500  # torchrun's default; every node of a local multi-node run must use the same port
 
-ensure_environment() {
+log() { printf '[launch.sh] %s\n' "$*" >&2; }
+die() { printf '[launch.sh] error: %s\n' "$*" >&2; exit 2; }
+
+ensure_environment() {  # $1: the project's extras to install, e.g. "dev" or "dev,deepspeed"
+    local extras=$1
     if [ -z "${VIRTUAL_ENV:-}" ]; then
         if [ ! -x .venv/bin/python ]; then
             log "creating .venv"
@@ -29,32 +53,160 @@ ensure_environment() {
         python -m pip install --quiet torch==2.13.0
     fi
     local stamp="$VIRTUAL_ENV/.nuwa-train-installed" digest
+    [ "$extras" = dev ] || stamp="$stamp-${extras//,/-}"
     digest=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
-        log "installing nuwa-train and its dependencies (editable, with the dev extra)"
-        python -m pip install --quiet -e ".[dev]"
+        log "installing nuwa-train and its dependencies (editable, extras: $extras)"
+        python -m pip install --quiet -e ".[$extras]"
         echo "$digest" > "$stamp"
     fi
 }
 
-command=${1:-}
-if [ -z "$command" ] || [ "$command" = "-h" ] || [ "$command" = "--help" ]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+# ------------------------------------------------------------------------------------ options
+launcher="" devices="" nodes="" node_rank="" master_addr="" master_port="" hostfile="" dry_run=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) dry_run=1; shift; continue ;;
+        --launcher|--devices|--nodes|--node-rank|--master-addr|--master-port|--hostfile)
+            [ $# -ge 2 ] && [ -n "$2" ] && [[ "$2" != --* ]] || die "$1 needs a value"
+            case "$1" in
+                --launcher) launcher=$2 ;;
+                --devices) devices=$2 ;;
+                --nodes) nodes=$2 ;;
+                --node-rank) node_rank=$2 ;;
+                --master-addr) master_addr=$2 ;;
+                --master-port) master_port=$2 ;;
+                --hostfile) hostfile=$2 ;;
+            esac
+            shift 2 ;;
+        -h|--help) sed -n "$HELP_LINES" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --*) die "unknown launch option $1 (launch options: $LAUNCH_OPTIONS)" ;;
+        *) break ;;
+    esac
+done
+if [ $# -eq 0 ]; then
+    [ -z "$launcher$devices$nodes$node_rank$master_addr$master_port$hostfile" ] && [ "$dry_run" -eq 0 ] \
+        || die "no recipe or command after the launch options"
+    sed -n "$HELP_LINES" "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
+target=$1
 shift
 
-ensure_environment
-case "$command" in
-    demo)
-        log "running the main job: nuwa-train bench $*"
-        exec nuwa-train bench "$@"
-        ;;
-    test)
-        log "running: python -m pytest $*"
-        exec python -m pytest "$@"
-        ;;
-    *)
-        exec nuwa-train "$command" "$@"
-        ;;
-esac
+is_recipe=0
+case "$target" in *.yaml|*.yml) is_recipe=1 ;; esac
+launch_set=$([ -n "$launcher$devices$nodes$node_rank$master_addr$master_port$hostfile" ] && echo 1 || echo 0)
+
+if [ "$is_recipe" -eq 0 ]; then
+    [ "$launch_set" -eq 0 ] || die "launch options apply to a training recipe (a .yaml file), not to '$target'"
+else
+    [ -f "$target" ] || die "recipe $target not found"
+    launcher=${launcher:-local}
+    nodes=${nodes:-1}
+    [[ " $LAUNCHERS " == *" $launcher "* ]] || die "--launcher must be one of: $LAUNCHERS (got '$launcher')"
+    [ -z "$devices" ] || [[ "$devices" =~ ^[1-9][0-9]*$ ]] || die "--devices must be a positive integer (got '$devices')"
+    [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer (got '$nodes')"
+    [ -z "$node_rank" ] || [[ "$node_rank" =~ ^[0-9]+$ ]] || die "--node-rank must be an integer >= 0 (got '$node_rank')"
+    [ -z "$master_port" ] || { [[ "$master_port" =~ ^[0-9]+$ ]] && [ "$master_port" -ge 1 ] \
+        && [ "$master_port" -le "$MAX_PORT" ]; } || die "--master-port must be a port number (got '$master_port')"
+    if [ "$launcher" != local ] && [ -z "$devices" ]; then
+        die "--launcher $launcher needs --devices N (processes per node)"
+    fi
+    if [ -n "$hostfile" ]; then
+        [ "$launcher" = deepspeed ] || die "--hostfile is for --launcher deepspeed only (got --launcher $launcher)"
+        [ -f "$hostfile" ] || die "hostfile $hostfile not found"
+    fi
+    if [ "$nodes" -eq 1 ]; then
+        [ -z "$node_rank" ] || die "--node-rank needs --nodes M with M > 1"
+        [ -z "$master_addr" ] || die "--master-addr needs --nodes M with M > 1 (one node talks to itself)"
+    elif [ "$launcher" = deepspeed ]; then
+        [ -n "$hostfile" ] || die "--launcher deepspeed on $nodes nodes needs --hostfile (its launcher starts every node)"
+        [ -z "$node_rank" ] || die "--node-rank does not apply to --launcher deepspeed: its launcher starts every node"
+    else
+        [ -n "$node_rank" ] || die "--nodes $nodes needs --node-rank (run the command once on every node)"
+        [ -n "$master_addr" ] || die "--nodes $nodes needs --master-addr (the address of node 0)"
+        [ "$node_rank" -lt "$nodes" ] || die "--node-rank $node_rank must be below --nodes $nodes"
+    fi
+    for override in "$@"; do
+        case "$override" in
+            --launcher|--launcher=*|--devices|--devices=*|--nodes|--nodes=*|--node-rank*|--master-addr*|--master-port*|--hostfile*|--dry-run)
+                die "launch option ${override%%=*} must come before the recipe (after it come LightningCLI overrides)" ;;
+            --trainer.devices*|--trainer.num_nodes*)
+                if [ "$launcher" != local ] || [ -n "$devices" ] || [ "$nodes" -gt 1 ]; then
+                    die "${override%%=*} contradicts the launcher: set processes with --devices and --nodes"
+                fi ;;
+        esac
+    done
+fi
+
+# ------------------------------------------------------------------------------------ command
+# The test suite runs ZeRO-2/3 on the CPU, and the deepspeed launcher needs DeepSpeed: both get the extra.
+extras=dev
+if [ "$target" = test ] || [ "$launcher" = deepspeed ]; then
+    extras=dev,deepspeed
+fi
+if [ "$dry_run" -eq 0 ]; then
+    ensure_environment "$extras"
+elif [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
+    # shellcheck disable=SC1091
+    source .venv/bin/activate  # only to print the same paths a real run would use
+fi
+
+command_line=()
+if [ "$is_recipe" -eq 0 ]; then
+    case "$target" in
+        test) command_line=(python -m pytest "$@") ;;
+        *) command_line=(nuwa-train "$target" "$@") ;;
+    esac
+else
+    environment=()
+    if [ -n "$devices" ]; then
+        threads=${OMP_NUM_THREADS:-$(( $(nproc) / devices > 0 ? $(nproc) / devices : 1 ))}
+        environment+=("OMP_NUM_THREADS=$threads" "MKL_NUM_THREADS=$threads")
+    fi
+    trainer_processes=()
+    [ -z "$devices" ] || trainer_processes=(--trainer.devices "$devices")
+    [ -z "$devices" ] && [ "$nodes" -eq 1 ] || trainer_processes+=(--trainer.num_nodes "$nodes")
+    fit=(fit --config "$target" "$@" "${trainer_processes[@]}")
+    case "$launcher" in
+        local)
+            [ -z "$master_addr" ] || environment+=("MASTER_ADDR=$master_addr")
+            if [ -n "$master_port" ] || [ "$nodes" -gt 1 ]; then
+                environment+=("MASTER_PORT=${master_port:-$DEFAULT_MASTER_PORT}")
+            fi
+            [ -z "$node_rank" ] || environment+=("NODE_RANK=$node_rank")
+            command_line=(python -m nuwa_train "${fit[@]}") ;;
+        torchrun)
+            if [ "$nodes" -eq 1 ] && [ -z "$master_port" ]; then
+                rendezvous=(--standalone)
+            else
+                rendezvous=(--nnodes "$nodes" --node-rank "${node_rank:-0}" --master-addr "${master_addr:-127.0.0.1}")
+                [ -z "$master_port" ] || rendezvous+=(--master-port "$master_port")
+            fi
+            command_line=(torchrun "${rendezvous[@]}" --nproc-per-node "$devices" -m nuwa_train "${fit[@]}") ;;
+        fabric)
+            placement=(--devices "$devices" --num-nodes "$nodes")
+            [ -z "$node_rank" ] || placement+=(--node-rank "$node_rank")
+            [ -z "$master_addr" ] || placement+=(--main-address "$master_addr")
+            [ -z "$master_port" ] || placement+=(--main-port "$master_port")
+            # `fabric run` takes a script file: the nuwa-train entry point is one.
+            command_line=(fabric run "${placement[@]}" "$(command -v nuwa-train || echo nuwa-train)" "${fit[@]}") ;;
+        deepspeed)
+            placement=(--num_gpus "$devices")
+            [ -z "$hostfile" ] || placement=(--hostfile "$hostfile" --num_nodes "$nodes" "${placement[@]}")
+            [ -z "$master_addr" ] || placement+=(--master_addr "$master_addr")
+            [ -z "$master_port" ] || placement+=(--master_port "$master_port")
+            # DeepSpeed's launcher names the node rank CROSS_RANK; this plugin tells the Trainer.
+            fit+=(--trainer.plugins nuwa_train.lightning.strategies.DeepSpeedLauncherEnvironment)
+            command_line=(deepspeed "${placement[@]}" --no_local_rank --module nuwa_train "${fit[@]}") ;;
+    esac
+    [ ${#environment[@]} -eq 0 ] || command_line=(env "${environment[@]}" "${command_line[@]}")
+fi
+
+printed=$(printf '%q ' "${command_line[@]}")
+if [ "$dry_run" -eq 1 ]; then
+    echo "${printed% }"
+    exit 0
+fi
+log "running: ${printed% }"
+exec "${command_line[@]}"

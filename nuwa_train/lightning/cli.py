@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 
 from .data import NuwaDataModule
@@ -12,7 +14,12 @@ class NuwaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data module tokenises with the processor stored next to the model.
         parser.link_arguments("model.model_path", "data.processor_path")
+        # The data module shards its resumable sample stream by rank itself; Lightning's distributed sampler
+        # would shard it a second time.
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
 
 
 def run(argv: list[str]) -> None:
-    NuwaCLI(NuwaFineTuner, NuwaDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    # Arguments that are the command line itself go through sys.argv (LightningCLI warns when given both).
+    args = None if argv == sys.argv[1:] else argv
+    NuwaCLI(NuwaFineTuner, NuwaDataModule, args=args, save_config_kwargs={"overwrite": True})

@@ -96,6 +96,11 @@ class FileSources:
     refcoco: list[str] = field(default_factory=list)
 
 
+def as_file_sources(value: FileSources | dict | None) -> FileSources | None:
+    """LightningCLI hands over `data.*_files` from a recipe as a plain dict; rebuild the dataclass."""
+    return FileSources(**value) if isinstance(value, dict) else value
+
+
 class NuwaDataModule(L.LightningDataModule):
     """Synthetic splits by default; set `train_files`/`val_files`/`test_files` to use real data."""
 
@@ -107,6 +112,8 @@ class NuwaDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.synthetic = as_synthetic_config(synthetic)
+        self.files = {split: as_file_sources(sources) for split, sources in
+                      (("train", train_files), ("val", val_files), ("test", test_files))}
         self.processor = None
         self._datasets: dict[str, Dataset] = {}
 
@@ -118,7 +125,7 @@ class NuwaDataModule(L.LightningDataModule):
 
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
-            files = self.hparams[f"{split}_files"]
+            files = self.files[split]
             if files is not None:
                 self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error)
             else:

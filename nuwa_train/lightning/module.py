@@ -67,7 +67,7 @@ class NuwaFineTuner(L.LightningModule):
                  lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
                  optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
                  distill_temperature: float = 1.0, dtype: str = "float32", eval_records: int = 64,
-                 eval_max_new_tokens: int = 8):
+                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.pruning, self.lora, self.selection, self.optim = pruning, lora, selection, optimizer
@@ -87,6 +87,11 @@ class NuwaFineTuner(L.LightningModule):
         if self.model is not None:
             return
         base, self.processor = load_vlm(self.hparams.model_path, self.hparams.dtype)
+        if self.hparams.gradient_checkpointing:
+            # Non-reentrant: the soft keep bias reaches every layer inside its attention mask, a keyword argument,
+            # and reentrant checkpointing passes no gradient to keyword arguments. transformers checkpoints
+            # `forward`, not `__call__`, so the Nüwa layer hooks run once and the recompute reuses their masks.
+            base.activation_checkpointing_enable({"use_reentrant": False})
         self.model = get_peft_model(base.train(), self._lora_config(base))
         self.nuwa = attach_nuwa(self.model, self.pruning)
 
@@ -122,18 +127,51 @@ class NuwaFineTuner(L.LightningModule):
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         mode, temperature = self.selection_mode(), self.temperature()
         self.nuwa.set_selection(mode, temperature, self.selection.gumbel)
+        size, has_images = batch["input_ids"].shape[0], batch.get("pixel_values") is not None
+        batch = self._with_blank_image(batch)
         output = self.model(**batch)
         loss = lm_loss = output.loss
-        size = batch["input_ids"].shape[0]
         if self.hparams.distill_weight > 0:
             distill = self._distillation(batch, output.logits)
             loss = lm_loss + self.hparams.distill_weight * distill
             self.log("train/distill_loss", distill, batch_size=size)
         self.samples_seen += size * self.trainer.world_size
-        self.log_dict({"train/loss": loss, "train/lm_loss": lm_loss, "train/temperature": temperature,
-                       "train/hard": float(mode == "hard")}, prog_bar=True, batch_size=size)
-        self.log_dict(self._kept_tokens(), batch_size=size)
+        # The losses are averaged over ranks, so rank 0's logs describe the whole global batch.
+        self.log_dict({"train/loss": loss, "train/lm_loss": lm_loss}, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log_dict({"train/temperature": temperature, "train/hard": float(mode == "hard")}, batch_size=size)
+        if has_images:
+            self.log_dict(self._kept_tokens(), batch_size=size)
         return loss
+
+    def _with_blank_image(self, batch: dict) -> dict:
+        """A batch without images gets one extra row holding only a blank image: attended, but without labels.
+
+        Data-parallel training needs every rank to run the same modules in every step: DDP fails on parameters
+        "not used in producing the loss", and under ZeRO-3 every module call gathers its weights collectively, so a
+        rank that skipped the vision tower or Nüwa's stage-2 scoring would leave the others waiting forever. The
+        extra row takes exactly the image path (its gradients are zero) and leaves the other rows' loss unchanged:
+        they are only widened by masked padding on the right.
+        """
+        if batch.get("pixel_values") is not None:
+            return batch
+        input_ids = batch["input_ids"]
+        image_tokens = self.nuwa.plan.num_tokens
+        length = max(input_ids.shape[1], image_tokens)
+        pad_id = self.processor.tokenizer.pad_token_id
+        row = torch.full((1, length), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        row[:, :image_tokens] = self.base_model.config.image_token_index
+        row_mask = (row != pad_id).to(batch["attention_mask"].dtype)
+
+        def widened(values: torch.Tensor, fill: int, extra: torch.Tensor) -> torch.Tensor:
+            return torch.cat([F.pad(values, (0, length - values.shape[1]), value=fill), extra])
+
+        vision = self.base_model.config.vision_config
+        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=input_ids.device)
+        extended = {**batch, "input_ids": widened(input_ids, pad_id, row), "pixel_values": blank,
+                    "attention_mask": widened(batch["attention_mask"], 0, row_mask)}
+        if batch.get("labels") is not None:
+            extended["labels"] = widened(batch["labels"], IGNORE_INDEX, torch.full_like(row, IGNORE_INDEX))
+        return extended
 
     def _kept_tokens(self) -> dict[str, float]:
         """Expected vision tokens per image after each stage (exact counts in hard mode)."""
@@ -144,7 +182,7 @@ class NuwaFineTuner(L.LightningModule):
             selection.kept_indices.numel()
         kept = {"train/kept_stage1": float(stage1) / float(images)}
         if layout.stage2 is not None:
-            kept["train/kept_stage2"] = float(layout.stage2.kept_vision.float().sum()) / float(images)
+            kept["train/kept_stage2"] = float(layout.stage2.kept_vision.detach().float().sum()) / float(images)
         return kept
 
     def _distillation(self, batch: dict, student_logits: torch.Tensor) -> torch.Tensor:
@@ -165,7 +203,7 @@ class NuwaFineTuner(L.LightningModule):
     # ------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_index: int) -> None:
         self.nuwa.set_selection("hard")
-        output = self.model(**batch)
+        output = self.model(**self._with_blank_image(batch))
         self.log("val/loss", output.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -173,7 +211,7 @@ class NuwaFineTuner(L.LightningModule):
 
     def test_step(self, batch: dict, batch_index: int) -> None:
         self.nuwa.set_selection("hard")
-        output = self.model(**batch)
+        output = self.model(**self._with_blank_image(batch))
         self.log("test/loss", output.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
@@ -243,6 +281,8 @@ class NuwaFineTuner(L.LightningModule):
         self.full_token_reference = state.get("full_token_reference")
         if "torch_rng" in state:  # dropout / Gumbel draws continue as in an uninterrupted run
             torch.set_rng_state(state["torch_rng"])
+        if "state_dict" not in checkpoint:  # a DeepSpeed checkpoint: the engine has restored the weights itself
+            return
         self.configure_model()
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
         checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if k in missing},

@@ -391,8 +391,10 @@ class NuwaHandle:
             budget = layout.images_per_sample * self.plan.stage2.keep
             candidates = layout.is_vision & layout.attention_mask.bool()
             kept_vision = select_top(scores.detach(), candidates, budget)
-            if soft:
-                keep = soft_topk(scores, budget, self.temperature, candidates)
+            if soft:  # rows without images (text-only samples) keep nothing; soft_topk has no budget to solve there
+                keep = torch.zeros_like(scores)
+                rows = candidates.any(dim=1)
+                keep[rows] = soft_topk(scores[rows], budget[rows], self.temperature, candidates[rows])
                 if self.mode == "straight_through":
                     keep = straight_through(keep, kept_vision)
                 source = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
