@@ -20,15 +20,11 @@ TASKS_PER_IMAGE = 2  # every synthetic image yields one VQA and one grounding re
 PASS_SEED_STRIDE = 1_000_003  # seeds of successive passes over the data never collide across run seeds
 
 
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def as_synthetic_config(value: SyntheticConfig | dict) -> SyntheticConfig:
     """LightningCLI hands over nested-tuple dataclasses as plain dicts; rebuild the config."""
     if isinstance(value, SyntheticConfig):
         return value
-    return SyntheticConfig(**{key: _tuples(item) for key, item in value.items()})
+    return SyntheticConfig.from_dict(value)
 
 
 class SyntheticRecords(Dataset):
