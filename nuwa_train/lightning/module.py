@@ -179,7 +179,7 @@ class NuwaFineTuner(L.LightningModule):
         images = layout.images_per_sample.sum().clamp(min=1).float()
         selection = layout.selection
         stage1 = selection.keep_bias.detach().exp().sum() if selection.keep_bias is not None else \
-            selection.kept_indices.numel()
+            selection.kept.sum()
         kept = {"train/kept_stage1": float(stage1) / float(images)}
         if layout.stage2 is not None:
             kept["train/kept_stage2"] = float(layout.stage2.kept_vision.detach().float().sum()) / float(images)

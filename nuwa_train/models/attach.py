@@ -32,8 +32,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from ..pruning import NuwaConfig, NuwaConfigError, Stage1Output, last_token_attention, run_stage1, select_top
+from ..pruning.config import PruningPlan
 from ..pruning.soft import gumbel_like, log_keep, nuwa_stage1_soft, soft_topk, straight_through
-from .llava import LlavaAdapter, UnsupportedModelError
+from .base import UnsupportedModelError, VisionEncoding
+from .llava import LlavaAdapter
 
 ADAPTERS = (LlavaAdapter,)
 IGNORE_INDEX = -100
@@ -49,11 +51,19 @@ class NuwaInputError(ValueError):
 class NuwaImageFeatures(ModelOutput):
     """Stage-1 output in the place of HF's image features (what `generate` pre-encodes)."""
 
-    pooler_output: torch.Tensor | None = None  # (images, K, D_text) projected kept tokens
-    kept_indices: torch.Tensor | None = None  # (images, K) grid indices, ascending
+    pooler_output: torch.Tensor | None = None  # (images, K, D_text) projected kept tokens (zero rows pad)
+    kept_indices: torch.Tensor | None = None  # (images, K) offsets into each image's placeholder run, ascending;
+    #                                            -1 pads images that keep fewer (grids of different sizes)
     pillars: torch.Tensor | None = None  # (images, K) bool, Nüwa only
     keep_bias: torch.Tensor | None = None  # (images, K) attention bias log p (soft / straight-through only)
     anchor_indices: torch.Tensor | None = None  # (images, K1) hard anchors (soft / straight-through only)
+    placeholder_counts: torch.Tensor | None = None  # (images,) image placeholders of each unpruned image
+    stage2_keep: torch.Tensor | None = None  # (images,) stage-2 budget of each image (0 without stage 2)
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(images, K) bool: which entries of `kept_indices` are real (not padding)."""
+        return self.kept_indices >= 0
 
 
 @dataclass
@@ -76,6 +86,7 @@ class PrefillLayout:
     input_length: int  # unpruned prompt length L
     next_position: torch.Tensor  # (B,) position id of the first token after the prompt
     selection: NuwaImageFeatures  # stage-1 indices per image (into its grid), for inspection
+    stage2_budget: torch.Tensor  # (B,) vision tokens each sample keeps from the stage-2 layer on
     labels: torch.Tensor | None = None  # (B, L1)
     stage2: Stage2Layout | None = None
 
@@ -108,13 +119,90 @@ def _gather_rows(values: torch.Tensor, source: torch.Tensor, fill=0) -> torch.Te
     return values.gather(1, expanded).masked_fill((source < 0).view(*source.shape, *([1] * (values.dim() - 2))), fill)
 
 
+def _gather_positions(positions: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, L) or multimodal (C, B, L) gathered at `source` (B, L'); padding gets 0."""
+    if positions.dim() == 2:
+        return _gather_rows(positions.expand(source.shape[0], -1), source)
+    return torch.stack([_gather_rows(p.expand(source.shape[0], -1), source) for p in positions])
+
+
+def _next_position(positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the position id of the first generated token: one past the largest prompt position."""
+    largest = (positions * mask).amax(dim=-1)
+    return (largest if largest.dim() == 1 else largest.amax(dim=0)) + 1
+
+
+@dataclass
+class _Selection:
+    """Stage-1 result for one group of same-grid images, before it is laid out per image."""
+
+    encoding: VisionEncoding
+    plan: PruningPlan
+    tokens: torch.Tensor  # (n, K, D_text) projected
+    indices: torch.Tensor  # (n, K) grid indices, ascending
+    pillars: torch.Tensor | None = None
+    keep_bias: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
+
+
+def _assemble(selections: list[_Selection]) -> NuwaImageFeatures:
+    """Lay the groups' selections out per image, in image order, as placeholder offsets.
+
+    Grid positions that are padding (odd merged grids) are dropped here; images of different sizes
+    keep different counts, so the per-image tensors are padded with -1 / zeros at the end.
+    """
+    rows, width = [], max(s.indices.shape[1] for s in selections)
+    anchor_width = max((s.anchors.shape[1] for s in selections if s.anchors is not None), default=0)
+    for s in selections:
+        encoding, n = s.encoding, s.indices.shape[0]
+        images = encoding.images if encoding.images is not None else torch.arange(n)
+        offsets = s.indices if encoding.placeholder_offsets is None else encoding.placeholder_offsets[s.indices]
+        order = torch.argsort((offsets < 0).to(torch.int8), dim=1, stable=True)  # real entries first, in order
+        offsets = offsets.gather(1, order)
+        rows.append((images, s, order, offsets))
+    num_images = sum(len(images) for images, *_ in rows)
+    first = selections[0].tokens
+    pooler = first.new_zeros(num_images, width, first.shape[-1])
+    kept = torch.full((num_images, width), -1, dtype=torch.long, device=first.device)
+    pillars = torch.zeros(num_images, width, dtype=torch.bool, device=first.device)
+    bias = first.new_zeros(num_images, width, dtype=torch.float32)
+    anchors = torch.full((num_images, anchor_width), -1, dtype=torch.long, device=first.device)
+    placeholders = torch.zeros(num_images, dtype=torch.long)
+    stage2_keep = torch.zeros(num_images, dtype=torch.long)
+    for images, s, order, offsets in rows:
+        k = offsets.shape[1]
+        pooler[images, :k] = _gather_rows(s.tokens, order)
+        kept[images, :k] = offsets
+        if s.pillars is not None:
+            pillars[images, :k] = s.pillars.gather(1, order)
+        if s.keep_bias is not None:
+            bias[images, :k] = s.keep_bias.gather(1, order).float()
+        if s.anchors is not None:
+            anchors[images, :s.anchors.shape[1]] = s.anchors
+        placeholders[images] = s.encoding.num_placeholders
+        stage2_keep[images] = s.plan.stage2.keep if s.plan.stage2 is not None else 0
+    has_pillars = any(s.pillars is not None for s in selections)
+    soft = any(s.keep_bias is not None for s in selections)
+    return NuwaImageFeatures(pooler_output=pooler, kept_indices=kept, pillars=pillars if has_pillars else None,
+                             keep_bias=bias.to(first.dtype) if soft else None,
+                             anchor_indices=anchors if soft else None, placeholder_counts=placeholders,
+                             stage2_keep=stage2_keep)
+
+
 class NuwaHandle:
     """The state and hooks of Nüwa on one model instance. Use `detach()` (or `with`) to remove."""
 
     def __init__(self, model: nn.Module, adapter, config: NuwaConfig):
         self.model, self.adapter, self.config = model, adapter, config
         self.num_layers = len(adapter.decoder_layers)
-        self.plan = config.plan(adapter.grid, self.num_layers)
+        self._plans: dict[tuple[int, int], PruningPlan] = {}
+        if config.position_mode != "original" and adapter.multimodal_positions:
+            raise NuwaConfigError(f"position_mode={config.position_mode!r}: {type(model).__name__} uses multimodal "
+                                  f"(M-RoPE) positions, which only 'original' keeps meaningful")
+        reference = self.plan_for(adapter.grid or config.reference_grid)
+        # One plan for fixed-grid models; dynamic-resolution models resolve a plan per image grid.
+        self.plan: PruningPlan | None = reference if adapter.grid is not None else None
+        self.stage2_layer = reference.stage2.layer if reference.stage2 is not None else None
         self.layout: PrefillLayout | None = None
         self.overhead_seconds: dict[str, float] = defaultdict(float)
         self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
@@ -130,8 +218,8 @@ class NuwaHandle:
         self._encoder_owner.get_image_features = self.image_features
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
-        if self.plan.stage2 is not None:
-            layers, first = adapter.decoder_layers, self.plan.stage2.layer
+        if self.stage2_layer is not None:
+            layers, first = adapter.decoder_layers, self.stage2_layer
             self._hooks.append(layers[first - 1].register_forward_pre_hook(self._score_stage2, with_kwargs=True))
             self._hooks.append(layers[first].register_forward_pre_hook(self._drop_stage2, with_kwargs=True))
             for layer in layers[first + 1:]:
@@ -153,6 +241,13 @@ class NuwaHandle:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+    def plan_for(self, grid: tuple[int, int]) -> PruningPlan:
+        """The resolved budgets for one image grid (cached: dynamic-resolution batches repeat grids)."""
+        grid = tuple(int(side) for side in grid)
+        if grid not in self._plans:
+            self._plans[grid] = self.config.plan(grid, self.num_layers)
+        return self._plans[grid]
 
     def set_selection(self, mode: str, temperature: float | None = None, gumbel: float | None = None) -> None:
         """Switch between "hard" (inference), "soft" and "straight_through" (training) selection."""
@@ -213,42 +308,43 @@ class NuwaHandle:
             raise NuwaInputError("Nüwa needs input_ids (to find the image tokens) when pixel_values are given")
         return (), self._prefill(kwargs, input_ids, images)
 
-    def image_features(self, pixel_values: torch.Tensor, **unused) -> NuwaImageFeatures:
+    def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> NuwaImageFeatures:
         """Vision tower once, stage-1 selection/aggregation, projector: the pruned image tokens."""
-        hidden = self.adapter.vision_hidden_states(pixel_values)
-        with self._timed("saliency"):
-            encoding = self.adapter.read_encoding(hidden, self.config)
-        if self.mode != "hard":
-            return self._soft_image_features(encoding)
+        with self._timed("encode"):
+            encodings = self.adapter.encode(pixel_values, self.config, **image_inputs)
+        select = self._select_soft if self.mode != "hard" else self._select_hard
+        return _assemble([select(encoding) for encoding in encodings])
+
+    def _select_hard(self, encoding: VisionEncoding) -> _Selection:
+        plan = self.plan_for(encoding.grid)
         with self._timed("stage1"):
-            if self.plan.stage1 is None:
+            if plan.stage1 is None:
                 selection = Stage1Output(encoding.features, self._all_indices(encoding.features))
             else:
-                selection = run_stage1(self.plan.stage1, self.config, encoding.features, encoding.sim_features,
+                selection = run_stage1(plan.stage1, self.config, encoding.features, encoding.sim_features,
                                        encoding.scores, encoding.grid, self._generator)
-        return NuwaImageFeatures(pooler_output=self.adapter.project(selection.tokens),
-                                 kept_indices=selection.indices, pillars=selection.pillars)
+        return _Selection(encoding, plan, self.adapter.project(selection.tokens), selection.indices,
+                          selection.pillars)
 
-    def _soft_image_features(self, encoding) -> NuwaImageFeatures:
+    def _select_soft(self, encoding: VisionEncoding) -> _Selection:
         """Every token, as it would be if kept, with its keep probability as an attention bias."""
         features, every = encoding.features, self._all_indices(encoding.features)
-        plan = self.plan.stage1
-        if plan is None:
-            tokens, bias, anchors = features, torch.zeros(every.shape, device=features.device), every
-        else:
-            noise = gumbel_like(encoding.scores) * self.gumbel if self.gumbel and self.model.training else None
-            config = self.config
-            soft = nuwa_stage1_soft(features, encoding.sim_features, encoding.scores, encoding.grid, plan.keep,
-                                    self.temperature, top_n=plan.top_n, distance=config.distance,
-                                    pillar_quantile=config.pillar_quantile, region=config.region_size,
-                                    aggregation=config.aggregation_for(encoding.grid), window_tile=config.window_tile,
-                                    noise=noise)
-            keep = soft.keep_prob
-            if self.mode == "straight_through":
-                keep = straight_through(keep, torch.zeros_like(keep).scatter_(1, soft.hard_indices, 1.0))
-            tokens, bias, anchors = soft.tokens, log_keep(keep), soft.hard_indices
-        return NuwaImageFeatures(pooler_output=self.adapter.project(tokens), kept_indices=every, keep_bias=bias,
-                                 anchor_indices=anchors)
+        plan = self.plan_for(encoding.grid)
+        if plan.stage1 is None:
+            return _Selection(encoding, plan, self.adapter.project(features), every, None,
+                              torch.zeros(every.shape, device=features.device), every)
+        noise = gumbel_like(encoding.scores) * self.gumbel if self.gumbel and self.model.training else None
+        config = self.config
+        soft = nuwa_stage1_soft(features, encoding.sim_features, encoding.scores, encoding.grid, plan.stage1.keep,
+                                self.temperature, top_n=plan.stage1.top_n, distance=config.distance,
+                                pillar_quantile=config.pillar_quantile, region=config.region_size,
+                                aggregation=config.aggregation_for(encoding.grid), window_tile=config.window_tile,
+                                noise=noise)
+        keep = soft.keep_prob
+        if self.mode == "straight_through":
+            keep = straight_through(keep, torch.zeros_like(keep).scatter_(1, soft.hard_indices, 1.0))
+        return _Selection(encoding, plan, self.adapter.project(soft.tokens), every, None, log_keep(keep),
+                          soft.hard_indices)
 
     @staticmethod
     def _all_indices(features: torch.Tensor) -> torch.Tensor:
@@ -276,41 +372,42 @@ class NuwaHandle:
         if not is_image.any():
             raise NuwaInputError(f"pixel_values were given but input_ids contain no image token "
                                  f"(id {self.adapter.image_token_id}); add the image placeholder to the prompt")
-        num_images, num_tokens = images.kept_indices.shape[0], self.plan.num_tokens
-        images_per_sample = self._check_image_tokens(is_image, num_images, num_tokens)
+        counts = images.placeholder_counts.to(input_ids.device)
+        images_per_sample = self._check_image_tokens(is_image, counts)
 
-        # Placeholder j of image i sits at image_slots[i, j]; keep the selected ones.
-        image_slots = is_image.nonzero()[:, 1].view(num_images, num_tokens)
-        image_rows = torch.repeat_interleave(torch.arange(batch, device=input_ids.device), images_per_sample)
+        # Placeholders are numbered image after image in reading order; keep the selected ones.
+        slots = is_image.nonzero()
+        starts = counts.cumsum(0) - counts
+        chosen = (starts.unsqueeze(1) + images.kept_indices.clamp(min=0))[images.kept]
         keep = ~is_image
-        keep[image_rows.unsqueeze(1), image_slots.gather(1, images.kept_indices)] = True
+        keep[slots[chosen, 0], slots[chosen, 1]] = True
         source = compact(keep)
 
+        # Positions of the unpruned sequence (M-RoPE for Qwen-VL), gathered at the kept columns.
+        positions = self.adapter.position_ids(input_ids, mask, kwargs)
         text_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.adapter.embed(_gather_rows(text_ids, source))
         is_vision = _gather_rows(is_image, source, False)
-        embeds = embeds.masked_scatter(is_vision.unsqueeze(-1), images.pooler_output.to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_vision.unsqueeze(-1), images.pooler_output[images.kept].to(embeds.dtype))
         pruned_mask = _gather_rows(mask, source)
-
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         if self.config.position_mode == "original":
-            pruned_positions = _gather_rows(positions, source)
+            pruned_positions = _gather_positions(positions, source)
         else:
             pruned_positions = (pruned_mask.long().cumsum(1) - 1).clamp(min=0)
+        self.adapter.prune_inputs(kwargs, source)
 
         labels = kwargs.pop("labels", None)
         self.layout = PrefillLayout(
             source=source, attention_mask=pruned_mask, position_ids=pruned_positions, is_vision=is_vision,
             prompt_end=self._prompt_end(mask, labels, source), images_per_sample=images_per_sample,
-            input_length=length, next_position=(pruned_positions * pruned_mask).amax(dim=1) + 1,
-            selection=images, labels=None if labels is None else _gather_rows(labels, source, IGNORE_INDEX))
+            input_length=length, next_position=_next_position(pruned_positions, pruned_mask),
+            selection=images, stage2_budget=self._per_sample(images.stage2_keep, images_per_sample),
+            labels=None if labels is None else _gather_rows(labels, source, IGNORE_INDEX))
         self._phase = "prefill"
         attention_mask, self._soft_bias = pruned_mask, None
         if images.keep_bias is not None:  # soft: all tokens stay, biased by log p
             self._soft_bias = torch.zeros(is_vision.shape, dtype=images.keep_bias.dtype, device=is_vision.device)
-            self._soft_bias = self._soft_bias.masked_scatter(is_vision, images.keep_bias)
+            self._soft_bias = self._soft_bias.masked_scatter(is_vision, images.keep_bias[images.kept])
             attention_mask = self._biased_mask(pruned_mask, self._soft_bias, embeds.dtype)
         kwargs.update(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pruned_positions)
         return kwargs
@@ -326,16 +423,35 @@ class NuwaHandle:
         allowed = (causal & mask.bool()[:, None, None, :]) | torch.eye(length, dtype=torch.bool, device=mask.device)
         return torch.where(allowed, bias[:, None, None, :].to(dtype), torch.finfo(dtype).min)
 
-    def _check_image_tokens(self, is_image: torch.Tensor, num_images: int, num_tokens: int) -> torch.Tensor:
-        counts = is_image.sum(dim=1)
-        for row, count in enumerate(counts.tolist()):
-            if count % num_tokens:
-                raise NuwaInputError(f"sample {row} has {count} image tokens, not a multiple of the {num_tokens} "
-                                     f"patches per image; the prompt and the image grid disagree")
-        if int(counts.sum()) != num_images * num_tokens:
-            raise NuwaInputError(f"input_ids hold {int(counts.sum()) // num_tokens} image(s) worth of image tokens but "
-                                 f"pixel_values hold {num_images} image(s)")
-        return counts // num_tokens
+    @staticmethod
+    def _per_sample(per_image: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(len(images_per_sample), device=images_per_sample.device),
+                                       images_per_sample)
+        return torch.zeros(len(images_per_sample), dtype=per_image.dtype,
+                           device=per_image.device).index_add_(0, rows.to(per_image.device), per_image)
+
+    @staticmethod
+    def _check_image_tokens(is_image: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(B,) images per sample, checking that every sample's image tokens make up whole images."""
+        per_row, needs = is_image.sum(dim=1).tolist(), counts.tolist()
+        if len(set(needs)) == 1:
+            for row, count in enumerate(per_row):
+                if count % needs[0]:
+                    raise NuwaInputError(f"sample {row} has {count} image tokens, not a multiple of the {needs[0]} "
+                                         f"patches per image; the prompt and the image grid disagree")
+        if sum(per_row) != sum(needs):
+            raise NuwaInputError(f"input_ids hold {sum(per_row)} image tokens but pixel_values hold {len(needs)} "
+                                 f"image(s) with {sum(needs)} patches in all")
+        images_per_sample, image = [], 0
+        for row, count in enumerate(per_row):
+            first, taken = image, 0
+            while taken < count:
+                taken, image = taken + needs[image], image + 1
+            if taken != count:
+                raise NuwaInputError(f"sample {row} has {count} image tokens, which do not make up whole images "
+                                     f"(its images need {needs[first:image]}); the prompt and the image grids disagree")
+            images_per_sample.append(image - first)
+        return torch.tensor(images_per_sample, device=is_image.device)
 
     @staticmethod
     def _prompt_end(mask: torch.Tensor, labels: torch.Tensor | None, source: torch.Tensor) -> torch.Tensor:
@@ -372,7 +488,7 @@ class NuwaHandle:
         self._phase, self._decode_columns = "decode", columns
         steps = torch.arange(generated, generated + new, device=columns.device)
         kwargs.update(attention_mask=torch.cat([layout.attention_mask, columns.to(layout.attention_mask.dtype)], 1),
-                      position_ids=layout.next_position.unsqueeze(1) + steps)
+                      position_ids=self.adapter.decode_positions(layout.next_position.unsqueeze(1) + steps))
         return kwargs
 
     # ------------------------------------------------------------------------------- layer hooks
@@ -388,7 +504,7 @@ class NuwaHandle:
             positions = torch.arange(hidden.shape[1], device=hidden.device)
             visible = layout.attention_mask.bool() & (positions <= layout.prompt_end.unsqueeze(1))
             scores = last_token_attention(query, keys, visible, scale, self._soft_bias if soft else None)
-            budget = layout.images_per_sample * self.plan.stage2.keep
+            budget = layout.stage2_budget
             candidates = layout.is_vision & layout.attention_mask.bool()
             kept_vision = select_top(scores.detach(), candidates, budget)
             if soft:  # rows without images (text-only samples) keep nothing; soft_topk has no budget to solve there
@@ -420,14 +536,14 @@ class NuwaHandle:
         positions = kwargs["position_ids"]
         if self._phase == "prefill":
             hidden = _gather_rows(hidden, stage2.source)
-            cos, sin = _gather_rows(cos, stage2.source), _gather_rows(sin, stage2.source)
-            positions = _gather_rows(positions.expand(hidden.shape[0], -1), stage2.source)
+            cos, sin = self.adapter.gather_rotary(cos, stage2.source), self.adapter.gather_rotary(sin, stage2.source)
+            positions = _gather_positions(positions, stage2.source)
             mask_2d = stage2.attention_mask
         else:
             mask_2d = torch.cat([stage2.attention_mask, self._decode_columns.to(stage2.attention_mask.dtype)], 1)
         mask = create_causal_mask(config=self.adapter.language_model.config, inputs_embeds=hidden,
                                   attention_mask=mask_2d, past_key_values=kwargs.get("past_key_values"),
-                                  position_ids=positions, layer_idx=self.plan.stage2.layer)
+                                  position_ids=positions, layer_idx=self.stage2_layer)
         self._stage2_kwargs = dict(attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
         kwargs.update(self._stage2_kwargs)
         return (hidden, *args[1:]), kwargs

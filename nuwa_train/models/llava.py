@@ -7,26 +7,13 @@ so the tower keeps running SDPA), and how a decoder layer's queries/keys are for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..pruning import NuwaConfig
-
-
-class UnsupportedModelError(TypeError):
-    """The model (or one of its settings) is not something this adapter can prune."""
-
-
-@dataclass
-class VisionEncoding:
-    features: torch.Tensor  # (images, N, D) patch features the projector consumes
-    sim_features: torch.Tensor  # (images, N, Ds) mean of the configured layers, for similarity
-    scores: torch.Tensor  # (images, N) CLS attention to every patch, summed over heads
-    grid: tuple[int, int]
+from .base import Adapter, UnsupportedModelError, VisionEncoding
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -34,7 +21,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-class LlavaAdapter:
+class LlavaAdapter(Adapter):
     """LLaVA-1.5: CLIP tower (CLS + square patch grid), MLP projector, Llama-family LM."""
 
     model_classes = (LlavaForConditionalGeneration,)
@@ -89,6 +76,9 @@ class LlavaAdapter:
         return rf"{llm}|model\.vision_tower\.encoder\.layers\.({layers})\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
 
     # ----------------------------------------------------------------------------------- stage 1
+    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, **unused) -> list[VisionEncoding]:
+        return [self.read_encoding(self.vision_hidden_states(pixel_values), config)]
+
     def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the tower once, keeping every layer's hidden states (CLS first)."""
         tower = self.vision_tower
