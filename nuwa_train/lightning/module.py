@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from ..models import attach_nuwa
+from ..models import adapter_for, attach_nuwa
 from ..pruning import NuwaConfig
 from ..pruning.soft import temperature_at
 
@@ -96,14 +96,13 @@ class NuwaFineTuner(L.LightningModule):
         self.nuwa = attach_nuwa(self.model, self.pruning)
 
     def _lora_config(self, base) -> LoraConfig:
-        from ..models.llava import LlavaAdapter
-
         if self.lora.targets not in ("lm", "lm+vision"):
             raise ValueError(f"lora.targets={self.lora.targets!r} must be 'lm' or 'lm+vision'")
-        targets = LlavaAdapter(base).lora_target_pattern(include_vision=self.lora.targets == "lm+vision")
+        adapter = adapter_for(base)
+        targets = adapter.lora_target_pattern(include_vision=self.lora.targets == "lm+vision")
         return LoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
                           target_modules=targets,
-                          modules_to_save=["multi_modal_projector"] if self.lora.train_projector else None)
+                          modules_to_save=[adapter.projector_name] if self.lora.train_projector else None)
 
     @property
     def base_model(self):
@@ -155,7 +154,7 @@ class NuwaFineTuner(L.LightningModule):
         if batch.get("pixel_values") is not None:
             return batch
         input_ids = batch["input_ids"]
-        image_tokens = self.nuwa.plan.num_tokens
+        image_tokens, image_inputs = self.nuwa.adapter.blank_image(input_ids.device)
         length = max(input_ids.shape[1], image_tokens)
         pad_id = self.processor.tokenizer.pad_token_id
         row = torch.full((1, length), pad_id, dtype=input_ids.dtype, device=input_ids.device)
@@ -165,10 +164,9 @@ class NuwaFineTuner(L.LightningModule):
         def widened(values: torch.Tensor, fill: int, extra: torch.Tensor) -> torch.Tensor:
             return torch.cat([F.pad(values, (0, length - values.shape[1]), value=fill), extra])
 
-        vision = self.base_model.config.vision_config
-        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=input_ids.device)
-        extended = {**batch, "input_ids": widened(input_ids, pad_id, row), "pixel_values": blank,
+        extended = {**batch, **image_inputs, "input_ids": widened(input_ids, pad_id, row),
                     "attention_mask": widened(batch["attention_mask"], 0, row_mask)}
+        extended.update(self.nuwa.adapter.token_inputs(extended["input_ids"]))
         if batch.get("labels") is not None:
             extended["labels"] = widened(batch["labels"], IGNORE_INDEX, torch.full_like(row, IGNORE_INDEX))
         return extended

@@ -1,7 +1,11 @@
 """Model adapters: attach Nüwa pruning to one HF VLM instance without patching any class."""
 
-from .attach import NuwaHandle, NuwaInputError, attach_nuwa, detach_nuwa
-from .base import UnsupportedModelError
+from .attach import NuwaHandle, adapter_for, attach_nuwa, detach_nuwa
+from .base import NuwaInputError, UnsupportedModelError
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .loading import load_processor, load_vlm
+from .qwen2_vl import QwenVLAdapter
 
-__all__ = ["NuwaHandle", "NuwaInputError", "attach_nuwa", "detach_nuwa", "LlavaAdapter", "UnsupportedModelError"]
+__all__ = ["NuwaHandle", "NuwaInputError", "adapter_for", "attach_nuwa", "detach_nuwa", "LlavaAdapter",
+           "LlavaNextAdapter", "QwenVLAdapter", "UnsupportedModelError", "load_processor", "load_vlm"]

@@ -34,17 +34,15 @@ from transformers.utils import ModelOutput
 from ..pruning import NuwaConfig, NuwaConfigError, Stage1Output, last_token_attention, run_stage1, select_top
 from ..pruning.config import PruningPlan
 from ..pruning.soft import gumbel_like, log_keep, nuwa_stage1_soft, soft_topk, straight_through
-from .base import UnsupportedModelError, VisionEncoding
+from .base import NuwaInputError, UnsupportedModelError, VisionEncoding
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_vl import QwenVLAdapter
 
-ADAPTERS = (LlavaAdapter,)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
 IGNORE_INDEX = -100
 SELECTION_MODES = ("hard", "soft", "straight_through")
 SOFT_METHODS = ("none", "nuwa", "nuwa_stage1", "fastv")  # selections with a differentiable form
-
-
-class NuwaInputError(ValueError):
-    """The inputs cannot be pruned as given; the message says which input and why."""
 
 
 @dataclass
@@ -58,6 +56,7 @@ class NuwaImageFeatures(ModelOutput):
     keep_bias: torch.Tensor | None = None  # (images, K) attention bias log p (soft / straight-through only)
     anchor_indices: torch.Tensor | None = None  # (images, K1) hard anchors (soft / straight-through only)
     placeholder_counts: torch.Tensor | None = None  # (images,) image placeholders of each unpruned image
+    image_inputs: dict | None = None  # what the encoder got besides pixel_values (e.g. image_grid_thw)
     stage2_keep: torch.Tensor | None = None  # (images,) stage-2 budget of each image (0 without stage 2)
 
     @property
@@ -145,48 +144,72 @@ class _Selection:
     anchors: torch.Tensor | None = None
 
 
-def _assemble(selections: list[_Selection]) -> NuwaImageFeatures:
-    """Lay the groups' selections out per image, in image order, as placeholder offsets.
+def _assemble(selections: list[_Selection], extra_tokens=None) -> NuwaImageFeatures:
+    """Lay the groups' selections out per image, in image order, as ascending placeholder offsets.
 
-    Grid positions that are padding (odd merged grids) are dropped here; images of different sizes
-    keep different counts, so the per-image tensors are padded with -1 / zeros at the end.
+    One group of same-grid images covering every image (LLaVA-1.5) is laid out as it is. Otherwise
+    (images of different sizes, several grids per image, padded grids) each image collects its
+    segments' kept tokens, drops grid padding, adds the adapter's `extra_tokens` (e.g. LLaVA-NeXT's
+    row newlines) and sorts by offset; images keeping fewer tokens are padded with -1 / zeros.
     """
-    rows, width = [], max(s.indices.shape[1] for s in selections)
-    anchor_width = max((s.anchors.shape[1] for s in selections if s.anchors is not None), default=0)
+    only = selections[0]
+    if len(selections) == 1 and only.encoding.images is None and only.encoding.placeholder_offsets is None \
+            and extra_tokens is None:
+        n = only.indices.shape[0]
+        stage2 = only.plan.stage2.keep if only.plan.stage2 is not None else 0
+        return NuwaImageFeatures(pooler_output=only.tokens, kept_indices=only.indices, pillars=only.pillars,
+                                 keep_bias=only.keep_bias, anchor_indices=only.anchors,
+                                 placeholder_counts=torch.full((n,), only.encoding.num_placeholders),
+                                 stage2_keep=torch.full((n,), stage2))
+    parts: dict[int, list] = defaultdict(list)
+    placeholders, stage2_keep = {}, defaultdict(int)
+    soft = only.keep_bias is not None
     for s in selections:
-        encoding, n = s.encoding, s.indices.shape[0]
-        images = encoding.images if encoding.images is not None else torch.arange(n)
+        encoding = s.encoding
+        images = encoding.images.tolist() if encoding.images is not None else range(s.indices.shape[0])
         offsets = s.indices if encoding.placeholder_offsets is None else encoding.placeholder_offsets[s.indices]
-        order = torch.argsort((offsets < 0).to(torch.int8), dim=1, stable=True)  # real entries first, in order
-        offsets = offsets.gather(1, order)
-        rows.append((images, s, order, offsets))
-    num_images = sum(len(images) for images, *_ in rows)
-    first = selections[0].tokens
-    pooler = first.new_zeros(num_images, width, first.shape[-1])
-    kept = torch.full((num_images, width), -1, dtype=torch.long, device=first.device)
-    pillars = torch.zeros(num_images, width, dtype=torch.bool, device=first.device)
-    bias = first.new_zeros(num_images, width, dtype=torch.float32)
-    anchors = torch.full((num_images, anchor_width), -1, dtype=torch.long, device=first.device)
-    placeholders = torch.zeros(num_images, dtype=torch.long)
-    stage2_keep = torch.zeros(num_images, dtype=torch.long)
-    for images, s, order, offsets in rows:
-        k = offsets.shape[1]
-        pooler[images, :k] = _gather_rows(s.tokens, order)
-        kept[images, :k] = offsets
-        if s.pillars is not None:
-            pillars[images, :k] = s.pillars.gather(1, order)
-        if s.keep_bias is not None:
-            bias[images, :k] = s.keep_bias.gather(1, order).float()
-        if s.anchors is not None:
-            anchors[images, :s.anchors.shape[1]] = s.anchors
-        placeholders[images] = s.encoding.num_placeholders
-        stage2_keep[images] = s.plan.stage2.keep if s.plan.stage2 is not None else 0
-    has_pillars = any(s.pillars is not None for s in selections)
-    soft = any(s.keep_bias is not None for s in selections)
-    return NuwaImageFeatures(pooler_output=pooler, kept_indices=kept, pillars=pillars if has_pillars else None,
-                             keep_bias=bias.to(first.dtype) if soft else None,
-                             anchor_indices=anchors if soft else None, placeholder_counts=placeholders,
-                             stage2_keep=stage2_keep)
+        for row, image in enumerate(images):
+            real = offsets[row] >= 0
+            pillars = s.pillars[row][real] if s.pillars is not None else torch.zeros_like(offsets[row][real], dtype=bool)
+            bias = s.keep_bias[row][real] if soft else None
+            parts[image].append((offsets[row][real], s.tokens[row][real], pillars, bias))
+            placeholders[image] = encoding.num_placeholders
+            stage2_keep[image] += s.plan.stage2.keep if s.plan.stage2 is not None else 0
+    num_images = len(parts)
+    if sorted(parts) != list(range(num_images)):
+        raise RuntimeError(f"the adapter's encodings cover images {sorted(parts)}, not 0..{num_images - 1}")
+    laid_out = []
+    for image in range(num_images):
+        offsets, tokens, pillars, bias = (list(column) for column in zip(*parts[image]))
+        if extra_tokens is not None:
+            # soft: every token is present; the adapter turns their keep probabilities into the extras' bias
+            keep = torch.cat(bias).float().exp() if soft else None
+            extra = extra_tokens(image, torch.cat(offsets)) if keep is None else \
+                extra_tokens(image, torch.cat(offsets), keep)
+            if extra is not None:
+                offsets.append(extra[0])
+                tokens.append(extra[1].to(tokens[0].dtype))
+                pillars.append(torch.zeros_like(extra[0], dtype=torch.bool))
+                if soft:
+                    bias.append(extra[2].to(bias[0].dtype))
+        offsets = torch.cat(offsets)
+        order = torch.argsort(offsets)
+        laid_out.append((offsets[order], torch.cat(tokens)[order], torch.cat(pillars)[order],
+                         torch.cat(bias)[order] if soft else None))
+    width = max(len(offsets) for offsets, *_ in laid_out)
+    pooler = only.tokens.new_zeros(num_images, width, only.tokens.shape[-1])
+    kept = torch.full((num_images, width), -1, dtype=torch.long, device=pooler.device)
+    pillars = torch.zeros(num_images, width, dtype=torch.bool, device=pooler.device)
+    bias = only.tokens.new_zeros(num_images, width) if soft else None
+    for image, (offsets, tokens, image_pillars, image_bias) in enumerate(laid_out):
+        k = len(offsets)
+        pooler[image, :k], kept[image, :k], pillars[image, :k] = tokens, offsets, image_pillars
+        if soft:
+            bias[image, :k] = image_bias.to(bias.dtype)
+    return NuwaImageFeatures(pooler_output=pooler, kept_indices=kept,
+                             pillars=pillars if only.pillars is not None else None, keep_bias=bias,
+                             placeholder_counts=torch.tensor([placeholders[i] for i in range(num_images)]),
+                             stage2_keep=torch.tensor([stage2_keep[i] for i in range(num_images)]))
 
 
 class NuwaHandle:
@@ -215,7 +238,8 @@ class NuwaHandle:
         self._generator = torch.Generator().manual_seed(config.seed)
         self._forward_params = list(inspect.signature(model.forward).parameters)
         self._encoder_owner = getattr(model, model.base_model_prefix)
-        self._encoder_owner.get_image_features = self.image_features
+        self._encoder_entry = self._make_encoder_entry()
+        self._encoder_owner.get_image_features = self._encoder_entry
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
         if self.stage2_layer is not None:
@@ -230,7 +254,7 @@ class NuwaHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        if self._encoder_owner.__dict__.get("get_image_features") == self.image_features:
+        if self._encoder_owner.__dict__.get("get_image_features") is self._encoder_entry:
             del self._encoder_owner.get_image_features
         self.layout = None
         if getattr(self.model, "_nuwa", None) is self:
@@ -241,6 +265,21 @@ class NuwaHandle:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+    def _make_encoder_entry(self):
+        """`get_image_features` for this instance, with a signature naming the adapter's image inputs.
+
+        `generate` passes the encoder only the inputs its signature names (e.g. Qwen-VL's image_grid_thw).
+        """
+        def get_image_features(pixel_values, **image_inputs):
+            return self.image_features(pixel_values, **image_inputs)
+
+        keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        get_image_features.__signature__ = inspect.Signature(
+            [inspect.Parameter("pixel_values", keyword)]
+            + [inspect.Parameter(name, keyword, default=None) for name in self.adapter.image_input_names]
+            + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+        return get_image_features
 
     def plan_for(self, grid: tuple[int, int]) -> PruningPlan:
         """The resolved budgets for one image grid (cached: dynamic-resolution batches repeat grids)."""
@@ -270,7 +309,7 @@ class NuwaHandle:
         try:
             yield
         finally:
-            self._encoder_owner.get_image_features = self.image_features
+            self._encoder_owner.get_image_features = self._encoder_entry
             self._paused = False
 
     @contextmanager
@@ -295,8 +334,9 @@ class NuwaHandle:
         self.layout, self._phase = None, "off"
         input_ids, pixel_values = kwargs.pop("input_ids", None), kwargs.pop("pixel_values", None)
         images = (kwargs.pop("mm_encoder_outputs", None) or {}).get("image")
+        image_inputs = {name: kwargs.pop(name) for name in self.adapter.image_input_names if name in kwargs}
         if pixel_values is not None:
-            images = self.image_features(pixel_values)
+            images = self.image_features(pixel_values, **image_inputs)
         elif images is not None and not isinstance(images, NuwaImageFeatures):
             raise NuwaInputError("pre-computed image features were not made by this Nüwa handle; pass pixel_values "
                                  "(generate with num_beams > 1 or num_return_sequences > 1 is not supported yet)")
@@ -310,10 +350,13 @@ class NuwaHandle:
 
     def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> NuwaImageFeatures:
         """Vision tower once, stage-1 selection/aggregation, projector: the pruned image tokens."""
+        image_inputs = {k: v for k, v in image_inputs.items() if k in self.adapter.image_input_names}
         with self._timed("encode"):
             encodings = self.adapter.encode(pixel_values, self.config, **image_inputs)
         select = self._select_soft if self.mode != "hard" else self._select_hard
-        return _assemble([select(encoding) for encoding in encodings])
+        features = _assemble([select(encoding) for encoding in encodings], self.adapter.extra_tokens)
+        features.image_inputs = image_inputs
+        return features
 
     def _select_hard(self, encoding: VisionEncoding) -> _Selection:
         plan = self.plan_for(encoding.grid)
@@ -384,7 +427,7 @@ class NuwaHandle:
         source = compact(keep)
 
         # Positions of the unpruned sequence (M-RoPE for Qwen-VL), gathered at the kept columns.
-        positions = self.adapter.position_ids(input_ids, mask, kwargs)
+        positions = self.adapter.position_ids(input_ids, mask, kwargs, images.image_inputs or {})
         text_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.adapter.embed(_gather_rows(text_ids, source))
         is_vision = _gather_rows(is_image, source, False)
@@ -533,11 +576,11 @@ class NuwaHandle:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         stage2 = self.layout.stage2
         cos, sin = kwargs["position_embeddings"]
-        positions = kwargs["position_ids"]
+        positions = kwargs.get("position_ids")  # None for Qwen-VL (M-RoPE lives in cos/sin)
         if self._phase == "prefill":
             hidden = _gather_rows(hidden, stage2.source)
             cos, sin = self.adapter.gather_rotary(cos, stage2.source), self.adapter.gather_rotary(sin, stage2.source)
-            positions = _gather_positions(positions, stage2.source)
+            positions = None if positions is None else _gather_positions(positions, stage2.source)
             mask_2d = stage2.attention_mask
         else:
             mask_2d = torch.cat([stage2.attention_mask, self._decode_columns.to(stage2.attention_mask.dtype)], 1)
@@ -555,16 +598,23 @@ class NuwaHandle:
         return args, kwargs
 
 
-def attach_nuwa(model: nn.Module, config: NuwaConfig | None = None) -> NuwaHandle:
-    """Attach Nüwa pruning to this model instance (a supported HF VLM, or a peft model wrapping one)."""
+def adapter_for(model: nn.Module):
+    """The adapter of this model's VLM family (a supported HF VLM, or a peft model wrapping one)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     adapter_class = next((a for a in ADAPTERS if isinstance(base, a.model_classes)), None)
     if adapter_class is None:
         supported = ", ".join(c.__name__ for a in ADAPTERS for c in a.model_classes)
         raise UnsupportedModelError(f"{type(base).__name__} is not supported by Nüwa yet; supported: {supported}")
+    return adapter_class(base)
+
+
+def attach_nuwa(model: nn.Module, config: NuwaConfig | None = None) -> NuwaHandle:
+    """Attach Nüwa pruning to this model instance (a supported HF VLM, or a peft model wrapping one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    adapter = adapter_for(base)
     if getattr(base, "_nuwa", None) is not None:
         raise RuntimeError("Nüwa is already attached to this model; call detach() on the existing handle first")
-    handle = NuwaHandle(base, adapter_class(base), config or NuwaConfig())
+    handle = NuwaHandle(base, adapter, config or NuwaConfig())
     base._nuwa = handle
     return handle
 

@@ -6,12 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from ..pruning import NuwaConfig
 
 
 class UnsupportedModelError(TypeError):
     """The model (or one of its settings) is not something this adapter can prune."""
+
+
+class NuwaInputError(ValueError):
+    """The inputs cannot be pruned as given; the message says which input and why."""
 
 
 @dataclass
@@ -32,19 +38,42 @@ class VisionEncoding:
         return self.placeholder_count if self.placeholder_count is not None else self.features.shape[1]
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama-style rotary embedding; x (B, heads, L, Dh), cos/sin (B, L, Dh)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
 class Adapter:
     """Defaults for a decoder-only VLM with 1-D positions; family adapters override what differs."""
 
     model_classes: tuple[type, ...] = ()
     grid: tuple[int, int] | None = None  # fixed image grid, or None for dynamic resolution
     multimodal_positions = False  # True for M-RoPE (C, B, L) position ids
+    projector_name = "multi_modal_projector"  # module trained as peft `modules_to_save` when asked
+    image_input_names: tuple[str, ...] = ()  # inputs besides pixel_values that the image encoder needs
     image_token_id: int
 
     def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, **image_inputs) -> list[VisionEncoding]:
         raise NotImplementedError
 
-    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """Position ids of the unpruned sequence: the caller's, or counted over the attention mask."""
+    # Optional tokens added after stage 1 (LLaVA-NeXT's row newlines): (image, kept offsets) -> (offsets, tokens)
+    # or None; in soft modes called as (image, offsets, keep probabilities) -> (offsets, tokens, attention bias).
+    extra_tokens = None
+
+    def blank_image(self, device: torch.device) -> tuple[int, dict]:
+        """Placeholders and model inputs of one blank image (keeps image-free batches on the image path)."""
+        raise NotImplementedError
+
+    def token_inputs(self, input_ids: torch.Tensor) -> dict:
+        """Per-token inputs the family derives from input_ids (Qwen-VL's mm_token_type_ids); none by default."""
+        return {}
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict,
+                     image_inputs: dict) -> torch.Tensor:
+        """Position ids of the unpruned sequence: the caller's, or counted over the attention mask.
+
+        `inputs` are the forward's remaining keyword arguments, `image_inputs` what the image encoder got.
+        """
         given = inputs.get("position_ids")
         return given if given is not None else (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
@@ -59,3 +88,22 @@ class Adapter:
         """A decoder layer's rotary cos or sin table (B, L, Dh) gathered at `source` (B, L')."""
         index = source.clamp(min=0).unsqueeze(-1).expand(-1, -1, table.shape[-1])
         return table.expand(source.shape[0], -1, -1).gather(1, index).masked_fill((source < 0).unsqueeze(-1), 0)
+
+    def query_and_keys(self, layer: nn.Module, hidden: torch.Tensor, query_index: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """Post-RoPE query of one token per sample and all keys, as `layer` computes them.
+
+        Returns query (B, heads, Dh), keys (B, heads, L, Dh) (GQA heads repeated) and the scale.
+        """
+        attn = layer.self_attn
+        cos, sin = position_embeddings
+        batch, length, _ = hidden.shape
+        rows = torch.arange(batch, device=hidden.device)
+        normed = layer.input_layernorm(hidden)
+        head_dim = attn.head_dim
+        query = attn.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        query = _rope(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
+        keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        keys = _rope(keys, cos, sin)
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+        return query[:, :, 0], keys, attn.scaling

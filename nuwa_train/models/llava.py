@@ -10,15 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
-from transformers.models.llama.modeling_llama import rotate_half
 
 from ..pruning import NuwaConfig
 from .base import Adapter, UnsupportedModelError, VisionEncoding
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama-style rotary embedding; x (B, heads, L, Dh), cos/sin (B, L, Dh)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
 class LlavaAdapter(Adapter):
@@ -75,6 +69,11 @@ class LlavaAdapter(Adapter):
         layers = "|".join(str(i) for i in range(self.feature_index))
         return rf"{llm}|model\.vision_tower\.encoder\.layers\.({layers})\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
 
+    def blank_image(self, device: torch.device) -> tuple[int, dict]:
+        vision = self.model.config.vision_config
+        pixels = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=device)
+        return self.grid[0] * self.grid[1], {"pixel_values": pixels}
+
     # ----------------------------------------------------------------------------------- stage 1
     def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, **unused) -> list[VisionEncoding]:
         return [self.read_encoding(self.vision_hidden_states(pixel_values), config)]
@@ -108,23 +107,3 @@ class LlavaAdapter(Adapter):
         keys = attn.k_proj(normed).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
         probs = ((query @ keys.transpose(-1, -2)) * attn.scale).float().softmax(dim=-1)  # (B, heads, 1, N+1)
         return probs[:, :, 0, 1:].sum(dim=1)
-
-    # ----------------------------------------------------------------------------------- stage 2
-    def query_and_keys(self, layer: nn.Module, hidden: torch.Tensor, query_index: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-        """Post-RoPE query of one token per sample and all keys, as `layer` computes them.
-
-        Returns query (B, heads, Dh), keys (B, heads, L, Dh) (GQA heads repeated) and the scale.
-        """
-        attn = layer.self_attn
-        cos, sin = position_embeddings
-        batch, length, _ = hidden.shape
-        rows = torch.arange(batch, device=hidden.device)
-        normed = layer.input_layernorm(hidden)
-        head_dim = attn.head_dim
-        query = attn.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim).transpose(1, 2)
-        query = _rope(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
-        keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-        keys = _rope(keys, cos, sin)
-        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-        return query[:, :, 0], keys, attn.scaling

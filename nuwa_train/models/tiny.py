@@ -1,7 +1,8 @@
 """A tiny LLaVA-architecture model and word-level processor, built from configs (no network).
 
 It is the real `LlavaForConditionalGeneration` (CLIP vision tower + Llama LM), only small, so every
-code path used on `llava-hf/llava-1.5-7b-hf` is exercised on a CPU.
+code path used on `llava-hf/llava-1.5-7b-hf` is exercised on a CPU. `build_tiny_llava_next` does the
+same for LLaVA-NeXT (`LlavaNextForConditionalGeneration`, anyres tiles and row newlines).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (AutoProcessor, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast)
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 CHAT_WORDS = ("user", "assistant", ":")
@@ -61,9 +63,9 @@ class TinyLlavaSpec:
         return side, side
 
 
-def build_tokenizer(words: list[str], atomic_tokens: list[str] = ()) -> PreTrainedTokenizerFast:
+def build_tokenizer(words: list[str], atomic_tokens: list[str] = (), image_token: str = IMAGE) -> PreTrainedTokenizerFast:
     """Word-level tokenizer: `Whitespace` splitting (\\w+ | punctuation runs), atomic extra tokens."""
-    specials = [PAD, UNK, BOS, EOS, IMAGE]
+    specials = [PAD, UNK, BOS, EOS, image_token]
     vocab: dict[str, int] = {}
     for token in [*specials, *CHAT_WORDS, *words]:
         vocab.setdefault(token, len(vocab))
@@ -72,7 +74,7 @@ def build_tokenizer(words: list[str], atomic_tokens: list[str] = ()) -> PreTrain
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
                                                         special_tokens=[(BOS, vocab[BOS])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        unk_token=UNK, extra_special_tokens={"image_token": IMAGE})
+                                        unk_token=UNK, extra_special_tokens={"image_token": image_token})
     if atomic_tokens:
         tokenizer.add_tokens(list(atomic_tokens))
     return tokenizer
@@ -111,6 +113,51 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (
     """(model, processor) for a tiny LLaVA with random weights and a vocabulary of `words`."""
     processor = build_processor(spec, list(words), list(atomic_tokens))
     return build_model(spec, processor.tokenizer), processor
+
+
+# LLaVA-NeXT's anyres pinpoints (1x2, 2x1, 2x2, 3x1, 1x3 tiles, as (rows, cols)), in tiles of the vision input.
+NEXT_TILE_LAYOUTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+# A tiny LLaVA-NeXT: 32 px tiles of 8 px patches, so the base grid is 4x4 and the local grids up to 8x8 / 12x4.
+TINY_LLAVA_NEXT = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=2,
+                                vision_feature_layer=-2, text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2)
+
+
+def build_tiny_llava_next(spec: TinyLlavaSpec = TINY_LLAVA_NEXT, words: list[str] = (), atomic_tokens: list[str] = (),
+                          tile_layouts=NEXT_TILE_LAYOUTS, **config_overrides):
+    """(model, processor) for a tiny LLaVA-NeXT (anyres) with random weights and a vocabulary of `words`.
+
+    `config_overrides` go to `LlavaNextConfig` (e.g. an unsupported vision_feature_select_strategy).
+    The processor is the PIL backend (no torchvision needed); it accepts numpy HWC uint8 images.
+    """
+    tokenizer = build_tokenizer(list(words), list(atomic_tokens))
+    pinpoints = [[rows * spec.image_size, cols * spec.image_size] for rows, cols in tile_layouts]
+    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * spec.mlp_ratio,
+                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                              image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
+                       intermediate_size=spec.text_hidden * spec.mlp_ratio, num_hidden_layers=spec.text_layers,
+                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                       max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    settings = dict(image_grid_pinpoints=pinpoints, vision_feature_layer=spec.vision_feature_layer,
+                    vision_feature_select_strategy="default", image_seq_length=spec.grid[0] * spec.grid[1])
+    settings.update(config_overrides)
+    config = LlavaNextConfig(vision_config=vision, text_config=text,
+                             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+                             pad_token_id=tokenizer.pad_token_id, **settings)
+    config._attn_implementation = spec.attn_implementation
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size},
+                                                 crop_size={"height": spec.image_size, "width": spec.image_size},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   image_token=IMAGE,
+                                   chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE)
+    return model, processor
 
 
 def save_tiny_llava(model, processor, path: str | Path) -> None:

@@ -44,6 +44,8 @@ class NuwaConfig:
     distance: float = 280.0  # squared proximity radius, in patch units
     pillar_quantile: float = 0.55  # anchors scoring at or above this quantile are not aggregated
     sim_layers: tuple[float, float] = (16 / 24, 24 / 24)  # similarity = mean of these vision layers
+    score_block: int | None = None  # Qwen-VL: vision block whose received attention is the stage-1 score
+    #                                 (None: the last full-attention block)
     position_mode: PositionMode = "original"  # "compact" renumbers kept tokens (ablation)
     aggregation: Aggregation = "auto"  # "windowed" skips pairs beyond the radius; "auto" picks by size
     windowed_min_tokens: int = 4096  # "auto" switches to windowed from this many grid tokens (see bench)
@@ -57,6 +59,8 @@ class NuwaConfig:
             raise NuwaConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         _positive_int("budget", self.budget)
         _positive_int("region_size", self.region_size)
+        if self.score_block is not None and (isinstance(self.score_block, bool) or not isinstance(self.score_block, int)):
+            raise NuwaConfigError(f"score_block={self.score_block!r} must be a vision block index or None")
         for key in ("top_n", "stage1_keep", "stage2_keep"):
             if getattr(self, key) is not None:
                 _positive_int(key, getattr(self, key))

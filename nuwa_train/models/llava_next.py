@@ -1,0 +1,220 @@
+"""What Nüwa needs to know about LLaVA-NeXT (HF `LlavaNextForConditionalGeneration`, "anyres").
+
+Every image reaches the CLIP tower as tiles: tile 0 is the *base* tile (the whole image resized to
+one tile), tiles 1.. are the *local* tiles of a higher-resolution copy letterboxed into a pinpoint
+shape, in row-major order. HF packs the image's placeholders as
+
+    [base: side x side, raster] [local row 0: w tokens, newline] ... [local row h-1: w tokens, newline]
+
+where the h x w local grid is the stitched local tiles with the letterbox rows/columns removed
+(`unpad_image`), and the newline is `model.model.image_newline`, a text-space vector.
+
+Stage 1 therefore sees two grids per image (two `VisionEncoding` segments): the base grid and the
+unpadded local grid, each scored by the CLS attention rows of its own tiles. The newline of every
+local row that keeps a token is put back afterwards (`extra_tokens`) at its own placeholder, so kept
+tokens and newlines never share a position (the released code overwrote newline indices).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from transformers import LlavaNextForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from ..pruning import NuwaConfig
+from ..pruning.soft import log_keep
+from .base import NuwaInputError, UnsupportedModelError, VisionEncoding
+from .llava import LlavaAdapter
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """Where one image's placeholders come from (mirrors HF `pack_image_features`)."""
+
+    side: int  # the base grid is side x side; every tile has side * side patches
+    tiles: tuple[int, int]  # (rows, cols) of local tiles
+    local: torch.Tensor  # (h, w) unpadded local grid: index of each token into the image's tile tokens
+    #                      (tile * side^2 + patch, tile 0 = base), so local ids start at side^2
+
+    @property
+    def num_tiles(self) -> int:
+        return 1 + self.tiles[0] * self.tiles[1]
+
+    @property
+    def local_grid(self) -> tuple[int, int]:
+        return tuple(self.local.shape)
+
+    @property
+    def num_placeholders(self) -> int:
+        h, w = self.local_grid
+        return self.side**2 + h * w + h
+
+    def local_offsets(self) -> torch.Tensor:
+        """(h, w) placeholder offset of every local token: side^2 + r * (w + 1) + c."""
+        h, w = self.local_grid
+        return self.side**2 + torch.arange(h)[:, None] * (w + 1) + torch.arange(w)[None, :]
+
+    def newline_offsets(self, rows: torch.Tensor) -> torch.Tensor:
+        """Placeholder offsets of the newlines closing local `rows`."""
+        w = self.local_grid[1]
+        return self.side**2 + rows * (w + 1) + w
+
+
+def anyres_layout(image_size, config) -> AnyresLayout:
+    """The layout of one image of (height, width) `image_size`, from HF's own tiling and unpadding."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    size = [int(v) for v in (image_size.tolist() if hasattr(image_size, "tolist") else image_size)]
+    rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vision.image_size)
+    # Local tile t, patch p is token side^2 * (1 + t) + p of the image; stitch them as pack_image_features
+    # does, then let HF's unpad_image crop the letterbox so the rounding is exactly the model's.
+    ids = torch.arange(side * side, (1 + rows * cols) * side * side).view(rows, cols, side, side)
+    stitched = ids.permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+    return AnyresLayout(side, (rows, cols), unpad_image(stitched[None], size)[0])
+
+
+def pad_to_regions(ids: torch.Tensor, offsets: torch.Tensor, region: int):
+    """Grow an (h, w) grid at the bottom/right to multiples of `region`.
+
+    Padding repeats the edge row/column ids (so padded features are edge copies: the aggregation of a
+    nearby anchor is not pulled toward zero vectors) and gets placeholder offset -1 (never kept).
+    Returns the padded ids (N,), offsets (N,) and the padded grid.
+    """
+    h, w = ids.shape
+    height, width = -(-h // region) * region, -(-w // region) * region
+    rows = torch.arange(height).clamp(max=h - 1)
+    cols = torch.arange(width).clamp(max=w - 1)
+    padded_offsets = torch.full((height, width), -1, dtype=torch.long)
+    padded_offsets[:h, :w] = offsets
+    return ids[rows][:, cols].reshape(-1), padded_offsets.reshape(-1), (height, width)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: LLaVA-1.5's CLIP tower, projector and LM, with anyres tiling and row newlines."""
+
+    model_classes = (LlavaNextForConditionalGeneration,)
+    image_input_names = ("image_sizes",)
+
+    def __init__(self, model: LlavaNextForConditionalGeneration):
+        super().__init__(model)  # refuses vision_feature_select_strategy != "default" and list feature layers
+        config = model.config
+        tile = config.vision_config.image_size
+        pinpoints = config.image_grid_pinpoints
+        if not isinstance(pinpoints, list) or not pinpoints:
+            raise UnsupportedModelError(f"image_grid_pinpoints={pinpoints!r}: expected a list of (height, width) pairs")
+        bad = [p for p in pinpoints if len(p) != 2 or min(p) <= 0 or p[0] % tile or p[1] % tile]
+        if bad:
+            raise UnsupportedModelError(f"image_grid_pinpoints {bad} are not whole multiples of the {tile}-px vision "
+                                        f"tile; anyres tiling (and the placeholder layout) needs that")
+        self.side = self.grid[0]
+        self.grid = None  # dynamic: every image has its own local grid
+        self._layouts: list[AnyresLayout] = []  # the images of the latest encode call, for extra_tokens
+
+    @property
+    def image_newline(self) -> torch.Tensor:
+        return self.model.model.image_newline
+
+    def blank_image(self, device: torch.device) -> tuple[int, dict]:
+        vision = self.model.config.vision_config
+        size = [vision.image_size, vision.image_size]
+        layout = anyres_layout(size, self.model.config)
+        pixels = torch.zeros(1, layout.num_tiles, vision.num_channels, *size, device=device)
+        return layout.num_placeholders, {"pixel_values": pixels, "image_sizes": torch.tensor([size], device=device)}
+
+    # ----------------------------------------------------------------------------------- stage 1
+    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, image_sizes=None,
+               **unused) -> list[VisionEncoding]:
+        """Per image two segments, base grid and local grid, grouped across images by identical layout."""
+        if image_sizes is None:
+            raise NuwaInputError("LLaVA-NeXT needs image_sizes (the processor returns it with pixel_values) to lay "
+                                 "out the anyres tiles")
+        layouts = [anyres_layout(size, self.model.config) for size in image_sizes]
+        tiles = self._real_tiles(pixel_values, [layout.num_tiles for layout in layouts])
+        hidden = self.vision_hidden_states(tiles)
+        patches = self.side * self.side
+
+        # Everything per tile token, flattened over all tiles of the call (an image's tokens are contiguous).
+        features = hidden[self.feature_index][:, 1:].flatten(0, 1)
+        low, high = config.sim_layers  # as LlavaAdapter.read_encoding
+        first = max(1, round(low * self.num_vision_layers))
+        last = max(first, round(high * self.num_vision_layers))
+        sim_features = torch.stack(hidden[first:last + 1]).mean(0)[:, 1:].flatten(0, 1)
+        # Every tile is its own CLIP image with its own CLS softmax, whose patch mass (1 - p(CLS -> CLS))
+        # varies: normalise each tile's row to sum 1 so the local tiles of one grid compare.
+        raw = self._cls_attention(hidden[self.feature_index - 1])
+        scores = (raw / raw.sum(dim=1, keepdim=True).clamp(min=1e-12)).flatten()
+
+        groups: dict[tuple, list] = defaultdict(list)
+        start = 0
+        for image, layout in enumerate(layouts):
+            count = layout.num_placeholders
+            base = torch.arange(patches).view(self.side, self.side)
+            segments = [(base, base)]
+            if layout.local.numel():
+                segments.append((layout.local, layout.local_offsets()))
+            for ids, offsets in segments:
+                ids, offsets, grid = pad_to_regions(ids, offsets, config.region_size)
+                # Only segments with the same grid, offsets and placeholder count can share an encoding
+                # (VisionEncoding holds one offsets vector and one count per group).
+                groups[(grid, count, tuple(offsets.tolist()))].append((image, start + ids))
+            start += layout.num_tiles * patches
+        self._layouts = layouts
+
+        encodings = []
+        device = features.device
+        for (grid, count, offsets), members in groups.items():
+            offsets = torch.tensor(offsets, device=device)
+            ids = torch.stack([member_ids for _, member_ids in members]).to(device)
+            segment_scores = scores[ids]
+            real = offsets >= 0
+            if not real.all():  # padding scores sit below every real token of the segment
+                known = segment_scores.detach()[:, real]
+                low_score, high_score = known.amin(dim=1, keepdim=True), known.amax(dim=1, keepdim=True)
+                floor = low_score - (high_score - low_score).clamp(min=1e-6)
+                segment_scores = torch.where(real, segment_scores, floor)
+            encodings.append(VisionEncoding(
+                features[ids], sim_features[ids], segment_scores, grid,
+                images=torch.tensor([image for image, _ in members], device=device),
+                placeholder_offsets=offsets, placeholder_count=count))
+        return encodings
+
+    def _real_tiles(self, pixel_values: torch.Tensor, num_tiles: list[int]) -> torch.Tensor:
+        """(sum of tiles, C, H, W): the images' real tiles, without the processor's batch padding."""
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(num_tiles) or pixel_values.shape[1] < max(num_tiles):
+                raise NuwaInputError(f"pixel_values of shape {tuple(pixel_values.shape)} do not hold the {num_tiles} "
+                                     f"tiles that image_sizes imply per image")
+            return torch.cat([pixels[:n] for pixels, n in zip(pixel_values, num_tiles)])
+        if pixel_values.dim() == 4 and pixel_values.shape[0] == sum(num_tiles):
+            return pixel_values
+        raise NuwaInputError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, tiles, C, H, W) "
+                             f"or (all tiles, C, H, W) with the {num_tiles} tiles that image_sizes imply")
+
+    def extra_tokens(self, image: int, kept_offsets: torch.Tensor, keep: torch.Tensor | None = None):
+        """The newline of every local row that keeps a token, at its own placeholder offset.
+
+        image_newline already lives in the LLM's embedding space: it is not projected. With `keep`
+        (soft selection: the keep probability of every offset in `kept_offsets`, which then holds every
+        token) each row's newline also gets the attention bias log P(the row keeps a token) =
+        log(1 - prod(1 - p)): 0 or ~-40 in the hard limit, i.e. exactly the hard rule above.
+        """
+        layout = self._layouts[image]
+        first_local = layout.side**2
+        w = layout.local_grid[1]
+        is_local = kept_offsets >= first_local
+        row_of = torch.div(kept_offsets[is_local] - first_local, w + 1, rounding_mode="floor")
+        rows = torch.unique(row_of)
+        if rows.numel() == 0:
+            return None
+        newline = self.image_newline
+        offsets = layout.newline_offsets(rows).to(kept_offsets.device)
+        tokens = newline.expand(rows.numel(), newline.shape[0])
+        if keep is None:
+            return offsets, tokens
+        # log prod(1 - p) per row; p is capped below 1 so a certain token leaves a finite gradient
+        missed = torch.log1p(-keep[is_local].float().clamp(0.0, 1.0 - 1e-6))
+        log_missed = torch.zeros(int(rows.max()) + 1, device=missed.device).index_add(0, row_of, missed)[rows]
+        return offsets, tokens, log_keep(-torch.expm1(log_missed))

@@ -1,0 +1,42 @@
+"""Load a HF VLM and its processor from a local directory, whatever the family (one code path for
+the tiny models and real checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+
+class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without its video processor, which needs torchvision (not installable here
+    next to a CPU torch). Images, chat template and `mm_token_type_ids` behave as upstream."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+PROCESSORS = {cls.__name__: cls for cls in (Qwen2VLImageProcessorOnly,)}
+
+
+def load_processor(path: str | Path):
+    """The directory's processor: ours when it names one of ours, else `AutoProcessor`."""
+    config = Path(path) / "processor_config.json"
+    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    if name in PROCESSORS:
+        return PROCESSORS[name].from_pretrained(path)
+    return AutoProcessor.from_pretrained(path)
+
+
+def load_vlm(path: str | Path, dtype: str | torch.dtype = "float32"):
+    """(model, processor) from a HF directory: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, ..."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    return model, load_processor(path)

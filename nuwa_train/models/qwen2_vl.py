@@ -1,0 +1,255 @@
+"""What Nüwa needs to know about Qwen2-VL and Qwen2.5-VL (HF `Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`).
+
+- No CLS token: the stage-1 score of a merged token is the attention its four patches *receive*
+  (mean over heads and queries) in one full-attention vision block, recomputed from that block's
+  own q/k so the tower keeps its attention kernel.
+- Selection happens after the projector: the aggregated features are the merger outputs, on the
+  merged grid (h/2, w/2), padded to whole stage-1 regions with edge copies that are never kept.
+- Qwen2.5-VL runs its blocks in window order; every per-patch quantity is put back in raster order
+  before anything spatial happens.
+- Positions are M-RoPE (3, B, L) ids of the *unpruned* sequence, gathered at the kept columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+from ..pruning import NuwaConfig
+from .base import Adapter, NuwaInputError, UnsupportedModelError, VisionEncoding
+
+PAD_SCORE_MARGIN = 0.01  # padding scores sit this share of the real scores' range below the lowest
+QUERY_CHUNK = 1024  # queries per step when summing received attention (bounds memory at N x 1024 per head)
+
+
+class QwenVLAdapter(Adapter):
+    """Qwen2-VL / Qwen2.5-VL: ViT with 2-D RoPE and 2x2 patch merger, dynamic resolution, M-RoPE LM."""
+
+    model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    grid = None  # every image has its own grid
+    multimodal_positions = True
+    projector_name = "merger"
+    image_input_names = ("image_grid_thw",)
+
+    def __init__(self, model):
+        self.model = model
+        config = model.config
+        vision = config.vision_config
+        self.merge = vision.spatial_merge_size
+        self.unit = self.merge**2
+        self.num_blocks = vision.depth
+        self.windowed = isinstance(model, Qwen2_5_VLForConditionalGeneration)
+        self.full_attention_blocks = list(getattr(vision, "fullatt_block_indexes", None) or range(self.num_blocks)) \
+            if self.windowed else list(range(self.num_blocks))
+        self.image_token_id = config.image_token_id
+
+    # ----------------------------------------------------------------------------------- modules
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens  # the features already are the merger (projector) outputs
+
+    def lora_target_pattern(self, include_vision: bool) -> str:
+        """peft `target_modules` regex: LLM projections, plus every vision block (all feed the merger)."""
+        llm = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        if not include_vision:
+            return llm
+        mlp = r"mlp\.(gate|up|down)_proj" if self.windowed else r"mlp\.fc(1|2)"
+        return rf"{llm}|model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|{mlp})"
+
+    def blank_image(self, device: torch.device) -> tuple[int, dict]:
+        vision = self.model.config.vision_config
+        side = self.merge * 2  # the smallest even merged grid: 2x2 merged tokens
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.zeros(side * side, patch_dim, device=device)
+        grid = torch.tensor([[1, side, side]], device=device)
+        return side * side // self.unit, {"pixel_values": pixels, "image_grid_thw": grid}
+
+    def token_inputs(self, input_ids: torch.Tensor) -> dict:
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32)}
+
+    # ----------------------------------------------------------------------------------- positions
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict,
+                     image_inputs: dict) -> torch.Tensor:
+        """(3, B, L) M-RoPE ids of the unpruned sequence; also sets the model's `rope_deltas` for it."""
+        token_types = inputs.get("mm_token_type_ids")
+        if token_types is None:
+            raise NuwaInputError(
+                "mm_token_type_ids is missing: without it Qwen-VL silently falls back to 1-D positions (the processor "
+                "returns it; or pass (input_ids == image_token_id) as int)")
+        given = inputs.get("position_ids")
+        if given is not None:
+            if given.dim() != 3 or given.shape[0] not in (3, 4):
+                raise NuwaInputError(f"position_ids of shape {tuple(given.shape)}: Qwen-VL needs (3, B, L) M-RoPE ids "
+                                     f"(or none, to compute them)")
+            return given[-3:]
+        grid = image_inputs.get("image_grid_thw", inputs.get("image_grid_thw"))
+        positions, deltas = self.model.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
+                                                            image_grid_thw=grid, attention_mask=attention_mask)
+        self.model.model.rope_deltas = deltas
+        return positions
+
+    def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+    def prune_inputs(self, inputs: dict, source: torch.Tensor) -> None:
+        if inputs.get("pixel_values_videos") is not None or inputs.get("video_grid_thw") is not None:
+            raise NuwaInputError("videos are not supported by Nüwa yet; pass images only")
+        for name in ("mm_token_type_ids", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            inputs.pop(name, None)
+
+    # ----------------------------------------------------------------------------------- stage 1
+    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, image_grid_thw: torch.Tensor | None = None,
+               **unused) -> list[VisionEncoding]:
+        if image_grid_thw is None:
+            raise NuwaInputError("Qwen-VL images need image_grid_thw next to pixel_values (the processor returns it)")
+        if (image_grid_thw[:, 0] != 1).any():
+            raise NuwaInputError("image_grid_thw has a temporal size > 1 (video frames): Nüwa prunes images only")
+        block_index = self._score_block(config)
+        sim_blocks = self._sim_blocks(config)
+        captured, outputs = {}, {}
+
+        def grab_input(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured["kwargs"] = kwargs
+
+        def keep_output(index):
+            return lambda module, args, output: outputs.__setitem__(index, output)
+
+        blocks = self.visual.blocks
+        hooks = [blocks[block_index].register_forward_pre_hook(grab_input, with_kwargs=True)]
+        hooks += [blocks[i].register_forward_hook(keep_output(i)) for i in sim_blocks]
+        try:
+            merged = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
+        finally:
+            for hook in hooks:
+                hook.remove()
+        received = self._received_attention(blocks[block_index], captured["hidden"], captured["kwargs"])
+        sim = torch.stack([outputs[i] for i in sim_blocks]).mean(0)
+        if self.windowed:
+            raster = self._raster_order(image_grid_thw)
+            received, sim = received.view(-1, self.unit)[raster], sim.view(-1, self.unit, sim.shape[-1])[raster]
+        scores = received.reshape(-1, self.unit).mean(1)  # (M,) one score per merged token, raster order
+        sim = sim.reshape(-1, self.unit, sim.shape[-1]).mean(1)
+        return self._group_by_grid(merged, sim, scores, image_grid_thw, config.region_size)
+
+    def _score_block(self, config: NuwaConfig) -> int:
+        if config.score_block is None:
+            return self.full_attention_blocks[-1]
+        block = config.score_block % self.num_blocks
+        if block not in self.full_attention_blocks:
+            raise UnsupportedModelError(f"score_block={config.score_block} is a window-attention block; choose one of "
+                                        f"the full-attention blocks {self.full_attention_blocks}")
+        return block
+
+    def _sim_blocks(self, config: NuwaConfig) -> list[int]:
+        """Blocks whose outputs are averaged for similarity (the config's fractions of depth)."""
+        low, high = config.sim_layers
+        first = max(1, round(low * self.num_blocks))
+        last = max(first, round(high * self.num_blocks))
+        return list(range(first - 1, last))
+
+    def _received_attention(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """(S,) attention each patch receives in `block`, mean over heads and queries of its own image."""
+        attn = block.attn
+        length = hidden.shape[0]
+        qkv = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+        cos, sin = kwargs["position_embeddings"]
+        query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
+        query, key = query.transpose(0, 1), key.transpose(0, 1)  # (heads, S, Dh)
+        bounds = kwargs["cu_seqlens"].tolist()
+        received = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            keys = key[:, start:end]
+            total = keys.new_zeros(end - start, dtype=torch.float32)
+            for first in range(start, end, QUERY_CHUNK):
+                queries = query[:, first:min(end, first + QUERY_CHUNK)]
+                probs = ((queries @ keys.transpose(-1, -2)) * attn.scaling).float().softmax(dim=-1)
+                total = total + probs.sum(dim=(0, 1))
+            received.append(total / (attn.num_heads * (end - start)))
+        return torch.cat(received)
+
+    def _raster_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Index that puts Qwen2.5-VL's window-ordered merge units back in raster order."""
+        from transformers.vision_utils import get_vision_window_index
+
+        vision = self.model.config.vision_config
+        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=self.merge,
+                                                  window_size=vision.window_size, patch_size=vision.patch_size)
+        return torch.argsort(window_index.to(grid_thw.device))
+
+    def _group_by_grid(self, merged: torch.Tensor, sim: torch.Tensor, scores: torch.Tensor, grid_thw: torch.Tensor,
+                       region: int) -> list[VisionEncoding]:
+        """One encoding per merged grid size (images of one size are batched), padded to whole regions."""
+        counts = (grid_thw[:, 1] * grid_thw[:, 2] // self.unit).tolist()
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        groups = defaultdict(list)
+        for image, (_, height, width) in enumerate(grid_thw.tolist()):
+            groups[(height // self.merge, width // self.merge)].append(image)
+        encodings = []
+        for (rows, cols), images in groups.items():
+            padded = (math.ceil(rows / region) * region, math.ceil(cols / region) * region)
+            parts = [slice(starts[i], starts[i] + rows * cols) for i in images]
+            floor = torch.stack([_below(scores[p].detach()) for p in parts])
+            encodings.append(VisionEncoding(
+                features=torch.stack([_pad_grid(merged[p], (rows, cols), padded) for p in parts]),
+                sim_features=torch.stack([_pad_grid(sim[p], (rows, cols), padded) for p in parts]),
+                scores=torch.stack([_pad_grid(scores[p, None], (rows, cols), padded, fill)[:, 0]
+                                    for p, fill in zip(parts, floor)]),
+                grid=padded, images=torch.tensor(images),
+                placeholder_offsets=None if padded == (rows, cols) else _padded_offsets((rows, cols), padded,
+                                                                                       merged.device),
+                placeholder_count=rows * cols))
+        return encodings
+
+
+def _below(scores: torch.Tensor) -> torch.Tensor:
+    """A padding score just below every real one: far below would inflate the spread that the soft
+    top-k standardises by, and blur the real tokens' ranking."""
+    return scores.min() - PAD_SCORE_MARGIN * (scores.max() - scores.min()) - torch.finfo(scores.dtype).tiny
+
+
+def _pad_grid(tokens: torch.Tensor, grid: tuple[int, int], padded: tuple[int, int],
+              fill: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows*cols, D) raster tokens -> (H*W, D) on the padded grid: edge copies (or `fill`) bottom/right.
+
+    Edge copies rather than zeros keep padding from pulling similarity-weighted aggregation around.
+    """
+    (rows, cols), (height, width) = grid, padded
+    if grid == padded:
+        return tokens
+    table = tokens.reshape(rows, cols, -1).permute(2, 0, 1)[None]
+    if fill is None:
+        table = F.pad(table, (0, width - cols, 0, height - rows), mode="replicate")
+    else:
+        table = torch.cat([table, fill.expand(1, table.shape[1], rows, width - cols)], dim=3)
+        table = torch.cat([table, fill.expand(1, table.shape[1], height - rows, width)], dim=2)
+    return table[0].permute(1, 2, 0).reshape(height * width, -1)
+
+
+def _padded_offsets(grid: tuple[int, int], padded: tuple[int, int], device) -> torch.Tensor:
+    """(H*W,) placeholder offset of every padded-grid cell, -1 for padding."""
+    (rows, cols), (height, width) = grid, padded
+    r = torch.arange(height, device=device).unsqueeze(1)
+    c = torch.arange(width, device=device).unsqueeze(0)
+    return torch.where((r < rows) & (c < cols), r * cols + c, -1).reshape(-1)
