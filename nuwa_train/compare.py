@@ -117,7 +117,7 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
     from rich.console import Console
 
     from .lightning.data import SyntheticRecords
-    from .lightning.module import load_vlm
+    from .models import load_vlm
 
     console = Console()
     model_path = resolve_model_path(model_path)

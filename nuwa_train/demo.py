@@ -69,7 +69,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     from rich.console import Console
 
     from .lightning.data import SyntheticRecords
-    from .lightning.module import load_vlm
+    from .models import load_vlm
 
     console, start = Console(), time.perf_counter()
     recipe, out_dir = Path(recipe), Path(out)

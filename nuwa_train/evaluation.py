@@ -4,7 +4,7 @@
 dropped, original position ids), generates greedily on left-padded batches, detaches, and scores:
 VQA exact match, grounding Acc@IoU>=0.5 and mean IoU (boxes parsed with `tokens_to_box`), accuracy per
 question kind, unparseable grounding answers, and the average number of vision tokens per image that
-each decoder layer sees (the pruning plan's average; all tokens without pruning).
+each decoder layer sees (counted on the pruned sequences; all tokens without pruning).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     data: a `datasets.Dataset` in the loaders' schema, mappings with image/prompt/answer (task/box
     optional), or synthetic `Record`s (rendered with `synthetic_config`). `limit` caps the records.
     """
-    from .models.attach import attach_nuwa  # late import: attach pulls in the whole pruning stack
+    from .models.attach import adapter_for, attach_nuwa  # late import: attach pulls in the pruning stack
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -131,12 +131,12 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
         raise ValueError("no records to evaluate")
     collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False)
     tokenizer = processor.tokenizer
-    image_token_id = model.config.image_token_index
+    image_token_id = adapter_for(model).image_token_id
     was_training = model.training
     model.eval()
     handle = attach_nuwa(model, pruning) if pruning is not None else None
     predictions: list[Prediction] = []
-    vision_total, average = None, None
+    images_seen, unpruned_tokens, tokens_per_layer = 0, 0, 0.0
     start = time.perf_counter()
     name = description or f"eval {pruning.method if pruning else 'full'}"
     try:
@@ -145,11 +145,12 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
             for first in range(0, len(rows), batch_size):
                 chunk = rows[first:first + batch_size]
                 batch = collator(chunk)
-                if vision_total is None:
-                    vision_total = int((batch["input_ids"][0] == image_token_id).sum())
-                    average = handle.plan.average_tokens if handle is not None else float(vision_total)
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                unpruned = int((batch["input_ids"] == image_token_id).sum())
+                unpruned_tokens += unpruned
+                images_seen += len(chunk)
+                tokens_per_layer += handle.vision_tokens_per_layer().mean().item() if handle is not None else unpruned
                 texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
                 for row, text in zip(chunk, texts):
                     predictions.append(_score(row, text, bins))
@@ -158,7 +159,8 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
         if handle is not None:
             handle.detach()
         model.train(was_training)
-    return _summarise(predictions, pruning, vision_total, average, time.perf_counter() - start)
+    return _summarise(predictions, pruning, round(unpruned_tokens / images_seen), tokens_per_layer / images_seen,
+                      time.perf_counter() - start)
 
 
 def _score(row: dict, text: str, bins: int) -> Prediction:

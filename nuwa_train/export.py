@@ -80,7 +80,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
     Returns the HF model; its handle is `model._nuwa` (use `detach_nuwa(model)` to remove it).
     """
     from peft import PeftModel
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     path = Path(path)
     config_file = path / NUWA_CONFIG_NAME
@@ -92,10 +92,10 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
         config = NuwaConfig.from_dict(settings)
     if (path / "adapter_config.json").is_file():
         adapter = json.loads((path / "adapter_config.json").read_text())
-        base = LlavaForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"], dtype=dtype)
+        base = AutoModelForImageTextToText.from_pretrained(adapter["base_model_name_or_path"], dtype=dtype)
         model = PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     model.eval()
     attach_nuwa(model, config)
     return model

@@ -167,9 +167,30 @@ class VisionLanguageCollator:
             label_rows.append(labels)
         batch = self._pad(rows, label_rows, tokenizer.pad_token_id)
         batch["pixel_values"] = torch.as_tensor(np.asarray(encoded["pixel_values"]), dtype=torch.float32)
+        batch.update(self._extras(encoded, rows))
         if not self.with_answer:
             del batch["labels"]
         return batch
+
+    def _extras(self, encoded, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The processor's other outputs: per-image tensors as they are (image_grid_thw, image_sizes);
+        per-token ones (Qwen-VL's mm_token_type_ids) extended over the answer with 0 and padded like input_ids."""
+        extras = {}
+        length = max(len(r) for r in rows)
+        for key, value in encoded.items():
+            if key in ("input_ids", "attention_mask", "pixel_values"):
+                continue
+            if isinstance(value, list) and len(value) == len(rows) and all(
+                    isinstance(v, (list, np.ndarray)) and np.ndim(v) == 1 and len(v) <= len(r) for v, r in zip(value, rows)):
+                table = torch.zeros((len(rows), length), dtype=torch.long)
+                for i, (row_values, row) in enumerate(zip(value, rows)):
+                    full = list(row_values) + [0] * (len(row) - len(row_values))
+                    span = slice(length - len(row), length) if self.padding_side == "left" else slice(0, len(row))
+                    table[i, span] = torch.tensor(full)
+                extras[key] = table
+            else:
+                extras[key] = torch.as_tensor(np.asarray(value))
+        return extras
 
     def _pad(self, rows: list[list[int]], label_rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
         length = max(len(r) for r in rows)

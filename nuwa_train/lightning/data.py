@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..models.loading import load_processor
 from ..data.collate import VisionLanguageCollator
 from ..data.formats import load_llava_json, load_refcoco_json
 from ..data.synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
@@ -115,9 +116,8 @@ class NuwaDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
-            from transformers import AutoProcessor
 
-            self.processor = AutoProcessor.from_pretrained(self.hparams.processor_path)
+            self.processor = load_processor(self.hparams.processor_path)
 
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:

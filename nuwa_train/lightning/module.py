@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from ..models import adapter_for, attach_nuwa
+from ..models import adapter_for, attach_nuwa, load_vlm
 from ..pruning import NuwaConfig
 from ..pruning.soft import temperature_at
 
@@ -50,14 +50,6 @@ class OptimizerSettings:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 20
-
-
-def load_vlm(path: str, dtype: str = "float32"):
-    """A HF VLM and its processor from a local directory (real checkpoints take the same path)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
-    return model, AutoProcessor.from_pretrained(path)
 
 
 class NuwaFineTuner(L.LightningModule):
@@ -158,7 +150,7 @@ class NuwaFineTuner(L.LightningModule):
         length = max(input_ids.shape[1], image_tokens)
         pad_id = self.processor.tokenizer.pad_token_id
         row = torch.full((1, length), pad_id, dtype=input_ids.dtype, device=input_ids.device)
-        row[:, :image_tokens] = self.base_model.config.image_token_index
+        row[:, :image_tokens] = self.nuwa.adapter.image_token_id
         row_mask = (row != pad_id).to(batch["attention_mask"].dtype)
 
         def widened(values: torch.Tensor, fill: int, extra: torch.Tensor) -> torch.Tensor:

@@ -266,6 +266,23 @@ class NuwaHandle:
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    def vision_tokens_per_layer(self) -> torch.Tensor:
+        """(num_layers,) vision tokens each decoder layer saw in the last prefill, summed over its images.
+
+        Counted on the sequence (hard) or as expected counts (soft), so padding of odd grids and
+        newline tokens are what the model really saw, not what a plan promised.
+        """
+        layout = self.layout
+        if layout is None:
+            raise RuntimeError("no prefill has run through this handle yet")
+        selection = layout.selection
+        first = selection.keep_bias.float().exp()[selection.kept].sum() if selection.keep_bias is not None \
+            else layout.is_vision.sum().float()
+        counts = torch.full((self.num_layers,), float(first))
+        if layout.stage2 is not None:
+            counts[self.stage2_layer:] = float(layout.stage2.kept_vision.float().sum())
+        return counts
+
     def _make_encoder_entry(self):
         """`get_image_features` for this instance, with a signature naming the adapter's image inputs.
 
