@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from nuwa_train.data import SyntheticConfig, coordinate_tokens, vocabulary
+from nuwa_train.data.collate import VisionLanguageCollator
 from nuwa_train.export import export_module, load_pruned
 from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
+from nuwa_train.models import load_processor
 from nuwa_train.models.tiny import build_tiny_llava_next
 from nuwa_train.models.tiny_qwen import TinyQwenSpec, build_tiny_qwen
 from nuwa_train.pruning import NuwaConfig
@@ -19,17 +21,7 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_next"]
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_dir(request, tmp_path_factory):
-    torch.manual_seed(0)
-    config = SyntheticConfig()
-    words, atomic = vocabulary(config), coordinate_tokens(config)
-    if request.param == "llava_next":
-        model, processor = build_tiny_llava_next(words=words, atomic_tokens=atomic)
-    else:
-        model, processor = build_tiny_qwen(TinyQwenSpec(version=request.param), words, atomic)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+    return _family_dir(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def make(path, mode="soft"):
@@ -67,9 +59,14 @@ def test_export_reload_gives_the_same_logits(family_dir, tmp_path):
     module.nuwa.set_selection("hard")
     with torch.no_grad():
         expected = module.model(**batch).logits
-    model = load_pruned(export_module(module, tmp_path / "export", merge=True))
+    target = export_module(module, tmp_path / "export", merge=True)
+    model = load_pruned(target)
     with torch.no_grad():
         reloaded = model(**batch).logits
+    processor = load_processor(target)  # the image-only Qwen processor round-trips too
+    assert type(processor) is type(module.processor)
+    assert torch.equal(VisionLanguageCollator(processor, padding_side="left", with_answer=False)(
+        [data.dataset("val")[i] for i in range(4)])["input_ids"], batch["input_ids"])
     assert reloaded.shape == expected.shape and reloaded.shape[1] < batch["input_ids"].shape[1]
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
 
@@ -89,3 +86,37 @@ def test_image_free_batches_still_run_every_trainable_module(family_dir):
     loss.backward()
     assert loss.item() == pytest.approx(plain.item(), abs=1e-6)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+
+
+@pytest.mark.parametrize("recipe", ["qwen2_vl_7b_zero2", "llava_next_7b_zero2"])
+def test_family_recipes_train_two_steps_on_a_tiny_model_of_their_family(recipe, tmp_path, monkeypatch):
+    """The GPU recipes, with their model swapped for a tiny one of the same family and a plain CPU strategy."""
+    from pathlib import Path
+
+    from nuwa_train.lightning.cli import NuwaCLI
+
+    family = "qwen2_5_vl" if recipe.startswith("qwen") else "llava_next"
+    path = _family_dir(family, tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).parent.parent
+    cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, run=False, args=[
+        "--config", str(root / "recipes" / f"{recipe}.yaml"), "--model.model_path", path,
+        "--data.train_files", "null", "--data.val_files", "null",
+        "--data.test_files", "null", "--data.train_images", "4", "--data.batch_size", "2", "--data.num_workers", "0",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+        "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 2
+
+
+def _family_dir(family, path):
+    torch.manual_seed(0)
+    config = SyntheticConfig()
+    words, atomic = vocabulary(config), coordinate_tokens(config)
+    if family == "llava_next":
+        model, processor = build_tiny_llava_next(words=words, atomic_tokens=atomic)
+    else:
+        model, processor = build_tiny_qwen(TinyQwenSpec(version=family), words, atomic)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

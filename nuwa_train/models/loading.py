@@ -3,6 +3,7 @@ the tiny models and real checkpoints)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -26,10 +27,16 @@ class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
 PROCESSORS = {cls.__name__: cls for cls in (Qwen2VLImageProcessorOnly,)}
 
 
+QWEN_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")  # need torchvision for their video half
+
+
 def load_processor(path: str | Path):
-    """The directory's processor: ours when it names one of ours, else `AutoProcessor`."""
+    """The directory's processor: ours when it names one of ours (or is a Qwen-VL processor on a machine
+    without torchvision), else `AutoProcessor`."""
     config = Path(path) / "processor_config.json"
     name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    if name in QWEN_PROCESSORS and importlib.util.find_spec("torchvision") is None:
+        name = Qwen2VLImageProcessorOnly.__name__
     if name in PROCESSORS:
         return PROCESSORS[name].from_pretrained(path)
     return AutoProcessor.from_pretrained(path)
