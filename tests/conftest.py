@@ -55,3 +55,30 @@ def tiny_base_dir(tmp_path_factory) -> str:
 def _deterministic():
     """Every test starts from the same RNG state, so random inputs cannot make a test flaky."""
     torch.manual_seed(0)
+
+
+def assert_cached_generate_equals_greedy(model, inputs: dict, steps: int, image_keys=("pixel_values",),
+                                         token_keys=()) -> None:
+    """`generate()` with the KV cache == a cache-free greedy loop of full (pruned) forwards: logits, tokens.
+
+    `image_keys` are passed unchanged on every forward; `token_keys` are per-token inputs (e.g. Qwen-VL's
+    mm_token_type_ids) extended with 0 for every generated token.
+    """
+    IGNORE = -100
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        per_token = {key: inputs[key] for key in token_keys}
+        prompt_length = ids.shape[1]
+        for step in range(steps):
+            # labels mark the generated part as the answer: the stage-2 query stays the prompt's end
+            labels = torch.full_like(ids, IGNORE)
+            labels[:, prompt_length:] = ids[:, prompt_length:]
+            logits = model(input_ids=ids, attention_mask=mask, **{k: inputs[k] for k in image_keys}, **per_token,
+                           labels=labels if step else None).logits[:, -1]
+            torch.testing.assert_close(logits, generated.logits[step], atol=1e-4, rtol=1e-4)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            per_token = {k: torch.cat([v, torch.zeros_like(v[:, :1])], 1) for k, v in per_token.items()}
+    assert torch.equal(ids, generated.sequences)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import PROMPTS, WORDS, encode, make_images
+from conftest import PROMPTS, WORDS, assert_cached_generate_equals_greedy, encode, make_images
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
 from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
@@ -151,21 +151,8 @@ def test_generate_with_cache_equals_cache_free_greedy_loop(tiny_llava, method):
     inputs = encode(processor, PROMPTS, make_images(3), "left")
     steps = 6
     config = NuwaConfig(method=method, budget=128, fastv_layer=1, stage2_keep=12 if method == "fastv" else None)
-    with attach_nuwa(model, config), torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        prompt_length = ids.shape[1]
-        for step in range(steps):
-            # labels only mark the generated part as the answer: the stage-2 query stays the prompt's end
-            labels = torch.full_like(ids, IGNORE)
-            labels[:, prompt_length:] = ids[:, prompt_length:]
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                           labels=labels if step else None).logits[:, -1]
-            torch.testing.assert_close(logits, generated.logits[step], atol=1e-4, rtol=1e-4)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(ids, generated.sequences)
+    with attach_nuwa(model, config):
+        assert_cached_generate_equals_greedy(model, inputs, steps)
 
 
 def test_positions_original_and_compact(tiny_llava):

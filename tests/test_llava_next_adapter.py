@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, WORDS, encode
+from conftest import PROMPTS, WORDS, assert_cached_generate_equals_greedy, encode
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
 from nuwa_train.models.llava_next import LlavaNextAdapter, anyres_layout
 from nuwa_train.models.tiny import build_tiny_llava_next
 from nuwa_train.pruning import NuwaConfig
 
-IGNORE = -100
 # (height, width) of the test images: 2x2 tiles -> 8x6 local grid; 1x2 tiles -> 2x8; the same 8x6 as the
 # first (a different size with the same layout, so the two share stage-1 groups); 1x3 tiles -> 4x12.
 SIZES = [(60, 50), (12, 60), (62, 52), (30, 90)]
@@ -255,21 +254,8 @@ def test_generate_with_cache_equals_cache_free_greedy_loop(tiny_next, grid):
     inputs = inputs_for(processor, SIZES[:3], "left")
     steps = 4
     config = NuwaConfig(**(PADDED if grid == "padded" else dict(budget=128)))
-    with attach_nuwa(model, config), torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        prompt_length = ids.shape[1]
-        for step in range(steps):
-            # labels mark the generated part as the answer: the stage-2 query stays the prompt's end
-            labels = torch.full_like(ids, IGNORE)
-            labels[:, prompt_length:] = ids[:, prompt_length:]
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                           image_sizes=inputs["image_sizes"], labels=labels if step else None).logits[:, -1]
-            torch.testing.assert_close(logits, generated.logits[step], atol=1e-4, rtol=1e-4)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(ids, generated.sequences)
+    with attach_nuwa(model, config):
+        assert_cached_generate_equals_greedy(model, inputs, steps, image_keys=("pixel_values", "image_sizes"))
 
 
 @pytest.mark.parametrize("method,mode,grid", [("nuwa", "soft", "even"), ("nuwa_stage1", "soft", "even"),

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_cached_generate_equals_greedy
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
 from nuwa_train.models.tiny_qwen import TinyQwenSpec, build_tiny_qwen
 from nuwa_train.pruning import NuwaConfig
 
-IGNORE = -100
 WORDS = "what colour is the red blue circle square left of how many are there ? yes no".split()
 QUESTIONS = ["what colour is the circle ?", "how many square are there ?", "is the red circle left of the square ?"]
 # (height, width) in pixels: 6x6, 5x8 (odd: padded to 6x8) and 4x6 merged grids
@@ -166,22 +166,9 @@ def test_generate_with_cache_equals_cache_free_greedy_loop(tiny_qwen):
     model, processor = tiny_qwen
     inputs = encode(processor, QUESTIONS[:2], make_images(SIZES[:2]), "left")
     steps = 5
-    with attach_nuwa(model, NuwaConfig(budget=192, stage2_layer=2)), torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
-        ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
-        prompt_length = ids.shape[1]
-        for step in range(steps):
-            labels = torch.full_like(ids, IGNORE)
-            labels[:, prompt_length:] = ids[:, prompt_length:]
-            logits = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
-                           pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                           labels=labels if step else None).logits[:, -1]
-            torch.testing.assert_close(logits, generated.logits[step], atol=1e-4, rtol=1e-4)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            types = torch.cat([types, torch.zeros_like(types[:, :1])], 1)
-    assert torch.equal(ids, generated.sequences)
+    with attach_nuwa(model, NuwaConfig(budget=192, stage2_layer=2)):
+        assert_cached_generate_equals_greedy(model, inputs, steps, image_keys=("pixel_values", "image_grid_thw"),
+                                             token_keys=("mm_token_type_ids",))
 
 
 @pytest.mark.parametrize("mode", ["soft", "straight_through"])

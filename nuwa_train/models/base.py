@@ -59,6 +59,18 @@ class Adapter:
     # Optional tokens added after stage 1 (LLaVA-NeXT's row newlines): (image, kept offsets) -> (offsets, tokens)
     # or None; in soft modes called as (image, offsets, keep probabilities) -> (offsets, tokens, attention bias).
     extra_tokens = None
+    model: nn.Module
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
 
     def blank_image(self, device: torch.device) -> tuple[int, dict]:
         """Placeholders and model inputs of one blank image (keeps image-free batches on the image path)."""

@@ -44,17 +44,6 @@ class LlavaAdapter(Adapter):
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(tokens)
 

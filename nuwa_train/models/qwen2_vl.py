@@ -55,17 +55,6 @@ class QwenVLAdapter(Adapter):
     def visual(self) -> nn.Module:
         return self.model.model.visual
 
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens  # the features already are the merger (projector) outputs
 

@@ -89,7 +89,7 @@ def build_processor(spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[s
                           chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE)
 
 
-def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+def _tower_configs(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPVisionConfig, LlamaConfig]:
     vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * spec.mlp_ratio,
                               num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                               image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
@@ -98,15 +98,22 @@ def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Llav
                        num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
                        max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return vision, text
+
+
+def with_generation_tokens(model, tokenizer):
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model.eval()
+
+
+def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    vision, text = _tower_configs(spec, tokenizer)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
                          vision_feature_layer=spec.vision_feature_layer, vision_feature_select_strategy="default",
                          image_seq_length=spec.grid[0] * spec.grid[1], pad_token_id=tokenizer.pad_token_id)
     config._attn_implementation = spec.attn_implementation
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model.eval()
+    return with_generation_tokens(LlavaForConditionalGeneration(config), tokenizer)
 
 
 def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (), atomic_tokens: list[str] = ()):
@@ -131,14 +138,7 @@ def build_tiny_llava_next(spec: TinyLlavaSpec = TINY_LLAVA_NEXT, words: list[str
     """
     tokenizer = build_tokenizer(list(words), list(atomic_tokens))
     pinpoints = [[rows * spec.image_size, cols * spec.image_size] for rows, cols in tile_layouts]
-    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * spec.mlp_ratio,
-                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                              image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
-                       intermediate_size=spec.text_hidden * spec.mlp_ratio, num_hidden_layers=spec.text_layers,
-                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
-                       max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision, text = _tower_configs(spec, tokenizer)
     settings = dict(image_grid_pinpoints=pinpoints, vision_feature_layer=spec.vision_feature_layer,
                     vision_feature_select_strategy="default", image_seq_length=spec.grid[0] * spec.grid[1])
     settings.update(config_overrides)
@@ -146,10 +146,7 @@ def build_tiny_llava_next(spec: TinyLlavaSpec = TINY_LLAVA_NEXT, words: list[str
                              image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
                              pad_token_id=tokenizer.pad_token_id, **settings)
     config._attn_implementation = spec.attn_implementation
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model = with_generation_tokens(LlavaNextForConditionalGeneration(config), tokenizer)
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size},
                                                  crop_size={"height": spec.image_size, "width": spec.image_size},
                                                  image_grid_pinpoints=pinpoints)

@@ -12,7 +12,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
 from .loading import Qwen2VLImageProcessorOnly
-from .tiny import build_tokenizer
+from .tiny import with_generation_tokens, build_tokenizer
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
 # "<s> user : <|vision_start|> <|image_pad|> <|vision_end|> question assistant : answer </s>"
@@ -80,10 +80,7 @@ def build_model(spec: TinyQwenSpec, tokenizer):
         config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
     else:
         raise ValueError(f"version={spec.version!r} must be 'qwen2_vl' or 'qwen2_5_vl'")
-    model = cls._from_config(config, attn_implementation=spec.attn_implementation)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
-    return model.eval()
+    return with_generation_tokens(cls._from_config(config, attn_implementation=spec.attn_implementation), tokenizer)
 
 
 def build_tiny_qwen(spec: TinyQwenSpec = TinyQwenSpec(), words: list[str] = (), atomic_tokens: list[str] = ()):
