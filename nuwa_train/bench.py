@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from .models import attach_nuwa
 from .models.tiny import TinyLlavaSpec, build_tiny_llava
 from .pruning import NuwaConfig
-from .pruning.stage1 import aggregate_dense, aggregate_windowed, grid_coordinates, pillar_mask, proximity, select_anchors
+from .pruning.stage1 import (
+    aggregate_dense,
+    aggregate_windowed,
+    grid_coordinates,
+    pillar_mask,
+    proximity,
+    select_anchors,
+)
 
 # Model shapes benchmarked. "llava15" keeps LLaVA-1.5's structure (24x24 grid from 336 px / 14 px
 # patches, 24 CLIP layers, 32 LLM layers, stage 2 at 16) at CPU-sized widths.

@@ -116,7 +116,7 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
              budgets: tuple[int, ...], batch_size: int) -> dict:
     from rich.console import Console
 
-    from .lightning.data import SyntheticRecords
+    from .data.records import SyntheticRecords
     from .models import load_vlm
 
     console = Console()

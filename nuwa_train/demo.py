@@ -68,7 +68,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
              max_steps: int | None = None, batch_size: int = 64) -> dict:
     from rich.console import Console
 
-    from .lightning.data import SyntheticRecords
+    from .data.records import SyntheticRecords
     from .models import load_vlm
 
     console, start = Console(), time.perf_counter()

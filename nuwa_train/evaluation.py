@@ -16,10 +16,24 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from .data.collate import VisionLanguageCollator
-from .data.synthetic import RELATIONS, Record, SyntheticConfig, iou, render, tokens_to_box
+from .data.synthetic import (
+    RELATIONS,
+    Record,
+    SyntheticConfig,
+    iou,
+    render,
+    tokens_to_box,
+)
 from .pruning import NuwaConfig
 
 IOU_THRESHOLD = 0.5
@@ -121,7 +135,10 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     data: a `datasets.Dataset` in the loaders' schema, mappings with image/prompt/answer (task/box
     optional), or synthetic `Record`s (rendered with `synthetic_config`). `limit` caps the records.
     """
-    from .models.attach import adapter_for, attach_nuwa  # late import: attach pulls in the pruning stack
+    from .models.attach import (  # late import: attach pulls in the pruning stack
+        adapter_for,
+        attach_nuwa,
+    )
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -48,7 +48,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from .data.collate import VisionLanguageCollator
@@ -177,7 +184,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> PretrainC
 # =============================================================================================== targets
 def _label_map(record_scene, config: SyntheticConfig) -> np.ndarray:
     """(H, W) uint8: 0 background, i + 1 where object i is drawn (same geometry as `render`)."""
-    from .data.synthetic import _DRAWERS  # the renderer's own shape drawers: the masks match the pixels
+    from .data.synthetic import (
+        _DRAWERS,  # the renderer's own shape drawers: the masks match the pixels
+    )
 
     image = Image.new("L", (record_scene.width, record_scene.height), 0)
     draw = ImageDraw.Draw(image)

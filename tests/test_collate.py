@@ -7,7 +7,11 @@ from PIL import Image
 
 from nuwa_train.data import SyntheticConfig, coordinate_tokens, vocabulary
 from nuwa_train.data.collate import CollateError, VisionLanguageCollator
-from nuwa_train.models.tiny import CHAT_TEMPLATE_IMAGE_LAST, TinyLlavaSpec, build_processor
+from nuwa_train.models.tiny import (
+    CHAT_TEMPLATE_IMAGE_LAST,
+    TinyLlavaSpec,
+    build_processor,
+)
 
 CONFIG = SyntheticConfig()
 

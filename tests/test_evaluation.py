@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from nuwa_train.data import SyntheticConfig, coordinate_tokens, generate_records, render, vocabulary
+from nuwa_train.data import (
+    SyntheticConfig,
+    coordinate_tokens,
+    generate_records,
+    render,
+    vocabulary,
+)
 from nuwa_train.evaluation import EvalResult, _score, evaluate, question_kind
 from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava
 from nuwa_train.pruning import NuwaConfig

@@ -10,7 +10,13 @@ import torch
 from nuwa_train.data import SyntheticConfig, coordinate_tokens, vocabulary
 from nuwa_train.data.collate import VisionLanguageCollator
 from nuwa_train.export import export_module, load_pruned
-from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
+from nuwa_train.lightning import (
+    LoraSettings,
+    NuwaDataModule,
+    NuwaFineTuner,
+    OptimizerSettings,
+    SelectionSettings,
+)
 from nuwa_train.models import load_processor
 from nuwa_train.models.tiny import build_tiny_llava_next
 from nuwa_train.models.tiny_qwen import TinyQwenSpec, build_tiny_qwen

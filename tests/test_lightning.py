@@ -7,7 +7,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from nuwa_train.data import SyntheticConfig, coordinate_tokens, vocabulary
 from nuwa_train.export import ExportError, export_module, load_pruned, write_pretrained
-from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
+from nuwa_train.lightning import (
+    LoraSettings,
+    NuwaDataModule,
+    NuwaFineTuner,
+    OptimizerSettings,
+    SelectionSettings,
+)
 from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 from nuwa_train.pruning import NuwaConfig
 

@@ -2,9 +2,15 @@
 
 import pytest
 import torch
+from conftest import (
+    PROMPTS,
+    WORDS,
+    assert_cached_generate_equals_greedy,
+    encode,
+    make_images,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import PROMPTS, WORDS, assert_cached_generate_equals_greedy, encode, make_images
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
 from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError

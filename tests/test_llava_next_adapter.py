@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import PROMPTS, WORDS, assert_cached_generate_equals_greedy, encode
+
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
 from nuwa_train.models.llava_next import LlavaNextAdapter, anyres_layout
 from nuwa_train.models.tiny import build_tiny_llava_next

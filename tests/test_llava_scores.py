@@ -1,10 +1,15 @@
 """The scores Nüwa reads without eager attention equal what eager attention would have returned."""
 
 import torch
-
 from conftest import PROMPTS, WORDS, encode, make_images
+
 from nuwa_train.models import LlavaAdapter
-from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava, load_tiny_llava, save_tiny_llava
+from nuwa_train.models.tiny import (
+    TinyLlavaSpec,
+    build_tiny_llava,
+    load_tiny_llava,
+    save_tiny_llava,
+)
 from nuwa_train.pruning import NuwaConfig, last_token_attention
 
 

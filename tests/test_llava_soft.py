@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import PROMPTS, encode, make_images
+
 from nuwa_train.models import NuwaInputError, attach_nuwa
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
 

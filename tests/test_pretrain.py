@@ -11,7 +11,14 @@ import torch
 
 from nuwa_train.data import SyntheticConfig, generate_records, generate_scene, render
 from nuwa_train.models.tiny import TinyLlavaSpec, load_tiny_llava
-from nuwa_train.pretrain import TargetMaker, Trainer, cls_attention_pool, load_recipe, main, sincos_2d
+from nuwa_train.pretrain import (
+    TargetMaker,
+    Trainer,
+    cls_attention_pool,
+    load_recipe,
+    main,
+    sincos_2d,
+)
 
 RECIPE = """
 seed: 0

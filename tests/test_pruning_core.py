@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError, nuwa_stage1, select_top
-from nuwa_train.pruning.baselines import pooling_stage1, random_stage1, uniform_stage1, visionzip_stage1
+from nuwa_train.pruning.baselines import (
+    pooling_stage1,
+    random_stage1,
+    uniform_stage1,
+    visionzip_stage1,
+)
 
 
 def released_stage1(features, sim_features, scores, grid, keep, top_n, distance, quantile):

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from nuwa_train.pruning import nuwa_stage1
-from nuwa_train.pruning.soft import log_keep, nuwa_stage1_soft, soft_topk, straight_through, temperature_at
+from nuwa_train.pruning.soft import (
+    log_keep,
+    nuwa_stage1_soft,
+    soft_topk,
+    straight_through,
+    temperature_at,
+)
 
 
 def test_soft_topk_keeps_exactly_k_in_expectation_per_row():

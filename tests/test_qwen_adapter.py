@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import assert_cached_generate_equals_greedy
 from PIL import Image
 
-from conftest import assert_cached_generate_equals_greedy
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
 from nuwa_train.models.tiny_qwen import TinyQwenSpec, build_tiny_qwen
 from nuwa_train.pruning import NuwaConfig
@@ -191,7 +191,9 @@ def test_soft_at_tiny_temperature_equals_hard(tiny_qwen, mode):
 
 def test_scores_are_received_attention_in_raster_order(tiny_qwen):
     """Independent recomputation: rerun the scoring block's attention on raster-ordered inputs."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        apply_rotary_pos_emb_vision,
+    )
     from transformers.vision_utils import get_vision_position_ids
 
     model, processor = tiny_qwen

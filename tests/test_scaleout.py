@@ -23,7 +23,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from nuwa_train.data import SyntheticConfig, export_split
-from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
+from nuwa_train.lightning import (
+    LoraSettings,
+    NuwaDataModule,
+    NuwaFineTuner,
+    OptimizerSettings,
+    SelectionSettings,
+)
 from nuwa_train.lightning.cli import NuwaCLI
 from nuwa_train.lightning.strategies import (
     CPUDeepSpeedStrategy,

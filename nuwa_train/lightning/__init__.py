@@ -2,9 +2,10 @@
 
 import torch
 
+from ..data.records import SyntheticRecords
 from ..data.synthetic import SyntheticConfig
 from ..pruning import NuwaConfig
-from .data import FileSources, NuwaDataModule, ResumableSampler, SyntheticRecords
+from .data import FileSources, NuwaDataModule, ResumableSampler
 from .module import LoraSettings, NuwaFineTuner, OptimizerSettings, SelectionSettings
 
 # Checkpoints keep these settings as hyper-parameters; allow them under torch.load(weights_only=True).

@@ -12,12 +12,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..models.loading import load_processor
 from ..data.collate import VisionLanguageCollator
-from ..data.formats import load_llava_json, load_refcoco_json
-from ..data.synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
+from ..data.records import FileRecords, SyntheticRecords
+from ..data.synthetic import SyntheticConfig
+from ..models.loading import load_processor
 
-TASKS_PER_IMAGE = 2  # every synthetic image yields one VQA and one grounding record
 PASS_SEED_STRIDE = 1_000_003  # seeds of successive passes over the data never collide across run seeds
 
 
@@ -26,38 +25,6 @@ def as_synthetic_config(value: SyntheticConfig | dict) -> SyntheticConfig:
     if isinstance(value, SyntheticConfig):
         return value
     return SyntheticConfig.from_dict(value)
-
-
-class SyntheticRecords(Dataset):
-    """Record i of a split, generated on demand (deterministic by seed, split and index)."""
-
-    def __init__(self, config: SyntheticConfig, split: str, num_images: int):
-        self.config, self.split, self.num_images = config, split, num_images
-
-    def __len__(self) -> int:
-        return self.num_images * TASKS_PER_IMAGE
-
-    def __getitem__(self, index: int) -> dict:
-        scene = generate_scene(self.config, self.split, index // TASKS_PER_IMAGE)
-        record = (make_vqa if index % TASKS_PER_IMAGE == 0 else make_grounding)(scene, self.config)
-        return dict(id=record.id, image=render(scene, self.config), prompt=record.prompt, answer=record.answer,
-                    task=record.task, box=record.box, kind=record.kind)
-
-
-class FileRecords(Dataset):
-    """LLaVA-conversation and RefCOCO-style JSON files, concatenated (rows as dicts)."""
-
-    def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str):
-        self.parts = [load_llava_json(path, on_error=on_error) for path in llava_files]
-        self.parts += [load_refcoco_json(path, on_error=on_error) for path in refcoco_files]
-        self.offsets = torch.tensor([0] + [len(p) for p in self.parts]).cumsum(0).tolist()
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getitem__(self, index: int) -> dict:
-        part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
-        return dict(self.parts[part][index - self.offsets[part]])
 
 
 class ResumableSampler(Sampler[int]):

@@ -144,7 +144,9 @@ class SaveTrainableWeights(Callback):
 
 def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
     """A sharded DeepSpeed checkpoint directory -> one Lightning checkpoint file of fp32 trainable weights."""
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    from lightning.pytorch.utilities.deepspeed import (
+        convert_zero_checkpoint_to_fp32_state_dict,
+    )
 
     output = Path(output)
     staging = output.with_name(f".{output.name}.partial")

@@ -31,9 +31,22 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
-from ..pruning import NuwaConfig, NuwaConfigError, Stage1Output, last_token_attention, run_stage1, select_top
+from ..pruning import (
+    NuwaConfig,
+    NuwaConfigError,
+    Stage1Output,
+    last_token_attention,
+    run_stage1,
+    select_top,
+)
 from ..pruning.config import PruningPlan
-from ..pruning.soft import gumbel_like, log_keep, nuwa_stage1_soft, soft_topk, straight_through
+from ..pruning.soft import (
+    gumbel_like,
+    log_keep,
+    nuwa_stage1_soft,
+    soft_topk,
+    straight_through,
+)
 from .base import NuwaInputError, UnsupportedModelError, VisionEncoding
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LlavaNextForConditionalGeneration
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
 
 from ..pruning import NuwaConfig
 from ..pruning.soft import log_keep

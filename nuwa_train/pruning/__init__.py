@@ -1,6 +1,14 @@
 """Pure-tensor pruning core: no Lightning, no transformers. Adapters call into this."""
 
-from .config import METHODS, PAPER_PRESETS, NuwaConfig, NuwaConfigError, PruningPlan, Stage1Plan, Stage2Plan
+from .config import (
+    METHODS,
+    PAPER_PRESETS,
+    NuwaConfig,
+    NuwaConfigError,
+    PruningPlan,
+    Stage1Plan,
+    Stage2Plan,
+)
 from .select import run_stage1
 from .stage1 import Stage1Output, nuwa_stage1, regional_candidates, select_anchors
 from .stage2 import last_token_attention, select_top

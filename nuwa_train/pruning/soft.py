@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .stage1 import aggregate_dense, aggregate_windowed, regional_candidates, select_anchors
+from .stage1 import (
+    aggregate_dense,
+    aggregate_windowed,
+    regional_candidates,
+    select_anchors,
+)
 
 BISECTION_STEPS = 60  # halvings of the threshold bracket: far below float precision at any scale
 BRACKET_MARGIN = 30.0  # temperatures beyond the score range where a sigmoid is 0 or 1 in float32
