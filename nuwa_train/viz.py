@@ -93,8 +93,8 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
-                         metrics=("train/lm_loss", "train/temperature", "train/kept_stage1")) -> Path:
-    """Loss, temperature and expected kept tokens against step, one line per run."""
+                         metrics=("train/lm_loss", "train/temperature", "train/vision_tokens_per_layer")) -> Path:
+    """Loss, temperature and (expected) vision tokens per image per decoder layer against step, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -217,3 +217,21 @@ def test_bad_inputs_raise_clear_errors(tiny_llava):
                                          num_attention_heads=2))
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM is not supported"):
         attach_nuwa(llama)
+
+
+@pytest.mark.parametrize("method", ["nuwa", "fastv", "uniform"])
+def test_vision_tokens_per_layer_count_what_each_layer_saw(tiny_llava, method):
+    model, processor = tiny_llava
+    inputs = encode(processor, PROMPTS, make_images(3), "left")
+    config = NuwaConfig(method=method, budget=128, fastv_layer=1, stage2_keep=12 if method == "fastv" else None)
+    with attach_nuwa(model, config) as handle, torch.no_grad():
+        model(**inputs)
+        counted = handle.vision_tokens_per_layer()
+        planned = torch.tensor(handle.plan.tokens_per_layer, dtype=torch.float32) * 3
+        if method == "uniform":  # an even lattice keeps at most the budget: 5 x 6 of 12 x 12 for 32
+            assert torch.equal(counted, torch.full_like(counted, 3 * 30.0)) and (counted < planned).all()
+            return
+        torch.testing.assert_close(counted, planned)  # 3 images, each as the plan says, layer by layer
+        handle.set_selection("soft", temperature=1e-6)
+        model(**inputs)  # soft: expected counts, the same in the hard limit
+        torch.testing.assert_close(handle.vision_tokens_per_layer(), planned, atol=1e-3, rtol=0)

@@ -173,6 +173,8 @@ class NuwaFineTuner(L.LightningModule):
         kept = {"train/kept_stage1": float(stage1) / float(images)}
         if layout.stage2 is not None:
             kept["train/kept_stage2"] = float(layout.stage2.kept_vision.detach().float().sum()) / float(images)
+        # what the LLM's cost follows, comparable across methods (FastV has no stage 1, Nüwa two stages)
+        kept["train/vision_tokens_per_layer"] = float(self.nuwa.vision_tokens_per_layer().mean()) / float(images)
         return kept
 
     def _distillation(self, batch: dict, student_logits: torch.Tensor) -> torch.Tensor:

@@ -289,11 +289,11 @@ class NuwaHandle:
         if layout is None:
             raise RuntimeError("no prefill has run through this handle yet")
         selection = layout.selection
-        first = selection.keep_bias.float().exp()[selection.kept].sum() if selection.keep_bias is not None \
-            else layout.is_vision.sum().float()
+        first = selection.keep_bias.detach().float().exp()[selection.kept].sum() \
+            if selection.keep_bias is not None else layout.is_vision.sum().float()
         counts = torch.full((self.num_layers,), float(first))
         if layout.stage2 is not None:
-            counts[self.stage2_layer:] = float(layout.stage2.kept_vision.float().sum())
+            counts[self.stage2_layer:] = float(layout.stage2.kept_vision.detach().float().sum())
         return counts
 
     def _make_encoder_entry(self):
