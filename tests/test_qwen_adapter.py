@@ -133,14 +133,17 @@ def test_positions_are_the_unpruned_mrope_ids_and_decoding_continues_after_them(
         assert torch.equal(model.model.rope_deltas, deltas)  # the unpruned sequence's, for HF's own decoding
 
 
-def test_padding_of_odd_merged_grids_is_never_kept(tiny_qwen):
+@pytest.mark.parametrize("method", ["nuwa", "nuwa_stage1"])
+def test_padding_of_odd_merged_grids_is_never_kept_nor_budgeted(tiny_qwen, method):
     model, processor = tiny_qwen
-    inputs = encode(processor, QUESTIONS[1:2], make_images(SIZES[1:2]))  # 5x8 merged grid
-    with attach_nuwa(model, NuwaConfig(budget=576 // 2)) as handle, torch.no_grad():
+    inputs = encode(processor, QUESTIONS[1:2], make_images(SIZES[1:2]))  # 5x8 merged grid, padded to 6x8
+    with attach_nuwa(model, NuwaConfig(method=method, budget=576 // 2)) as handle, torch.no_grad():
         model(**inputs)
         selection = handle.layout.selection
     offsets = selection.kept_indices[selection.kept]
     assert offsets.max() < 40 and offsets.unique().numel() == offsets.numel()
+    if method == "nuwa_stage1":  # half of the 40 real tokens, not of the 48 padded ones
+        assert offsets.numel() == 20
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -231,7 +231,7 @@ class NuwaHandle:
     def __init__(self, model: nn.Module, adapter, config: NuwaConfig):
         self.model, self.adapter, self.config = model, adapter, config
         self.num_layers = len(adapter.decoder_layers)
-        self._plans: dict[tuple[int, int], PruningPlan] = {}
+        self._plans: dict[tuple, PruningPlan] = {}
         if config.position_mode != "original" and adapter.multimodal_positions:
             raise NuwaConfigError(f"position_mode={config.position_mode!r}: {type(model).__name__} uses multimodal "
                                   f"(M-RoPE) positions, which only 'original' keeps meaningful")
@@ -311,12 +311,15 @@ class NuwaHandle:
             + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
         return get_image_features
 
-    def plan_for(self, grid: tuple[int, int]) -> PruningPlan:
-        """The resolved budgets for one image grid (cached: dynamic-resolution batches repeat grids)."""
-        grid = tuple(int(side) for side in grid)
-        if grid not in self._plans:
-            self._plans[grid] = self.config.plan(grid, self.num_layers)
-        return self._plans[grid]
+    def plan_for(self, grid: tuple[int, int], real_tokens: int | None = None) -> PruningPlan:
+        """The resolved budgets for one image grid (cached: dynamic-resolution batches repeat grids).
+
+        `real_tokens` (grids padded to whole regions): the budget is a share of the real tokens only.
+        """
+        key = (tuple(int(side) for side in grid), real_tokens)
+        if key not in self._plans:
+            self._plans[key] = self.config.plan(key[0], self.num_layers, real_tokens)
+        return self._plans[key]
 
     def set_selection(self, mode: str, temperature: float | None = None, gumbel: float | None = None) -> None:
         """Switch between "hard" (inference), "soft" and "straight_through" (training) selection."""
@@ -389,7 +392,7 @@ class NuwaHandle:
         return features
 
     def _select_hard(self, encoding: VisionEncoding) -> _Selection:
-        plan = self.plan_for(encoding.grid)
+        plan = self.plan_for(encoding.grid, encoding.real_tokens)
         with self._timed("stage1"):
             if plan.stage1 is None:
                 selection = Stage1Output(encoding.features, self._all_indices(encoding.features))
@@ -402,7 +405,7 @@ class NuwaHandle:
     def _select_soft(self, encoding: VisionEncoding) -> _Selection:
         """Every token, as it would be if kept, with its keep probability as an attention bias."""
         features, every = encoding.features, self._all_indices(encoding.features)
-        plan = self.plan_for(encoding.grid)
+        plan = self.plan_for(encoding.grid, encoding.real_tokens)
         if plan.stage1 is None:
             return _Selection(encoding, plan, self.adapter.project(features), every, None,
                               torch.zeros(every.shape, device=features.device), every)

@@ -34,6 +34,13 @@ class VisionEncoding:
     placeholder_count: int | None = None  # placeholders per image (None: N)
 
     @property
+    def real_tokens(self) -> int | None:
+        """Grid tokens that are not padding (None: no padding)."""
+        if self.placeholder_offsets is None:
+            return None
+        return int((self.placeholder_offsets >= 0).sum())
+
+    @property
     def num_placeholders(self) -> int:
         return self.placeholder_count if self.placeholder_count is not None else self.features.shape[1]
 

@@ -99,11 +99,16 @@ class NuwaConfig:
                 data[key] = tuple(data[key])
         return cls(**data)
 
-    def plan(self, grid: tuple[int, int], num_layers: int) -> PruningPlan:
-        """Resolve the budget for one image grid and an LLM depth into concrete per-stage counts."""
+    def plan(self, grid: tuple[int, int], num_layers: int, real_tokens: int | None = None) -> PruningPlan:
+        """Resolve the budget for one image grid and an LLM depth into concrete per-stage counts.
+
+        `real_tokens`: tokens of the grid that are not padding (adapters pad odd grids to whole
+        regions); the budget is that share of them. Default: the whole grid.
+        """
         height, width = grid
         num_tokens = height * width
-        average = self.budget * num_tokens / (self.reference_grid[0] * self.reference_grid[1])
+        real = num_tokens if real_tokens is None else real_tokens
+        average = self.budget * real / (self.reference_grid[0] * self.reference_grid[1])
         if self.method == "none":
             return PruningPlan(None, None, num_tokens, num_tokens, num_layers)
         if self.method == "fastv":
@@ -142,7 +147,8 @@ class NuwaConfig:
         return layer
 
     def _nuwa_counts(self, grid: tuple[int, int], average: float) -> tuple[int, int, int]:
-        preset = PAPER_PRESETS.get(self.budget) if tuple(grid) == tuple(self.reference_grid) else None
+        on_reference = tuple(grid) == tuple(self.reference_grid) and average == self.budget  # no padding either
+        preset = PAPER_PRESETS.get(self.budget) if on_reference else None
         if preset is not None:
             top_n, keep1, keep2 = preset
         else:
