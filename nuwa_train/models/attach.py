@@ -241,6 +241,7 @@ class NuwaHandle:
         self.stage2_layer = reference.stage2.layer if reference.stage2 is not None else None
         self.layout: PrefillLayout | None = None
         self.overhead_seconds: dict[str, float] = defaultdict(float)
+        adapter.timer = self._timed
         self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
         self.mode, self.temperature, self.gumbel = "hard", 1.0, 0.0
         self._paused = False
@@ -384,8 +385,7 @@ class NuwaHandle:
     def image_features(self, pixel_values: torch.Tensor, **image_inputs) -> NuwaImageFeatures:
         """Vision tower once, stage-1 selection/aggregation, projector: the pruned image tokens."""
         image_inputs = {k: v for k, v in image_inputs.items() if k in self.adapter.image_input_names}
-        with self._timed("encode"):
-            encodings = self.adapter.encode(pixel_values, self.config, **image_inputs)
+        encodings = self.adapter.encode(pixel_values, self.config, **image_inputs)  # times its saliency part
         select = self._select_soft if self.mode != "hard" else self._select_hard
         features = _assemble([select(encoding) for encoding in encodings], self.adapter.extra_tokens)
         features.image_inputs = image_inputs

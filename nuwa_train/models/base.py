@@ -3,6 +3,7 @@ of the hooks that differ between VLM families (positions, rotary tables, extra i
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,10 @@ class Adapter:
     # or None; in soft modes called as (image, offsets, keep probabilities) -> (offsets, tokens, attention bias).
     extra_tokens = None
     model: nn.Module
+
+    def timer(self, name: str):
+        """Context that times Nüwa's own work (the handle installs its stopwatch; benchmarks read it)."""
+        return nullcontext()
 
     @property
     def language_model(self) -> nn.Module:

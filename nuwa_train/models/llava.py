@@ -65,7 +65,9 @@ class LlavaAdapter(Adapter):
 
     # ----------------------------------------------------------------------------------- stage 1
     def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, **unused) -> list[VisionEncoding]:
-        return [self.read_encoding(self.vision_hidden_states(pixel_values), config)]
+        hidden = self.vision_hidden_states(pixel_values)
+        with self.timer("saliency"):
+            return [self.read_encoding(hidden, config)]
 
     def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the tower once, keeping every layer's hidden states (CLS first)."""

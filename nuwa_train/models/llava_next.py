@@ -137,6 +137,12 @@ class LlavaNextAdapter(LlavaAdapter):
         layouts = [anyres_layout(size, self.model.config) for size in image_sizes]
         tiles = self._real_tiles(pixel_values, [layout.num_tiles for layout in layouts])
         hidden = self.vision_hidden_states(tiles)
+        with self.timer("saliency"):
+            return self._segments(hidden, layouts, config)
+
+    def _segments(self, hidden: tuple[torch.Tensor, ...], layouts: list[AnyresLayout],
+                  config: NuwaConfig) -> list[VisionEncoding]:
+        """The base and local grid of every image, from the tower's hidden states over all real tiles."""
         patches = self.side * self.side
 
         # Everything per tile token, flattened over all tiles of the call (an image's tokens are contiguous).

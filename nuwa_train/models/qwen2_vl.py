@@ -29,7 +29,7 @@ from ..pruning import NuwaConfig
 from .base import Adapter, NuwaInputError, UnsupportedModelError, VisionEncoding
 
 PAD_SCORE_MARGIN = 0.01  # padding scores sit this share of the real scores' range below the lowest
-QUERY_CHUNK = 1024  # queries per step when summing received attention (bounds memory at N x 1024 per head)
+QUERY_CHUNK = 256  # queries per step when summing received attention: memory heads x 256 x N (fp32)
 
 
 class QwenVLAdapter(Adapter):
@@ -136,14 +136,15 @@ class QwenVLAdapter(Adapter):
         finally:
             for hook in hooks:
                 hook.remove()
-        received = self._received_attention(blocks[block_index], captured["hidden"], captured["kwargs"])
-        sim = torch.stack([outputs[i] for i in sim_blocks]).mean(0)
-        if self.windowed:
-            raster = self._raster_order(image_grid_thw)
-            received, sim = received.view(-1, self.unit)[raster], sim.view(-1, self.unit, sim.shape[-1])[raster]
-        scores = received.reshape(-1, self.unit).mean(1)  # (M,) one score per merged token, raster order
-        sim = sim.reshape(-1, self.unit, sim.shape[-1]).mean(1)
-        return self._group_by_grid(merged, sim, scores, image_grid_thw, config.region_size)
+        with self.timer("saliency"):
+            received = self._received_attention(blocks[block_index], captured["hidden"], captured["kwargs"])
+            sim = torch.stack([outputs[i] for i in sim_blocks]).mean(0)
+            if self.windowed:
+                raster = self._raster_order(image_grid_thw)
+                received, sim = received.view(-1, self.unit)[raster], sim.view(-1, self.unit, sim.shape[-1])[raster]
+            scores = received.reshape(-1, self.unit).mean(1)  # (M,) one score per merged token, raster order
+            sim = sim.reshape(-1, self.unit, sim.shape[-1]).mean(1)
+            return self._group_by_grid(merged, sim, scores, image_grid_thw, config.region_size)
 
     def _score_block(self, config: NuwaConfig) -> int:
         if config.score_block is None:
