@@ -164,6 +164,7 @@ def test_encode_reads_each_tiles_cls_row_in_hf_packing_order(tiny_next, region_s
     with attach_nuwa(model, NuwaConfig(region_size=region_size, budget=100)) as handle, torch.no_grad():
         encodings = handle.adapter.encode(inputs["pixel_values"], handle.config, image_sizes=inputs["image_sizes"])
     assert any(e.images.tolist() == [0, 2] for e in encodings)  # same-layout images share groups
+    assert any(e.images.tolist() == list(range(len(SIZES))) for e in encodings)  # all base tiles: one group
     covered = [0] * len(tiles)
     for e in encodings:
         assert e.grid[0] % region_size == 0 and e.grid[1] % region_size == 0

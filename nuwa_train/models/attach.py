@@ -172,7 +172,7 @@ def _assemble(selections: list[_Selection], extra_tokens=None) -> NuwaImageFeatu
         stage2 = only.plan.stage2.keep if only.plan.stage2 is not None else 0
         return NuwaImageFeatures(pooler_output=only.tokens, kept_indices=only.indices, pillars=only.pillars,
                                  keep_bias=only.keep_bias, anchor_indices=only.anchors,
-                                 placeholder_counts=torch.full((n,), only.encoding.num_placeholders),
+                                 placeholder_counts=torch.tensor(only.encoding.placeholders_per_image()),
                                  stage2_keep=torch.full((n,), stage2))
     parts: dict[int, list] = defaultdict(list)
     placeholders, stage2_keep = {}, defaultdict(int)
@@ -181,12 +181,13 @@ def _assemble(selections: list[_Selection], extra_tokens=None) -> NuwaImageFeatu
         encoding = s.encoding
         images = encoding.images.tolist() if encoding.images is not None else range(s.indices.shape[0])
         offsets = s.indices if encoding.placeholder_offsets is None else encoding.placeholder_offsets[s.indices]
+        counts = encoding.placeholders_per_image()
         for row, image in enumerate(images):
             real = offsets[row] >= 0
             pillars = s.pillars[row][real] if s.pillars is not None else torch.zeros_like(offsets[row][real], dtype=bool)
             bias = s.keep_bias[row][real] if soft else None
             parts[image].append((offsets[row][real], s.tokens[row][real], pillars, bias))
-            placeholders[image] = encoding.num_placeholders
+            placeholders[image] = counts[row]
             stage2_keep[image] += s.plan.stage2.keep if s.plan.stage2 is not None else 0
     num_images = len(parts)
     if sorted(parts) != list(range(num_images)):

@@ -32,7 +32,8 @@ class VisionEncoding:
     images: torch.Tensor | None = None  # (n,) which images of the call these are (None: all, in order)
     placeholder_offsets: torch.Tensor | None = None  # (N,) offset of each grid token in the image's placeholder
     #                                                  run, -1 for grid padding (None: the identity)
-    placeholder_count: int | None = None  # placeholders per image (None: N)
+    placeholder_count: int | torch.Tensor | None = None  # placeholders of each image: one int, (n,) per image,
+    #                                                      or None (N: the grid is the whole placeholder run)
 
     @property
     def real_tokens(self) -> int | None:
@@ -41,9 +42,11 @@ class VisionEncoding:
             return None
         return int((self.placeholder_offsets >= 0).sum())
 
-    @property
-    def num_placeholders(self) -> int:
-        return self.placeholder_count if self.placeholder_count is not None else self.features.shape[1]
+    def placeholders_per_image(self) -> list[int]:
+        n, count = self.features.shape[0], self.placeholder_count
+        if count is None:
+            return [self.features.shape[1]] * n
+        return [int(count)] * n if isinstance(count, int) else [int(c) for c in count]
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -166,17 +166,16 @@ class LlavaNextAdapter(LlavaAdapter):
                 segments.append((layout.local, layout.local_offsets()))
             for ids, offsets in segments:
                 ids, offsets, grid = pad_to_regions(ids, offsets, config.region_size)
-                # Only segments with the same grid, offsets and placeholder count can share an encoding
-                # (VisionEncoding holds one offsets vector and one count per group).
-                groups[(grid, count, tuple(offsets.tolist()))].append((image, start + ids))
+                # Segments with the same grid and offsets share an encoding (every image's base tile does)
+                groups[(grid, tuple(offsets.tolist()))].append((image, start + ids, count))
             start += layout.num_tiles * patches
         self._layouts = layouts
 
         encodings = []
         device = features.device
-        for (grid, count, offsets), members in groups.items():
+        for (grid, offsets), members in groups.items():
             offsets = torch.tensor(offsets, device=device)
-            ids = torch.stack([member_ids for _, member_ids in members]).to(device)
+            ids = torch.stack([member_ids for _, member_ids, _ in members]).to(device)
             segment_scores = scores[ids]
             real = offsets >= 0
             if not real.all():  # padding scores sit below every real token of the segment
@@ -186,8 +185,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 segment_scores = torch.where(real, segment_scores, floor)
             encodings.append(VisionEncoding(
                 features[ids], sim_features[ids], segment_scores, grid,
-                images=torch.tensor([image for image, _ in members], device=device),
-                placeholder_offsets=offsets, placeholder_count=count))
+                images=torch.tensor([image for image, _, _ in members], device=device),
+                placeholder_offsets=offsets, placeholder_count=torch.tensor([count for _, _, count in members])))
         return encodings
 
     def _real_tiles(self, pixel_values: torch.Tensor, num_tiles: list[int]) -> torch.Tensor:
