@@ -47,8 +47,9 @@ def _fine_tune(recipe: Path, run_dir: Path, method: str, mode: str, extra: dict,
     if max_steps is not None:  # a shorter run anneals over the same share of its steps as the recipe
         recipe_settings = yaml.safe_load(recipe.read_text())
         share = recipe_settings["model"]["selection"]["anneal_steps"] / recipe_settings["trainer"]["max_steps"]
+        log_every = min(recipe_settings["trainer"].get("log_every_n_steps", 50), max_steps)  # a short run logs too
         args += ["--trainer.max_steps", str(max_steps), "--model.selection.anneal_steps",
-                 str(max(1, round(share * max_steps)))]
+                 str(max(1, round(share * max_steps))), "--trainer.log_every_n_steps", str(log_every)]
     cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, args=args, run=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last) if last.is_file() else None)

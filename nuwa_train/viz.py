@@ -102,6 +102,8 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for name, csv_path in runs.items():
+        if not Path(csv_path).is_file():  # a run too short to log anything
+            continue
         series = read_metrics_csv(csv_path)
         for ax, metric in zip(axes[0], metrics):
             if metric in series:
