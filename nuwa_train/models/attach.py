@@ -168,12 +168,12 @@ def _assemble(selections: list[_Selection], extra_tokens=None) -> NuwaImageFeatu
     only = selections[0]
     if len(selections) == 1 and only.encoding.images is None and only.encoding.placeholder_offsets is None \
             and extra_tokens is None:
-        n = only.indices.shape[0]
+        n, device = only.indices.shape[0], only.indices.device
         stage2 = only.plan.stage2.keep if only.plan.stage2 is not None else 0
         return NuwaImageFeatures(pooler_output=only.tokens, kept_indices=only.indices, pillars=only.pillars,
                                  keep_bias=only.keep_bias, anchor_indices=only.anchors,
-                                 placeholder_counts=torch.tensor(only.encoding.placeholders_per_image()),
-                                 stage2_keep=torch.full((n,), stage2))
+                                 placeholder_counts=torch.tensor(only.encoding.placeholders_per_image(), device=device),
+                                 stage2_keep=torch.full((n,), stage2, device=device))
     parts: dict[int, list] = defaultdict(list)
     placeholders, stage2_keep = {}, defaultdict(int)
     soft = only.keep_bias is not None
@@ -222,8 +222,9 @@ def _assemble(selections: list[_Selection], extra_tokens=None) -> NuwaImageFeatu
             bias[image, :k] = image_bias.to(bias.dtype)
     return NuwaImageFeatures(pooler_output=pooler, kept_indices=kept,
                              pillars=pillars if only.pillars is not None else None, keep_bias=bias,
-                             placeholder_counts=torch.tensor([placeholders[i] for i in range(num_images)]),
-                             stage2_keep=torch.tensor([stage2_keep[i] for i in range(num_images)]))
+                             placeholder_counts=torch.tensor([placeholders[i] for i in range(num_images)],
+                                                             device=pooler.device),
+                             stage2_keep=torch.tensor([stage2_keep[i] for i in range(num_images)], device=pooler.device))
 
 
 class NuwaHandle:
