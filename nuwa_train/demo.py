@@ -50,7 +50,7 @@ def _fine_tune(recipe: Path, run_dir: Path, method: str, mode: str, extra: dict,
         log_every = min(recipe_settings["trainer"].get("log_every_n_steps", 50), max_steps)  # a short run logs too
         args += ["--trainer.max_steps", str(max_steps), "--model.selection.anneal_steps",
                  str(max(1, round(share * max_steps))), "--trainer.log_every_n_steps", str(log_every)]
-    cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, args=args, run=False)
+    cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, args=args, run=False, save_config_kwargs={"overwrite": True})
     last = run_dir / "checkpoints" / "last.ckpt"
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
     return cli.model, run_dir / "csv" / "version_0" / "metrics.csv"
