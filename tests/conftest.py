@@ -82,3 +82,14 @@ def assert_cached_generate_equals_greedy(model, inputs: dict, steps: int, image_
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             per_token = {k: torch.cat([v, torch.zeros_like(v[:, :1])], 1) for k, v in per_token.items()}
     assert torch.equal(ids, generated.sequences)
+
+
+def causal_keys_mask(allowed: torch.Tensor, eager: bool) -> torch.Tensor:
+    """(B, 1, L, L): causal, only `allowed` keys, every query may see itself (no empty rows).
+
+    Bool (True = attend) for SDPA; additive float for eager, which adds the mask to the scores.
+    """
+    length = allowed.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (causal & allowed[:, None, None, :]) | torch.eye(length, dtype=torch.bool)
+    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min) if eager else mask

@@ -6,6 +6,7 @@ from conftest import (
     PROMPTS,
     WORDS,
     assert_cached_generate_equals_greedy,
+    causal_keys_mask,
     encode,
     make_images,
 )
@@ -16,17 +17,6 @@ from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
 
 IGNORE = -100
-
-
-def causal_keys_mask(allowed: torch.Tensor, eager: bool) -> torch.Tensor:
-    """(B, 1, L, L): causal, only `allowed` keys, every query may see itself (no empty rows).
-
-    Bool (True = attend) for SDPA; additive float for eager, which adds the mask to the scores.
-    """
-    length = allowed.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    mask = (causal & allowed[:, None, None, :]) | torch.eye(length, dtype=torch.bool)
-    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min) if eager else mask
 
 
 def masked_reference(model, inputs, layout, plan, labels=None):

@@ -5,7 +5,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, WORDS, assert_cached_generate_equals_greedy, encode
+from conftest import (
+    PROMPTS,
+    WORDS,
+    assert_cached_generate_equals_greedy,
+    causal_keys_mask,
+    encode,
+)
 
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
 from nuwa_train.models.llava_next import LlavaNextAdapter, anyres_layout
@@ -78,21 +84,17 @@ def masked_reference(model, inputs, layout, stage2_layer):
         kept2 = torch.zeros_like(kept1).scatter_(1, token_map.clamp(min=0), token_map >= 0)
         allowed2 = allowed1 & (kept2 | ~is_image)
 
-        def keys_mask(allowed):  # (B, 1, L, L) bool: causal, allowed keys, every query sees itself
-            length = allowed.shape[1]
-            causal = torch.ones(length, length, dtype=torch.bool).tril()
-            return (causal & allowed[:, None, None, :]) | torch.eye(length, dtype=torch.bool)
-
         hooks = []
         if stage2_layer is not None:
             def later_layers(layer, args, kwargs):
-                kwargs["attention_mask"] = keys_mask(allowed2)
+                kwargs["attention_mask"] = causal_keys_mask(allowed2, eager=False)
                 return args, kwargs
             hooks = [layer.register_forward_pre_hook(later_layers, with_kwargs=True)
                      for layer in model.model.language_model.layers[stage2_layer:]]
         try:
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            return model(inputs_embeds=embeds, attention_mask=keys_mask(allowed1), position_ids=positions).logits
+            mask1 = causal_keys_mask(allowed1, eager=False)
+            return model(inputs_embeds=embeds, attention_mask=mask1, position_ids=positions).logits
         finally:
             for hook in hooks:
                 hook.remove()

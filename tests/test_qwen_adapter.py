@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_cached_generate_equals_greedy
+from conftest import assert_cached_generate_equals_greedy, causal_keys_mask
 from PIL import Image
 
 from nuwa_train.models import NuwaInputError, UnsupportedModelError, attach_nuwa
@@ -51,13 +51,6 @@ def rope_positions(model, inputs, with_deltas=False):
     return (positions, deltas) if with_deltas else positions
 
 
-def causal_keys_mask(allowed):
-    length = allowed.shape[1]
-    mask = (torch.ones(length, length, dtype=torch.bool).tril() & allowed[:, None, None, :]) | torch.eye(
-        length, dtype=torch.bool)
-    return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-
-
 def masked_reference(model, inputs, layout, stage2_layer):
     """Unpatched full-length forward: kept image slots carry the pruned tokens, dropped ones are masked."""
     assert not hasattr(model, "_nuwa")
@@ -78,7 +71,7 @@ def masked_reference(model, inputs, layout, stage2_layer):
         allowed1 = kept1 & mask.bool()
         token_map = layout.token_map()
         kept2 = torch.zeros_like(kept1).scatter_(1, token_map.clamp(min=0), token_map >= 0)
-        masks = causal_keys_mask(allowed1), causal_keys_mask(allowed1 & (kept2 | ~is_image))
+        masks = causal_keys_mask(allowed1, eager=True), causal_keys_mask(allowed1 & (kept2 | ~is_image), eager=True)
 
         def later_layers(layer, args, kwargs):
             kwargs["attention_mask"] = masks[1]
