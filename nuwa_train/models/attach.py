@@ -56,6 +56,14 @@ ADAPTERS = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
 IGNORE_INDEX = -100
 SELECTION_MODES = ("hard", "soft", "straight_through")
 SOFT_METHODS = ("none", "nuwa", "nuwa_stage1", "fastv")  # selections with a differentiable form
+# transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (models, layers, masks).
+CACHE_KWARGS = ("cache", "past_key_values")
+MASK_CACHE_KWARG = next(name for name in CACHE_KWARGS if name in inspect.signature(create_causal_mask).parameters)
+
+
+def _cache_in(kwargs: dict):
+    """The KV cache a forward or layer call received, under either of its transformers 5.x names."""
+    return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
 
 
 @dataclass
@@ -360,7 +368,7 @@ class NuwaHandle:
             self._phase = "off"
             return None
         kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
-        cache = kwargs.get("past_key_values")
+        cache = _cache_in(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         if cached > 0:
             if self.mode != "hard":
@@ -620,8 +628,8 @@ class NuwaHandle:
         else:
             mask_2d = torch.cat([stage2.attention_mask, self._decode_columns.to(stage2.attention_mask.dtype)], 1)
         mask = create_causal_mask(config=self.adapter.language_model.config, inputs_embeds=hidden,
-                                  attention_mask=mask_2d, past_key_values=kwargs.get("past_key_values"),
-                                  position_ids=positions, layer_idx=self.stage2_layer)
+                                  attention_mask=mask_2d, position_ids=positions, layer_idx=self.stage2_layer,
+                                  **{MASK_CACHE_KWARG: _cache_in(kwargs)})
         self._stage2_kwargs = dict(attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
         kwargs.update(self._stage2_kwargs)
         return (hidden, *args[1:]), kwargs
