@@ -91,6 +91,7 @@ class PhaseConfig:
     aux_weight: float = 1.0  # vision auxiliary heads
     referred_weight: float = 0.0  # LLM referred-object head
     single_object_fraction: tuple[float, float] | None = None  # curriculum: linear from first to second value
+    data: dict = field(default_factory=dict)  # SyntheticConfig fields this phase changes (e.g. vqa_mix)
 
     def __post_init__(self):
         if self.train not in ("vision", "all"):
@@ -132,6 +133,11 @@ class PretrainConfig:
             raise ValueError("a recipe needs at least one phase")
         if self.presence_from not in ("cls", "cls_attention"):
             raise ValueError(f"presence_from must be 'cls' or 'cls_attention', got {self.presence_from!r}")
+        for phase in self.phases:  # fail at load time, not when a later phase starts hours into a run
+            try:
+                SyntheticConfig.from_dict({**self.data, **phase.data})
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"phase {phase.name!r}: bad data override {phase.data}: {error}") from None
         known = {f.name for f in fields(TinyLlavaSpec)}
         unknown = set(self.model) - known
         if unknown:
@@ -357,11 +363,12 @@ class Stream:
         self.size = config.spec.image_size
 
     def synthetic_at(self, phase: PhaseConfig, progress: float) -> SyntheticConfig:
+        base = SyntheticConfig.from_dict({**asdict(self.base), **phase.data}) if phase.data else self.base
         if phase.single_object_fraction is None:
-            return self.base
+            return base
         a, b = phase.single_object_fraction
         fraction = a + (b - a) * min(1.0, progress)
-        return replace(self.base, single_object_fraction=round(fraction, 3))
+        return replace(base, single_object_fraction=round(fraction, 3))
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """Same numbers as the CLIP image processor for images already at model size (tested)."""

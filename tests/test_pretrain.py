@@ -87,6 +87,25 @@ def test_fast_pixels_match_the_processor(tmp_path):
     assert torch.allclose(trainer.stream.pixels(images), reference, atol=1e-5)
 
 
+def test_a_phase_can_change_the_training_data(tmp_path):
+    recipe = _recipe(tmp_path, "mix", 1).read_text().replace(
+        "[0.5, 0.25]}", "[0.5, 0.25], data: {vqa_mix: [[count, 1.0]]}}")
+    assert "data: {vqa_mix" in recipe
+    path = tmp_path / "mix.yaml"
+    path.write_text(recipe)
+    trainer = Trainer(load_recipe(path))
+    vision, counting = trainer.config.phases
+    base = trainer.stream.synthetic_at(vision, 0.0)
+    assert base.vqa_mix == SyntheticConfig().vqa_mix
+    mixed = trainer.stream.synthetic_at(counting, 1.0)
+    assert mixed.vqa_mix == (("count", 1.0),) and mixed.single_object_fraction == 0.25
+    kinds = {r.kind for r in generate_records(mixed, "train", 20) if r.task == "vqa"}
+    assert kinds == {"count"}
+    path.write_text(recipe.replace("vqa_mix: [[count, 1.0]]", "vqa_mixture: [[count, 1.0]]"))
+    with pytest.raises(ValueError, match="phase 'all': bad data override"):
+        load_recipe(path)
+
+
 def test_sincos_positions_are_distinct():
     table = sincos_2d((12, 12), 32)
     assert table.shape == (144, 32)
