@@ -78,7 +78,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     base = Path(settings["model"]["model_path"])
     if not (base / "config.json").is_file():
         raise SystemExit(f"nuwa-train demo: no base model at {base}; train it with "
-                         f"`nuwa-train pretrain-base recipes/tiny_base.yaml` (about 100 CPU minutes)")
+                         f"`nuwa-train pretrain-base recipes/tiny_base.yaml` (about 4 hours on 2 CPU cores)")
     budget = settings["model"]["pruning"].get("budget", NuwaConfig().budget)
     model, processor = load_vlm(str(base))
     model.eval()

@@ -865,7 +865,7 @@ per question kind, and whether CLS attention is a saliency map). This export is
 
 ## Reproduce
 
-From the repository root (2 CPU cores, about 100 minutes):
+From the repository root (2 CPU cores, about {report['train_seconds'] / 60:.0f} minutes of training here):
 
 ```
 OMP_NUM_THREADS=2 python -m nuwa_train.pretrain recipes/tiny_base.yaml    # or: nuwa-train pretrain-base recipes/tiny_base.yaml
