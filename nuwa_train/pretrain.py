@@ -135,7 +135,7 @@ class PretrainConfig:
             raise ValueError(f"presence_from must be 'cls' or 'cls_attention', got {self.presence_from!r}")
         for phase in self.phases:  # fail at load time, not when a later phase starts hours into a run
             try:
-                SyntheticConfig.from_dict({**self.data, **phase.data})
+                self.phase_synthetic(phase)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"phase {phase.name!r}: bad data override {phase.data}: {error}") from None
         known = {f.name for f in fields(TinyLlavaSpec)}
@@ -149,6 +149,10 @@ class PretrainConfig:
 
     def synthetic(self, which: str = "data") -> SyntheticConfig:
         return SyntheticConfig.from_dict(getattr(self, which))
+
+    def phase_synthetic(self, phase: PhaseConfig) -> SyntheticConfig:
+        """The training data of `phase`: the recipe's `data` with the phase's own overrides."""
+        return SyntheticConfig.from_dict({**self.data, **phase.data})
 
     @property
     def total_steps(self) -> int:
@@ -356,14 +360,14 @@ class Stream:
 
     def __init__(self, config: PretrainConfig, processor, targets: TargetMaker):
         self.config, self.processor, self.targets = config, processor, targets
-        self.base = config.synthetic("data")
+        self.phase_data = [config.phase_synthetic(phase) for phase in config.phases]  # once, not per batch
         self.collator = VisionLanguageCollator(processor, padding_side="right")
         self.mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
         self.std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
         self.size = config.spec.image_size
 
     def synthetic_at(self, phase: PhaseConfig, progress: float) -> SyntheticConfig:
-        base = SyntheticConfig.from_dict({**asdict(self.base), **phase.data}) if phase.data else self.base
+        base = self.phase_data[self.config.phases.index(phase)]
         if phase.single_object_fraction is None:
             return base
         a, b = phase.single_object_fraction
