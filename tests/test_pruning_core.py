@@ -120,6 +120,10 @@ def test_paper_presets_and_derived_budgets():
     plan = NuwaConfig(budget=64).plan((12, 12), 4)  # same 11% rule on a tiny grid
     assert (plan.stage1.top_n, plan.stage1.keep, plan.stage2.keep, plan.stage2.layer) == (1, 28, 4, 2)
     assert plan.average_tokens == 16
+    for layer, keep1 in ((2, 64), (5, 28), (8, 19), (9, 17)):  # K solves the depth-average at any stage-2 layer
+        plan = NuwaConfig(budget=64, stage2_layer=layer).plan((12, 12), 10)
+        assert (plan.stage1.keep, plan.stage2.keep) == (keep1, 4)
+        assert abs(plan.average_tokens - 16) <= 0.5 * layer / 10  # only the rounding of K
     assert NuwaConfig(method="nuwa_stage1", budget=128).plan((24, 24), 32).stage1.keep == 128
     fastv = NuwaConfig(method="fastv", budget=64).plan((24, 24), 32)
     assert fastv.stage1 is None and fastv.stage2.layer == 2 and abs(fastv.average_tokens - 64) < 1

@@ -18,10 +18,11 @@ Aggregation = Literal["auto", "dense", "windowed"]
 
 # The paper's presets for LLaVA-1.5-7B (24x24 grid, 32 LLM layers, stage 2 at layer 16):
 # average budget -> (top-n per 2x2 region, stage-1 anchors K, stage-2 kept K2).
-# They follow K = 7/4 * average and K2 = average / 4, so that (K + K2) / 2 == average when the
-# stage-2 layer sits at half depth; `plan` applies the same rule to any grid.
+# They follow K2 = average / 4 and K = 7/4 * average, which is the K that makes the depth-average
+# (L2 * K + (L - L2) * K2) / L equal the budget when stage 2 sits at half depth. `plan` solves that
+# equation for the configured stage-2 layer, so the budget holds at any depth (a test checks that
+# the presets come out).
 PAPER_PRESETS: dict[int, tuple[int, int, int]] = {64: (1, 112, 16), 128: (2, 224, 32), 192: (3, 336, 48)}
-STAGE1_PER_AVERAGE = 7 / 4
 STAGE2_PER_AVERAGE = 1 / 4
 
 
@@ -114,8 +115,8 @@ class NuwaConfig:
         if self.method == "fastv":
             return self._plan_fastv(num_tokens, average, num_layers)
         if self.method == "nuwa":
-            keep1, keep2, top_n = self._nuwa_counts(grid, average)
             layer = self.resolve_stage2_layer(num_layers)
+            keep1, keep2, top_n = self._nuwa_counts(grid, average, layer, num_layers)
             if keep2 > keep1:
                 raise NuwaConfigError(f"stage2_keep={keep2} exceeds the stage-1 keep K={keep1}")
             return PruningPlan(Stage1Plan("nuwa", keep1, top_n), Stage2Plan(layer, keep2), num_tokens, average,
@@ -146,18 +147,12 @@ class NuwaConfig:
                                   f"[1, {num_layers - 1}] for a {num_layers}-layer LLM")
         return layer
 
-    def _nuwa_counts(self, grid: tuple[int, int], average: float) -> tuple[int, int, int]:
-        on_reference = tuple(grid) == tuple(self.reference_grid) and average == self.budget  # no padding either
-        preset = PAPER_PRESETS.get(self.budget) if on_reference else None
-        if preset is not None:
-            top_n, keep1, keep2 = preset
-        else:
-            keep1 = max(1, round(STAGE1_PER_AVERAGE * average))
-            keep2 = max(1, round(STAGE2_PER_AVERAGE * average))
-            top_n = self._min_top_n(grid, keep1)
-        keep1 = self.stage1_keep or keep1
-        keep2 = self.stage2_keep or keep2
-        top_n = self.top_n or (top_n if self.stage1_keep is None else self._min_top_n(grid, keep1))
+    def _nuwa_counts(self, grid: tuple[int, int], average: float, layer: int,
+                     num_layers: int) -> tuple[int, int, int]:
+        """(K, K2, top_n) with K2 = average / 4 and K solving the depth-average for stage 2 at `layer`."""
+        keep2 = self.stage2_keep or max(1, round(STAGE2_PER_AVERAGE * average))
+        keep1 = self.stage1_keep or max(1, round((num_layers * average - (num_layers - layer) * keep2) / layer))
+        top_n = self.top_n or self._min_top_n(grid, keep1)
         self._check_regions(grid, keep1, top_n)
         return keep1, keep2, top_n
 
