@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -79,7 +80,10 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     if not (base / "config.json").is_file():
         raise SystemExit(f"nuwa-train demo: no base model at {base}; train it with "
                          f"`nuwa-train pretrain-base recipes/tiny_base.yaml` (about 4 hours on 2 CPU cores)")
-    budget = settings["model"]["pruning"].get("budget", NuwaConfig().budget)
+    # The recipe's pruning settings (budget, stage-2 layer, ...) serve the training-free row too, so the
+    # rows differ only in whether the model was fine-tuned.
+    nuwa = replace(NuwaConfig.from_dict(settings["model"].get("pruning", {})), method="nuwa")
+    budget = nuwa.budget
     model, processor = load_vlm(str(base))
     model.eval()
     dataset = SyntheticRecords(synthetic_config_for(str(base)), "test", test_images)
@@ -87,7 +91,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
 
     console.rule(f"1/3  the base model on {len(records)} test records")
     full = evaluate(model, processor, records, batch_size=batch_size, description="full tokens")
-    free = evaluate(model, processor, records, pruning=NuwaConfig(budget=budget), batch_size=batch_size,
+    free = evaluate(model, processor, records, pruning=nuwa, batch_size=batch_size,
                     description=f"Nüwa, training-free @ {budget}")
     rows = [Row("full tokens", None, full, full), Row("Nüwa, training-free", budget, free, full)]
 
@@ -96,7 +100,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     for label, method, mode, extra in FINE_TUNES:
         console.print(f"[bold]{label}[/bold]: method={method}, training selection={mode}")
         try:
-            NuwaConfig(method=method, budget=budget, **extra).plan(_grid(model), _depth(model))
+            replace(nuwa, method=method, **extra).plan(_grid(model), _depth(model))
         except NuwaConfigError as error:  # e.g. FastV on an LLM too shallow for this budget
             console.print(f"skipped: {error}")
             rows.append(Row(label, budget, None, full, note=str(error)))
@@ -119,9 +123,9 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     curves_png = plot_training_curves(curves, out_dir / "training_curves.png")
     exported = load_pruned(export_dir)
     detach_nuwa(exported)
-    overlay_png = overlay(model, processor, records, [("Nüwa, training-free", NuwaConfig(budget=budget))],
+    overlay_png = overlay(model, processor, records, [("Nüwa, training-free", nuwa)],
                           out_dir / "kept_tokens_base.png")
-    overlay_ft_png = overlay(exported, processor, records, [("Nüwa, fine-tuned", NuwaConfig(budget=budget))],
+    overlay_ft_png = overlay(exported, processor, records, [("Nüwa, fine-tuned", nuwa)],
                              out_dir / "kept_tokens_fine_tuned.png")
     console.print(text)
     for path in (out_dir / "results.md", out_dir / "results.json", curves_png, overlay_png, overlay_ft_png,
