@@ -100,17 +100,21 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for name, csv_path in runs.items():
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False, sharex=True)
+    for index, (name, csv_path) in enumerate(runs.items()):
         if not Path(csv_path).is_file():  # a run too short to log anything
             continue
         series = read_metrics_csv(csv_path)
+        hard_steps = {step for step, hard in series.get("train/hard", []) if hard}
         for ax, metric in zip(axes[0], metrics):
-            if metric in series:
-                steps, values = zip(*series[metric])
-                ax.plot(steps, values, label=name)
+            points = series.get(metric, [])
+            if metric == "train/temperature":  # it only acts on soft steps: where a line ends, hard training begins
+                points = [(step, value) for step, value in points if step not in hard_steps]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=name, color=f"C{index}")  # one colour per run in every panel
     for ax, metric in zip(axes[0], metrics):
-        ax.set_title(metric)
+        ax.set_title(f"{metric} (soft steps)" if metric == "train/temperature" else metric)
         ax.set_xlabel("step")
         if metric == "train/temperature":
             ax.set_yscale("log")
