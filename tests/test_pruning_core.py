@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nuwa_train.pruning import NuwaConfig, NuwaConfigError, nuwa_stage1, select_top
+from nuwa_train.pruning import PAPER_PRESETS, NuwaConfig, NuwaConfigError, nuwa_stage1, select_top
 from nuwa_train.pruning.baselines import (
     pooling_stage1,
     random_stage1,
@@ -113,7 +113,7 @@ def test_select_top_with_per_sample_budgets():
 
 
 def test_paper_presets_and_derived_budgets():
-    for budget, (top_n, keep1, keep2) in {64: (1, 112, 16), 128: (2, 224, 32), 192: (3, 336, 48)}.items():
+    for budget, (top_n, keep1, keep2) in PAPER_PRESETS.items():  # the published values come out of the rule
         plan = NuwaConfig(budget=budget).plan((24, 24), 32)
         assert (plan.stage1.top_n, plan.stage1.keep, plan.stage2.keep, plan.stage2.layer) == (top_n, keep1, keep2, 16)
         assert plan.average_tokens == budget
