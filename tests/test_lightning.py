@@ -14,6 +14,7 @@ from nuwa_train.lightning import (
     OptimizerSettings,
     SelectionSettings,
 )
+from nuwa_train.lightning.module import record_mean_loss
 from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 from nuwa_train.pruning import NuwaConfig
 
@@ -107,6 +108,31 @@ def test_distillation_adds_a_finite_positive_term(base_dir):
     module.nuwa.set_selection("hard")
     output = module.model(**batch)
     assert torch.isfinite(module._distillation(batch, output.logits))
+
+
+def test_record_mean_loss_weighs_records_equally_on_the_pruned_sequence(base_dir):
+    """Per record, the batch loss equals the record's loss run alone (padding and stage 2 included)."""
+    module, data = make(base_dir)
+    module.configure_model()
+    module.model.eval()
+    module.nuwa.set_selection("hard")
+    data.setup()
+    records = [data.dataset("train")[i] for i in range(4)]  # VQA and grounding: 2 vs 5 answer tokens
+    collate = data.collator()
+    with torch.no_grad():
+        alone = torch.stack([module.model(**collate([record])).loss for record in records])
+        batch = collate(records)
+        output = module.model(**batch)
+        by_record = record_mean_loss(output.logits, module.nuwa.output_labels())
+    answer_tokens = (batch["labels"] != -100).sum(dim=1).float()
+    assert len(set(answer_tokens.tolist())) > 1  # otherwise both means coincide and nothing is tested
+    assert by_record == pytest.approx(alone.mean().item(), abs=1e-4)
+    assert output.loss == pytest.approx(((alone * answer_tokens).sum() / answer_tokens.sum()).item(), abs=1e-4)
+
+
+def test_unknown_loss_reduction_is_a_clear_error(base_dir):
+    with pytest.raises(ValueError, match="model.loss_reduction='sum' must be one of token, record"):
+        NuwaFineTuner(model_path=base_dir, loss_reduction="sum")
 
 
 def test_lora_never_targets_vision_layers_without_gradient(tmp_path):

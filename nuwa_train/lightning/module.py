@@ -19,6 +19,21 @@ from ..pruning import NuwaConfig
 from ..pruning.soft import temperature_at
 
 IGNORE_INDEX = -100
+LOSS_REDUCTIONS = ("token", "record")
+
+
+def record_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged within each record, then over the records that have labels.
+
+    The token mean (HF's default) weighs a record by its answer length, so a batch of one-word VQA
+    answers and five-token boxes spends most of its gradient on the boxes; this weighs records equally.
+    """
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    labelled = counts > 0
+    return (losses.sum(dim=1)[labelled] / counts[labelled]).mean()
 
 
 @dataclass(frozen=True)
@@ -59,8 +74,10 @@ class NuwaFineTuner(L.LightningModule):
                  lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
                  optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
                  distill_temperature: float = 1.0, dtype: str = "float32", eval_records: int = 64,
-                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False):
+                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False, loss_reduction: str = "token"):
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"model.loss_reduction={loss_reduction!r} must be one of {', '.join(LOSS_REDUCTIONS)}")
         self.save_hyperparameters()
         self.pruning, self.lora, self.selection, self.optim = pruning, lora, selection, optimizer
         self.model = None  # built in configure_model, so sharded strategies can place it
@@ -121,7 +138,10 @@ class NuwaFineTuner(L.LightningModule):
         size, has_images = batch["input_ids"].shape[0], batch.get("pixel_values") is not None
         batch = self._with_blank_image(batch)
         output = self.model(**batch)
-        loss = lm_loss = output.loss
+        lm_loss = output.loss
+        if self.hparams.loss_reduction == "record":
+            lm_loss = record_mean_loss(output.logits, self.nuwa.output_labels())
+        loss = lm_loss
         if self.hparams.distill_weight > 0:
             distill = self._distillation(batch, output.logits)
             loss = lm_loss + self.hparams.distill_weight * distill

@@ -437,15 +437,20 @@ class NuwaHandle:
         return torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
 
     def _after_forward(self, model, args, kwargs, output):
-        layout = self.layout
-        if self._phase != "prefill" or layout is None or layout.labels is None:
+        if self._phase != "prefill" or self.layout is None or self.layout.labels is None:
             return output
-        labels = layout.labels
-        if layout.stage2 is not None:
-            labels = _gather_rows(labels, layout.stage2.source, IGNORE_INDEX)
-        output.loss = model.loss_function(logits=output.logits, labels=labels,
+        output.loss = model.loss_function(logits=output.logits, labels=self.output_labels(),
                                           vocab_size=model.config.text_config.vocab_size)
         return output
+
+    def output_labels(self) -> torch.Tensor | None:
+        """The last prefill's labels aligned with its output logits (pruned columns, stage 2 included)."""
+        layout = self.layout
+        if layout is None or layout.labels is None:
+            return None
+        if layout.stage2 is not None:
+            return _gather_rows(layout.labels, layout.stage2.source, IGNORE_INDEX)
+        return layout.labels
 
     def _prefill(self, kwargs: dict, input_ids: torch.Tensor, images: NuwaImageFeatures) -> dict:
         batch, length = input_ids.shape
