@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +30,11 @@ FINE_TUNES = (("Nüwa, fine-tuned", "nuwa", "soft", {}),
               ("VisionZip-like, fine-tuned", "visionzip", "hard", {}),
               ("FastV, fine-tuned", "fastv", "soft", {"fastv_layer": 1}))
 CHECKPOINT_EVERY = 25  # steps between `last.ckpt` writes of each fine-tune
+RUN_SETTINGS_NAME = "run_settings.yaml"  # a fine-tune's resolved settings, checked before resuming it
 
 
-def _fine_tune(recipe: Path, run_dir: Path, method: str, mode: str, extra: dict, max_steps: int | None):
+def _fine_tune(recipe: Path, run_dir: Path, method: str, mode: str, extra: dict, max_steps: int | None,
+               console):
     """Fit one recipe variant; its logs and checkpoints go under `run_dir`."""
     from .lightning import NuwaDataModule, NuwaFineTuner
     from .lightning.cli import NuwaCLI
@@ -52,9 +56,29 @@ def _fine_tune(recipe: Path, run_dir: Path, method: str, mode: str, extra: dict,
         args += ["--trainer.max_steps", str(max_steps), "--model.selection.anneal_steps",
                  str(max(1, round(share * max_steps))), "--trainer.log_every_n_steps", str(log_every)]
     cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, args=args, run=False, save_config_kwargs={"overwrite": True})
-    last = run_dir / "checkpoints" / "last.ckpt"
-    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
+    last = _resumable_checkpoint(run_dir, cli.parser.dump(cli.config, skip_none=False), console)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last) if last is not None else None)
     return cli.model, run_dir / "csv" / "version_0" / "metrics.csv"
+
+
+def _resumable_checkpoint(run_dir: Path, settings: str, console) -> Path | None:
+    """`last.ckpt` of an interrupted run with exactly these settings, else None (and a clean `run_dir`).
+
+    A run left by a different recipe or command line is started afresh: resuming it would report the old
+    settings' model under the new ones (e.g. a finished run would not train at all).
+    """
+    last, recorded = run_dir / "checkpoints" / "last.ckpt", run_dir / RUN_SETTINGS_NAME
+    if last.is_file() and recorded.is_file() and recorded.read_text() == settings:
+        console.print(f"resuming the interrupted run from {last}")
+        return last
+    if run_dir.exists():
+        console.print(f"{run_dir} holds a run with other settings: starting afresh")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    staging = recorded.with_name(recorded.name + ".tmp")
+    staging.write_text(settings)
+    os.replace(staging, recorded)  # atomic: a crash never leaves half a settings file that could match
+    return None
 
 
 def _grid(model) -> tuple[int, int]:
@@ -105,7 +129,8 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
             console.print(f"skipped: {error}")
             rows.append(Row(label, budget, None, full, note=str(error)))
             continue
-        module, metrics_csv = _fine_tune(recipe, out_dir / "runs" / method, method, mode, extra, max_steps)
+        module, metrics_csv = _fine_tune(recipe, out_dir / "runs" / method, method, mode, extra, max_steps,
+                                         console)
         curves[label] = metrics_csv
         module.eval()
         module.nuwa.detach()

@@ -36,3 +36,19 @@ def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
     for picture in ("training_curves.png", "kept_tokens_base.png", "kept_tokens_fine_tuned.png"):
         assert (tmp_path / "demo" / picture).stat().st_size > 0
     assert (tmp_path / "demo" / "export" / "nuwa_config.json").is_file()
+
+
+def test_demo_resumes_only_a_run_with_the_same_settings(tmp_path):
+    from rich.console import Console
+
+    from nuwa_train.demo import _resumable_checkpoint
+
+    console, run_dir = Console(quiet=True), tmp_path / "runs" / "nuwa"
+    assert _resumable_checkpoint(run_dir, "lr: 0.001\n", console) is None  # nothing to resume yet
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"interrupted")
+    assert _resumable_checkpoint(run_dir, "lr: 0.001\n", console) == last
+    assert _resumable_checkpoint(run_dir, "lr: 0.002\n", console) is None  # another recipe: start afresh
+    assert not last.exists()
+    assert _resumable_checkpoint(run_dir, "lr: 0.001\n", console) is None  # the old settings are gone too

@@ -138,10 +138,7 @@ class NuwaFineTuner(L.LightningModule):
         size, has_images = batch["input_ids"].shape[0], batch.get("pixel_values") is not None
         batch = self._with_blank_image(batch)
         output = self.model(**batch)
-        lm_loss = output.loss
-        if self.hparams.loss_reduction == "record":
-            lm_loss = record_mean_loss(output.logits, self.nuwa.output_labels())
-        loss = lm_loss
+        loss = lm_loss = self._lm_loss(output)
         if self.hparams.distill_weight > 0:
             distill = self._distillation(batch, output.logits)
             loss = lm_loss + self.hparams.distill_weight * distill
@@ -153,6 +150,12 @@ class NuwaFineTuner(L.LightningModule):
         if has_images:
             self.log_dict(self._kept_tokens(), batch_size=size)
         return loss
+
+    def _lm_loss(self, output) -> torch.Tensor:
+        """The answer loss of the last forward, reduced as `loss_reduction` says."""
+        if self.hparams.loss_reduction == "record":
+            return record_mean_loss(output.logits, self.nuwa.output_labels())
+        return output.loss
 
     def _with_blank_image(self, batch: dict) -> dict:
         """A batch without images gets one extra row holding only a blank image: attended, but without labels.
@@ -216,7 +219,8 @@ class NuwaFineTuner(L.LightningModule):
     def validation_step(self, batch: dict, batch_index: int) -> None:
         self.nuwa.set_selection("hard")
         output = self.model(**self._with_blank_image(batch))
-        self.log("val/loss", output.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.log("val/loss", self._lm_loss(output), prog_bar=True, batch_size=batch["input_ids"].shape[0],
+                 sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_generation_metrics("val")
@@ -224,7 +228,7 @@ class NuwaFineTuner(L.LightningModule):
     def test_step(self, batch: dict, batch_index: int) -> None:
         self.nuwa.set_selection("hard")
         output = self.model(**self._with_blank_image(batch))
-        self.log("test/loss", output.loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.log("test/loss", self._lm_loss(output), batch_size=batch["input_ids"].shape[0], sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_generation_metrics("test")
