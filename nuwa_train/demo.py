@@ -72,7 +72,8 @@ def _resumable_checkpoint(run_dir: Path, settings: str, console) -> Path | None:
         console.print(f"resuming the interrupted run from {last}")
         return last
     if run_dir.exists():
-        console.print(f"{run_dir} holds a run with other settings: starting afresh")
+        same = recorded.is_file() and recorded.read_text() == settings
+        console.print(f"{run_dir}: {'no checkpoint yet' if same else 'a run with other settings'}; starting afresh")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     staging = recorded.with_name(recorded.name + ".tmp")
