@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -21,6 +20,7 @@ import yaml
 from .compare import Row, overlay, synthetic_config_for, write_table
 from .evaluation import evaluate
 from .export import export_module, load_pruned
+from .io import write_atomically
 from .models import detach_nuwa
 from .pruning import NuwaConfig, NuwaConfigError
 from .viz import plot_training_curves
@@ -68,17 +68,14 @@ def _resumable_checkpoint(run_dir: Path, settings: str, console) -> Path | None:
     settings' model under the new ones (e.g. a finished run would not train at all).
     """
     last, recorded = run_dir / "checkpoints" / "last.ckpt", run_dir / RUN_SETTINGS_NAME
-    if last.is_file() and recorded.is_file() and recorded.read_text() == settings:
+    same = recorded.is_file() and recorded.read_text() == settings
+    if same and last.is_file():
         console.print(f"resuming the interrupted run from {last}")
         return last
     if run_dir.exists():
-        same = recorded.is_file() and recorded.read_text() == settings
         console.print(f"{run_dir}: {'no checkpoint yet' if same else 'a run with other settings'}; starting afresh")
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    staging = recorded.with_name(recorded.name + ".tmp")
-    staging.write_text(settings)
-    os.replace(staging, recorded)  # atomic: a crash never leaves half a settings file that could match
+    write_atomically(recorded, lambda staging: staging.write_text(settings))  # never half a file that could match
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -20,3 +21,12 @@ def replace_directory(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(staging)` next to `path`, then one rename: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    write(staging)
+    os.replace(staging, path)
+    return path

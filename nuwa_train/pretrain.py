@@ -69,7 +69,7 @@ from .data.synthetic import (
     render,
     vocabulary,
 )
-from .io import replace_directory
+from .io import replace_directory, write_atomically
 from .models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 
 IGNORE = -100
@@ -543,7 +543,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.run_dir / "last.ckpt"
-        _atomic_torch_save(self.state(), path)
+        write_atomically(path, lambda staging: torch.save(self.state(), staging))
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -793,12 +793,14 @@ class CsvLog:
 
     def _rewrite(self):
         columns = _columns(self.rows)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+
+        def write(staging: Path) -> None:
+            with open(staging, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        write_atomically(self.path, write)
         self.columns = columns
 
     def write(self, row: dict):
@@ -818,13 +820,6 @@ def _columns(rows: list[dict]) -> list[str]:
     for row in rows:
         columns += [k for k in row if k not in columns]
     return columns
-
-
-def _atomic_torch_save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def report_markdown(report: dict) -> str:

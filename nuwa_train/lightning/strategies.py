@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import lightning
@@ -24,6 +25,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from ..io import write_atomically
 
 TORCH_EXTENSIONS_SUBDIR = Path("nuwa-train") / "torch_extensions"
 
@@ -122,13 +125,6 @@ def trainable_checkpoint(module) -> dict:
     return checkpoint
 
 
-def _save_atomically(checkpoint: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    torch.save(checkpoint, staging)
-    os.replace(staging, path)
-
-
 class SaveTrainableWeights(Callback):
     """At the end of fit, write the trainable weights (gathered under ZeRO-3) to one file `nuwa-train export` reads."""
 
@@ -138,7 +134,7 @@ class SaveTrainableWeights(Callback):
     def on_train_end(self, trainer, module) -> None:
         checkpoint = trainable_checkpoint(module)  # every rank takes part in the gather
         if trainer.is_global_zero:
-            _save_atomically(checkpoint, self.path)
+            write_atomically(self.path, lambda staging: torch.save(checkpoint, staging))
         trainer.strategy.barrier("nuwa_train.save_trainable_weights")
 
 
@@ -148,12 +144,7 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, output: str | os.P
         convert_zero_checkpoint_to_fp32_state_dict,
     )
 
-    output = Path(output)
-    staging = output.with_name(f".{output.name}.partial")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, staging)
-    os.replace(staging, output)
-    return output
+    return write_atomically(Path(output), partial(convert_zero_checkpoint_to_fp32_state_dict, checkpoint_dir))
 
 
 def main(argv: list[str] | None = None) -> None:
