@@ -14,7 +14,7 @@ from nuwa_train.lightning import (
     OptimizerSettings,
     SelectionSettings,
 )
-from nuwa_train.lightning.module import record_mean_loss
+from nuwa_train.lightning.module import IGNORE_INDEX, record_mean_loss
 from nuwa_train.models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 from nuwa_train.pruning import NuwaConfig
 
@@ -124,7 +124,7 @@ def test_record_mean_loss_weighs_records_equally_on_the_pruned_sequence(base_dir
         batch = collate(records)
         output = module.model(**batch)
         by_record = record_mean_loss(output.logits, module.nuwa.output_labels())
-    answer_tokens = (batch["labels"] != -100).sum(dim=1).float()
+    answer_tokens = (batch["labels"] != IGNORE_INDEX).sum(dim=1).float()
     assert len(set(answer_tokens.tolist())) > 1  # otherwise both means coincide and nothing is tested
     assert by_record == pytest.approx(alone.mean().item(), abs=1e-4)
     assert output.loss == pytest.approx(((alone * answer_tokens).sum() / answer_tokens.sum()).item(), abs=1e-4)

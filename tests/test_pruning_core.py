@@ -113,7 +113,9 @@ def test_select_top_with_per_sample_budgets():
 
 
 def test_paper_presets_and_derived_budgets():
-    for budget, (top_n, keep1, keep2) in PAPER_PRESETS.items():  # the published values come out of the rule
+    published = {64: (1, 112, 16), 128: (2, 224, 32), 192: (3, 336, 48)}  # the paper, LLaVA-1.5-7B
+    assert PAPER_PRESETS == published
+    for budget, (top_n, keep1, keep2) in published.items():  # the published values come out of the rule
         plan = NuwaConfig(budget=budget).plan((24, 24), 32)
         assert (plan.stage1.top_n, plan.stage1.keep, plan.stage2.keep, plan.stage2.layer) == (top_n, keep1, keep2, 16)
         assert plan.average_tokens == budget

@@ -437,9 +437,10 @@ class NuwaHandle:
         return torch.arange(features.shape[1], device=features.device).expand(features.shape[0], -1)
 
     def _after_forward(self, model, args, kwargs, output):
-        if self._phase != "prefill" or self.layout is None or self.layout.labels is None:
+        labels = self.output_labels() if self._phase == "prefill" else None
+        if labels is None:
             return output
-        output.loss = model.loss_function(logits=output.logits, labels=self.output_labels(),
+        output.loss = model.loss_function(logits=output.logits, labels=labels,
                                           vocab_size=model.config.text_config.vocab_size)
         return output
 
