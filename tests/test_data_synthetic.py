@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from nuwa_train.data.records import SyntheticRecords
 from nuwa_train.data.synthetic import (
     SPLITS,
     SyntheticConfig,
@@ -119,6 +120,22 @@ def test_any_record_regenerates_alone_from_seed_split_and_index(records):
     other_seed = replace(CONFIG, seed=1)
     assert generate_scene(other_seed, "train", 37) != scene
     assert _image_digest(scene, other_seed) != _image_digest(scene)
+
+
+def test_more_questions_per_image_keep_the_first_and_draw_new_ones():
+    one, three = SyntheticRecords(CONFIG, "train", 40), SyntheticRecords(CONFIG, "train", 40, questions_per_image=3)
+    assert len(three) == 3 * len(one) and three.records_per_image == 6
+    for image in range(40):
+        group = [three[6 * image + k] for k in range(6)]
+        assert group[0] == one[2 * image] and group[1] == one[2 * image + 1]  # draw 0 is the single-question data
+        assert [r["task"] for r in group] == ["vqa", "grounding"] * 3
+        assert all(np.array_equal(np.asarray(r["image"]), np.asarray(group[0]["image"])) for r in group)
+    rows = [three[i] for i in range(len(three))]
+    assert len({r["id"] for r in rows}) == len(rows)
+    vqa = [(r["prompt"], r["answer"]) for r in rows if r["task"] == "vqa"]
+    assert len(set(vqa)) > 0.6 * len(vqa)  # later draws are mostly new questions, not copies of the first
+    with pytest.raises(ValueError, match="questions_per_image=0"):
+        SyntheticRecords(CONFIG, "train", 40, questions_per_image=0)
 
 
 def test_splits_never_share_an_image():

@@ -12,6 +12,7 @@ from nuwa_train.lightning import (
     NuwaDataModule,
     NuwaFineTuner,
     OptimizerSettings,
+    ResumableSampler,
     SelectionSettings,
 )
 from nuwa_train.lightning.module import IGNORE_INDEX, record_mean_loss
@@ -86,6 +87,24 @@ def test_resume_after_kill_gives_the_same_next_losses(base_dir, tmp_path, mode, 
     assert sorted(resumed.losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed.losses[step] == pytest.approx(uninterrupted.losses[step], abs=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_sampler_passes_are_permutations_that_keep_groups_and_resume_mid_pass(group):
+    stream = list(ResumableSampler(24, batch_size=4, start=0, total=64, seed=3, group=group))
+    assert sorted(stream[:24]) == sorted(stream[24:48]) == list(range(24)) and stream[:24] != stream[24:48]
+    assert all(stream[k] // group == stream[k - k % group] // group for k in range(64))  # a group stays together
+    assert list(ResumableSampler(24, batch_size=4, start=28, total=64, seed=3, group=group)) == stream[28:]
+    ranks = [list(ResumableSampler(24, batch_size=4, start=0, total=64, seed=3, rank=r, world=2, group=group))
+             for r in (0, 1)]
+    assert [i for step in range(0, 64, 8) for r in (0, 1) for i in ranks[r][step // 2:step // 2 + 4]] == stream
+
+
+def test_grouped_data_settings_are_checked(base_dir):
+    with pytest.raises(ValueError, match="data.train_questions_per_image=0"):
+        NuwaDataModule(processor_path=base_dir, train_questions_per_image=0)
+    with pytest.raises(ValueError, match="data.group_by_image"):
+        NuwaDataModule(processor_path=base_dir, group_by_image=True, train_files={"llava": ["x.json"]})
 
 
 def test_temperature_and_hard_final_phase_follow_the_step(base_dir):

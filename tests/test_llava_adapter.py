@@ -117,19 +117,14 @@ def test_loss_on_the_pruned_sequence_equals_the_masked_loss(tiny_llava):
     torch.testing.assert_close(pruned.loss, reference.loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("method", ["nuwa", "uniform"])
-def test_batched_equals_one_by_one_with_padding_and_multiple_images(tiny_llava, padding_side, method):
-    model, processor = tiny_llava
-    prompts = [PROMPTS[1], PROMPTS[0].replace("<image>", "<image> <image>"), PROMPTS[2]]
-    images = make_images(4, seed=1)
-    per_sample = [[images[0]], images[1:3], [images[3]]]
-    inputs = encode(processor, prompts, images, padding_side)
-    with attach_nuwa(model, NuwaConfig(method=method, budget=64)) as handle, torch.no_grad():
+def assert_batched_equals_one_by_one(model, processor, handle, prompts, per_sample, padding_side):
+    """Every text and kept-vision logit of the batched forward equals the record's forward alone."""
+    inputs = encode(processor, prompts, [image for images in per_sample for image in images], padding_side)
+    with torch.no_grad():
         batched = model(**inputs).logits
         batched_map = handle.layout.token_map()
-        assert handle.layout.images_per_sample.tolist() == [1, 2, 1]
-        for b in range(3):
+        assert handle.layout.images_per_sample.tolist() == [len(images) for images in per_sample]
+        for b in range(len(prompts)):
             alone_inputs = encode(processor, [prompts[b]], per_sample[b])
             alone = model(**alone_inputs).logits[0]
             alone_map = handle.layout.token_map()[0]
@@ -139,6 +134,32 @@ def test_batched_equals_one_by_one_with_padding_and_multiple_images(tiny_llava, 
             assert len(common) == alone.shape[0]  # every token of the lone run is in the batched run
             jb, ja = map(torch.tensor, zip(*common))
             torch.testing.assert_close(batched[b, jb], alone[ja], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("method", ["nuwa", "uniform"])
+def test_batched_equals_one_by_one_with_padding_and_multiple_images(tiny_llava, padding_side, method):
+    model, processor = tiny_llava
+    prompts = [PROMPTS[1], PROMPTS[0].replace("<image>", "<image> <image>"), PROMPTS[2]]
+    images = make_images(4, seed=1)
+    with attach_nuwa(model, NuwaConfig(method=method, budget=64)) as handle:
+        assert_batched_equals_one_by_one(model, processor, handle, prompts, [[images[0]], images[1:3], [images[3]]],
+                                         padding_side)
+
+
+def test_records_sharing_an_image_share_one_tower_pass(tiny_llava):
+    """Two questions about one image run the tower once for it, and each gets what it would alone."""
+    model, processor = tiny_llava
+    shared, other = make_images(2, seed=3)
+    tower_batches = []
+    hook = model.model.vision_tower.register_forward_pre_hook(lambda tower, args: tower_batches.append(len(args[0])))
+    try:
+        with attach_nuwa(model, NuwaConfig(budget=64)) as handle:
+            assert_batched_equals_one_by_one(model, processor, handle, PROMPTS, [[shared], [other], [shared]], "left")
+    finally:
+        hook.remove()
+    assert tower_batches[0] == 2  # the batched forward: two distinct images for three records
+    assert tower_batches[1:] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("method", ["nuwa", "fastv"])

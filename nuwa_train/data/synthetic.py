@@ -228,10 +228,12 @@ def vocabulary(config: SyntheticConfig) -> list[str]:
 # scenes
 
 
-def _rng(config: SyntheticConfig, split: str, index: int, stream: int) -> np.random.Generator:
+def _rng(config: SyntheticConfig, split: str, index: int, stream: int, draw: int = 0) -> np.random.Generator:
+    """`draw` > 0: another question about the same image (draw 0 is the image's first, unchanged)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
-    return np.random.default_rng([config.seed, zlib.crc32(split.encode()), index, stream])
+    entropy = [config.seed, zlib.crc32(split.encode()), index, stream] + ([draw] if draw else [])
+    return np.random.default_rng(entropy)
 
 
 def _apart(a: Box, b: Box, gap: int) -> bool:
@@ -408,13 +410,13 @@ def _spatial_questions(scene: Scene) -> list[tuple[str, str]]:
     return questions
 
 
-def make_vqa(scene: Scene, config: SyntheticConfig) -> Record:
+def make_vqa(scene: Scene, config: SyntheticConfig, draw: int = 0) -> Record:
     """One unambiguous question about the scene, its kind drawn from `config.vqa_mix`.
 
     Kinds that cannot be asked unambiguously about this image (e.g. spatial with one object)
-    are dropped and the remaining weights renormalised.
+    are dropped and the remaining weights renormalised. `draw` k > 0 is an independent k-th question.
     """
-    rng = _rng(config, scene.split, scene.index, _VQA)
+    rng = _rng(config, scene.split, scene.index, _VQA, draw)
     candidates = {
         "colour": _colour_questions(scene),
         "shape": _shape_questions(scene),
@@ -426,7 +428,7 @@ def make_vqa(scene: Scene, config: SyntheticConfig) -> Record:
     weights = np.array([w for _, w in kinds])
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())][0]
     prompt, answer = candidates[kind][rng.integers(len(candidates[kind]))]
-    return Record(f"{scene.split}-{scene.index:06d}-vqa", "vqa", kind, prompt, answer, scene)
+    return Record(f"{scene.split}-{scene.index:06d}-vqa{draw or ''}", "vqa", kind, prompt, answer, scene)
 
 
 def _referring_expressions(scene: Scene) -> dict[SceneObject, dict[str, list[str]]]:
@@ -451,9 +453,12 @@ def _referring_expressions(scene: Scene) -> dict[SceneObject, dict[str, list[str
     return found
 
 
-def make_grounding(scene: Scene, config: SyntheticConfig) -> Record:
-    """One unambiguous referring expression for a uniformly chosen object, answered with its box."""
-    rng = _rng(config, scene.split, scene.index, _GROUNDING)
+def make_grounding(scene: Scene, config: SyntheticConfig, draw: int = 0) -> Record:
+    """One unambiguous referring expression for a uniformly chosen object, answered with its box.
+
+    `draw` k > 0 is an independent k-th expression about the same scene.
+    """
+    rng = _rng(config, scene.split, scene.index, _GROUNDING, draw)
     expressions = _referring_expressions(scene)
     target = scene.objects[rng.integers(len(scene.objects))]
     wants_relation = rng.random() < config.relational_fraction
@@ -463,7 +468,7 @@ def make_grounding(scene: Scene, config: SyntheticConfig) -> Record:
     box = normalise_box(target.box, scene.width, scene.height)
     prompt = config.grounding_template.format(expression=expression)
     answer = box_to_tokens(box, config.coordinate_bins)
-    record_id = f"{scene.split}-{scene.index:06d}-grounding"
+    record_id = f"{scene.split}-{scene.index:06d}-grounding{draw or ''}"
     return Record(record_id, "grounding", kind, prompt, answer, scene, expression, box)
 
 

@@ -31,11 +31,16 @@ class ResumableSampler(Sampler[int]):
     """Global sample k -> dataset index via a per-pass permutation; rank r takes its share of each step.
 
     Starts at `start` (samples already seen by all ranks), so a resumed run sees the same batches.
+    `group` > 1 permutes blocks of that many consecutive indices and keeps each block together (the
+    records of one image, so that they share the vision tower's pass).
     """
 
-    def __init__(self, size: int, batch_size: int, start: int, total: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, size: int, batch_size: int, start: int, total: int, seed: int, rank: int = 0, world: int = 1,
+                 group: int = 1):
+        if size % group:
+            raise ValueError(f"a dataset of {size} records does not split into groups of {group}")
         self.size, self.batch_size, self.start, self.total = size, batch_size, start, total
-        self.seed, self.rank, self.world = seed, rank, world
+        self.seed, self.rank, self.world, self.group = seed, rank, world, group
 
     def __iter__(self):
         step = self.batch_size * self.world
@@ -45,8 +50,9 @@ class ResumableSampler(Sampler[int]):
                 if k // self.size != current_pass:
                     current_pass = k // self.size
                     generator = torch.Generator().manual_seed(self.seed * PASS_SEED_STRIDE + current_pass)
-                    permutation = torch.randperm(self.size, generator=generator).tolist()
-                yield permutation[k % self.size]
+                    permutation = torch.randperm(self.size // self.group, generator=generator).tolist()
+                block, member = divmod(k % self.size, self.group)
+                yield permutation[block] * self.group + member
 
     def __len__(self) -> int:
         return max(0, (self.total - self.start) // self.world)
@@ -66,15 +72,28 @@ def as_file_sources(value: FileSources | dict | None) -> FileSources | None:
 
 
 class NuwaDataModule(L.LightningDataModule):
-    """Synthetic splits by default; set `train_files`/`val_files`/`test_files` to use real data."""
+    """Synthetic splits by default; set `train_files`/`val_files`/`test_files` to use real data.
+
+    `train_questions_per_image`: each synthetic training image yields that many VQA and as many
+    grounding records. `group_by_image`: a training batch holds all records of each of its images
+    together, and the vision tower runs once per distinct image (on the tiny model the tower is half
+    of a training step).
+    """
 
     def __init__(self, processor_path: str = "data/tiny_base", synthetic: SyntheticConfig = SyntheticConfig(),
                  train_images: int = 20000, val_images: int = 64, test_images: int = 250,
                  train_files: FileSources | None = None, val_files: FileSources | None = None,
                  test_files: FileSources | None = None, batch_size: int = 16, eval_batch_size: int = 32,
-                 num_workers: int = 0, max_length: int | None = None, on_error: str = "raise", seed: int = 0):
+                 num_workers: int = 0, max_length: int | None = None, on_error: str = "raise", seed: int = 0,
+                 train_questions_per_image: int = 1, group_by_image: bool = False):
         super().__init__()
         self.save_hyperparameters()
+        questions = train_questions_per_image
+        if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+            raise ValueError(f"data.train_questions_per_image={questions!r} must be a positive int")
+        if train_files is not None and (group_by_image or questions != 1):
+            raise ValueError("data.group_by_image and data.train_questions_per_image shape the synthetic training "
+                             "data; with data.train_files put a file's questions about one image in one conversation")
         self.synthetic = as_synthetic_config(synthetic)
         self.files = {split: as_file_sources(sources) for split, sources in
                       (("train", train_files), ("val", val_files), ("test", test_files))}
@@ -92,7 +111,9 @@ class NuwaDataModule(L.LightningDataModule):
             if files is not None:
                 self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error)
             else:
-                self._datasets[split] = SyntheticRecords(self.synthetic, split, self.hparams[f"{split}_images"])
+                questions = self.hparams.train_questions_per_image if split == "train" else 1
+                self._datasets[split] = SyntheticRecords(self.synthetic, split, self.hparams[f"{split}_images"],
+                                                         questions)
         return self._datasets[split]
 
     def evaluation_records(self, split: str, limit: int | None = None) -> list[dict]:
@@ -110,10 +131,12 @@ class NuwaDataModule(L.LightningDataModule):
         batch = self.hparams.batch_size
         steps = trainer.max_steps if trainer.max_steps > 0 else 1
         total = steps * batch * trainer.accumulate_grad_batches * trainer.world_size
-        sampler = ResumableSampler(len(self.dataset("train")), batch, module.samples_seen, total, self.hparams.seed,
-                                   trainer.global_rank, trainer.world_size)
+        data = self.dataset("train")
+        group = data.records_per_image if self.hparams.group_by_image else 1
+        sampler = ResumableSampler(len(data), batch, module.samples_seen, total, self.hparams.seed,
+                                   trainer.global_rank, trainer.world_size, group)
         # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
-        return DataLoader(self.dataset("train"), batch_size=batch, sampler=sampler, collate_fn=self.collator(),
+        return DataLoader(data, batch_size=batch, sampler=sampler, collate_fn=self.collator(),
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.hparams.seed))
 

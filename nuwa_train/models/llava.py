@@ -70,10 +70,17 @@ class LlavaAdapter(Adapter):
             return [self.read_encoding(hidden, config)]
 
     def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Run the tower once, keeping every layer's hidden states (CLS first)."""
+        """Run the tower once per distinct image, keeping every layer's hidden states (CLS first).
+
+        Records that ask about the same image share its pass (and sum their gradients through it).
+        """
         tower = self.vision_tower
         pixel_values = pixel_values.to(dtype=next(tower.parameters()).dtype)
-        return tower(pixel_values, output_hidden_states=True).hidden_states
+        distinct, copies = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+        if len(distinct) == len(pixel_values):
+            return tower(pixel_values, output_hidden_states=True).hidden_states
+        hidden = tower(distinct.view(-1, *pixel_values.shape[1:]), output_hidden_states=True).hidden_states
+        return tuple(states[copies] for states in hidden)
 
     def read_encoding(self, hidden: tuple[torch.Tensor, ...], config: NuwaConfig) -> VisionEncoding:
         """Features, similarity features and CLS saliency, read from the tower's hidden states."""
