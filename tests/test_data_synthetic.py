@@ -122,20 +122,25 @@ def test_any_record_regenerates_alone_from_seed_split_and_index(records):
     assert _image_digest(scene, other_seed) != _image_digest(scene)
 
 
-def test_more_questions_per_image_keep_the_first_and_draw_new_ones():
-    one, three = SyntheticRecords(CONFIG, "train", 40), SyntheticRecords(CONFIG, "train", 40, questions_per_image=3)
-    assert len(three) == 3 * len(one) and three.records_per_image == 6
+def test_more_records_per_image_keep_the_first_and_draw_new_ones():
+    one = SyntheticRecords(CONFIG, "train", 40)
+    three = SyntheticRecords(CONFIG, "train", 40, vqa_per_image=3, grounding_per_image=2)
+    assert len(three) == 5 * 40 and len(one) == 2 * 40 and three.records_per_image == 5
     for image in range(40):
-        group = [three[6 * image + k] for k in range(6)]
-        assert group[0] == one[2 * image] and group[1] == one[2 * image + 1]  # draw 0 is the single-question data
-        assert [r["task"] for r in group] == ["vqa", "grounding"] * 3
+        group = [three[5 * image + k] for k in range(5)]
+        assert group[0] == one[2 * image] and group[1] == one[2 * image + 1]  # draw 0 is the one-question data
+        assert [r["task"] for r in group] == ["vqa", "grounding", "vqa", "grounding", "vqa"]
         assert all(np.array_equal(np.asarray(r["image"]), np.asarray(group[0]["image"])) for r in group)
     rows = [three[i] for i in range(len(three))]
     assert len({r["id"] for r in rows}) == len(rows)
     vqa = [(r["prompt"], r["answer"]) for r in rows if r["task"] == "vqa"]
     assert len(set(vqa)) > 0.6 * len(vqa)  # later draws are mostly new questions, not copies of the first
-    with pytest.raises(ValueError, match="questions_per_image=0"):
-        SyntheticRecords(CONFIG, "train", 40, questions_per_image=0)
+    only_vqa = SyntheticRecords(CONFIG, "train", 40, grounding_per_image=0)
+    assert len(only_vqa) == 40 and {only_vqa[i]["task"] for i in range(40)} == {"vqa"}
+    with pytest.raises(ValueError, match="vqa_per_image=-1"):
+        SyntheticRecords(CONFIG, "train", 40, vqa_per_image=-1)
+    with pytest.raises(ValueError, match="both 0"):
+        SyntheticRecords(CONFIG, "train", 40, vqa_per_image=0, grounding_per_image=0)
 
 
 def test_splits_never_share_an_image():

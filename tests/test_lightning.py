@@ -101,8 +101,8 @@ def test_sampler_passes_are_permutations_that_keep_groups_and_resume_mid_pass(gr
 
 
 def test_grouped_data_settings_are_checked(base_dir):
-    with pytest.raises(ValueError, match="data.train_questions_per_image=0"):
-        NuwaDataModule(processor_path=base_dir, train_questions_per_image=0)
+    with pytest.raises(ValueError, match="data.train_vqa_per_image=1.5"):
+        NuwaDataModule(processor_path=base_dir, train_vqa_per_image=1.5)
     with pytest.raises(ValueError, match="data.group_by_image"):
         NuwaDataModule(processor_path=base_dir, group_by_image=True, train_files={"llava": ["x.json"]})
 

@@ -8,30 +8,38 @@ from torch.utils.data import Dataset
 from .formats import load_llava_json, load_refcoco_json
 from .synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
 
-TASKS_PER_IMAGE = 2  # every synthetic image yields VQA and grounding records, alternating
-
-
 class SyntheticRecords(Dataset):
     """Record i of a split, generated on demand (deterministic by seed, split and index).
 
-    Each image yields `questions_per_image` VQA records and as many grounding records, consecutive
-    (vqa, grounding, vqa, ...): more supervision per rendered image and per vision-tower pass.
+    Each image yields `vqa_per_image` VQA records and `grounding_per_image` grounding records,
+    consecutive and alternating while both last (vqa, grounding, vqa, ...): more supervision per
+    rendered image and per vision-tower pass, or a different balance of the two tasks.
     """
 
-    def __init__(self, config: SyntheticConfig, split: str, num_images: int, questions_per_image: int = 1):
-        if isinstance(questions_per_image, bool) or not isinstance(questions_per_image, int) or questions_per_image < 1:
-            raise ValueError(f"questions_per_image={questions_per_image!r} must be a positive int")
+    def __init__(self, config: SyntheticConfig, split: str, num_images: int, vqa_per_image: int = 1,
+                 grounding_per_image: int = 1):
+        for key, value in (("vqa_per_image", vqa_per_image), ("grounding_per_image", grounding_per_image)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key}={value!r} must be an int >= 0")
+        if vqa_per_image + grounding_per_image == 0:
+            raise ValueError("vqa_per_image and grounding_per_image are both 0: the images yield no records")
         self.config, self.split, self.num_images = config, split, num_images
-        self.records_per_image = TASKS_PER_IMAGE * questions_per_image
+        self.tasks = [(make, draw) for draw in range(max(vqa_per_image, grounding_per_image))
+                      for make, count in ((make_vqa, vqa_per_image), (make_grounding, grounding_per_image))
+                      if draw < count]
+
+    @property
+    def records_per_image(self) -> int:
+        return len(self.tasks)
 
     def __len__(self) -> int:
         return self.num_images * self.records_per_image
 
     def __getitem__(self, index: int) -> dict:
         image, position = divmod(index, self.records_per_image)
-        draw, task = divmod(position, TASKS_PER_IMAGE)
+        make, draw = self.tasks[position]
         scene = generate_scene(self.config, self.split, image)
-        record = (make_vqa if task == 0 else make_grounding)(scene, self.config, draw)
+        record = make(scene, self.config, draw)
         return dict(id=record.id, image=render(scene, self.config), prompt=record.prompt, answer=record.answer,
                     task=record.task, box=record.box, kind=record.kind)
 

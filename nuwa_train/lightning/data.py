@@ -74,8 +74,8 @@ def as_file_sources(value: FileSources | dict | None) -> FileSources | None:
 class NuwaDataModule(L.LightningDataModule):
     """Synthetic splits by default; set `train_files`/`val_files`/`test_files` to use real data.
 
-    `train_questions_per_image`: each synthetic training image yields that many VQA and as many
-    grounding records. `group_by_image`: a training batch holds all records of each of its images
+    `train_vqa_per_image` / `train_grounding_per_image`: the records each synthetic training image
+    yields (more questions per image, or another balance of the tasks). `group_by_image`: a training batch holds all records of each of its images
     together, and the vision tower runs once per distinct image (on the tiny model the tower is half
     of a training step).
     """
@@ -85,15 +85,18 @@ class NuwaDataModule(L.LightningDataModule):
                  train_files: FileSources | None = None, val_files: FileSources | None = None,
                  test_files: FileSources | None = None, batch_size: int = 16, eval_batch_size: int = 32,
                  num_workers: int = 0, max_length: int | None = None, on_error: str = "raise", seed: int = 0,
-                 train_questions_per_image: int = 1, group_by_image: bool = False):
+                 train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        questions = train_questions_per_image
-        if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
-            raise ValueError(f"data.train_questions_per_image={questions!r} must be a positive int")
-        if train_files is not None and (group_by_image or questions != 1):
-            raise ValueError("data.group_by_image and data.train_questions_per_image shape the synthetic training "
-                             "data; with data.train_files put a file's questions about one image in one conversation")
+        per_image = {"train_vqa_per_image": train_vqa_per_image, "train_grounding_per_image": train_grounding_per_image}
+        for key, value in per_image.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"data.{key}={value!r} must be an int >= 0")
+        if not any(per_image.values()):
+            raise ValueError("data.train_vqa_per_image and data.train_grounding_per_image are both 0: no training data")
+        if train_files is not None and (group_by_image or set(per_image.values()) != {1}):
+            raise ValueError("data.group_by_image and data.train_*_per_image shape the synthetic training data; with "
+                             "data.train_files put a file's questions about one image in one conversation")
         self.synthetic = as_synthetic_config(synthetic)
         self.files = {split: as_file_sources(sources) for split, sources in
                       (("train", train_files), ("val", val_files), ("test", test_files))}
@@ -111,9 +114,10 @@ class NuwaDataModule(L.LightningDataModule):
             if files is not None:
                 self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error)
             else:
-                questions = self.hparams.train_questions_per_image if split == "train" else 1
+                per_image = ((self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)
+                             if split == "train" else (1, 1))
                 self._datasets[split] = SyntheticRecords(self.synthetic, split, self.hparams[f"{split}_images"],
-                                                         questions)
+                                                         *per_image)
         return self._datasets[split]
 
     def evaluation_records(self, split: str, limit: int | None = None) -> list[dict]:
