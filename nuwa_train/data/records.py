@@ -18,15 +18,21 @@ class SyntheticRecords(Dataset):
 
     def __init__(self, config: SyntheticConfig, split: str, num_images: int, vqa_per_image: int = 1,
                  grounding_per_image: int = 1):
-        for key, value in (("vqa_per_image", vqa_per_image), ("grounding_per_image", grounding_per_image)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{key}={value!r} must be an int >= 0")
-        if vqa_per_image + grounding_per_image == 0:
-            raise ValueError("vqa_per_image and grounding_per_image are both 0: the images yield no records")
         self.config, self.split, self.num_images = config, split, num_images
-        self.tasks = [(make, draw) for draw in range(max(vqa_per_image, grounding_per_image))
-                      for make, count in ((make_vqa, vqa_per_image), (make_grounding, grounding_per_image))
-                      if draw < count]
+        self.tasks = self.tasks_per_image(vqa_per_image, grounding_per_image)
+
+    @staticmethod
+    def tasks_per_image(vqa_per_image: int, grounding_per_image: int, key_prefix: str = "") -> list[tuple]:
+        """(record maker, draw) for each record of an image; bad counts raise naming `key_prefix` + the key."""
+        counts = {"vqa_per_image": vqa_per_image, "grounding_per_image": grounding_per_image}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key_prefix}{key}={value!r} must be an int >= 0")
+        if not any(counts.values()):
+            raise ValueError(f"{key_prefix}vqa_per_image and {key_prefix}grounding_per_image are both 0: the "
+                             f"images yield no records")
+        return [(make, draw) for draw in range(max(vqa_per_image, grounding_per_image))
+                for make, count in ((make_vqa, vqa_per_image), (make_grounding, grounding_per_image)) if draw < count]
 
     @property
     def records_per_image(self) -> int:

@@ -75,9 +75,9 @@ class NuwaDataModule(L.LightningDataModule):
     """Synthetic splits by default; set `train_files`/`val_files`/`test_files` to use real data.
 
     `train_vqa_per_image` / `train_grounding_per_image`: the records each synthetic training image
-    yields (more questions per image, or another balance of the tasks). `group_by_image`: a training batch holds all records of each of its images
-    together, and the vision tower runs once per distinct image (on the tiny model the tower is half
-    of a training step).
+    yields (more questions per image, or another balance of the tasks). `group_by_image`: a training
+    batch holds an image's records together, and the vision tower runs once per distinct image (on
+    the tiny model the tower is half of a training step).
     """
 
     def __init__(self, processor_path: str = "data/tiny_base", synthetic: SyntheticConfig = SyntheticConfig(),
@@ -88,13 +88,8 @@ class NuwaDataModule(L.LightningDataModule):
                  train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        per_image = {"train_vqa_per_image": train_vqa_per_image, "train_grounding_per_image": train_grounding_per_image}
-        for key, value in per_image.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"data.{key}={value!r} must be an int >= 0")
-        if not any(per_image.values()):
-            raise ValueError("data.train_vqa_per_image and data.train_grounding_per_image are both 0: no training data")
-        if train_files is not None and (group_by_image or set(per_image.values()) != {1}):
+        SyntheticRecords.tasks_per_image(train_vqa_per_image, train_grounding_per_image, key_prefix="data.train_")
+        if train_files is not None and (group_by_image or (train_vqa_per_image, train_grounding_per_image) != (1, 1)):
             raise ValueError("data.group_by_image and data.train_*_per_image shape the synthetic training data; with "
                              "data.train_files put a file's questions about one image in one conversation")
         self.synthetic = as_synthetic_config(synthetic)
