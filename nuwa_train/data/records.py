@@ -20,6 +20,7 @@ class SyntheticRecords(Dataset):
                  grounding_per_image: int = 1):
         self.config, self.split, self.num_images = config, split, num_images
         self.tasks = self.tasks_per_image(vqa_per_image, grounding_per_image)
+        self._last_image: tuple | None = None  # (index, scene, rendered image): an image's records come in a row
 
     @staticmethod
     def tasks_per_image(vqa_per_image: int, grounding_per_image: int, key_prefix: str = "") -> list[tuple]:
@@ -44,10 +45,17 @@ class SyntheticRecords(Dataset):
     def __getitem__(self, index: int) -> dict:
         image, position = divmod(index, self.records_per_image)
         make, draw = self.tasks[position]
-        scene = generate_scene(self.config, self.split, image)
+        scene, pixels = self._scene(image)
         record = make(scene, self.config, draw)
-        return dict(id=record.id, image=render(scene, self.config), prompt=record.prompt, answer=record.answer,
+        return dict(id=record.id, image=pixels, prompt=record.prompt, answer=record.answer,
                     task=record.task, box=record.box, kind=record.kind)
+
+    def _scene(self, image: int):
+        """Layout and rendering of one image, reused while its records are read one after another."""
+        if self._last_image is None or self._last_image[0] != image:
+            scene = generate_scene(self.config, self.split, image)
+            self._last_image = (image, scene, render(scene, self.config))
+        return self._last_image[1:]
 
 
 class FileRecords(Dataset):
