@@ -13,11 +13,13 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from .io import replace_directory
+from .io import load_checkpoint_file, replace_directory
+from .models.loading import ModelPathError
 from .models import attach_nuwa
 from .pruning import NuwaConfig
 
@@ -52,9 +54,27 @@ def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise ExportError(f"checkpoint {checkpoint} does not exist (pass a .ckpt written by `nuwa-train fit`)")
+    state = load_checkpoint_file(checkpoint)  # weights-only: a file that would run code is refused, named
+    describe_checkpoint_step(checkpoint, state)
     overrides = {"model_path": model_path} if model_path else {}
-    module = NuwaFineTuner.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False, **overrides)
+    try:
+        module = NuwaFineTuner.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **overrides)
+    except ModelPathError as error:
+        base = overrides.get("model_path", state.get("hyper_parameters", {}).get("model_path"))
+        raise ExportError(f"{checkpoint} was trained on the base model {base!r}, which cannot be loaded: {error}. "
+                          f"Pass --model-path if the base moved since training") from None
     return export_module(module, target, merge)
+
+
+def describe_checkpoint_step(checkpoint: Path, state: dict) -> None:
+    """Print the step a checkpoint holds; warn when it is not the final state of its run."""
+    step, max_steps = state.get("global_step"), state.get("nuwa_train", {}).get("max_steps")
+    of = f" of {max_steps}" if max_steps and max_steps > 0 else ""
+    print(f"exporting {checkpoint}: step {step}{of}")
+    if max_steps and max_steps > 0 and step is not None and step < max_steps:
+        warnings.warn(f"{checkpoint} holds step {step} of a {max_steps}-step run, not its final state (saved "
+                      f"mid-run, or the run was stopped early); export the run's last.ckpt after fit ends for "
+                      f"the trained model", stacklevel=2)
 
 
 def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path:

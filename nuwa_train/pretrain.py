@@ -17,11 +17,11 @@ Recipe (recipes/tiny_base.yaml holds every number):
   teaching the LLM to bind the question's words to patches.
 - Vision position embeddings start from a 2-D sin-cos table (scaled), then are learned.
 
-Outputs: `<run_dir>/last.ckpt` (model, heads, optimizer, position in the
+Outputs: `<run_dir>/last.safetensors` (model, heads, optimizer, position in the
 schedule and data, RNG) every
 `checkpoint_minutes` and on SIGTERM/SIGINT; `<run_dir>/log.csv`; exports to `export_dir` every
 `export_minutes` and at the end (model + processor, training log, eval report JSON/Markdown, README).
-Re-running the same command resumes from `last.ckpt`.
+Re-running the same command resumes from `last.safetensors`.
 
     python -m nuwa_train.pretrain recipes/tiny_base.yaml [--set key.path=value ...] [--export-only]
 """
@@ -69,7 +69,13 @@ from .data.synthetic import (
     render,
     vocabulary,
 )
-from .io import replace_directory, write_atomically
+from .io import (
+    load_checkpoint_file,
+    load_tensor_tree,
+    replace_directory,
+    save_tensor_tree,
+    write_atomically,
+)
 from .models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 
 IGNORE = -100
@@ -542,12 +548,12 @@ class Trainer:
         return done
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / "last.ckpt"
-        write_atomically(path, lambda staging: torch.save(self.state(), staging))
-        return path
+        """safetensors + JSON metadata: no pickle, so resuming can never run code from the file."""
+        return save_tensor_tree(self.run_dir / STATE_NAME, self.state())
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """Resume from `last.safetensors`, or from a `last.ckpt` of an older version (weights-only)."""
+        state = load_tensor_tree(path) if path.suffix == ".safetensors" else load_checkpoint_file(path)
         self.model.load_state_dict(state["model"])
         self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -876,29 +882,41 @@ lengths realised here (`phase_steps` in `eval_report.json`) and drop the budgets
 follows steps, which matches this run up to the speed variations of a shared CPU), e.g.
 `--set phases.1.steps=N --set phases.1.minutes=null`.
 
-It writes checkpoints (`last.ckpt`) and `log.csv` to `runs/tiny_base/` and exports here every
-15 minutes and at the end; re-running the same command resumes from `runs/tiny_base/last.ckpt`.
+It writes checkpoints (`last.safetensors`) and `log.csv` to `runs/tiny_base/` and exports here every
+15 minutes and at the end; re-running the same command resumes from `runs/tiny_base/last.safetensors`.
 `python -m nuwa_train.pretrain recipes/tiny_base.yaml --export-only` re-exports from the checkpoint.
 """
 
 
 # =============================================================================================== entry
+STATE_NAME = "last.safetensors"
+LEGACY_STATE_NAME = "last.ckpt"  # torch.save files of earlier versions, read weights-only
+
+
+def resume_state(run_dir: Path) -> Path | None:
+    """The run's resume state, if any: `last.safetensors`, else an older version's `last.ckpt`."""
+    for name in (STATE_NAME, LEGACY_STATE_NAME):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nuwa_train.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_base.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set phases.1.steps=100 (repeatable)")
     parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps")
-    parser.add_argument("--export-only", action="store_true", help="export from last.ckpt and exit")
-    parser.add_argument("--fresh", action="store_true", help="ignore an existing last.ckpt (it is overwritten)")
+    parser.add_argument("--export-only", action="store_true", help=f"export from {STATE_NAME} and exit")
+    parser.add_argument("--fresh", action="store_true", help=f"ignore an existing {STATE_NAME} (it is overwritten)")
     parser.add_argument("--no-progress", action="store_true", help="log JSON lines instead of a progress bar")
     args = parser.parse_args(argv)
     config = load_recipe(args.recipe, args.overrides)
     torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # measured: denormal weights/grads made steps 10x slower after a few updates
     trainer = Trainer(config)
-    checkpoint = Path(config.run_dir) / "last.ckpt"
-    if checkpoint.exists() and not args.fresh:
+    checkpoint = resume_state(Path(config.run_dir))
+    if checkpoint is not None and not args.fresh:
         trainer.load_checkpoint(checkpoint)
         print(f"resumed from {checkpoint} at step {trainer.step}", flush=True)
     if args.export_only:

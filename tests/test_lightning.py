@@ -68,25 +68,56 @@ def test_a_few_soft_steps_reduce_the_loss(base_dir, tmp_path):
     assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4
 
 
-@pytest.mark.parametrize("mode,gumbel", [("soft", 0.5), ("straight_through", 0.0)])
-def test_resume_after_kill_gives_the_same_next_losses(base_dir, tmp_path, mode, gumbel):
-    module, data = make(base_dir, mode=mode, gumbel=gumbel)
-    uninterrupted = LossRecorder()
-    L.seed_everything(0)
-    trainer(tmp_path / "a", 6, [uninterrupted], enable_checkpointing=False).fit(module, data)
+class BatchRecorder(Callback):
+    """Per optimizer step: the loss and the exact token rows trained on (which samples were seen)."""
 
+    def __init__(self):
+        self.losses, self.batches = {}, {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        self.batches[trainer.global_step] = batch["input_ids"].clone()
+
+
+def trainable_weights(module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+RESUME_STEPS, SAVE_EVERY = 10, 3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_base_dir, tmp_path_factory):
     L.seed_everything(0)
-    module, data = make(base_dir, mode=mode, gumbel=gumbel)
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=1, save_top_k=0)
+    module, data = make(tiny_base_dir, mode="soft", gumbel=0.5)
+    recorder = BatchRecorder()
+    trainer(tmp_path_factory.mktemp("straight"), RESUME_STEPS, [recorder], enable_checkpointing=False).fit(module, data)
+    return recorder, trainable_weights(module)
+
+
+@pytest.mark.parametrize("kill_before", [4, 7, 10])  # resumes from the checkpoints of steps 3 (early), 6 and 9 (late)
+def test_resume_from_any_saved_step_equals_the_uninterrupted_run(uninterrupted_run, tiny_base_dir, tmp_path,
+                                                                 kill_before):
+    expected, expected_weights = uninterrupted_run
+    L.seed_everything(0)
+    module, data = make(tiny_base_dir, mode="soft", gumbel=0.5)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=SAVE_EVERY, save_top_k=0)
     with pytest.raises(SimulatedKill):
-        trainer(tmp_path / "b", 6, [KillAt(3), checkpoints]).fit(module, data)
-    module, data = make(base_dir, mode=mode, gumbel=gumbel)
-    resumed = LossRecorder()
-    trainer(tmp_path / "b", 6, [resumed], enable_checkpointing=False).fit(module, data,
-                                                                          ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    assert sorted(resumed.losses) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert resumed.losses[step] == pytest.approx(uninterrupted.losses[step], abs=1e-5)
+        trainer(tmp_path, RESUME_STEPS, [KillAt(kill_before - 1), checkpoints]).fit(module, data)
+    saved = (kill_before - 1) // SAVE_EVERY * SAVE_EVERY
+
+    module, data = make(tiny_base_dir, mode="soft", gumbel=0.5)
+    resumed = BatchRecorder()
+    trainer(tmp_path, RESUME_STEPS, [resumed], enable_checkpointing=False).fit(module, data,
+                                                                             ckpt_path=str(tmp_path / "last.ckpt"))
+    assert sorted(resumed.losses) == list(range(saved + 1, RESUME_STEPS + 1))
+    for step in resumed.losses:
+        assert torch.equal(resumed.batches[step], expected.batches[step]), f"step {step} trained on other samples"
+        assert resumed.losses[step] == pytest.approx(expected.losses[step], abs=1e-6)
+    weights = trainable_weights(module)
+    assert weights.keys() == expected_weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, expected_weights[name], atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("group", [1, 4])

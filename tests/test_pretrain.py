@@ -1,6 +1,7 @@
 """Pre-training of the tiny base: targets, a short run that learns, and exact kill/resume."""
 
 import csv
+import json
 import os
 import signal
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from nuwa_train.data import SyntheticConfig, generate_records, generate_scene, render
+from nuwa_train.io import UnsafeCheckpointError, load_tensor_tree
 from nuwa_train.models.tiny import TinyLlavaSpec, load_tiny_llava
 from nuwa_train.pretrain import (
     TargetMaker,
@@ -137,14 +139,17 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert main([str(straight), "--no-progress"]) == 0
     resumed = _recipe(tmp_path, "resumed", 6)
     assert main([str(resumed), "--no-progress", "--stop-after", "5"]) == 0
-    state = torch.load(tmp_path / "resumed/run/last.ckpt", weights_only=False)
+    state = load_tensor_tree(tmp_path / "resumed/run/last.safetensors")
     assert state["step"] == 5 and not (tmp_path / "resumed/export").exists()
     assert main([str(resumed), "--no-progress"]) == 0
-    a = torch.load(tmp_path / "straight/run/last.ckpt", weights_only=False)
-    b = torch.load(tmp_path / "resumed/run/last.ckpt", weights_only=False)
+    a = load_tensor_tree(tmp_path / "straight/run/last.safetensors")
+    b = load_tensor_tree(tmp_path / "resumed/run/last.safetensors")
     assert a["step"] == b["step"] == 9
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+    for index, moments in a["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.allclose(value, b["optimizer"]["state"][index][name], atol=1e-6), (index, name)
     steps = [int(r["step"]) for r in _log(tmp_path / "resumed/run/log.csv")]
     assert steps == list(range(1, 10))
 
@@ -162,7 +167,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", step)
     before = signal.getsignal(signal.SIGTERM)
     assert main([str(recipe), "--no-progress"]) == 0
-    state = torch.load(tmp_path / "killed/run/last.ckpt", weights_only=False)
+    state = load_tensor_tree(tmp_path / "killed/run/last.safetensors")
     assert state["step"] == 7 and state["position"]["phase"] == 1
     assert not (tmp_path / "killed/export").exists()
     assert signal.getsignal(signal.SIGTERM) is before  # fit() restored the previous handler
@@ -181,3 +186,34 @@ def test_cls_attention_pool_is_the_layers_own_cls_read_out(tmp_path):
     assert torch.allclose(cls_attention_pool(layer, hidden[-2]), expected, atol=1e-5)
     with pytest.raises(ValueError, match="presence_from"):
         load_recipe(_recipe(tmp_path, "bad", 1), ["presence_from=mean"])
+
+
+class CodeOnLoad:
+    """A pickle payload: unpickling it calls `Path.touch(marker)`, the way a malicious file would run a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_pretrain_refuses_a_resume_state_that_would_run_code(tmp_path):
+    recipe = _recipe(tmp_path, "payload", 3)
+    run_dir = tmp_path / "payload/run"
+    run_dir.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    torch.save({"model": {}, "step": 1, "payload": CodeOnLoad(marker)}, run_dir / "last.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match=f"refused to load the checkpoint {run_dir / 'last.ckpt'}"):
+        main([str(recipe), "--no-progress"])
+    assert not marker.exists()
+
+
+def test_the_shipped_resume_state_holds_no_pickle():
+    """runs/tiny_base resumes from safetensors + JSON only, at the step the shipped base was exported from."""
+    root = Path(__file__).resolve().parent.parent
+    run_dir = root / "runs/tiny_base"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["last.safetensors", "log.csv"]
+    state = load_tensor_tree(run_dir / "last.safetensors")
+    report = json.loads((root / "data/tiny_base/eval_report.json").read_text())
+    assert state["step"] == report["step"] and set(state) >= {"model", "heads", "optimizer", "position", "torch_rng"}

@@ -7,6 +7,7 @@ loaded by those processes from this file (PYTHONPATH=tests).
 """
 
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch.sh"
 PROCESSES = 2
 STEPS = 4
-CHECKPOINT_EVERY = 2
+CHECKPOINT_EVERY = 1  # resume tests restart from an early and a late step, not only from half-way
 IMAGE_FREE_RANK, IMAGE_FREE_STEP = 1, 1  # rank 1's second batch loses its images
 RUN_TIMEOUT_SECONDS = 300  # a hung collective must fail the test, not the CI job
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
@@ -67,7 +68,8 @@ class RankLog(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
         row = {"step": trainer.global_step, "loss": float(outputs["loss"]),
-               "logged": float(trainer.callback_metrics["train/loss"]), "images": "pixel_values" in batch}
+               "logged": float(trainer.callback_metrics["train/loss"]), "images": "pixel_values" in batch,
+               "samples": hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()}
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as log:
             log.write(json.dumps(row) + "\n")
 
@@ -346,17 +348,22 @@ def test_ddp_checkpoints_are_written_once_by_rank_zero(ddp_run):
     assert sorted(p.name for p in (ddp_run["directory"] / "run" / "checkpoints").iterdir()) == expected
 
 
-def test_ddp_resume_continues_with_the_same_losses(ddp_run):
+@pytest.mark.parametrize("saved_step", [1, STEPS - 1])  # an early and a late checkpoint of the run
+def test_ddp_resume_from_any_step_equals_the_uninterrupted_run(ddp_run, saved_step):
     directory = ddp_run["directory"]
-    config = run_config(directory, "resumed", strategy="ddp")
-    checkpoint = directory / "run" / "checkpoints" / f"step-{CHECKPOINT_EVERY}.ckpt"
+    name = f"resumed-{saved_step}"
+    config = run_config(directory, name, strategy="ddp")
+    checkpoint = directory / "run" / "checkpoints" / f"step-{saved_step}.ckpt"
     launch("--launcher", "torchrun", "--devices", str(PROCESSES), ddp_run["recipe"], "--config", config,
            "--ckpt_path", str(checkpoint))
     for rank in range(PROCESSES):
-        uninterrupted, resumed = read_log(directory / "run" / "log", rank), read_log(directory / "resumed" / "log", rank)
-        assert sorted(resumed) == list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
+        uninterrupted, resumed = read_log(directory / "run" / "log", rank), read_log(directory / name / "log", rank)
+        assert sorted(resumed) == list(range(saved_step + 1, STEPS + 1))
         for step in resumed:
-            assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-5)
+            assert resumed[step]["samples"] == uninterrupted[step]["samples"], f"rank {rank} step {step}: other samples"
+            assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-6)
+        assert_same_weights(read_weights(directory / name / "log", rank), read_weights(directory / "run" / "log", rank),
+                            atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO-2 / ZeRO-3, 2 processes

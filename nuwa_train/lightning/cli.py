@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .checkpoints import SafeCheckpointIO
 from .data import NuwaDataModule
 from .module import NuwaFineTuner
 
@@ -17,6 +19,13 @@ class NuwaCLI(LightningCLI):
         # The data module shards its resumable sample stream by rank itself; Lightning's distributed sampler
         # would shard it a second time.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, reading `--ckpt_path` files weights-only with an error that names a refused file."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO plugin is kept
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
 
 
 def run(argv: list[str]) -> None:

@@ -30,7 +30,11 @@ def as_synthetic_config(value: SyntheticConfig | dict) -> SyntheticConfig:
 class ResumableSampler(Sampler[int]):
     """Global sample k -> dataset index via a per-pass permutation; rank r takes its share of each step.
 
-    Starts at `start` (samples already seen by all ranks), so a resumed run sees the same batches.
+    Starts at `start` (samples already seen by all ranks), so a resumed run sees the same batches. Its
+    length is always the whole run's share of this rank, the skipped part included: Lightning counts the
+    batches of a resumed epoch from the restored batch index, so a loader that reported only the remaining
+    batches would end the epoch early and replay the stream from `start` (seen: steps 35-59 re-trained on
+    25-49 after a resume from step 25 of 60).
     `group` > 1 permutes blocks of that many consecutive indices and keeps each block together (the
     records of one image, so that they share the vision tower's pass).
     """
@@ -55,7 +59,7 @@ class ResumableSampler(Sampler[int]):
                 yield permutation[block] * self.group + member
 
     def __len__(self) -> int:
-        return max(0, (self.total - self.start) // self.world)
+        return self.total // self.world
 
 
 @dataclass(frozen=True)

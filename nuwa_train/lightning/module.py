@@ -8,6 +8,8 @@ physically dropped, `generate`) and reports retention against the same base mode
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -17,9 +19,24 @@ from peft import LoraConfig, get_peft_model
 from ..models import adapter_for, attach_nuwa, load_vlm
 from ..pruning import NuwaConfig
 from ..pruning.soft import temperature_at
+from .checkpoints import FinalCheckpoint
 
 IGNORE_INDEX = -100
-LOSS_REDUCTIONS = ("token", "record")
+# Enumerations as Literal types: LightningCLI rejects a misspelt value when it parses the recipe, naming the key
+# and the allowed values; the checks in __post_init__ / __init__ say the same to Python callers.
+LossReduction = Literal["token", "record"]
+LoraTargets = Literal["lm", "lm+vision"]
+SelectionMode = Literal["soft", "straight_through", "hard"]
+TemperatureSchedule = Literal["exponential", "linear", "cosine"]
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+LOSS_REDUCTIONS = get_args(LossReduction)
+
+
+def check_choice(key: str, value: object, allowed: type) -> None:
+    """`key=value` must be one of the Literal type's values; the error names the recipe key."""
+    choices = get_args(allowed)
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} must be one of {', '.join(choices)}")
 
 
 def record_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,21 +60,28 @@ class LoraSettings:
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    targets: str = "lm"  # "lm" or "lm+vision"
+    targets: LoraTargets = "lm"
     train_projector: bool = True  # projector as a fully trained module (peft modules_to_save)
+
+    def __post_init__(self):
+        check_choice("model.lora.targets", self.targets, LoraTargets)
 
 
 @dataclass(frozen=True)
 class SelectionSettings:
     """How the pruner selects during training (validation and export always use "hard")."""
 
-    mode: str = "soft"  # "soft", "straight_through" or "hard"
+    mode: SelectionMode = "soft"
     temperature_start: float = 1.0
     temperature_end: float = 0.02
     anneal_steps: int = 200
-    schedule: str = "exponential"  # or "linear", "cosine"
+    schedule: TemperatureSchedule = "exponential"
     gumbel: float = 0.0  # scale of Gumbel noise on the standardised scores (0 = off)
     hard_final_fraction: float = 0.0  # the last share of max_steps trains with physically dropped tokens
+
+    def __post_init__(self):
+        check_choice("model.selection.mode", self.mode, SelectionMode)
+        check_choice("model.selection.schedule", self.schedule, TemperatureSchedule)
 
 
 @dataclass(frozen=True)
@@ -67,17 +91,26 @@ class OptimizerSettings:
     warmup_steps: int = 20
 
 
+def resolve_model_path(model_path: str) -> str:
+    """An existing local directory as an absolute path; anything else is returned as given (load_vlm explains)."""
+    path = Path(model_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else model_path
+
+
 class NuwaFineTuner(L.LightningModule):
     """LoRA + Nüwa pruning in the loop. `model_path` is a HF directory (the shipped tiny base by default)."""
 
     def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
                  lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
                  optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
-                 distill_temperature: float = 1.0, dtype: str = "float32", eval_records: int = 64,
-                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False, loss_reduction: str = "token"):
+                 distill_temperature: float = 1.0, dtype: ModelDtype = "float32", eval_records: int = 64,
+                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False,
+                 loss_reduction: LossReduction = "token"):
         super().__init__()
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"model.loss_reduction={loss_reduction!r} must be one of {', '.join(LOSS_REDUCTIONS)}")
+        check_choice("model.loss_reduction", loss_reduction, LossReduction)
+        check_choice("model.dtype", dtype, ModelDtype)
+        # Stored resolved, so an export or resume from another working directory finds the same base model.
+        model_path = resolve_model_path(model_path)
         self.save_hyperparameters()
         self.pruning, self.lora, self.selection, self.optim = pruning, lora, selection, optimizer
         self.model = None  # built in configure_model, so sharded strategies can place it
@@ -105,8 +138,6 @@ class NuwaFineTuner(L.LightningModule):
         self.nuwa = attach_nuwa(self.model, self.pruning)
 
     def _lora_config(self, base) -> LoraConfig:
-        if self.lora.targets not in ("lm", "lm+vision"):
-            raise ValueError(f"lora.targets={self.lora.targets!r} must be 'lm' or 'lm+vision'")
         adapter = adapter_for(base)
         targets = adapter.lora_target_pattern(include_vision=self.lora.targets == "lm+vision")
         return LoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
@@ -283,8 +314,13 @@ class NuwaFineTuner(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------- checkpoints
+    def configure_callbacks(self):
+        return [FinalCheckpoint()]  # last.ckpt is the final state; Ctrl-C / SIGTERM stop cleanly
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
         checkpoint["nuwa_train"] = {"samples_seen": self.samples_seen, "pruning": self.pruning.to_dict(),
+                                    "max_steps": max_steps,
                                     "full_token_reference": self.full_token_reference,
                                     "lora": asdict(self.lora), "torch_rng": torch.get_rng_state()}
         # Only trainable weights go into the checkpoint: the base model is read from model_path.

@@ -8,8 +8,9 @@ fraction is kept, and the stage-1 / stage-2 counts follow the paper's rule (see 
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 METHODS = ("none", "nuwa", "nuwa_stage1", "random", "pooling", "uniform", "visionzip", "fastv")
 Method = Literal["none", "nuwa", "nuwa_stage1", "random", "pooling", "uniform", "visionzip", "fastv"]
@@ -28,6 +29,37 @@ STAGE2_PER_AVERAGE = 1 / 4
 
 class NuwaConfigError(ValueError):
     """A pruning config value that cannot work; the message names the config key."""
+
+
+def _matches(value: object, hint: object) -> bool:
+    """Whether `value` has the declared type (JSON's view: a bool is not a number, an int is a float)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, option) for option in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(get_args(hint)) and all(
+            _matches(v, h) for v, h in zip(value, get_args(hint)))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint: object) -> str:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(option) for option in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(hint))
+    if origin is tuple:
+        return f"a list of {len(get_args(hint))} ({', '.join(_describe(h) for h in get_args(hint))})"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 @dataclass(frozen=True)
@@ -56,6 +88,11 @@ class NuwaConfig:
     seed: int = 0  # random baseline
 
     def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not _matches(value, hints[item.name]):
+                raise NuwaConfigError(f"{item.name}={value!r} must be {_describe(hints[item.name])}")
         if self.method not in METHODS:
             raise NuwaConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         _positive_int("budget", self.budget)
@@ -96,7 +133,7 @@ class NuwaConfig:
             raise NuwaConfigError(f"unknown NuwaConfig key(s): {', '.join(unknown)}")
         data = dict(data)
         for key in ("reference_grid", "sim_layers"):
-            if key in data:
+            if isinstance(data.get(key), list):  # JSON / YAML have no tuples
                 data[key] = tuple(data[key])
         return cls(**data)
 
