@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from .io import load_checkpoint_file, replace_directory
+from .io import load_checkpoint_file, recover_directory, replace_directory, staging_directory
 from .models.loading import ModelPathError
 from .models import attach_nuwa
 from .pruning import NuwaConfig
@@ -33,8 +32,7 @@ class ExportError(RuntimeError):
 def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.PathLike, extra: dict | None = None) -> Path:
     """Atomically write model + processor + nuwa_config.json to `target`."""
     target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    staging = staging_directory(target)
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -103,6 +101,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
     from transformers import AutoModelForImageTextToText
 
     path = Path(path)
+    recover_directory(path)  # an export killed mid-swap
     config_file = path / NUWA_CONFIG_NAME
     if config is None:
         if not config_file.is_file():

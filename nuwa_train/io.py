@@ -2,25 +2,97 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
+
+STAGING_MARK, BACKUP_MARK = "staging", "old"  # .<name>.staging-<pid>-<random>, .<name>.old-<pid>
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # Linux renameat2(2)
+
+
+def staging_directory(target: Path) -> Path:
+    """A fresh directory next to `target` to write into; its name carries this process's id (see recover)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}-{os.getpid()}-", dir=target.parent))
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a file system without exchange
+        return False
+    raise OSError(error, os.strerror(error), str(second))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_directory(target: Path) -> list[str]:
+    """Repair what a killed `replace_directory` left next to `target`; returns what was done (also logged).
+
+    A missing target with a backup beside it gets the backup back (a kill between the fallback's two renames);
+    backups next to a present target and staging folders of processes that no longer run are removed.
+    """
+    target = Path(target)
+    done = []
+    if not target.parent.is_dir():
+        return done
+    backups = sorted(target.parent.glob(f".{target.name}.{BACKUP_MARK}-*"), key=lambda p: p.stat().st_mtime)
+    if backups and not target.exists():
+        os.replace(backups.pop(), target)
+        done.append(f"restored {target} from the backup an interrupted export left")
+    for backup in backups:
+        shutil.rmtree(backup, ignore_errors=True)
+        done.append(f"removed the stale backup {backup}")
+    for staging in target.parent.glob(f".{target.name}.{STAGING_MARK}-*"):
+        pid = staging.name.split(f".{STAGING_MARK}-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            done.append(f"removed the unfinished staging folder {staging}")
+    for line in done:
+        logger.warning("%s", line)
+    return done
+
 
 def replace_directory(staging: Path, target: Path) -> None:
-    """Move a finished `staging` directory to `target` with renames only.
+    """Move a finished `staging` directory to `target`: at every moment `target` is the whole old or new one.
 
-    An existing target is renamed aside first and removed last, so at every moment `target` is either
-    the complete old directory or the complete new one: a crash never leaves a half-written one.
+    An existing target is swapped with the staging folder in one atomic exchange, then the old one is removed.
+    Where the system cannot exchange, the old target is renamed aside first and removed last; a kill between
+    those two renames is repaired by `recover_directory`, which every write and `load_pruned` call first.
     """
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
+    recover_directory(target)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the old directory
+        return
+    backup = target.with_name(f".{target.name}.{BACKUP_MARK}-{os.getpid()}")
+    os.replace(target, backup)
     os.replace(staging, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
@@ -44,23 +116,27 @@ class UnsafeCheckpointError(RuntimeError):
             f"checkpoints weights-only (tensors, numbers, strings, containers and its own settings classes); a file "
             f"written by nuwa-train never needs more. Do not load it unless you made it yourself.")
 
+    @classmethod
+    def from_unpickling(cls, path: str | os.PathLike, error: Exception) -> UnsafeCheckpointError:
+        """From torch's weights-only refusal, keeping the line that names the refused global, not its advice."""
+        lines = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        return cls(path, lines[0] if lines else str(error))
 
-def _weights_only_detail(error: Exception) -> str:
-    """torch's message names the refused global on one of its lines; keep that line, not its advice."""
-    lines = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-    return lines[0] if lines else str(error)
 
+def load_checkpoint_file(path: str | os.PathLike, map_location="cpu", allowed: tuple = ()) -> dict:
+    """`torch.load(path, weights_only=True)`; a file that needs more is refused with `UnsafeCheckpointError`.
 
-def load_checkpoint_file(path: str | os.PathLike, map_location="cpu") -> dict:
-    """`torch.load(path, weights_only=True)`; a file that needs more is refused with `UnsafeCheckpointError`."""
+    `allowed`: extra plain-data classes (e.g. an enum) the file may hold besides torch's and nuwa-train's own.
+    """
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(path, _weights_only_detail(error)) from None
+        raise UnsafeCheckpointError.from_unpickling(path, error) from None
 
 
 TENSOR_TREE_KEY = "nuwa_train.tree"  # safetensors metadata entry holding the JSON skeleton

@@ -37,7 +37,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -74,6 +73,7 @@ from .io import (
     load_tensor_tree,
     replace_directory,
     save_tensor_tree,
+    staging_directory,
     write_atomically,
 )
 from .models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
@@ -712,7 +712,7 @@ class Trainer:
                   "eval": result.to_dict(), "saliency": saliency, "recipe": config.to_dict()}
         target = Path(config.export_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging = staging_directory(target)
         try:
             self.model.eval()
             save_tiny_llava(self.model, self.processor, staging)

@@ -12,9 +12,12 @@ is exact. Labels are the answer tokens; prompt, image and padding positions are 
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +25,14 @@ from PIL import Image
 
 IGNORE_INDEX = -100
 PADDING_SIDES = ("left", "right")
+ON_ERROR = ("raise", "skip")
+logger = logging.getLogger(__name__)
+
+# What the collator counts (and warns about once each): truncation and text the tokenizer cannot represent.
+ANSWER_TRUNCATED = "answer truncated to max_length"
+PROMPT_TOO_LONG = "prompt longer than max_length (record refused)"
+PROMPT_UNKNOWN_TOKENS = "prompt has text the tokenizer maps to <unk>"
+ANSWER_UNKNOWN_TOKENS = "answer has text the tokenizer maps to <unk> (record refused)"
 
 
 class CollateError(ValueError):
@@ -29,8 +40,30 @@ class CollateError(ValueError):
 
 
 def _record_name(record: object, position: int, id_key: str) -> str:
-    record_id = record.get(id_key) if isinstance(record, Mapping) else getattr(record, id_key, None)
+    """A file's record as `file: record i (id ...)`; otherwise the batch position and the id."""
+    record_id, source, index = (_field(record, key) for key in (id_key, "source", "index"))
+    if source is not None:
+        return f"{source}: record {index} (id {record_id!r})"
     return f"record {position} (id {record_id!r})" if record_id is not None else f"record {position}"
+
+
+def needed_image_side(processor) -> int | None:
+    """The largest short side the processor can make use of (None: unknown); bigger images may be decoded reduced."""
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if size is None:
+        return None
+
+    def get(key: str):
+        return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+
+    if "Qwen2VL" in type(image_processor).__name__:  # Qwen-VL's sizes are pixel areas
+        area = get("longest_edge") or get("max_pixels")
+        return math.isqrt(area) if area else None
+    sides = [get(key) for key in ("shortest_edge", "height", "width", "longest_edge")]
+    sides += [side for pair in (getattr(image_processor, "image_grid_pinpoints", None) or []) for side in pair]
+    sides = [side for side in sides if side]
+    return max(sides) if sides else None
 
 
 def _field(record: object, key: str):
@@ -63,8 +96,10 @@ class VisionLanguageCollator:
 
     records: mappings (e.g. `datasets` rows) or objects with `image`, `prompt` and `answer`.
     `with_answer=False` builds generation prompts only (no labels), as evaluation needs.
-    `max_length` truncates the answer side (never the prompt, which holds the image placeholders);
-    a prompt longer than `max_length` raises.
+    `max_length` truncates the answer side (never the prompt, which holds the image placeholders) and counts it;
+    a prompt longer than `max_length`, or an answer with text the tokenizer cannot represent, raises naming the
+    record, or with `on_error="skip"` leaves the record out of its batch and counts it. `counts` holds what was
+    truncated, refused or unrepresentable; each kind is also logged once.
     """
 
     processor: object
@@ -76,10 +111,14 @@ class VisionLanguageCollator:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     id_key: str = "id"
+    on_error: str = "raise"
+    counts: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         if self.padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {self.padding_side!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"data.on_error={self.on_error!r} must be one of {', '.join(ON_ERROR)}")
         tokenizer = self.processor.tokenizer
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one before collating batches")
@@ -128,49 +167,75 @@ class VisionLanguageCollator:
                 raise CollateError(f"{where}: field {self.answer_key!r} must be a non-empty string, got {answer!r}")
         return as_image(values[self.image_key], where), prompt.strip(), None if answer is None else answer.strip()
 
+    def _count(self, kind: str, where: str) -> None:
+        if not self.counts[kind]:
+            logger.warning("%s: %s (counted in the data report; further cases are not logged)", where, kind)
+        self.counts[kind] += 1
+
+    def _refuse(self, kind: str, where: str, message: str) -> None:
+        """A record that cannot train: an error under on_error="raise", else counted (the caller drops it)."""
+        if self.on_error == "raise":
+            raise CollateError(f"{where}: {message} (set data.on_error: skip to leave such records out)")
+        self._count(kind, where)
+
     def __call__(self, records: Sequence[object]) -> dict[str, torch.Tensor]:
         if len(records) == 0:
             raise CollateError("cannot collate an empty batch")
-        tokenizer = self.processor.tokenizer
-        images, prompts, texts, answers = [], [], [], []
-        for position, record in enumerate(records):
-            image, prompt, answer = self.validate(record, position)
-            images.append(image)
-            prompts.append(prompt)
-            texts.append(self.prompt_text(prompt))
-            answers.append(answer)
-        # The processor expands the image placeholder to the model's number of image tokens.
-        encoded = self.processor(images=images, text=texts, return_tensors=None, padding=False)
-        rows, label_rows = [], []
-        for position, prompt_ids in enumerate(encoded["input_ids"]):
-            prompt_ids = list(prompt_ids)
-            labels = [self.ignore_index] * len(prompt_ids)
-            if self.with_answer:
-                where = _record_name(records[position], position, self.id_key)
-                text = self.answer_text(prompts[position], answers[position], where)
-                answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in answer_ids:
-                    unknown = [w for w, i in zip(text.split(), answer_ids) if i == tokenizer.unk_token_id]
-                    raise CollateError(f"{where}: the answer {answers[position]!r} has words the tokenizer does not "
-                                       f"know ({unknown[:5]})")
-                if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
-                    answer_ids.append(tokenizer.eos_token_id)
-                if self.max_length is not None:
-                    room = self.max_length - len(prompt_ids)
-                    if room < 1:
-                        raise CollateError(f"{where}: the prompt alone has {len(prompt_ids)} tokens, more than "
-                                           f"max_length={self.max_length}")
-                    answer_ids = answer_ids[:room]
-                prompt_ids = prompt_ids + answer_ids
-                labels = labels + answer_ids
-            rows.append(prompt_ids)
-            label_rows.append(labels)
-        batch = self._pad(rows, label_rows, tokenizer.pad_token_id)
+        validated = [self.validate(record, position) for position, record in enumerate(records)]
+        encoded, rows, label_rows, kept = self._encode(records, validated)
+        if len(kept) < len(records):  # records refused: the processor runs again on the rest (a rare path)
+            if not kept:
+                raise CollateError(f"every record of this batch was refused ({len(records)} records; see the "
+                                   f"warnings above)")
+            records, validated = [records[i] for i in kept], [validated[i] for i in kept]
+            encoded, rows, label_rows, kept = self._encode(records, validated, counted=False)
+        batch = self._pad(rows, label_rows, self.processor.tokenizer.pad_token_id)
         batch["pixel_values"] = torch.as_tensor(np.asarray(encoded["pixel_values"]), dtype=torch.float32)
         batch.update(self._extras(encoded, rows))
         if not self.with_answer:
             del batch["labels"]
         return batch
+
+    def _encode(self, records: Sequence[object], validated: list, counted: bool = True):
+        """Token rows and label rows of the records, and the positions of those that can train."""
+        tokenizer = self.processor.tokenizer
+        images = [image for image, _, _ in validated]
+        texts = [self.prompt_text(prompt) for _, prompt, _ in validated]
+        # The processor expands the image placeholder to the model's number of image tokens.
+        encoded = self.processor(images=images, text=texts, return_tensors=None, padding=False)
+        rows, label_rows, kept = [], [], []
+        unknown = tokenizer.unk_token_id
+        for position, prompt_ids in enumerate(encoded["input_ids"]):
+            prompt_ids = list(prompt_ids)
+            where = _record_name(records[position], position, self.id_key)
+            if counted and unknown is not None and unknown in prompt_ids:
+                self._count(PROMPT_UNKNOWN_TOKENS, where)
+            if self.max_length is not None and len(prompt_ids) >= self.max_length:
+                self._refuse(PROMPT_TOO_LONG, where, f"the prompt alone has {len(prompt_ids)} tokens, at least "
+                                                     f"max_length={self.max_length} (data.max_length)")
+                continue
+            labels = [self.ignore_index] * len(prompt_ids)
+            if self.with_answer:
+                _, prompt, answer = validated[position]
+                text = self.answer_text(prompt, answer, where)
+                answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if unknown is not None and unknown in answer_ids:
+                    words = [w for w, i in zip(text.split(), answer_ids) if i == unknown]
+                    self._refuse(ANSWER_UNKNOWN_TOKENS, where, f"the answer {answer!r} has words the tokenizer does "
+                                                               f"not know ({words[:5]})")
+                    continue
+                if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
+                    answer_ids.append(tokenizer.eos_token_id)
+                if self.max_length is not None and len(prompt_ids) + len(answer_ids) > self.max_length:
+                    if counted:
+                        self._count(ANSWER_TRUNCATED, where)
+                    answer_ids = answer_ids[:self.max_length - len(prompt_ids)]
+                prompt_ids = prompt_ids + answer_ids
+                labels = labels + answer_ids
+            rows.append(prompt_ids)
+            label_rows.append(labels)
+            kept.append(position)
+        return encoded, rows, label_rows, kept
 
     def _extras(self, encoded, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """The processor's other outputs: per-image tensors as they are (image_grid_thw, image_sizes);

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ LLAVA_FILE = "llava_vqa.json"
 REFCOCO_FILE = "refcoco_grounding.json"
 IMAGE_DIR = "images"
 ON_ERROR = ("raise", "skip")
+REPORTED_IDS = 5  # record ids listed per skip reason in a report
+_LIST_INDEX = re.compile(r"\[\d+\]")  # conversations[3].value -> conversations[].value when counting reasons
 _ROLES = {"human": "user", "gpt": "assistant"}
 _COORDINATE = r"(?:<loc_\d+>|\d+)"
 _BOX_ANSWER = re.compile(rf"[\s\[\](),]*(?:{_COORDINATE}[\s\[\](),]*){{4}}")  # four coordinates, nothing else
@@ -70,20 +73,47 @@ class DatasetFormatError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What a loader kept and what it skipped (with `on_error="skip"`), and why."""
+    """What a loader kept and what it skipped (with `on_error="skip"`), and why: counts per reason, first ids."""
 
     path: str
     loaded: int = 0
     skipped: int = 0
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # every skipped record's full message
+    by_reason: Counter = field(default_factory=Counter)  # short reason -> count
+    first_ids: dict[str, list] = field(default_factory=dict)  # short reason -> first REPORTED_IDS record ids
+
+    def add_skip(self, problem: DatasetFormatError, kind: str) -> None:
+        self.skipped += 1
+        self.reasons.append(str(problem))
+        self.by_reason[kind] += 1
+        ids = self.first_ids.setdefault(kind, [])
+        if len(ids) < REPORTED_IDS:
+            ids.append(problem.record_id)
+
+    def summary(self) -> str:
+        """One line per reason: `count x reason (ids ...)`."""
+        lines = [f"{self.path}: {self.loaded} records loaded, {self.skipped} skipped"]
+        lines += [f"  {count} x {kind} (first ids: {', '.join(map(repr, self.first_ids[kind]))})"
+                  for kind, count in self.by_reason.most_common()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "loaded": self.loaded, "skipped": self.skipped,
+                "skipped_by_reason": dict(self.by_reason.most_common()), "first_ids": self.first_ids}
 
 
-class _FieldError(Exception):
-    """Raised inside a record parser; the caller adds the file and record to the message."""
+class FieldError(Exception):
+    """Raised inside a record parser; the caller adds the file and record to the message.
 
-    def __init__(self, field: str, reason: str):
+    `kind` is the reason without the record's own values (e.g. "image: file not found"), for counting.
+    """
+
+    def __init__(self, field: str, reason: str, kind: str | None = None):
         super().__init__(reason)
         self.field, self.reason = field, reason
+        if kind is None:
+            kind = f"{_LIST_INDEX.sub('[]', field)}: {reason.split(':')[0]}"
+        self.kind = kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,12 +122,12 @@ class _FieldError(Exception):
 
 def _get(record: object, key: str, kind: type | tuple[type, ...]) -> object:
     if not isinstance(record, dict):
-        raise _FieldError("<record>", f"expected a JSON object, got {type(record).__name__}")
+        raise FieldError("<record>", f"expected a JSON object, got {type(record).__name__}")
     if key not in record:
-        raise _FieldError(key, "missing")
+        raise FieldError(key, "missing")
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, kind):  # bool is an int in Python, never in JSON
-        raise _FieldError(key, f"expected {_type_names(kind)}, got {type(value).__name__} {value!r}")
+        raise FieldError(key, f"expected {_type_names(kind)}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -109,33 +139,89 @@ def _type_names(kind: type | tuple[type, ...]) -> str:
 def _text(record: object, key: str) -> str:
     value = _get(record, key, str).strip()
     if not value:
-        raise _FieldError(key, "empty")
+        raise FieldError(key, "empty")
     return value
 
 
-def _image(record: object, root: Path) -> tuple[str, tuple[int, int]]:
-    """Absolute path and (width, height) of the record's image; opens only the header."""
-    path = os.path.abspath(root / _text(record, "image"))
-    if not os.path.isfile(path):
-        raise _FieldError("image", f"file not found: {path}")
+class ImageIndex:
+    """Which image files exist, from one directory listing per folder instead of one lookup per record.
+
+    Start-up then costs a listing of each image folder (COCO's 83K training images: one folder), not 665K file
+    opens on every rank; the images themselves are read, and checked, when a record is first used.
+    """
+
+    def __init__(self):
+        self._folders: dict[str, frozenset[str]] = {}
+
+    def exists(self, path: str) -> bool:
+        folder, name = os.path.split(path)
+        if folder not in self._folders:
+            try:
+                self._folders[folder] = frozenset(os.listdir(folder))
+            except OSError:
+                self._folders[folder] = frozenset()
+        return name in self._folders[folder]
+
+
+def _image_path(record: object, root: Path, allow_outside_root: bool, index: ImageIndex) -> str:
+    """The record's image as an absolute path inside `root` (unless allowed outside) that exists."""
+    given = _text(record, "image")
+    path = os.path.normpath(os.path.join(os.path.abspath(root), given))
+    if not allow_outside_root and (os.path.isabs(given) or os.path.commonpath([path, os.path.abspath(root)])
+                                   != os.path.abspath(root)):
+        raise FieldError("image", f"path {given!r} leaves the dataset root {os.path.abspath(root)} (set "
+                                   f"data.allow_outside_root: true to allow it)", kind="image: path outside the root")
+    if not index.exists(path):
+        raise FieldError("image", f"file not found: {path}")
+    return path
+
+
+def read_image(path: str, min_side: int | None = None, declared_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image fully (a truncated or corrupt file fails here, not in the processor), as RGB.
+
+    `min_side`: the short side the processor needs at most; a larger image is decoded reduced by a whole factor
+    (JPEG's DCT scaling via `draft`, else `reduce`), so an 8000x8000 photo does not cost a full-size decode and
+    resize on every access. `declared_size`: (width, height) the record states, checked against the file.
+    Raises `FieldError("image", ...)`; the caller names the file and record.
+    """
     try:
         with Image.open(path) as image:
-            return path, image.size
-    except (OSError, Image.DecompressionBombError) as error:
-        raise _FieldError("image", f"cannot read image {path}: {error}") from None
+            if declared_size is not None and tuple(declared_size) != image.size:
+                raise FieldError("image", f"{path} is {image.size[0]}x{image.size[1]}, but the record declares "
+                                           f"width {declared_size[0]}, height {declared_size[1]}",
+                                  kind="width/height: do not match the image")
+            size = image.size
+            factor = min(size) // min_side if min_side else 1
+            if factor >= 2 and image.format == "JPEG":
+                image.draft("RGB", (size[0] // factor, size[1] // factor))
+            image.load()
+            if factor >= 2 and min(image.size) // min_side >= 2:
+                image = image.reduce(min(image.size) // min_side)
+            return image.convert("RGB")
+    except FieldError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise FieldError("image", f"cannot read image {path}: {error}", kind="image: cannot be decoded") from None
+
+
+def _image(record: object, root: Path, allow_outside_root: bool, index: ImageIndex) -> tuple[str, tuple[int, int]]:
+    """Absolute path and (width, height) of the record's image, reading the whole file (the public loaders)."""
+    path = _image_path(record, root, allow_outside_root, index)
+    image = read_image(path)
+    return path, image.size
 
 
 def _check_box(box: object, field: str) -> Box:
     """A valid [x1, y1, x2, y2] box of integers in [0, 1000) with x1 < x2 and y1 < y2."""
     if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(type(v) is int for v in box):
-        raise _FieldError(field, f"expected a list of 4 integers, got {box!r}")
+        raise FieldError(field, f"expected a list of 4 integers, got {box!r}")
     box = list(box)
     if not all(0 <= v < COORD_RANGE for v in box):
-        raise _FieldError(field, f"box {box} has a coordinate outside [0, {COORD_RANGE})")
+        raise FieldError(field, f"box {box} has a coordinate outside [0, {COORD_RANGE})")
     if box[0] >= box[2]:
-        raise _FieldError(field, f"box {box} has x1 >= x2")
+        raise FieldError(field, f"box {box} has x1 >= x2")
     if box[1] >= box[3]:
-        raise _FieldError(field, f"box {box} has y1 >= y2")
+        raise FieldError(field, f"box {box} has y1 >= y2")
     return tuple(box)
 
 
@@ -143,11 +229,11 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
     """The box of a grounding answer (four coordinates and nothing else), None for a VQA answer."""
     if not _BOX_ANSWER.fullmatch(answer):
         if LOC_PATTERN.search(answer):
-            raise _FieldError(field, f"coordinate tokens must form exactly one box of four, got {answer!r}")
+            raise FieldError(field, f"coordinate tokens must form exactly one box of four, got {answer!r}")
         return None
     box = tokens_to_box(answer, bins)
     if box is None:
-        raise _FieldError(field, f"box {answer!r} has an integer outside [0, {COORD_RANGE}) "
+        raise FieldError(field, f"box {answer!r} has an integer outside [0, {COORD_RANGE}) "
                                  f"or a token outside the {bins} bins")
     return _check_box(box, field)
 
@@ -161,6 +247,8 @@ def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = str(path)
+    if not os.path.isfile(path):
+        raise DatasetFormatError(path, "file not found")
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
@@ -172,14 +260,15 @@ def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
     rows, report = [], LoadReport(path)
     for index, record in enumerate(records):
         try:
-            rows.append(parse_record(record, root))
-        except _FieldError as error:
+            row = parse_record(record, root)
+        except FieldError as error:
             record_id = record.get("id") if isinstance(record, dict) else None
             problem = DatasetFormatError(path, error.reason, index, record_id, error.field)
             if on_error == "raise":
                 raise problem from None
-            report.skipped += 1
-            report.reasons.append(str(problem))
+            report.add_skip(problem, error.kind)
+            continue
+        rows.append({**row, "source": path, "index": index})
     report.loaded = len(rows)
     return rows, report
 
@@ -189,40 +278,46 @@ def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
         logger.warning("%s: skipped %d malformed records, first: %s",
                        report.path, report.skipped, report.reasons[0])
     columns = {name: [row[name] for row in rows] for name in FEATURES}  # also right when every record was skipped
+    # (the rows' `source` file and `index` in it are not columns)
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
 def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                     coordinate_bins: int = SyntheticConfig.coordinate_bins) -> tuple[list[dict], LoadReport]:
-    """Validate a LLaVA conversation file into rows of FEATURES plus a LoadReport.
+                     coordinate_bins: int = SyntheticConfig.coordinate_bins, allow_outside_root: bool = False,
+                     check_images: bool = True) -> tuple[list[dict], LoadReport]:
+    """Validate a LLaVA conversation file into rows of FEATURES (plus `source`, `index`) and a LoadReport.
 
-    A record is grounding when its first answer is a box (four coordinate tokens or integers).
+    A record is grounding when its first answer is a box (four coordinate tokens or integers). Image paths must
+    stay inside the image root unless `allow_outside_root`. `check_images=False` only checks that each image
+    file exists (from folder listings) and leaves decoding to the first use: start-up without image I/O.
     """
+    index = ImageIndex()
 
     def parse_record(record: object, root: Path) -> dict:
         record_id = str(_get(record, "id", (str, int)))
-        image, _ = _image(record, root)
+        image = (_image(record, root, allow_outside_root, index)[0] if check_images
+                 else _image_path(record, root, allow_outside_root, index))
         turns = _get(record, "conversations", list)
         if len(turns) < 2 or len(turns) % 2:
-            raise _FieldError("conversations",
+            raise FieldError("conversations",
                               f"expected alternating human/gpt turns ending with gpt, got {len(turns)} turns")
         messages = []
         for t, turn in enumerate(turns):
             speaker = ("human", "gpt")[t % 2]
             if not isinstance(turn, dict) or turn.get("from") != speaker:
                 got = turn.get("from") if isinstance(turn, dict) else turn
-                raise _FieldError(f"conversations[{t}].from",
+                raise FieldError(f"conversations[{t}].from",
                                   f"expected {speaker!r} (turns alternate human, gpt), got {got!r}")
             value = turn.get("value")
             if not isinstance(value, str):
-                raise _FieldError(f"conversations[{t}].value", f"expected str, got {type(value).__name__}")
+                raise FieldError(f"conversations[{t}].value", f"expected str, got {type(value).__name__}")
             if value.count(IMAGE_TOKEN) != (1 if t == 0 else 0):
                 rule = "the first human turn needs exactly one" if t == 0 else "only the first turn may hold an"
-                raise _FieldError(f"conversations[{t}].value", f"{rule} {IMAGE_TOKEN!r} placeholder")
+                raise FieldError(f"conversations[{t}].value", f"{rule} {IMAGE_TOKEN!r} placeholder")
             messages.append({"role": _ROLES[speaker], "content": value.replace(IMAGE_TOKEN, "").strip()})
         answer = messages[1]["content"]
         if not answer:
-            raise _FieldError("conversations[1].value", "empty answer")
+            raise FieldError("conversations[1].value", "empty answer")
         box = _answer_box(answer, coordinate_bins, "conversations[1].value")
         task = "vqa" if box is None else "grounding"
         return {"id": record_id, "image": image, "task": task, "prompt": messages[0]["content"], "answer": answer,
@@ -232,44 +327,53 @@ def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_erro
 
 
 def load_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                    coordinate_bins: int = SyntheticConfig.coordinate_bins) -> datasets.Dataset:
+                    coordinate_bins: int = SyntheticConfig.coordinate_bins,
+                    allow_outside_root: bool = False) -> datasets.Dataset:
     """A LLaVA conversation JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
-    return _to_dataset(*parse_llava_json(path, image_root, on_error, coordinate_bins))
+    return _to_dataset(*parse_llava_json(path, image_root, on_error, coordinate_bins, allow_outside_root))
 
 
 def parse_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                        coordinate_bins: int = SyntheticConfig.coordinate_bins,
-                       prompt_template: str = SyntheticConfig.grounding_template) -> tuple[list[dict], LoadReport]:
+                       prompt_template: str = SyntheticConfig.grounding_template, allow_outside_root: bool = False,
+                       check_images: bool = True) -> tuple[list[dict], LoadReport]:
     """Validate a RefCOCO-style grounding file into rows of FEATURES plus a LoadReport.
 
     `problem` is a bare referring expression in RefCOCO, so the prompt is
     `prompt_template.format(expression=problem)`; pass "{expression}" if problems are full questions.
-    The answer is the box in coordinate tokens, as the model must emit it.
+    The answer is the box in coordinate tokens, as the model must emit it. `allow_outside_root`, `check_images`:
+    as in `parse_llava_json` (unchecked, the declared width and height are checked when the image is read).
     """
+    index = ImageIndex()
 
     def parse_record(record: object, root: Path) -> dict:
         record_id = str(_get(record, "id", (str, int)))
-        image, size = _image(record, root)
         problem = _text(record, "problem")
         box = _check_box(_get(record, "normalized_solution", list), "normalized_solution")
-        for key, actual in zip(("width", "height"), size):
-            declared = _get(record, key, int)
-            if declared != actual:
-                raise _FieldError(key, f"{declared} does not match the image's {key} {actual}")
+        declared = tuple(_get(record, key, int) for key in ("width", "height"))
+        if check_images:
+            image, size = _image(record, root, allow_outside_root, index)
+            for key, stated, actual in zip(("width", "height"), declared, size):
+                if stated != actual:
+                    raise FieldError(key, f"{stated} does not match the image's {key} {actual}")
+        else:
+            image = _image_path(record, root, allow_outside_root, index)
         prompt = prompt_template.format(expression=problem)
         answer = box_to_tokens(box, coordinate_bins)
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         return {"id": record_id, "image": image, "task": "grounding", "prompt": prompt, "answer": answer,
-                "box": list(box), "messages": messages}
+                "box": list(box), "messages": messages, "declared_size": list(declared)}
 
     return _parse(path, image_root, on_error, parse_record)
 
 
 def load_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                       coordinate_bins: int = SyntheticConfig.coordinate_bins,
-                      prompt_template: str = SyntheticConfig.grounding_template) -> datasets.Dataset:
+                      prompt_template: str = SyntheticConfig.grounding_template,
+                      allow_outside_root: bool = False) -> datasets.Dataset:
     """A RefCOCO-style JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
-    return _to_dataset(*parse_refcoco_json(path, image_root, on_error, coordinate_bins, prompt_template))
+    return _to_dataset(*parse_refcoco_json(path, image_root, on_error, coordinate_bins, prompt_template,
+                                           allow_outside_root))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
+import logging
+
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .formats import load_llava_json, load_refcoco_json
+from .formats import DatasetFormatError, FieldError, LoadReport, parse_llava_json, parse_refcoco_json, read_image
 from .synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
+
+logger = logging.getLogger(__name__)
+
 
 class SyntheticRecords(Dataset):
     """Record i of a split, generated on demand (deterministic by seed, split and index).
@@ -59,16 +66,61 @@ class SyntheticRecords(Dataset):
 
 
 class FileRecords(Dataset):
-    """LLaVA-conversation and RefCOCO-style JSON files, concatenated (rows as dicts)."""
+    """LLaVA-conversation and RefCOCO-style JSON files, concatenated (rows as dicts).
 
-    def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str):
-        self.parts = [load_llava_json(path, on_error=on_error) for path in llava_files]
-        self.parts += [load_refcoco_json(path, on_error=on_error) for path in refcoco_files]
+    Start-up reads only the JSON and the image folders' listings (no image file is opened), so it costs the same
+    on every rank whatever the images weigh. A record's image is decoded when the record is used, reduced to
+    what the processor needs (`min_image_side`); one that cannot be read raises naming the file and record, or
+    with `on_error="skip"` is replaced by the next readable record and counted in `access_reports`.
+    A file that yields no record at all is an error that lists why its records were skipped.
+    """
+
+    def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str,
+                 allow_outside_root: bool = False, min_image_side: int | None = None):
+        options = dict(on_error=on_error, allow_outside_root=allow_outside_root, check_images=False)
+        parsed = [parse_llava_json(path, **options) for path in llava_files]
+        parsed += [parse_refcoco_json(path, **options) for path in refcoco_files]
+        self.parts = [rows for rows, _ in parsed]
+        self.load_reports = [report for _, report in parsed]
+        empty = [report for report in self.load_reports if report.loaded == 0]
+        if empty:
+            details = "\n".join(report.summary() for report in empty)
+            raise DatasetFormatError(", ".join(report.path for report in empty),
+                                     f"no usable records (an empty file, or every record skipped):\n{details}")
+        self.on_error, self.min_image_side = on_error, min_image_side
+        self.access_reports = {report.path: LoadReport(report.path) for report in self.load_reports}
+        self.unreadable: set[int] = set()  # records whose image failed once: not decoded again
         self.offsets = torch.tensor([0] + [len(p) for p in self.parts]).cumsum(0).tolist()
+        self._last_image: tuple[str, Image.Image] | None = None  # an image's records often come in a row
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
+    def _row(self, index: int) -> dict:
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part][index - self.offsets[part]]
+
+    def _image(self, row: dict) -> Image.Image:
+        if self._last_image is None or self._last_image[0] != row["image"]:
+            declared = row.get("declared_size")
+            self._last_image = (row["image"], read_image(row["image"], self.min_image_side, declared))
+        return self._last_image[1]
+
     def __getitem__(self, index: int) -> dict:
-        part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
-        return dict(self.parts[part][index - self.offsets[part]])
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if candidate in self.unreadable:
+                continue
+            row = self._row(candidate)
+            try:
+                image = self._image(row)
+            except FieldError as error:
+                problem = DatasetFormatError(row["source"], error.reason, row["index"], row["id"], error.field)
+                if self.on_error == "raise":
+                    raise problem from None
+                self.unreadable.add(candidate)
+                self.access_reports[row["source"]].add_skip(problem, error.kind)
+                logger.warning("skipped (data.on_error: skip): %s", problem)
+                continue
+            return {**row, "image": image}
+        raise DatasetFormatError(", ".join(self.access_reports), "no record has a readable image")

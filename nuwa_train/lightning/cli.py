@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..io import UnsafeCheckpointError
 from .checkpoints import SafeCheckpointIO
 from .data import NuwaDataModule
 from .module import NuwaFineTuner
@@ -19,6 +21,14 @@ class NuwaCLI(LightningCLI):
         # The data module shards its resumable sample stream by rank itself; Lightning's distributed sampler
         # would shard it a second time.
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads a `--ckpt_path` file's hyper-parameters (weights-only) before anything else runs."""
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as error:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise UnsafeCheckpointError.from_unpickling(path, error) from None
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, reading `--ckpt_path` files weights-only with an error that names a refused file."""

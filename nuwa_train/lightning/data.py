@@ -6,18 +6,37 @@ so `fit --ckpt_path last` continues with exactly the batch an uninterrupted run 
 
 from __future__ import annotations
 
+import json
+import logging
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.collate import VisionLanguageCollator
+from ..data.collate import VisionLanguageCollator, needed_image_side
 from ..data.records import FileRecords, SyntheticRecords
 from ..data.synthetic import SyntheticConfig
-from ..models.loading import load_processor
+from ..io import write_atomically
+from ..models.loading import load_processor, local_model_dir
 
 PASS_SEED_STRIDE = 1_000_003  # seeds of successive passes over the data never collide across run seeds
+DATA_REPORT_NAME = "data_report.json"
+OnError = Literal["raise", "skip"]
+logger = logging.getLogger(__name__)
+
+
+def model_context_length(model_dir: str) -> int | None:
+    """The language model's context (max_position_embeddings) from the directory's config.json, if stated."""
+    config = json.loads((local_model_dir(model_dir) / "config.json").read_text())
+    for section in (config.get("text_config") or {}, config):
+        if section.get("max_position_embeddings"):
+            return int(section["max_position_embeddings"])
+    return None
 
 
 def as_synthetic_config(value: SyntheticConfig | dict) -> SyntheticConfig:
@@ -88,9 +107,12 @@ class NuwaDataModule(L.LightningDataModule):
                  train_images: int = 20000, val_images: int = 64, test_images: int = 250,
                  train_files: FileSources | None = None, val_files: FileSources | None = None,
                  test_files: FileSources | None = None, batch_size: int = 16, eval_batch_size: int = 32,
-                 num_workers: int = 0, max_length: int | None = None, on_error: str = "raise", seed: int = 0,
-                 train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False):
+                 num_workers: int = 0, max_length: int | None = None, on_error: OnError = "raise", seed: int = 0,
+                 train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False,
+                 allow_outside_root: bool = False):
         super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error={on_error!r} must be one of raise, skip")
         self.save_hyperparameters()
         SyntheticRecords.tasks_per_image(train_vqa_per_image, train_grounding_per_image, key_prefix="data.train_")
         if train_files is not None and (group_by_image or (train_vqa_per_image, train_grounding_per_image) != (1, 1)):
@@ -100,18 +122,23 @@ class NuwaDataModule(L.LightningDataModule):
         self.files = {split: as_file_sources(sources) for split, sources in
                       (("train", train_files), ("val", val_files), ("test", test_files))}
         self.processor = None
+        self.max_length = max_length  # data.max_length, or the model's context once the processor is loaded
         self._datasets: dict[str, Dataset] = {}
+        self._collators: list[VisionLanguageCollator] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
-
             self.processor = load_processor(self.hparams.processor_path)
+            if self.max_length is None:  # never train past the model's context silently
+                self.max_length = model_context_length(self.hparams.processor_path)
 
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
             files = self.files[split]
             if files is not None:
-                self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error)
+                self.setup()
+                self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error,
+                                                    self.hparams.allow_outside_root, needed_image_side(self.processor))
             else:
                 per_image = ((self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)
                              if split == "train" else (1, 1))
@@ -126,8 +153,43 @@ class NuwaDataModule(L.LightningDataModule):
 
     def collator(self, with_answer: bool = True, padding_side: str = "right") -> VisionLanguageCollator:
         self.setup()
-        return VisionLanguageCollator(self.processor, padding_side=padding_side, max_length=self.hparams.max_length,
-                                      with_answer=with_answer)
+        collator = VisionLanguageCollator(self.processor, padding_side=padding_side, max_length=self.max_length,
+                                          with_answer=with_answer, on_error=self.hparams.on_error)
+        self._collators.append(collator)
+        return collator
+
+    # ------------------------------------------------------------------------------- what was left out
+    def data_report(self) -> dict:
+        """Per file: records loaded and skipped (per reason, first ids), at start-up and when read; plus what the
+        collators truncated or refused (counted in this process; with workers, their log lines say more)."""
+        files = {}
+        for split, data in self._datasets.items():
+            if isinstance(data, FileRecords):
+                for load, access in zip(data.load_reports, data.access_reports.values()):
+                    files[load.path] = {"split": split, "at_start": load.to_dict(), "when_read": access.to_dict()}
+        counts: dict[str, int] = {}
+        for collator in self._collators:
+            for kind, count in collator.counts.items():
+                counts[kind] = counts.get(kind, 0) + count
+        return {"files": files, "batches": counts, "max_length": self.max_length,
+                "on_error": self.hparams.on_error}
+
+    def write_data_report(self) -> Path | None:
+        """`data_report.json` in the run directory (global rank 0), and a summary of skipped records on the log."""
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return None
+        report = self.data_report()
+        for path, entry in report["files"].items():
+            for stage in ("at_start", "when_read"):
+                if entry[stage]["skipped"]:
+                    logger.warning("%s: %d records skipped %s (data.on_error: skip): %s", path,
+                                   entry[stage]["skipped"], stage.replace("_", " "), entry[stage]["skipped_by_reason"])
+        target = Path(trainer.default_root_dir) / DATA_REPORT_NAME
+        return write_atomically(target, lambda staging: staging.write_text(json.dumps(report, indent=2) + "\n"))
+
+    def teardown(self, stage: str) -> None:
+        self.write_data_report()  # with what was skipped or truncated while the run read its data
 
     def train_dataloader(self) -> DataLoader:
         trainer, module = self.trainer, self.trainer.lightning_module
@@ -138,6 +200,10 @@ class NuwaDataModule(L.LightningDataModule):
         group = data.records_per_image if self.hparams.group_by_image else 1
         sampler = ResumableSampler(len(data), batch, module.samples_seen, total, self.hparams.seed,
                                    trainer.global_rank, trainer.world_size, group)
+        self.write_data_report()
+        # The sampler resumes mid-epoch by itself (module.samples_seen); Lightning cannot know and warns.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
+                                category=PossibleUserWarning)
         # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
         return DataLoader(data, batch_size=batch, sampler=sampler, collate_fn=self.collator(),
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from ..io import write_atomically
+from ..io import load_checkpoint_file, write_atomically
 
 TORCH_EXTENSIONS_SUBDIR = Path("nuwa-train") / "torch_extensions"
 
@@ -52,6 +52,12 @@ class NuwaDeepSpeedStrategy(DeepSpeedStrategy):
         yield
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
+        # DeepSpeed unpickles its shards without weights_only: read each one weights-only first, so a file that would
+        # run code is refused (named) before DeepSpeed opens it. The shards hold trainable weights only: small.
+        from deepspeed.runtime.zero.config import ZeroStageEnum  # plain data DeepSpeed writes into its shards
+
+        for shard in sorted(Path(checkpoint_path).rglob("*.pt")):
+            load_checkpoint_file(shard, allowed=(ZeroStageEnum,))
         module = self.lightning_module
         strict = module.strict_loading
         module.strict_loading = strict and not self.exclude_frozen_parameters
