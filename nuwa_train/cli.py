@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,19 @@ def _bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"nuwa-train bench: unknown --shapes {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data_startup:
+        import tempfile
+
+        from .bench import time_data_startup, write_startup_dataset
+
+        with tempfile.TemporaryDirectory(prefix="nuwa-startup-") as scratch:
+            llava_file = write_startup_dataset(Path(scratch), args.data_startup)
+            result = time_data_startup(args.model, llava_file)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data_startup.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result) + f"\nwrote {out / 'data_startup.json'}")
+        return
     if args.training:
         from .bench import time_training, training_markdown
 
@@ -83,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--training", metavar="MODEL_DIR",
                        help="instead: training step time / peak memory of each selection mode vs plain LoRA")
     bench.add_argument("--batch-size", type=int, default=16, help="batch size of --training")
+    bench.add_argument("--data-startup", type=int, metavar="RECORDS",
+                       help="instead: seconds to the first training step on a generated file of RECORDS records "
+                            "(one image file each)")
+    bench.add_argument("--model", default="data/tiny_base", help="model directory of --data-startup")
     bench.set_defaults(handler=_bench)
 
     demo = commands.add_parser("demo", help="the main job: fine-tune with pruning on the tiny base, compare, export")

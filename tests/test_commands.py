@@ -52,3 +52,50 @@ def test_demo_resumes_only_a_run_with_the_same_settings(tmp_path):
     assert _resumable_checkpoint(run_dir, "lr: 0.002\n", console) is None  # another recipe: start afresh
     assert not last.exists()
     assert _resumable_checkpoint(run_dir, "lr: 0.001\n", console) is None  # the old settings are gone too
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+def test_the_demo_resumes_a_killed_fine_tune_exactly(tiny_base_dir, tmp_path, monkeypatch):
+    """The demo's fine-tunes resume through `fit --ckpt_path`: killed after an early checkpoint, the same weights."""
+    from rich.console import Console
+
+    from nuwa_train import demo
+    from nuwa_train.lightning import NuwaFineTuner
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["model"]["model_path"] = tiny_base_dir
+    recipe["trainer"].update(val_check_interval=2, limit_val_batches=0, log_every_n_steps=1)
+    recipe["data"].update(batch_size=2, val_images=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(demo, "CHECKPOINT_EVERY", 2)
+    console, steps = Console(quiet=True), 7
+
+    def fine_tune(name):
+        module, _ = demo._fine_tune(tmp_path / "recipe.yaml", tmp_path / name, "nuwa", "soft", {}, steps, console)
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    expected = fine_tune("straight")
+    original, started = NuwaFineTuner.on_train_batch_start, []
+
+    def kill_once_at_step_3(self, batch, batch_index):
+        started.append(self.global_step)
+        if self.global_step == 3 and not (tmp_path / "killed").exists():
+            (tmp_path / "killed").touch()
+            raise SimulatedKill("killed during step 4")
+        return original(self, batch, batch_index)
+
+    monkeypatch.setattr(NuwaFineTuner, "on_train_batch_start", kill_once_at_step_3)
+    try:
+        fine_tune("resumed")
+    except SimulatedKill:
+        pass
+    assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").is_file()
+    started.clear()
+    resumed = fine_tune("resumed")  # the same settings: resumes from step 2
+    assert started == list(range(2, steps))
+    assert resumed.keys() == expected.keys()
+    for name, value in resumed.items():
+        assert (value - expected[name]).abs().max() <= 1e-6, name

@@ -52,12 +52,7 @@ class NuwaDeepSpeedStrategy(DeepSpeedStrategy):
         yield
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        # DeepSpeed unpickles its shards without weights_only: read each one weights-only first, so a file that would
-        # run code is refused (named) before DeepSpeed opens it. The shards hold trainable weights only: small.
-        from deepspeed.runtime.zero.config import ZeroStageEnum  # plain data DeepSpeed writes into its shards
-
-        for shard in sorted(Path(checkpoint_path).rglob("*.pt")):
-            load_checkpoint_file(shard, allowed=(ZeroStageEnum,))
+        check_deepspeed_checkpoint(checkpoint_path)
         module = self.lightning_module
         strict = module.strict_loading
         module.strict_loading = strict and not self.exclude_frozen_parameters
@@ -65,6 +60,21 @@ class NuwaDeepSpeedStrategy(DeepSpeedStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only)
         finally:
             module.strict_loading = strict
+
+
+def check_deepspeed_checkpoint(checkpoint_dir: str | os.PathLike) -> None:
+    """Read every shard of a DeepSpeed checkpoint weights-only, refusing (by name) one that would run code.
+
+    DeepSpeed unpickles its shards without `weights_only`; this runs first. Besides tensors and containers the shards
+    hold three plain DeepSpeed types (an enum, the loss-scaler state, fragment addresses), allowed here. With
+    frozen weights excluded the shards are small (LoRA and its optimizer state), so reading them twice is cheap.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for shard in sorted(Path(checkpoint_dir).rglob("*.pt")):
+        load_checkpoint_file(shard, allowed=(ZeroStageEnum, LossScaler, fragment_address))
 
 
 def default_extensions_dir() -> str:
@@ -150,6 +160,7 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, output: str | os.P
         convert_zero_checkpoint_to_fp32_state_dict,
     )
 
+    check_deepspeed_checkpoint(checkpoint_dir)
     return write_atomically(Path(output), partial(convert_zero_checkpoint_to_fp32_state_dict, checkpoint_dir))
 
 
