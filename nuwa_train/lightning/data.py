@@ -11,7 +11,8 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from collections import Counter
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -111,8 +112,8 @@ class NuwaDataModule(L.LightningDataModule):
                  train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False,
                  allow_outside_root: bool = False):
         super().__init__()
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error={on_error!r} must be one of raise, skip")
+        if on_error not in get_args(OnError):
+            raise ValueError(f"data.on_error={on_error!r} must be one of {', '.join(get_args(OnError))}")
         self.save_hyperparameters()
         SyntheticRecords.tasks_per_image(train_vqa_per_image, train_grounding_per_image, key_prefix="data.train_")
         if train_files is not None and (group_by_image or (train_vqa_per_image, train_grounding_per_image) != (1, 1)):
@@ -124,7 +125,7 @@ class NuwaDataModule(L.LightningDataModule):
         self.processor = None
         self.max_length = max_length  # data.max_length, or the model's context once the processor is loaded
         self._datasets: dict[str, Dataset] = {}
-        self._collators: list[VisionLanguageCollator] = []
+        self.batch_counts: Counter = Counter()  # what every collator of this module truncated or refused
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
@@ -153,10 +154,8 @@ class NuwaDataModule(L.LightningDataModule):
 
     def collator(self, with_answer: bool = True, padding_side: str = "right") -> VisionLanguageCollator:
         self.setup()
-        collator = VisionLanguageCollator(self.processor, padding_side=padding_side, max_length=self.max_length,
-                                          with_answer=with_answer, on_error=self.hparams.on_error)
-        self._collators.append(collator)
-        return collator
+        return VisionLanguageCollator(self.processor, padding_side=padding_side, max_length=self.max_length,
+                                      with_answer=with_answer, on_error=self.hparams.on_error, counts=self.batch_counts)
 
     # ------------------------------------------------------------------------------- what was left out
     def data_report(self) -> dict:
@@ -167,29 +166,26 @@ class NuwaDataModule(L.LightningDataModule):
             if isinstance(data, FileRecords):
                 for load, access in zip(data.load_reports, data.access_reports.values()):
                     files[load.path] = {"split": split, "at_start": load.to_dict(), "when_read": access.to_dict()}
-        counts: dict[str, int] = {}
-        for collator in self._collators:
-            for kind, count in collator.counts.items():
-                counts[kind] = counts.get(kind, 0) + count
-        return {"files": files, "batches": counts, "max_length": self.max_length,
+        return {"files": files, "batches": dict(self.batch_counts), "max_length": self.max_length,
                 "on_error": self.hparams.on_error}
 
-    def write_data_report(self) -> Path | None:
-        """`data_report.json` in the run directory (global rank 0), and a summary of skipped records on the log."""
+    def write_data_report(self, stage: str = "at_start") -> Path | None:
+        """`data_report.json` in the run directory (global rank 0); the skips of `stage` are summarised on the log."""
         trainer = self.trainer
         if trainer is None or not trainer.is_global_zero:
             return None
         report = self.data_report()
         for path, entry in report["files"].items():
-            for stage in ("at_start", "when_read"):
-                if entry[stage]["skipped"]:
-                    logger.warning("%s: %d records skipped %s (data.on_error: skip): %s", path,
-                                   entry[stage]["skipped"], stage.replace("_", " "), entry[stage]["skipped_by_reason"])
+            if entry[stage]["skipped"]:
+                logger.warning("%s: %d records skipped %s (data.on_error: skip): %s", path, entry[stage]["skipped"],
+                               stage.replace("_", " "), entry[stage]["skipped_by_reason"])
+        if report["batches"]:
+            logger.warning("records truncated or refused in batches so far: %s", report["batches"])
         target = Path(trainer.default_root_dir) / DATA_REPORT_NAME
         return write_atomically(target, lambda staging: staging.write_text(json.dumps(report, indent=2) + "\n"))
 
     def teardown(self, stage: str) -> None:
-        self.write_data_report()  # with what was skipped or truncated while the run read its data
+        self.write_data_report("when_read")  # with what was skipped or truncated while the run read its data
 
     def train_dataloader(self) -> DataLoader:
         trainer, module = self.trainer, self.trainer.lightning_module
