@@ -115,6 +115,26 @@ def test_family_recipes_train_two_steps_on_a_tiny_model_of_their_family(recipe, 
     assert cli.trainer.global_step == 2
 
 
+def test_kept_stage1_counts_no_padding_slot_with_images_of_different_sizes(family_dir):
+    """Soft selection over a batch of a small and a large image: the logged count is each image's own count."""
+    module, data = make(family_dir)
+    module.configure_model()
+    module.model.eval()
+    module.nuwa.set_selection("soft", 0.5)
+    collate = data.collator()
+    records = [data.dataset("val")[i] for i in range(2)]
+    records[1] = {**records[1], "image": records[1]["image"].resize((192, 160))}  # more patches / tiles
+    with torch.no_grad():
+        alone = []
+        for record in records:
+            module.model(**collate([record]))
+            alone.append(float(module.nuwa.stage1_vision_tokens()))
+        module.model(**collate(records))
+    assert alone[0] != pytest.approx(alone[1])  # the images do keep different numbers of tokens
+    assert not module.nuwa.layout.selection.kept.all()  # so the smaller one's row is padded
+    assert module._kept_tokens()["train/kept_stage1"] == pytest.approx(sum(alone) / 2, rel=1e-4)
+
+
 def _family_dir(family, path):
     torch.manual_seed(0)
     config = SyntheticConfig()

@@ -221,10 +221,7 @@ class NuwaFineTuner(L.LightningModule):
         """Expected vision tokens per image after each stage (exact counts in hard mode)."""
         layout = self.nuwa.layout
         images = layout.images_per_sample.sum().clamp(min=1).float()
-        selection = layout.selection
-        stage1 = selection.keep_bias.detach().exp().sum() if selection.keep_bias is not None else \
-            selection.kept.sum()
-        kept = {"train/kept_stage1": float(stage1) / float(images)}
+        kept = {"train/kept_stage1": float(self.nuwa.stage1_vision_tokens()) / float(images)}
         if layout.stage2 is not None:
             kept["train/kept_stage2"] = float(layout.stage2.kept_vision.detach().float().sum()) / float(images)
         # what the LLM's cost follows, comparable across methods (FastV has no stage 1, Nüwa two stages)

@@ -290,19 +290,31 @@ class NuwaHandle:
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    def _last_layout(self) -> PrefillLayout:
+        if self.layout is None:
+            raise RuntimeError("no prefill has run through this handle yet")
+        return self.layout
+
+    def stage1_vision_tokens(self) -> torch.Tensor:
+        """Vision tokens the layers before stage 2 saw in the last prefill, summed over its images.
+
+        Hard: the tokens on the sequence. Soft: the expected count, the sum of keep probabilities over real
+        slots only; images that keep fewer tokens (mixed sizes) pad their rows, and padding is never kept.
+        """
+        layout = self._last_layout()
+        selection = layout.selection
+        if selection.keep_bias is not None:
+            return selection.keep_bias.detach().float().exp()[selection.kept].sum()
+        return layout.is_vision.sum().float()
+
     def vision_tokens_per_layer(self) -> torch.Tensor:
         """(num_layers,) vision tokens each decoder layer saw in the last prefill, summed over its images.
 
         Counted on the sequence (hard) or as expected counts (soft), so padding of odd grids and
         newline tokens are what the model really saw, not what a plan promised.
         """
-        layout = self.layout
-        if layout is None:
-            raise RuntimeError("no prefill has run through this handle yet")
-        selection = layout.selection
-        first = selection.keep_bias.detach().float().exp()[selection.kept].sum() \
-            if selection.keep_bias is not None else layout.is_vision.sum().float()
-        counts = torch.full((self.num_layers,), float(first))
+        layout = self._last_layout()
+        counts = torch.full((self.num_layers,), float(self.stage1_vision_tokens()))
         if layout.stage2 is not None:
             counts[self.stage2_layer:] = float(layout.stage2.kept_vision.detach().float().sum())
         return counts
