@@ -83,6 +83,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pruning.selectors import METHODS
+
     parser = argparse.ArgumentParser(prog="nuwa-train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="prefill latency full vs Nüwa-pruned, and aggregation cost by grid size")
@@ -115,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="data/tiny_base", help="a HF model directory, or a recipe (.yaml)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--images", type=int, default=250, help="synthetic images (two records each)")
-    evaluate.add_argument("--method", default="nuwa", help="pruner: none, nuwa, nuwa_stage1, random, pooling, "
-                                                           "uniform, visionzip, fastv")
+    evaluate.add_argument("--method", default="nuwa", choices=METHODS, help=f"pruner: {', '.join(METHODS)}")
     evaluate.add_argument("--budget", type=int, default=64, help="average tokens per image on the 24x24 grid")
     evaluate.add_argument("--compare", action="store_true", help="every pruner at every --budgets")
     evaluate.add_argument("--budgets", type=_int_list, default=[64, 128, 192])

@@ -15,12 +15,11 @@ import torch
 
 from .evaluation import EvalResult, evaluate
 from .models import attach_nuwa
-from .pruning import NuwaConfig, NuwaConfigError
+from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
 from .viz import kept_tokens, plot_kept_tokens
 
-# (row label, method): the training-free table of the benchmark issue, in display order.
-TRAINING_FREE = (("random", "random"), ("pooling", "pooling"), ("uniform", "uniform"), ("FastV", "fastv"),
-                 ("VisionZip-like", "visionzip"), ("Nüwa stage 1", "nuwa_stage1"), ("Nüwa", "nuwa"))
+# (row label, method): the training-free table, every registered selector in the registry's display order.
+TRAINING_FREE = tuple((selector.label, name) for name, selector in SELECTORS.items() if name != "none")
 PAPER_BUDGETS = (64, 128, 192)  # of 576 on LLaVA-1.5: about 11%, 22% and 33% of the vision tokens
 OVERLAY_IMAGES = 4
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nuwa_train.pruning import nuwa_stage1
+from nuwa_train.pruning import SELECTORS, SOFT_METHODS, NuwaConfig, nuwa_stage1, run_stage1, run_stage1_soft
 from nuwa_train.pruning.soft import (
     log_keep,
     nuwa_stage1_soft,
@@ -84,3 +84,33 @@ def test_soft_stage1_passes_gradients_to_scores_and_features():
     weights = torch.randn(144)
     ((soft.keep_prob * weights).sum() + soft.tokens.square().sum()).backward()
     assert scores.grad.abs().sum() > 0 and sim.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- the selector registry
+@pytest.mark.parametrize("method", list(SELECTORS))
+def test_every_registered_selector_plans_the_stages_its_entry_declares(method):
+    selector = SELECTORS[method]
+    plan = NuwaConfig(method=method, budget=64, fastv_layer=2).plan((24, 24), 32)
+    assert (plan.stage1 is not None) == (selector.stage1 is not None)
+    assert (plan.stage2 is not None) == selector.stage2
+    assert (method in SOFT_METHODS) == (selector.stage1 is None or selector.stage1_soft is not None)
+    if plan.stage1 is not None:
+        features, scores = torch.randn(2, 576, 16), torch.rand(2, 576)
+        hard = run_stage1(plan.stage1, NuwaConfig(method=method), features, features, scores, (24, 24),
+                          torch.Generator().manual_seed(0))
+        assert hard.indices.shape == (2, plan.stage1.keep)
+
+
+@pytest.mark.parametrize("method", [m for m, s in SELECTORS.items() if s.stage1_soft is not None])
+def test_every_soft_stage1_selector_tends_to_its_hard_form(method):
+    """At a vanishing temperature the soft selection keeps exactly the hard tokens, with the hard features."""
+    config = NuwaConfig(method=method, budget=64)
+    plan = config.plan((12, 12), 10).stage1
+    features, sim = torch.randn(2, 144, 16), torch.randn(2, 144, 16)
+    scores = torch.rand(2, 144)
+    hard = run_stage1(plan, config, features, sim, scores, (12, 12))
+    soft = run_stage1_soft(plan, config, features, sim, scores, (12, 12), temperature=1e-4)
+    kept = torch.zeros(2, 144).scatter_(1, hard.indices, 1.0)
+    torch.testing.assert_close(soft.keep_prob, kept, atol=1e-5, rtol=0)
+    torch.testing.assert_close(soft.tokens.gather(1, hard.indices[..., None].expand(-1, -1, 16)), hard.tokens,
+                               atol=1e-5, rtol=1e-5)

@@ -32,18 +32,19 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from ..pruning import (
+    SOFT_METHODS,
     NuwaConfig,
     NuwaConfigError,
     Stage1Output,
     last_token_attention,
     run_stage1,
+    run_stage1_soft,
     select_top,
 )
 from ..pruning.config import PruningPlan
 from ..pruning.soft import (
     gumbel_like,
     log_keep,
-    nuwa_stage1_soft,
     soft_topk,
     straight_through,
 )
@@ -55,7 +56,6 @@ from .qwen2_vl import QwenVLAdapter
 ADAPTERS = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
 IGNORE_INDEX = -100
 SELECTION_MODES = ("hard", "soft", "straight_through")
-SOFT_METHODS = ("none", "nuwa", "nuwa_stage1", "fastv")  # selections with a differentiable form
 # transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (models, layers, masks).
 CACHE_KWARGS = ("cache", "past_key_values")
 MASK_CACHE_KWARG = next(name for name in CACHE_KWARGS if name in inspect.signature(create_causal_mask).parameters)
@@ -432,12 +432,8 @@ class NuwaHandle:
             return _Selection(encoding, plan, self.adapter.project(features), every, None,
                               torch.zeros(every.shape, device=features.device), every)
         noise = gumbel_like(encoding.scores) * self.gumbel if self.gumbel and self.model.training else None
-        config = self.config
-        soft = nuwa_stage1_soft(features, encoding.sim_features, encoding.scores, encoding.grid, plan.stage1.keep,
-                                self.temperature, top_n=plan.stage1.top_n, distance=config.distance,
-                                pillar_quantile=config.pillar_quantile, region=config.region_size,
-                                aggregation=config.aggregation_for(encoding.grid), window_tile=config.window_tile,
-                                noise=noise)
+        soft = run_stage1_soft(plan.stage1, self.config, features, encoding.sim_features, encoding.scores,
+                               encoding.grid, self.temperature, noise)
         keep = soft.keep_prob
         if self.mode == "straight_through":
             keep = straight_through(keep, torch.zeros_like(keep).scatter_(1, soft.hard_indices, 1.0))

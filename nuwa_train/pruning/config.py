@@ -12,8 +12,9 @@ import types
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-METHODS = ("none", "nuwa", "nuwa_stage1", "random", "pooling", "uniform", "visionzip", "fastv")
-Method = Literal["none", "nuwa", "nuwa_stage1", "random", "pooling", "uniform", "visionzip", "fastv"]
+from .selectors import METHODS, SELECTORS
+
+Method = Literal[METHODS]  # the registry's names (selectors.py), checked when a recipe is parsed
 PositionMode = Literal["original", "compact"]
 Aggregation = Literal["auto", "dense", "windowed"]
 
@@ -147,16 +148,17 @@ class NuwaConfig:
         num_tokens = height * width
         real = num_tokens if real_tokens is None else real_tokens
         average = self.budget * real / (self.reference_grid[0] * self.reference_grid[1])
-        if self.method == "none":
+        selector = SELECTORS[self.method]
+        if selector.stage1 is None and not selector.stage2:  # all tokens
             return PruningPlan(None, None, num_tokens, num_tokens, num_layers)
-        if self.method == "fastv":
+        if selector.stage1 is None:  # pruning inside the LLM only
             return self._plan_fastv(num_tokens, average, num_layers)
-        if self.method == "nuwa":
+        if selector.stage2:
             layer = self.resolve_stage2_layer(num_layers)
             keep1, keep2, top_n = self._nuwa_counts(grid, average, layer, num_layers)
             if keep2 > keep1:
                 raise NuwaConfigError(f"stage2_keep={keep2} exceeds the stage-1 keep K={keep1}")
-            return PruningPlan(Stage1Plan("nuwa", keep1, top_n), Stage2Plan(layer, keep2), num_tokens, average,
+            return PruningPlan(Stage1Plan(self.method, keep1, top_n), Stage2Plan(layer, keep2), num_tokens, average,
                                num_layers)
         # Single-stage methods keep the average budget at every layer.
         keep = self.stage1_keep or max(1, round(average))
@@ -164,7 +166,7 @@ class NuwaConfig:
             raise NuwaConfigError(f"budget={self.budget} keeps {keep} tokens but the {height}x{width} grid has "
                                   f"only {num_tokens}")
         top_n = 0
-        if self.method == "nuwa_stage1":
+        if selector.regional:
             top_n = self.top_n or self._min_top_n(grid, keep)
             self._check_regions(grid, keep, top_n)
         return PruningPlan(Stage1Plan(self.method, keep, top_n), None, num_tokens, average, num_layers)
