@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .models import attach_nuwa
 from .models.tiny import TinyLlavaSpec, build_tiny_llava
-from .pruning import NuwaConfig
+from .pruning import PAPER_PRESETS, NuwaConfig
 from .pruning.stage1 import (
     aggregate_dense,
     aggregate_windowed,
@@ -42,6 +42,8 @@ SYSTEM_PROMPT_WORDS = 30  # text before the image, like LLaVA-1.5's system promp
 QUESTION_WORDS = 20
 AGGREGATION_GRIDS = (24, 32, 48, 64, 96)
 AGGREGATION_DIM = 1024  # CLIP-L width: the size aggregation runs at on real checkpoints
+# Anchors as a share of the grid: the paper's stage-1 K at its smallest budget (112 of LLaVA-1.5's 576 at 64).
+STAGE1_SHARE = PAPER_PRESETS[64][1] / (24 * 24)
 
 
 def llm_flops(tokens_per_layer: list[int], hidden: int, intermediate: int) -> float:
@@ -164,7 +166,7 @@ def time_aggregation(grids=AGGREGATION_GRIDS, repeats: int = 3, config: NuwaConf
     results = []
     for side in grids:
         grid, tokens = (side, side), side * side
-        keep = max(1, round(tokens * 112 / 576))  # the 64-token budget's stage-1 share
+        keep = max(1, round(tokens * STAGE1_SHARE))
         features = torch.randn(1, tokens, AGGREGATION_DIM)
         sim = torch.randn(1, tokens, AGGREGATION_DIM)
         anchors = select_anchors(torch.rand(1, tokens), grid, keep, top_n=1)

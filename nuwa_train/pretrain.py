@@ -32,7 +32,6 @@ import argparse
 import csv
 import itertools
 import json
-import math
 import os
 import shutil
 import signal
@@ -77,6 +76,7 @@ from .io import (
     write_atomically,
 )
 from .models.tiny import TinyLlavaSpec, build_tiny_llava, save_tiny_llava
+from .schedules import warmup_cosine
 
 IGNORE = -100
 COVER_THRESHOLD = 0.25  # a patch belongs to an object when the object covers >= 25% of its pixels
@@ -120,6 +120,7 @@ class PretrainConfig:
     position_init_scale: float = 0.5  # 2-D sin-cos init of vision position embeddings; 0 keeps the default init
     presence_from: str = "cls"  # "cls": CLS output; "cls_attention": the feature layer's CLS attention read-out
     referred_layer: int = 2  # LLM hidden state (after this many decoder layers) the referred head reads
+    referred_pos_weight: float = 4.0  # BCE weight of the referred object's patches (they are few of the grid)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     autocast_bf16: bool = False
@@ -324,8 +325,9 @@ def cls_attention_pool(layer: nn.Module, layer_input: torch.Tensor) -> torch.Ten
 class AuxHeads(nn.Module):
     """Linear read-outs whose losses shape the representations (dropped at export)."""
 
-    def __init__(self, vision_dim: int, text_dim: int, targets: TargetMaker):
+    def __init__(self, vision_dim: int, text_dim: int, targets: TargetMaker, referred_pos_weight: float):
         super().__init__()
+        self.referred_pos_weight = referred_pos_weight
         self.count_slots, self.count_values, self.bins = targets.count_slots, targets.count_values, targets.bins
         self.patch_norm = nn.LayerNorm(vision_dim)
         self.cls_norm = nn.LayerNorm(vision_dim)
@@ -357,7 +359,7 @@ class AuxHeads(nn.Module):
     def referred_loss(self, hidden: torch.Tensor, is_image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """BCE of 'this vision token is part of the referred object' on the LLM's vision tokens."""
         logits = self.referred(hidden[is_image].float()).squeeze(-1)
-        return F.binary_cross_entropy_with_logits(logits, target.reshape(-1), pos_weight=torch.tensor(4.0))
+        return F.binary_cross_entropy_with_logits(logits, target.reshape(-1), pos_weight=torch.tensor(self.referred_pos_weight))
 
 
 # =============================================================================================== data
@@ -494,12 +496,9 @@ class Position:
 
 def lr_at(phase: PhaseConfig, position: Position) -> float:
     """Linear warm-up over `warmup` steps, then cosine to lr * min_lr_ratio at the end of the phase."""
-    if position.inner < phase.warmup:
-        return phase.lr * (position.inner + 1) / phase.warmup
-    progress = position.progress(phase)
     start = phase.warmup / max(1, phase.steps) if not phase.minutes else 0.0
-    progress = min(1.0, max(0.0, (progress - start) / max(1e-9, 1 - start)))
-    return phase.lr * (phase.min_lr_ratio + (1 - phase.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    decayed = (position.progress(phase) - start) / max(1e-9, 1 - start)
+    return phase.lr * warmup_cosine(position.inner, phase.warmup, decayed, phase.min_lr_ratio)
 
 
 def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -520,7 +519,8 @@ class Trainer:
                                                       coordinate_tokens(self.synthetic))
         init_vision_positions(self.model, config.spec, config.position_init_scale)
         self.targets = TargetMaker(self.synthetic, config.spec)
-        self.heads = AuxHeads(config.spec.vision_hidden, config.spec.text_hidden, self.targets)
+        self.heads = AuxHeads(config.spec.vision_hidden, config.spec.text_hidden, self.targets,
+                              config.referred_pos_weight)
         self.stream = Stream(config, self.processor, self.targets)
         decay, no_decay = [], []
         for name, param in itertools.chain(self.model.named_parameters(), self.heads.named_parameters()):

@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from ..models import adapter_for, attach_nuwa, load_vlm
 from ..pruning import NuwaConfig
 from ..pruning.soft import temperature_at
+from ..schedules import warmup_cosine
 from .checkpoints import FinalCheckpoint
 
 IGNORE_INDEX = -100
@@ -89,6 +90,7 @@ class OptimizerSettings:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # the cosine decays the learning rate to lr * min_lr_ratio at max_steps
 
 
 def resolve_model_path(model_path: str) -> str:
@@ -301,11 +303,8 @@ class NuwaFineTuner(L.LightningModule):
         warmup = max(self.optim.warmup_steps, 1)
         total = max(self.trainer.max_steps, warmup + 1)
 
-        def factor(step: int) -> float:  # linear warm-up, then cosine to 10%
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / (total - warmup), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        def factor(step: int) -> float:
+            return warmup_cosine(step, warmup, (step - warmup) / (total - warmup), self.optim.min_lr_ratio)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
