@@ -131,7 +131,6 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
                                          console)
         curves[label] = metrics_csv
         module.eval()
-        module.nuwa.detach()
         result = evaluate(module.base_model, processor, records, pruning=module.pruning, batch_size=batch_size,
                           description=label)
         rows.append(Row(label, budget, result, full))

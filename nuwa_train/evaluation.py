@@ -13,6 +13,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -151,13 +152,18 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     image_token_id = adapter_for(model).image_token_id
     was_training = model.training
     model.eval()
-    handle = attach_nuwa(model, pruning) if pruning is not None else None
+    attached = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "_nuwa", None)
+    handle, setting = None, nullcontext()
+    if pruning is not None and attached is not None:  # the model's own handle, switched for the evaluation
+        handle, setting = attached, attached.using(pruning)
+    elif pruning is not None:
+        handle = attach_nuwa(model, pruning)
     predictions: list[Prediction] = []
     images_seen, unpruned_tokens, tokens_per_layer = 0, 0, 0.0
     start = time.perf_counter()
     name = description or f"eval {pruning.method if pruning else 'full'}"
     try:
-        with _progress(progress) as bar:
+        with setting, _progress(progress) as bar:
             task = bar.add_task(name, total=len(rows))
             for first in range(0, len(rows), batch_size):
                 chunk = rows[first:first + batch_size]
@@ -173,7 +179,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
                     predictions.append(_score(row, text, bins))
                 bar.advance(task, len(chunk))
     finally:
-        if handle is not None:
+        if handle is not None and handle is not attached:
             handle.detach()
         model.train(was_training)
     return _summarise(predictions, pruning, round(unpruned_tokens / images_seen), tokens_per_layer / images_seen,

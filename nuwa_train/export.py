@@ -77,19 +77,14 @@ def describe_checkpoint_step(checkpoint: Path, state: dict) -> None:
 
 def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path:
     """Export a (trained) `NuwaFineTuner`: merge_and_unload for a plain model, or the adapter alone."""
-    module.configure_model()
-    module.nuwa.detach()
-    try:
-        extra = {"exported_from": {"base_model": str(module.hparams.model_path), "merged": merge}}
-        if merge:
-            merged = module.model.merge_and_unload()
-            return write_pretrained(merged, module.processor, module.pruning, target, extra)
-        # The adapter must find its base wherever it is loaded from.
-        module.model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.model_path).resolve())
-        return write_pretrained(module.model, module.processor, module.pruning, target, extra)
-    finally:
-        if not merge:
-            module.nuwa = attach_nuwa(module.model, module.pruning)
+    module.configure_model()  # the Nüwa hooks stay attached: saving does not run the model
+    extra = {"exported_from": {"base_model": str(module.hparams.model_path), "merged": merge}}
+    if merge:
+        merged = module.model.merge_and_unload()
+        return write_pretrained(merged, module.processor, module.pruning, target, extra)
+    # The adapter must find its base wherever it is loaded from.
+    module.model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.model_path).resolve())
+    return write_pretrained(module.model, module.processor, module.pruning, target, extra)
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: NuwaConfig | None = None):

@@ -276,11 +276,7 @@ class NuwaFineTuner(L.LightningModule):
                 reference = evaluate(self.base_model, self.processor, records, pruning=None, **settings)
             self.full_token_reference = {"split": split, "vqa": reference.vqa_exact_match,
                                          "grounding": reference.grounding_acc50}
-        self.nuwa.detach()  # evaluate attaches its own hard-path handle
-        try:
-            result = evaluate(self.base_model, self.processor, records, pruning=self.pruning, **settings)
-        finally:
-            self.nuwa = attach_nuwa(self.model, self.pruning)
+        result = evaluate(self.base_model, self.processor, records, pruning=self.pruning, **settings)  # hard path
         metrics = {f"{split}/vqa_em": result.vqa_exact_match, f"{split}/grounding_acc50": result.grounding_acc50,
                    f"{split}/grounding_miou": result.grounding_miou,
                    f"{split}/vision_tokens": result.average_vision_tokens}

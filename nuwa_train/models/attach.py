@@ -239,8 +239,22 @@ class NuwaHandle:
     """The state and hooks of Nüwa on one model instance. Use `detach()` (or `with`) to remove."""
 
     def __init__(self, model: nn.Module, adapter, config: NuwaConfig):
-        self.model, self.adapter, self.config = model, adapter, config
+        self.model, self.adapter = model, adapter
         self.num_layers = len(adapter.decoder_layers)
+        self.overhead_seconds: dict[str, float] = defaultdict(float)
+        adapter.timer = self._timed
+        self.mode, self.temperature, self.gumbel = "hard", 1.0, 0.0
+        self._paused = False
+        self._forward_params = list(inspect.signature(model.forward).parameters)
+        self._encoder_owner = getattr(model, model.base_model_prefix)
+        self._encoder_entry = self._make_encoder_entry()
+        self._hooks: list = []
+        self._install(config)
+
+    def _install(self, config: NuwaConfig) -> None:
+        """Plans, per-forward state and hooks for `config` (a stage-2 layer decides where hooks go)."""
+        adapter, model = self.adapter, self.model
+        self.config = config
         self._plans: dict[tuple, PruningPlan] = {}
         if config.position_mode != "original" and adapter.multimodal_positions:
             raise NuwaConfigError(f"position_mode={config.position_mode!r}: {type(model).__name__} uses multimodal "
@@ -250,19 +264,12 @@ class NuwaHandle:
         self.plan: PruningPlan | None = reference if adapter.grid is not None else None
         self.stage2_layer = reference.stage2.layer if reference.stage2 is not None else None
         self.layout: PrefillLayout | None = None
-        self.overhead_seconds: dict[str, float] = defaultdict(float)
-        adapter.timer = self._timed
         self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
-        self.mode, self.temperature, self.gumbel = "hard", 1.0, 0.0
-        self._paused = False
         self._soft_bias: torch.Tensor | None = None  # (B, L) stage-1 log p on vision columns, 0 elsewhere
         self._soft_bias2: torch.Tensor | None = None  # (B, L) the same for stage 2
         self._decode_columns: torch.Tensor | None = None
         self._stage2_kwargs: dict = {}
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._forward_params = list(inspect.signature(model.forward).parameters)
-        self._encoder_owner = getattr(model, model.base_model_prefix)
-        self._encoder_entry = self._make_encoder_entry()
         self._encoder_owner.get_image_features = self._encoder_entry
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
@@ -274,15 +281,48 @@ class NuwaHandle:
                 self._hooks.append(layer.register_forward_pre_hook(self._follow_stage2, with_kwargs=True))
 
     # ------------------------------------------------------------------------------- lifecycle
-    def detach(self) -> None:
+    def _uninstall(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         if self._encoder_owner.__dict__.get("get_image_features") is self._encoder_entry:
             del self._encoder_owner.get_image_features
         self.layout = None
+
+    def detach(self) -> None:
+        self._uninstall()
         if getattr(self.model, "_nuwa", None) is self:
             del self.model._nuwa
+
+    def use(self, config: NuwaConfig) -> None:
+        """Prune with another setting from now on (method, budget, stage-2 layer ...), without detaching.
+
+        The selection mode stays unless the new method cannot train soft, which falls back to "hard".
+        """
+        if self._paused:
+            raise RuntimeError("use() inside paused(): leave the paused block first")
+        previous = self.config
+        self._uninstall()
+        try:
+            self._install(config)
+        except BaseException:  # a setting that cannot work here (e.g. its plan fails): keep the old one
+            self._install(previous)
+            raise
+        if self.mode != "hard" and config.method not in SOFT_METHODS:
+            self.mode = "hard"
+
+    @contextmanager
+    def using(self, config: NuwaConfig, mode: str = "hard"):
+        """Within the block, prune with `config` in `mode` (e.g. evaluate a training model's setting on the hard
+        path); the previous setting and selection mode come back after it."""
+        previous = (self.config, self.mode, self.temperature, self.gumbel)
+        self.use(config)
+        self.set_selection(mode)
+        try:
+            yield self
+        finally:
+            self.use(previous[0])
+            self.set_selection(*previous[1:])
 
     def __enter__(self) -> NuwaHandle:
         return self
