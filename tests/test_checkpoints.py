@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import CodeOnLoad, LossRecorder
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from nuwa_train.export import ExportError, export_checkpoint
@@ -38,14 +39,6 @@ def fit(directory: Path, base_dir, callbacks=(), ckpt_path=None, steps=STEPS):
     return trainer, module
 
 
-class Losses(Callback):
-    def __init__(self):
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
-        self.losses[trainer.global_step] = float(outputs["loss"])
-
-
 class SignalAt(Callback):
     """Sends this process a signal while step `step` (1-based) runs, as `kill` or Ctrl-C would."""
 
@@ -57,20 +50,10 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.number)
 
 
-class CodeOnLoad:
-    """Unpickling this calls `Path.touch(marker)`: what a malicious checkpoint's payload would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
-
-
 @pytest.fixture(scope="module")
 def finished_run(tiny_base_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("run")
-    losses = Losses()
+    losses = LossRecorder()
     trainer, module = fit(directory, tiny_base_dir, [losses])
     return directory, losses.losses
 
@@ -91,7 +74,7 @@ def test_a_signal_finishes_the_step_saves_and_the_resume_equals_the_uninterrupte
     trainer, _ = fit(tmp_path, tiny_base_dir, [SignalAt(3, number)])  # returns normally: a clean stop
     assert trainer.global_step == 3 and signal.getsignal(number) is handler
     assert load_checkpoint_file(tmp_path / "last.ckpt")["global_step"] == 3
-    resumed = Losses()
+    resumed = LossRecorder()
     fit(tmp_path, tiny_base_dir, [resumed], ckpt_path=str(tmp_path / "last.ckpt"))
     assert sorted(resumed.losses) == list(range(4, STEPS + 1))
     for step, loss in resumed.losses.items():

@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import LossRecorder
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from nuwa_train.data import SyntheticConfig, coordinate_tokens, vocabulary
@@ -23,14 +24,6 @@ from nuwa_train.pruning import NuwaConfig
 @pytest.fixture
 def base_dir(tiny_base_dir):
     return tiny_base_dir
-
-
-class LossRecorder(Callback):
-    def __init__(self):
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
-        self.losses[trainer.global_step] = float(outputs["loss"])
 
 
 class SimulatedKill(RuntimeError):

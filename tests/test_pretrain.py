@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CodeOnLoad
 
 from nuwa_train.data import SyntheticConfig, generate_records, generate_scene, render
 from nuwa_train.io import UnsafeCheckpointError, load_tensor_tree
@@ -186,16 +187,6 @@ def test_cls_attention_pool_is_the_layers_own_cls_read_out(tmp_path):
     assert torch.allclose(cls_attention_pool(layer, hidden[-2]), expected, atol=1e-5)
     with pytest.raises(ValueError, match="presence_from"):
         load_recipe(_recipe(tmp_path, "bad", 1), ["presence_from=mean"])
-
-
-class CodeOnLoad:
-    """A pickle payload: unpickling it calls `Path.touch(marker)`, the way a malicious file would run a command."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
 
 
 def test_pretrain_refuses_a_resume_state_that_would_run_code(tmp_path):

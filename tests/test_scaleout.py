@@ -20,6 +20,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import LossRecorder
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -449,14 +450,6 @@ def one_rank_deepspeed():
         torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
-
-
-class LossRecorder(Callback):
-    def __init__(self):
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
-        self.losses[trainer.global_step] = float(outputs["loss"])
 
 
 @needs_deepspeed
