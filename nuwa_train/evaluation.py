@@ -136,7 +136,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     data: a `datasets.Dataset` in the loaders' schema, mappings with image/prompt/answer (task/box
     optional), or synthetic `Record`s (rendered with `synthetic_config`). `limit` caps the records.
     """
-    from .models.attach import (  # late import: attach pulls in the pruning stack
+    from .models import (  # late import: models pull in the pruning stack
         adapter_for,
         attach_nuwa,
     )

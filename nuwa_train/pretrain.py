@@ -760,7 +760,7 @@ def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaS
         pixels = torch.stack([torch.from_numpy(np.asarray(render(s, config), dtype=np.float32)).permute(2, 0, 1)
                               for s in scenes]) / 255.0
         pixels = (pixels - stream_mean) / stream_std
-        scores = adapter.read_encoding(adapter.vision_hidden_states(pixels), NuwaConfig()).scores
+        scores = adapter.encode(pixels, NuwaConfig()).segments[0].scores
         scores = scores / scores.sum(1, keepdim=True)
         for scene, score in zip(scenes, scores):
             cover = targets.coverage(scene)

@@ -3,36 +3,14 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-
-@dataclass
-class KeptTokens:
-    """Which grid cells of one image survive each stage (grid raster indices)."""
-
-    stage1: list[int]
-    pillars: list[int]
-    stage2: list[int] | None  # None when the method has no stage 2
+from .models.sequence import KeptTokens
 
 
 def kept_tokens(handle, sample: int = 0) -> KeptTokens:
-    """Read the last forward's selection for the first image of `sample` from a hard-mode handle."""
-    layout = handle.layout
-    image = int(layout.images_per_sample[:sample].sum())
-    selection = layout.selection
-    stage1 = selection.kept_indices[image].tolist()
-    pillars = []
-    if selection.pillars is not None:
-        pillars = selection.kept_indices[image][selection.pillars[image]].tolist()
-    stage2 = None
-    if layout.stage2 is not None:
-        vision_slots = layout.is_vision[sample].nonzero().squeeze(1)[:len(stage1)]  # this image's slots, in order
-        survived = layout.stage2.kept_vision[sample, vision_slots].bool()
-        stage2 = torch.tensor(stage1)[survived].tolist()
-    return KeptTokens(stage1, pillars, stage2)
+    """The last forward's selection for the first image of `sample` (a hard-mode handle)."""
+    return handle.kept.first_image_of(sample)
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
+from ..data.collate import IGNORE_INDEX
 from ..models import adapter_for, attach_nuwa, load_vlm
 from ..pruning import NuwaConfig
 from ..pruning.soft import temperature_at
 from ..schedules import warmup_cosine
 from .checkpoints import FinalCheckpoint
 
-IGNORE_INDEX = -100
 # Enumerations as Literal types: LightningCLI rejects a misspelt value when it parses the recipe, naming the key
 # and the allowed values; the checks in __post_init__ / __init__ say the same to Python callers.
 LossReduction = Literal["token", "record"]
@@ -221,21 +221,22 @@ class NuwaFineTuner(L.LightningModule):
 
     def _kept_tokens(self) -> dict[str, float]:
         """Expected vision tokens per image after each stage (exact counts in hard mode)."""
-        layout = self.nuwa.layout
-        images = layout.images_per_sample.sum().clamp(min=1).float()
-        kept = {"train/kept_stage1": float(self.nuwa.stage1_vision_tokens()) / float(images)}
-        if layout.stage2 is not None:
-            kept["train/kept_stage2"] = float(layout.stage2.kept_vision.detach().float().sum()) / float(images)
+        kept = self.nuwa.kept
+        images = float(kept.images_per_sample.sum().clamp(min=1))
+        logged = {"train/kept_stage1": float(kept.stage1_vision_tokens()) / images}
+        stage2 = kept.stage2_vision_tokens()
+        if stage2 is not None:
+            logged["train/kept_stage2"] = float(stage2) / images
         # what the LLM's cost follows, comparable across methods (FastV has no stage 1, Nüwa two stages)
-        kept["train/vision_tokens_per_layer"] = float(self.nuwa.vision_tokens_per_layer().mean()) / float(images)
-        return kept
+        logged["train/vision_tokens_per_layer"] = float(kept.vision_tokens_per_layer().mean()) / images
+        return logged
 
     def _distillation(self, batch: dict, student_logits: torch.Tensor) -> torch.Tensor:
         """KL(teacher || student) on answer tokens; the teacher is this model, adapters off, no pruning."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad(), self.model.disable_adapter(), self.nuwa.paused():
             teacher_logits = self.model(**inputs).logits
-        token_map = self.nuwa.layout.token_map()  # student position -> unpruned position
+        token_map = self.nuwa.kept.token_map()  # student position -> unpruned position
         labels = batch["labels"]
         predicts_answer = torch.zeros_like(labels, dtype=torch.bool)
         predicts_answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # the logit at t predicts token t + 1

@@ -1,11 +1,14 @@
 """Model adapters: attach Nüwa pruning to one HF VLM instance without patching any class."""
 
-from .attach import NuwaHandle, adapter_for, attach_nuwa, detach_nuwa
-from .base import NuwaInputError, UnsupportedModelError
+from .attach import NuwaHandle, attach_nuwa, detach_nuwa
+from .base import Adapter, NuwaInputError, UnsupportedModelError
+from .families import FAMILIES, adapter_for
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .loading import load_processor, load_vlm
 from .qwen2_vl import QwenVLAdapter
+from .sequence import KeptTokens, KeptView
 
-__all__ = ["NuwaHandle", "NuwaInputError", "adapter_for", "attach_nuwa", "detach_nuwa", "LlavaAdapter",
-           "LlavaNextAdapter", "QwenVLAdapter", "UnsupportedModelError", "load_processor", "load_vlm"]
+__all__ = ["Adapter", "FAMILIES", "KeptTokens", "KeptView", "NuwaHandle", "NuwaInputError", "adapter_for",
+           "attach_nuwa", "detach_nuwa", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "UnsupportedModelError",
+           "load_processor", "load_vlm"]

@@ -1,9 +1,15 @@
-"""What every model adapter shares: the encoding it hands to the pruning core, and the defaults
-of the hooks that differ between VLM families (positions, rotary tables, extra inputs)."""
+"""The adapter contract: everything the handle and the Lightning module ask of a VLM family.
+
+An adapter reads one HF model instance and never changes it: per-call results (the vision encodings,
+the tokens added after stage 1, positions) are returned, not stored. Defaults here fit a decoder-only VLM
+with 1-D positions and a Llama-style decoder; a family overrides what differs.
+"""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +17,12 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..pruning import NuwaConfig
+
+Timer = Callable[[str], AbstractContextManager]  # name -> a context that times Nüwa's own work under that name
+
+
+def no_timer(name: str) -> AbstractContextManager:
+    return nullcontext()
 
 
 class UnsupportedModelError(TypeError):
@@ -49,32 +61,56 @@ class VisionEncoding:
         return [int(count)] * n if isinstance(count, int) else [int(c) for c in count]
 
 
+# (image, kept placeholder offsets (K,), their keep probabilities (K,) in soft modes else None) ->
+# None, or (offsets (E,), tokens (E, D_text)) hard, or (offsets, tokens, attention bias (E,)) soft.
+ExtraTokens = Callable[[int, torch.Tensor, "torch.Tensor | None"], tuple | None]
+
+
+@dataclass
+class ImageEncoding:
+    """What `Adapter.encode` returns for one call's images."""
+
+    segments: list[VisionEncoding]  # groups of same-grid images (one image may span several segments)
+    extra_tokens: ExtraTokens | None = None  # tokens the family adds after stage 1 (LLaVA-NeXT's row newlines)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Llama-style rotary embedding; x (B, heads, L, Dh), cos/sin (B, L, Dh)."""
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-class Adapter:
-    """Defaults for a decoder-only VLM with 1-D positions; family adapters override what differs."""
+class Adapter(ABC):
+    """One VLM family as Nüwa sees it. Subclasses set the class attributes and implement the abstract
+    methods; `model` is the HF model instance (not a peft wrapper) and `image_token_id` its placeholder id."""
 
-    model_classes: tuple[type, ...] = ()
+    model_classes: tuple[type, ...] = ()  # the HF classes this adapter reads
     grid: tuple[int, int] | None = None  # fixed image grid, or None for dynamic resolution
     multimodal_positions = False  # True for M-RoPE (C, B, L) position ids
     projector_name = "multi_modal_projector"  # module trained as peft `modules_to_save` when asked
     image_input_names: tuple[str, ...] = ()  # inputs besides pixel_values that the image encoder needs
-    image_token_id: int
 
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, **image_inputs) -> list[VisionEncoding]:
-        raise NotImplementedError
+    def __init__(self, model: nn.Module, image_token_id: int):
+        self.model, self.image_token_id = model, image_token_id
 
-    # Optional tokens added after stage 1 (LLaVA-NeXT's row newlines): (image, kept offsets) -> (offsets, tokens)
-    # or None; in soft modes called as (image, offsets, keep probabilities) -> (offsets, tokens, attention bias).
-    extra_tokens = None
-    model: nn.Module
+    @abstractmethod
+    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer,
+               **image_inputs) -> ImageEncoding:
+        """Run the vision tower once and read what stage 1 needs (features, similarity features, scores).
 
-    def timer(self, name: str):
-        """Context that times Nüwa's own work (the handle installs its stopwatch; benchmarks read it)."""
-        return nullcontext()
+        `timer("saliency")` wraps the scoring work that Nüwa adds on top of the tower's own forward.
+        """
+
+    @abstractmethod
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Selected (aggregated) vision features -> the LLM's embedding space (identity if already there)."""
+
+    @abstractmethod
+    def lora_target_pattern(self, include_vision: bool) -> str:
+        """peft `target_modules` regex: the LLM's projections, plus the vision layers that get gradients."""
+
+    @abstractmethod
+    def blank_image(self, device: torch.device) -> tuple[int, dict]:
+        """Placeholders and model inputs of one blank image (keeps image-free batches on the image path)."""
 
     @property
     def language_model(self) -> nn.Module:
@@ -86,10 +122,6 @@ class Adapter:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
-
-    def blank_image(self, device: torch.device) -> tuple[int, dict]:
-        """Placeholders and model inputs of one blank image (keeps image-free batches on the image path)."""
-        raise NotImplementedError
 
     def token_inputs(self, input_ids: torch.Tensor) -> dict:
         """Per-token inputs the family derives from input_ids (Qwen-VL's mm_token_type_ids); none by default."""

@@ -66,14 +66,16 @@ def pad_to_regions(ids: torch.Tensor, offsets: torch.Tensor, region: int):
 def padding_scores(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """(n, N) scores with every padding cell (`real` False, (N,)) just below the row's lowest real score.
 
-    Only the order matters: every region holds a real cell that outranks its padding, so padding is never
-    a regional candidate, never a top-k pick, and never a soft candidate (keep probability exactly 0; the
-    soft top-k standardises over candidates only). Just below, rather than far below, keeps the padding
-    inside the real range for anything that reads raw scores (a global top-k, plots).
+    Only the order matters. Every region holds a real cell that outranks its padding, so with one candidate per
+    region (top_n = 1) padding is never a regional candidate, never a top-k pick and never a soft candidate
+    (keep probability exactly 0: the soft top-k only spreads its budget over candidates). With top_n > 1 a
+    region of one real cell offers padding as a candidate; it then ranks below every real token, hard and
+    soft. Just below rather than far below: a far-below candidate would stretch the spread the soft top-k
+    standardises by, which sharpens nothing and blurs the real tokens' ranking (a higher effective temperature).
     """
     if bool(real.all()):
         return scores
     known = scores.detach()[:, real]
     low, high = known.amin(dim=1, keepdim=True), known.amax(dim=1, keepdim=True)
-    floor = low - PAD_SCORE_MARGIN * (high - low) - torch.finfo(scores.dtype).tiny
-    return torch.where(real, scores, floor)
+    floor = torch.minimum(low - PAD_SCORE_MARGIN * (high - low), torch.nextafter(low, torch.full_like(low, -torch.inf)))
+    return torch.where(real, scores, floor)  # nextafter: strictly below even when every real score is equal

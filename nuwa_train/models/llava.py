@@ -3,6 +3,7 @@
 Everything model-specific lives here: where the vision tower, projector and decoder layers are, how
 the stage-1 saliency is read (the CLS-query row of the feature layer, from its own q/k projections,
 so the tower keeps running SDPA), and how a decoder layer's queries/keys are formed for stage 2.
+`ClipVision` is the CLIP half, which LLaVA-NeXT composes too.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from ..pruning import NuwaConfig
-from .base import Adapter, UnsupportedModelError, VisionEncoding
+from .base import Adapter, ImageEncoding, Timer, UnsupportedModelError, VisionEncoding, no_timer
+from .common import LLM_LORA_PATTERN, clip_cls_attention, similarity_layers
 
 
-class LlavaAdapter(Adapter):
-    """LLaVA-1.5: CLIP tower (CLS + square patch grid), MLP projector, Llama-family LM."""
+class ClipVision:
+    """A LLaVA-style CLIP tower as stage 1 reads it: features of one layer, similarity, CLS saliency."""
 
-    model_classes = (LlavaForConditionalGeneration,)
-
-    def __init__(self, model: LlavaForConditionalGeneration):
+    def __init__(self, model: nn.Module):
         config = model.config
         if config.vision_feature_select_strategy != "default":
             raise UnsupportedModelError(
@@ -31,50 +31,22 @@ class LlavaAdapter(Adapter):
                                         f"feature layer is supported")
         self.model = model
         vision = config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.grid = (side, side)
-        self.num_vision_layers = vision.num_hidden_layers
-        self.feature_index = config.vision_feature_layer % (self.num_vision_layers + 1)
+        self.side = vision.image_size // vision.patch_size  # every image (or tile) is a side x side patch grid
+        self.num_layers = vision.num_hidden_layers
+        self.feature_index = config.vision_feature_layer % (self.num_layers + 1)
         if self.feature_index == 0:
             raise UnsupportedModelError("vision_feature_layer points at the embeddings; no attention to score with")
-        self.image_token_id = config.image_token_index
 
-    # ----------------------------------------------------------------------------------- modules
     @property
-    def vision_tower(self) -> nn.Module:
+    def tower(self) -> nn.Module:
         return self.model.model.vision_tower
 
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(tokens)
-
-    def lora_target_pattern(self, include_vision: bool) -> str:
-        """peft `target_modules` regex: LLM projections, plus the vision layers that feed the features.
-
-        Vision layers after the feature layer never receive a gradient (and would break plain DDP).
-        """
-        llm = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-        if not include_vision:
-            return llm
-        layers = "|".join(str(i) for i in range(self.feature_index))
-        return rf"{llm}|model\.vision_tower\.encoder\.layers\.({layers})\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
-
-    def blank_image(self, device: torch.device) -> tuple[int, dict]:
-        vision = self.model.config.vision_config
-        pixels = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=device)
-        return self.grid[0] * self.grid[1], {"pixel_values": pixels}
-
-    # ----------------------------------------------------------------------------------- stage 1
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, **unused) -> list[VisionEncoding]:
-        hidden = self.vision_hidden_states(pixel_values)
-        with self.timer("saliency"):
-            return [self.read_encoding(hidden, config)]
-
-    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the tower once per distinct image, keeping every layer's hidden states (CLS first).
 
         Records that ask about the same image share its pass (and sum their gradients through it).
         """
-        tower = self.vision_tower
+        tower = self.tower
         pixel_values = pixel_values.to(dtype=next(tower.parameters()).dtype)
         distinct, copies = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
         if len(distinct) == len(pixel_values):
@@ -82,26 +54,58 @@ class LlavaAdapter(Adapter):
         hidden = tower(distinct.view(-1, *pixel_values.shape[1:]), output_hidden_states=True).hidden_states
         return tuple(states[copies] for states in hidden)
 
-    def read_encoding(self, hidden: tuple[torch.Tensor, ...], config: NuwaConfig) -> VisionEncoding:
-        """Features, similarity features and CLS saliency, read from the tower's hidden states."""
+    def features(self, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(n, side^2, D) the feature layer's patches: what the projector receives."""
         features = hidden[self.feature_index][:, 1:]
-        if features.shape[1] != self.grid[0] * self.grid[1]:
+        if features.shape[1] != self.side**2:
             raise UnsupportedModelError(f"the tower returned {features.shape[1]} patches, not the "
-                                        f"{self.grid[0]}x{self.grid[1]} grid its config implies")
-        low, high = config.sim_layers
-        first = max(1, round(low * self.num_vision_layers))
-        last = max(first, round(high * self.num_vision_layers))
-        sim_features = torch.stack(hidden[first:last + 1]).mean(0)[:, 1:]
-        scores = self._cls_attention(hidden[self.feature_index - 1])
-        return VisionEncoding(features, sim_features, scores, self.grid)
+                                        f"{self.side}x{self.side} grid its config implies")
+        return features
 
-    def _cls_attention(self, layer_input: torch.Tensor) -> torch.Tensor:
-        """Attention of the CLS query to every patch in the feature layer, summed over heads."""
-        layer = self.vision_tower.encoder.layers[self.feature_index - 1]
-        attn = layer.self_attn
-        normed = layer.layer_norm1(layer_input)
-        batch, length, _ = normed.shape
-        query = attn.q_proj(normed[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        keys = attn.k_proj(normed).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = ((query @ keys.transpose(-1, -2)) * attn.scale).float().softmax(dim=-1)  # (B, heads, 1, N+1)
-        return probs[:, :, 0, 1:].sum(dim=1)
+    def sim_features(self, hidden: tuple[torch.Tensor, ...], config: NuwaConfig) -> torch.Tensor:
+        """(n, side^2, D) the mean patch states of the configured layers, for similarity."""
+        layers = similarity_layers(config.sim_layers, self.num_layers)
+        return torch.stack(hidden[layers.start:layers.stop]).mean(0)[:, 1:]
+
+    def cls_scores(self, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(n, side^2) attention of the CLS query to every patch in the feature layer, summed over heads."""
+        layer = self.tower.encoder.layers[self.feature_index - 1]
+        return clip_cls_attention(layer, hidden[self.feature_index - 1])[:, :, 1:].sum(dim=1)
+
+    def lora_target_pattern(self) -> str:
+        """The vision layers that feed the features; later ones never get a gradient (and break plain DDP)."""
+        layers = "|".join(str(i) for i in range(self.feature_index))
+        return rf"model\.vision_tower\.encoder\.layers\.({layers})\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
+
+    def blank_pixels(self, device: torch.device, *leading: int) -> torch.Tensor:
+        vision = self.model.config.vision_config
+        return torch.zeros(*leading, vision.num_channels, vision.image_size, vision.image_size, device=device)
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5: CLIP tower (CLS + square patch grid), MLP projector, Llama-family LM."""
+
+    model_classes = (LlavaForConditionalGeneration,)
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        super().__init__(model, model.config.image_token_index)
+        self.clip = ClipVision(model)
+        self.grid = (self.clip.side, self.clip.side)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(tokens)
+
+    def lora_target_pattern(self, include_vision: bool) -> str:
+        return f"{LLM_LORA_PATTERN}|{self.clip.lora_target_pattern()}" if include_vision else LLM_LORA_PATTERN
+
+    def blank_image(self, device: torch.device) -> tuple[int, dict]:
+        return self.grid[0] * self.grid[1], {"pixel_values": self.clip.blank_pixels(device, 1)}
+
+    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer,
+               **unused) -> ImageEncoding:
+        clip = self.clip
+        hidden = clip.hidden_states(pixel_values)
+        with timer("saliency"):
+            encoding = VisionEncoding(clip.features(hidden), clip.sim_features(hidden, config), clip.cls_scores(hidden),
+                                      self.grid)
+        return ImageEncoding([encoding])

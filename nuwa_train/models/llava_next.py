@@ -11,14 +11,16 @@ where the h x w local grid is the stitched local tiles with the letterbox rows/c
 
 Stage 1 therefore sees two grids per image (two `VisionEncoding` segments): the base grid and the
 unpadded local grid, each scored by the CLS attention rows of its own tiles. The newline of every
-local row that keeps a token is put back afterwards (`extra_tokens`) at its own placeholder, so kept
-tokens and newlines never share a position (the released code overwrote newline indices).
+local row that keeps a token is put back afterwards (`ImageEncoding.extra_tokens`) at its own placeholder,
+so kept tokens and newlines never share a position (the released code overwrote newline indices).
+The CLIP half is LLaVA's own `ClipVision`, composed rather than inherited.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import LlavaNextForConditionalGeneration
@@ -29,8 +31,9 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from ..pruning import NuwaConfig
 from ..pruning.soft import log_keep
-from .base import NuwaInputError, UnsupportedModelError, VisionEncoding
-from .llava import LlavaAdapter
+from .base import Adapter, ImageEncoding, NuwaInputError, Timer, UnsupportedModelError, VisionEncoding, no_timer
+from .common import LLM_LORA_PATTERN, pad_to_regions, padding_scores
+from .llava import ClipVision
 
 
 @dataclass(frozen=True)
@@ -79,30 +82,16 @@ def anyres_layout(image_size, config) -> AnyresLayout:
     return AnyresLayout(side, (rows, cols), unpad_image(stitched[None], size)[0])
 
 
-def pad_to_regions(ids: torch.Tensor, offsets: torch.Tensor, region: int):
-    """Grow an (h, w) grid at the bottom/right to multiples of `region`.
-
-    Padding repeats the edge row/column ids (so padded features are edge copies: the aggregation of a
-    nearby anchor is not pulled toward zero vectors) and gets placeholder offset -1 (never kept).
-    Returns the padded ids (N,), offsets (N,) and the padded grid.
-    """
-    h, w = ids.shape
-    height, width = -(-h // region) * region, -(-w // region) * region
-    rows = torch.arange(height).clamp(max=h - 1)
-    cols = torch.arange(width).clamp(max=w - 1)
-    padded_offsets = torch.full((height, width), -1, dtype=torch.long)
-    padded_offsets[:h, :w] = offsets
-    return ids[rows][:, cols].reshape(-1), padded_offsets.reshape(-1), (height, width)
-
-
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(Adapter):
     """LLaVA-NeXT: LLaVA-1.5's CLIP tower, projector and LM, with anyres tiling and row newlines."""
 
     model_classes = (LlavaNextForConditionalGeneration,)
     image_input_names = ("image_sizes",)
+    grid = None  # dynamic: every image has its own local grid
 
     def __init__(self, model: LlavaNextForConditionalGeneration):
-        super().__init__(model)  # refuses vision_feature_select_strategy != "default" and list feature layers
+        super().__init__(model, model.config.image_token_index)
+        self.clip = ClipVision(model)  # refuses vision_feature_select_strategy != "default" and list feature layers
         config = model.config
         tile = config.vision_config.image_size
         pinpoints = config.image_grid_pinpoints
@@ -112,33 +101,37 @@ class LlavaNextAdapter(LlavaAdapter):
         if bad:
             raise UnsupportedModelError(f"image_grid_pinpoints {bad} are not whole multiples of the {tile}-px vision "
                                         f"tile; anyres tiling (and the placeholder layout) needs that")
-        self.side = self.grid[0]
-        self.grid = None  # dynamic: every image has its own local grid
-        self._layouts: list[AnyresLayout] = []  # the images of the latest encode call, for extra_tokens
+        self.side = self.clip.side
 
     @property
     def image_newline(self) -> torch.Tensor:
         return self.model.model.image_newline
 
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(tokens)
+
+    def lora_target_pattern(self, include_vision: bool) -> str:
+        return f"{LLM_LORA_PATTERN}|{self.clip.lora_target_pattern()}" if include_vision else LLM_LORA_PATTERN
+
     def blank_image(self, device: torch.device) -> tuple[int, dict]:
-        vision = self.model.config.vision_config
-        size = [vision.image_size, vision.image_size]
+        size = [self.model.config.vision_config.image_size] * 2
         layout = anyres_layout(size, self.model.config)
-        pixels = torch.zeros(1, layout.num_tiles, vision.num_channels, *size, device=device)
+        pixels = self.clip.blank_pixels(device, 1, layout.num_tiles)
         return layout.num_placeholders, {"pixel_values": pixels, "image_sizes": torch.tensor([size], device=device)}
 
     # ----------------------------------------------------------------------------------- stage 1
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, image_sizes=None,
-               **unused) -> list[VisionEncoding]:
+    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer, image_sizes=None,
+               **unused) -> ImageEncoding:
         """Per image two segments, base grid and local grid, grouped across images by identical layout."""
         if image_sizes is None:
             raise NuwaInputError("LLaVA-NeXT needs image_sizes (the processor returns it with pixel_values) to lay "
                                  "out the anyres tiles")
         layouts = [anyres_layout(size, self.model.config) for size in image_sizes]
         tiles = self._real_tiles(pixel_values, [layout.num_tiles for layout in layouts])
-        hidden = self.vision_hidden_states(tiles)
-        with self.timer("saliency"):
-            return self._segments(hidden, layouts, config)
+        hidden = self.clip.hidden_states(tiles)
+        with timer("saliency"):
+            segments = self._segments(hidden, layouts, config)
+        return ImageEncoding(segments, partial(self._row_newlines, layouts))
 
     def _segments(self, hidden: tuple[torch.Tensor, ...], layouts: list[AnyresLayout],
                   config: NuwaConfig) -> list[VisionEncoding]:
@@ -146,14 +139,11 @@ class LlavaNextAdapter(LlavaAdapter):
         patches = self.side * self.side
 
         # Everything per tile token, flattened over all tiles of the call (an image's tokens are contiguous).
-        features = hidden[self.feature_index][:, 1:].flatten(0, 1)
-        low, high = config.sim_layers  # as LlavaAdapter.read_encoding
-        first = max(1, round(low * self.num_vision_layers))
-        last = max(first, round(high * self.num_vision_layers))
-        sim_features = torch.stack(hidden[first:last + 1]).mean(0)[:, 1:].flatten(0, 1)
+        features = self.clip.features(hidden).flatten(0, 1)
+        sim_features = self.clip.sim_features(hidden, config).flatten(0, 1)
         # Every tile is its own CLIP image with its own CLS softmax, whose patch mass (1 - p(CLS -> CLS))
         # varies: normalise each tile's row to sum 1 so the local tiles of one grid compare.
-        raw = self._cls_attention(hidden[self.feature_index - 1])
+        raw = self.clip.cls_scores(hidden)
         scores = (raw / raw.sum(dim=1, keepdim=True).clamp(min=1e-12)).flatten()
 
         groups: dict[tuple, list] = defaultdict(list)
@@ -169,22 +159,14 @@ class LlavaNextAdapter(LlavaAdapter):
                 # Segments with the same grid and offsets share an encoding (every image's base tile does)
                 groups[(grid, tuple(offsets.tolist()))].append((image, start + ids, count))
             start += layout.num_tiles * patches
-        self._layouts = layouts
 
         encodings = []
         device = features.device
         for (grid, offsets), members in groups.items():
             offsets = torch.tensor(offsets, device=device)
             ids = torch.stack([member_ids for _, member_ids, _ in members]).to(device)
-            segment_scores = scores[ids]
-            real = offsets >= 0
-            if not real.all():  # padding scores sit below every real token of the segment
-                known = segment_scores.detach()[:, real]
-                low_score, high_score = known.amin(dim=1, keepdim=True), known.amax(dim=1, keepdim=True)
-                floor = low_score - (high_score - low_score).clamp(min=1e-6)
-                segment_scores = torch.where(real, segment_scores, floor)
             encodings.append(VisionEncoding(
-                features[ids], sim_features[ids], segment_scores, grid,
+                features[ids], sim_features[ids], padding_scores(scores[ids], offsets >= 0), grid,
                 images=torch.tensor([image for image, _, _ in members], device=device),
                 placeholder_offsets=offsets, placeholder_count=torch.tensor([count for _, _, count in members])))
         return encodings
@@ -201,7 +183,8 @@ class LlavaNextAdapter(LlavaAdapter):
         raise NuwaInputError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, tiles, C, H, W) "
                              f"or (all tiles, C, H, W) with the {num_tiles} tiles that image_sizes imply")
 
-    def extra_tokens(self, image: int, kept_offsets: torch.Tensor, keep: torch.Tensor | None = None):
+    def _row_newlines(self, layouts: list[AnyresLayout], image: int, kept_offsets: torch.Tensor,
+                      keep: torch.Tensor | None = None):
         """The newline of every local row that keeps a token, at its own placeholder offset.
 
         image_newline already lives in the LLM's embedding space: it is not projected. With `keep`
@@ -209,7 +192,7 @@ class LlavaNextAdapter(LlavaAdapter):
         token) each row's newline also gets the attention bias log P(the row keeps a token) =
         log(1 - prod(1 - p)): 0 or ~-40 in the hard limit, i.e. exactly the hard rule above.
         """
-        layout = self._layouts[image]
+        layout = layouts[image]
         first_local = layout.side**2
         w = layout.local_grid[1]
         is_local = kept_offsets >= first_local

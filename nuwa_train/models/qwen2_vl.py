@@ -13,11 +13,9 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
@@ -26,9 +24,9 @@ from transformers import (
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from ..pruning import NuwaConfig
-from .base import Adapter, NuwaInputError, UnsupportedModelError, VisionEncoding
+from .base import Adapter, ImageEncoding, NuwaInputError, Timer, UnsupportedModelError, VisionEncoding, no_timer
+from .common import LLM_LORA_PATTERN, pad_to_regions, padding_scores, similarity_layers
 
-PAD_SCORE_MARGIN = 0.01  # padding scores sit this share of the real scores' range below the lowest
 QUERY_CHUNK = 256  # queries per step when summing received attention: memory heads x 256 x N (fp32)
 
 
@@ -42,7 +40,7 @@ class QwenVLAdapter(Adapter):
     image_input_names = ("image_grid_thw",)
 
     def __init__(self, model):
-        self.model = model
+        super().__init__(model, model.config.image_token_id)
         config = model.config
         vision = config.vision_config
         self.merge = vision.spatial_merge_size
@@ -51,7 +49,6 @@ class QwenVLAdapter(Adapter):
         self.windowed = isinstance(model, Qwen2_5_VLForConditionalGeneration)
         self.full_attention_blocks = list(getattr(vision, "fullatt_block_indexes", None) or range(self.num_blocks)) \
             if self.windowed else list(range(self.num_blocks))
-        self.image_token_id = config.image_token_id
 
     # ----------------------------------------------------------------------------------- modules
     @property
@@ -63,11 +60,10 @@ class QwenVLAdapter(Adapter):
 
     def lora_target_pattern(self, include_vision: bool) -> str:
         """peft `target_modules` regex: LLM projections, plus every vision block (all feed the merger)."""
-        llm = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
         if not include_vision:
-            return llm
+            return LLM_LORA_PATTERN
         mlp = r"mlp\.(gate|up|down)_proj" if self.windowed else r"mlp\.fc(1|2)"
-        return rf"{llm}|model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|{mlp})"
+        return rf"{LLM_LORA_PATTERN}|model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|{mlp})"
 
     def blank_image(self, device: torch.device) -> tuple[int, dict]:
         vision = self.model.config.vision_config
@@ -83,7 +79,11 @@ class QwenVLAdapter(Adapter):
     # ----------------------------------------------------------------------------------- positions
     def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict,
                      image_inputs: dict) -> torch.Tensor:
-        """(3, B, L) M-RoPE ids of the unpruned sequence; also sets the model's `rope_deltas` for it."""
+        """(3, B, L) M-RoPE ids of the unpruned sequence.
+
+        The model's own `rope_deltas` are left alone: the handle passes explicit positions at prefill and
+        at every decode step, and `generate` computes its own deltas from the unpruned prompt.
+        """
         token_types = inputs.get("mm_token_type_ids")
         if token_types is None:
             raise NuwaInputError(
@@ -96,9 +96,8 @@ class QwenVLAdapter(Adapter):
                                      f"(or none, to compute them)")
             return given[-3:]
         grid = image_inputs.get("image_grid_thw", inputs.get("image_grid_thw"))
-        positions, deltas = self.model.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
-                                                            image_grid_thw=grid, attention_mask=attention_mask)
-        self.model.model.rope_deltas = deltas
+        positions, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
+                                                       image_grid_thw=grid, attention_mask=attention_mask)
         return positions
 
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
@@ -111,8 +110,8 @@ class QwenVLAdapter(Adapter):
             inputs.pop(name, None)
 
     # ----------------------------------------------------------------------------------- stage 1
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, image_grid_thw: torch.Tensor | None = None,
-               **unused) -> list[VisionEncoding]:
+    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer,
+               image_grid_thw: torch.Tensor | None = None, **unused) -> ImageEncoding:
         if image_grid_thw is None:
             raise NuwaInputError("Qwen-VL images need image_grid_thw next to pixel_values (the processor returns it)")
         if (image_grid_thw[:, 0] != 1).any():
@@ -136,7 +135,7 @@ class QwenVLAdapter(Adapter):
         finally:
             for hook in hooks:
                 hook.remove()
-        with self.timer("saliency"):
+        with timer("saliency"):
             received = self._received_attention(blocks[block_index], captured["hidden"], captured["kwargs"])
             sim = torch.stack([outputs[i] for i in sim_blocks]).mean(0)
             if self.windowed:
@@ -144,7 +143,7 @@ class QwenVLAdapter(Adapter):
                 received, sim = received.view(-1, self.unit)[raster], sim.view(-1, self.unit, sim.shape[-1])[raster]
             scores = received.reshape(-1, self.unit).mean(1)  # (M,) one score per merged token, raster order
             sim = sim.reshape(-1, self.unit, sim.shape[-1]).mean(1)
-            return self._group_by_grid(merged, sim, scores, image_grid_thw, config.region_size)
+            return ImageEncoding(self._group_by_grid(merged, sim, scores, image_grid_thw, config.region_size))
 
     def _score_block(self, config: NuwaConfig) -> int:
         if config.score_block is None:
@@ -157,10 +156,7 @@ class QwenVLAdapter(Adapter):
 
     def _sim_blocks(self, config: NuwaConfig) -> list[int]:
         """Blocks whose outputs are averaged for similarity (the config's fractions of depth)."""
-        low, high = config.sim_layers
-        first = max(1, round(low * self.num_blocks))
-        last = max(first, round(high * self.num_blocks))
-        return list(range(first - 1, last))
+        return [index - 1 for index in similarity_layers(config.sim_layers, self.num_blocks)]  # block i outputs state i+1
 
     def _received_attention(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """(S,) attention each patch receives in `block`, mean over heads and queries of its own image."""
@@ -201,48 +197,12 @@ class QwenVLAdapter(Adapter):
             groups[(height // self.merge, width // self.merge)].append(image)
         encodings = []
         for (rows, cols), images in groups.items():
-            padded = (math.ceil(rows / region) * region, math.ceil(cols / region) * region)
-            parts = [slice(starts[i], starts[i] + rows * cols) for i in images]
-            floor = torch.stack([_below(scores[p].detach()) for p in parts])
+            raster = torch.arange(rows * cols, device=merged.device).view(rows, cols)
+            ids, offsets, padded = pad_to_regions(raster, raster, region)
+            parts = [starts[i] + ids for i in images]  # each image's merged tokens on its padded grid
             encodings.append(VisionEncoding(
-                features=torch.stack([_pad_grid(merged[p], (rows, cols), padded) for p in parts]),
-                sim_features=torch.stack([_pad_grid(sim[p], (rows, cols), padded) for p in parts]),
-                scores=torch.stack([_pad_grid(scores[p, None], (rows, cols), padded, fill)[:, 0]
-                                    for p, fill in zip(parts, floor)]),
+                features=torch.stack([merged[p] for p in parts]), sim_features=torch.stack([sim[p] for p in parts]),
+                scores=padding_scores(torch.stack([scores[p] for p in parts]), offsets >= 0),
                 grid=padded, images=torch.tensor(images),
-                placeholder_offsets=None if padded == (rows, cols) else _padded_offsets((rows, cols), padded,
-                                                                                       merged.device),
-                placeholder_count=rows * cols))
+                placeholder_offsets=None if padded == (rows, cols) else offsets, placeholder_count=rows * cols))
         return encodings
-
-
-def _below(scores: torch.Tensor) -> torch.Tensor:
-    """A padding score just below every real one: far below would inflate the spread that the soft
-    top-k standardises by, and blur the real tokens' ranking."""
-    return scores.min() - PAD_SCORE_MARGIN * (scores.max() - scores.min()) - torch.finfo(scores.dtype).tiny
-
-
-def _pad_grid(tokens: torch.Tensor, grid: tuple[int, int], padded: tuple[int, int],
-              fill: torch.Tensor | None = None) -> torch.Tensor:
-    """(rows*cols, D) raster tokens -> (H*W, D) on the padded grid: edge copies (or `fill`) bottom/right.
-
-    Edge copies rather than zeros keep padding from pulling similarity-weighted aggregation around.
-    """
-    (rows, cols), (height, width) = grid, padded
-    if grid == padded:
-        return tokens
-    table = tokens.reshape(rows, cols, -1).permute(2, 0, 1)[None]
-    if fill is None:
-        table = F.pad(table, (0, width - cols, 0, height - rows), mode="replicate")
-    else:
-        table = torch.cat([table, fill.expand(1, table.shape[1], rows, width - cols)], dim=3)
-        table = torch.cat([table, fill.expand(1, table.shape[1], height - rows, width)], dim=2)
-    return table[0].permute(1, 2, 0).reshape(height * width, -1)
-
-
-def _padded_offsets(grid: tuple[int, int], padded: tuple[int, int], device) -> torch.Tensor:
-    """(H*W,) placeholder offset of every padded-grid cell, -1 for padding."""
-    (rows, cols), (height, width) = grid, padded
-    r = torch.arange(height, device=device).unsqueeze(1)
-    c = torch.arange(width, device=device).unsqueeze(0)
-    return torch.where((r < rows) & (c < cols), r * cols + c, -1).reshape(-1)

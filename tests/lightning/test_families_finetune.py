@@ -54,7 +54,7 @@ def test_two_steps_of_pruning_aware_lora_train_every_adapter(family_dir, tmp_pat
     fit(module, data, tmp_path, 2)
     changed = {n for n, p in module.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
     assert changed == set(before)  # every trainable parameter got a gradient step
-    assert module.nuwa.layout is not None and module.nuwa.layout.selection.keep_bias is not None
+    assert module.nuwa._layout is not None and module.nuwa._layout.selection.keep_bias is not None
 
 
 def test_export_reload_gives_the_same_logits(family_dir, tmp_path):
@@ -128,10 +128,10 @@ def test_kept_stage1_counts_no_padding_slot_with_images_of_different_sizes(famil
         alone = []
         for record in records:
             module.model(**collate([record]))
-            alone.append(float(module.nuwa.stage1_vision_tokens()))
+            alone.append(float(module.nuwa.kept.stage1_vision_tokens()))
         module.model(**collate(records))
     assert alone[0] != pytest.approx(alone[1])  # the images do keep different numbers of tokens
-    assert not module.nuwa.layout.selection.kept.all()  # so the smaller one's row is padded
+    assert not module.nuwa._layout.selection.kept.all()  # so the smaller one's row is padded
     assert module._kept_tokens()["train/kept_stage1"] == pytest.approx(sum(alone) / 2, rel=1e-4)
 
 

@@ -3,7 +3,7 @@ Nüwa active, the 7B recipes on a tiny model, and gradient checkpointing with pr
 
 Multi-process runs start `nuwa-train fit` through launch.sh (one launcher each: local, torchrun, deepspeed,
 fabric), one run at a time with one thread per process. The callbacks and the checkpoint plugin below are
-loaded by those processes from this file (PYTHONPATH=tests).
+loaded by those processes from this file (PYTHONPATH=tests/lightning:tests).
 """
 
 import copy
@@ -42,7 +42,8 @@ from nuwa_train.lightning.strategies import (
 from nuwa_train.lightning.strategies import main as consolidate_main
 from nuwa_train.pruning import NuwaConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 LAUNCH = ROOT / "launch.sh"
 PROCESSES = 2
 STEPS = 4
@@ -139,7 +140,7 @@ def launch(*args: str, timeout: float = RUN_TIMEOUT_SECONDS) -> subprocess.Compl
     """launch.sh with one thread per process and no inherited distributed settings; kills the whole tree on timeout
     (launchers put their workers in sessions of their own)."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"),
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), str(HERE.parent),  # this file, conftest
                                                                               env.get("PYTHONPATH")])))
     process = subprocess.Popen(["bash", str(LAUNCH), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)

@@ -67,7 +67,7 @@ def pruned_and_reference(model, inputs, config, labels=None):
     """The hard-pruned forward, then the masked full-length reference, and the pruned layout."""
     with attach_nuwa(model, config) as handle, torch.no_grad():
         pruned = model(**inputs, labels=labels)
-        layout, plan = handle.layout, handle.plan
+        layout, plan = handle._layout, handle.plan
     return pruned, masked_reference(model, inputs, layout, plan, labels), layout
 
 
@@ -122,12 +122,12 @@ def assert_batched_equals_one_by_one(model, processor, handle, prompts, per_samp
     inputs = encode(processor, prompts, [image for images in per_sample for image in images], padding_side)
     with torch.no_grad():
         batched = model(**inputs).logits
-        batched_map = handle.layout.token_map()
-        assert handle.layout.images_per_sample.tolist() == [len(images) for images in per_sample]
+        batched_map = handle.kept.token_map()
+        assert handle.kept.images_per_sample.tolist() == [len(images) for images in per_sample]
         for b in range(len(prompts)):
             alone_inputs = encode(processor, [prompts[b]], per_sample[b])
             alone = model(**alone_inputs).logits[0]
-            alone_map = handle.layout.token_map()[0]
+            alone_map = handle.kept.token_map()[0]
             offset = int(inputs["attention_mask"][b].nonzero().min())  # left padding shifts the unpruned index
             rows = {p: j for j, p in enumerate(batched_map[b].tolist()) if p >= 0}
             common = [(rows[p + offset], j) for j, p in enumerate(alone_map.tolist()) if p + offset in rows]
@@ -177,7 +177,7 @@ def test_positions_original_and_compact(tiny_llava):
     inputs = encode(processor, PROMPTS[:2], make_images(2), "right")
     with attach_nuwa(model, NuwaConfig(budget=64)) as handle, torch.no_grad():
         model(**inputs)
-        layout = handle.layout
+        layout = handle._layout
         unpruned = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
         assert torch.equal(layout.position_ids, unpruned.gather(1, layout.source))  # original ids, with gaps
         assert (layout.position_ids[0, 1:].diff() > 1).any()
@@ -185,8 +185,8 @@ def test_positions_original_and_compact(tiny_llava):
         assert torch.equal(layout.next_position, inputs["attention_mask"].sum(1))
     with attach_nuwa(model, NuwaConfig(budget=64, position_mode="compact")) as handle, torch.no_grad():
         model(**inputs)
-        valid = handle.layout.attention_mask.bool()
-        assert torch.equal(handle.layout.position_ids[valid], torch.cat([torch.arange(int(n)) for n in valid.sum(1)]))
+        valid = handle._layout.attention_mask.bool()
+        assert torch.equal(handle._layout.position_ids[valid], torch.cat([torch.arange(int(n)) for n in valid.sum(1)]))
 
 
 def test_detach_restores_the_model_exactly(tiny_llava):

@@ -108,7 +108,7 @@ def test_hard_pruning_equals_masking_the_same_tokens(tiny_next, method, grid):
     config = NuwaConfig(method=method, **(PADDED if grid == "padded" else dict(budget=128)))
     with attach_nuwa(model, config) as handle, torch.no_grad():
         pruned = model(**inputs).logits
-        layout, stage2_layer = handle.layout, handle.stage2_layer if method == "nuwa" else None
+        layout, stage2_layer = handle._layout, handle.stage2_layer if method == "nuwa" else None
     assert layout.selection.placeholder_counts.tolist() == [72, 34, 72]
     assert pruned.shape[1] < inputs["input_ids"].shape[1]
     if method == "nuwa":
@@ -164,7 +164,7 @@ def test_encode_reads_each_tiles_cls_row_in_hf_packing_order(tiny_next, region_s
             tower.config._attn_implementation = "sdpa"
     expected_scores = cls_row / cls_row.sum(1, keepdim=True)
     with attach_nuwa(model, NuwaConfig(region_size=region_size, budget=100)) as handle, torch.no_grad():
-        encodings = handle.adapter.encode(inputs["pixel_values"], handle.config, image_sizes=inputs["image_sizes"])
+        encodings = handle.adapter.encode(inputs["pixel_values"], handle.config, image_sizes=inputs["image_sizes"]).segments
     assert any(e.images.tolist() == [0, 2] for e in encodings)  # same-layout images share groups
     assert any(e.images.tolist() == list(range(len(SIZES))) for e in encodings)  # all base tiles: one group
     covered = [0] * len(tiles)
@@ -202,7 +202,7 @@ def test_one_newline_per_local_row_that_keeps_a_token(tiny_next):
             model(**inputs)
         finally:
             hook.remove()
-        layout = handle.layout
+        layout = handle._layout
     selection, dropped_rows, kept_rows = layout.selection, 0, 0
     slots = image_slots(inputs, selection, model.config.image_token_index)
     for image, reference in enumerate(full):
@@ -238,11 +238,11 @@ def test_batched_equals_one_by_one(tiny_next, padding_side, grid):
     config = NuwaConfig(**(PADDED if grid == "padded" else dict(budget=128)))
     with attach_nuwa(model, config) as handle, torch.no_grad():
         batched = model(**inputs).logits
-        batched_map = handle.layout.token_map()
+        batched_map = handle.kept.token_map()
         for b in range(len(sizes)):
             alone_inputs = encode(processor, [PROMPTS[b]], make_images(sizes)[b:b + 1])
             alone = model(**alone_inputs).logits[0]
-            alone_map = handle.layout.token_map()[0]
+            alone_map = handle.kept.token_map()[0]
             offset = int(inputs["attention_mask"][b].nonzero().min())  # left padding shifts the unpruned index
             rows = {p: j for j, p in enumerate(batched_map[b].tolist()) if p >= 0}
             common = [(rows[p + offset], j) for j, p in enumerate(alone_map.tolist()) if p + offset in rows]
@@ -273,12 +273,12 @@ def test_soft_at_tiny_temperature_equals_hard(tiny_next, method, mode, grid):
         return {(b, p): logits[b, j] for b, j, p in text_positions(inputs, token_map, image_token)}
 
     with attach_nuwa(model, config) as handle, torch.no_grad():
-        hard = text_logits(model(**inputs).logits, handle.layout.token_map())
+        hard = text_logits(model(**inputs).logits, handle.kept.token_map())
         handle.set_selection(mode, temperature=1e-6)
         soft_logits = model(**inputs).logits
         assert soft_logits.shape[1] == inputs["input_ids"].shape[1]  # soft keeps every token
-        bias = handle.layout.selection.keep_bias
-        soft = text_logits(soft_logits, handle.layout.token_map())
+        bias = handle._layout.selection.keep_bias
+        soft = text_logits(soft_logits, handle.kept.token_map())
     assert (bias < -1).any() and (bias > -1e-3).any()  # tokens are really switched off and on
     assert hard.keys() == soft.keys() and len(hard) > 30
     keys = sorted(hard)
@@ -321,9 +321,9 @@ def test_blank_image_and_lora_targets(tiny_next):
     ids = torch.cat([ids[:, :image_at], ids[:, image_at:image_at + 1].expand(1, count), ids[:, image_at + 1:]], 1)
     with attach_nuwa(model, NuwaConfig()) as handle, torch.no_grad():
         model(input_ids=ids, **image_inputs)
-        assert handle.layout.selection.placeholder_counts.tolist() == [count]
+        assert handle._layout.selection.placeholder_counts.tolist() == [count]
     pattern = re.compile(adapter.lora_target_pattern(include_vision=True))
     names = [name for name, _ in model.named_modules() if pattern.fullmatch(name)]
     assert "model.language_model.layers.0.self_attn.q_proj" in names
     assert "model.vision_tower.encoder.layers.0.self_attn.k_proj" in names
-    assert not any(f"encoder.layers.{adapter.feature_index}." in name for name in names)  # after the feature layer
+    assert not any(f"encoder.layers.{adapter.clip.feature_index}." in name for name in names)  # after the feature layer

@@ -25,7 +25,7 @@ def test_cls_saliency_and_similarity_features_match_the_vision_tower():
     pixels = encode(processor, PROMPTS[:2], make_images(2))["pixel_values"]
     with torch.no_grad():
         out = model.model.vision_tower(pixels, output_hidden_states=True, output_attentions=True)
-        encoding = adapter.read_encoding(adapter.vision_hidden_states(pixels), NuwaConfig(sim_layers=(0.5, 1.0)))
+        encoding = adapter.encode(pixels, NuwaConfig(sim_layers=(0.5, 1.0))).segments[0]
     feature_layer = 4 - 2 + 1  # hidden_states index of vision_feature_layer=-2 in a 4-layer tower
     expected = out.attentions[feature_layer - 1][:, :, 0, 1:].sum(dim=1)
     torch.testing.assert_close(encoding.scores, expected, atol=1e-6, rtol=1e-5)

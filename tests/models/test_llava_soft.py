@@ -25,11 +25,11 @@ def test_soft_at_tiny_temperature_equals_hard(tiny_llava, method, mode, padding_
     image_token = model.config.image_token_index
     with attach_nuwa(model, config) as handle, torch.no_grad():
         hard = model(**inputs).logits
-        hard_text = text_logits_by_position(hard, handle.layout.token_map(), inputs, image_token)
+        hard_text = text_logits_by_position(hard, handle.kept.token_map(), inputs, image_token)
         handle.set_selection(mode, temperature=1e-6)
         soft = model(**inputs).logits
         assert soft.shape[1] == inputs["input_ids"].shape[1]  # soft keeps every token
-        soft_text = text_logits_by_position(soft, handle.layout.token_map(), inputs, image_token)
+        soft_text = text_logits_by_position(soft, handle.kept.token_map(), inputs, image_token)
     assert hard_text.keys() == soft_text.keys() and len(hard_text) > 30
     keys = sorted(hard_text)
     torch.testing.assert_close(torch.stack([soft_text[k] for k in keys]), torch.stack([hard_text[k] for k in keys]),
@@ -45,11 +45,11 @@ def test_soft_selection_sends_gradients_to_both_score_paths(tiny_llava):
     with attach_nuwa(model, NuwaConfig(budget=128)) as handle:
         handle.set_selection("soft", temperature=0.5)
         loss = model(**inputs, labels=labels).loss
-        stage1_bias = handle.layout.selection.keep_bias
-        stage2_keep = handle.layout.stage2.kept_vision
+        stage1_bias = handle._layout.selection.keep_bias
+        stage2_keep = handle._layout.stage2.kept_vision
         grad1, grad2 = torch.autograd.grad(loss, [stage1_bias, stage2_keep], retain_graph=True)
         assert grad1.abs().sum() > 0 and grad2.abs().sum() > 0  # the loss reaches both keep probabilities
-        vision_layer = model.model.vision_tower.encoder.layers[handle.adapter.feature_index - 1].self_attn
+        vision_layer = model.model.vision_tower.encoder.layers[handle.adapter.clip.feature_index - 1].self_attn
         llm_layer = model.model.language_model.layers[handle.plan.stage2.layer - 1].self_attn
         direction = torch.randn_like(stage1_bias)
         (to_vision,) = torch.autograd.grad((stage1_bias * direction).sum(), vision_layer.k_proj.weight,
@@ -57,7 +57,7 @@ def test_soft_selection_sends_gradients_to_both_score_paths(tiny_llava):
         (to_llm,) = torch.autograd.grad((stage2_keep * torch.randn_like(stage2_keep)).sum(), llm_layer.q_proj.weight)
         assert to_vision.abs().sum() > 0  # stage-1 scores come from the vision tower's own attention
         assert to_llm.abs().sum() > 0  # stage-2 scores come from the LLM's attention at layer L2-1
-        expected = handle.layout.images_per_sample.float() * handle.plan.stage1.keep
+        expected = handle.kept.images_per_sample.float() * handle.plan.stage1.keep
         torch.testing.assert_close(stage1_bias.exp().sum(1), expected, atol=1e-3, rtol=0)
 
 
@@ -67,7 +67,7 @@ def test_straight_through_forward_is_hard_and_backward_is_soft(tiny_llava):
     with attach_nuwa(model, NuwaConfig(method="nuwa_stage1", budget=128)) as handle:
         handle.set_selection("straight_through", temperature=0.5)
         logits = model(**inputs).logits
-        bias = handle.layout.selection.keep_bias
+        bias = handle._layout.selection.keep_bias
         kept = bias > -1.0
         assert kept.sum(1).tolist() == [handle.plan.stage1.keep] * 2  # exactly the hard anchors are visible
         (grad,) = torch.autograd.grad(logits[:, -1].sum(), bias)

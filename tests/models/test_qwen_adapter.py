@@ -44,11 +44,11 @@ def encode(processor, questions, images, padding_side="left", answers=None):
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
 
 
-def rope_positions(model, inputs, with_deltas=False):
-    positions, deltas = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                                   image_grid_thw=inputs["image_grid_thw"],
-                                                   attention_mask=inputs["attention_mask"])
-    return (positions, deltas) if with_deltas else positions
+def rope_positions(model, inputs):
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"],
+                                              attention_mask=inputs["attention_mask"])
+    return positions
 
 
 def masked_reference(model, inputs, layout, stage2_layer):
@@ -98,7 +98,7 @@ def test_hard_pruning_equals_masking_with_mrope_and_mixed_sizes(tiny_qwen, metho
     inputs = encode(processor, QUESTIONS, make_images(SIZES), padding_side)
     with attach_nuwa(model, NuwaConfig(method=method, budget=192, stage2_layer=2)) as handle, torch.no_grad():
         pruned = model(**inputs)
-        layout, layer = handle.layout, handle.stage2_layer
+        layout, layer = handle._layout, handle.stage2_layer
     kept = layout.selection.kept.sum(1)
     assert kept.tolist() != [36, 40, 24] and (kept < layout.selection.placeholder_counts).all()
     assert layout.position_ids.shape[0] == 3  # M-RoPE ids, gathered
@@ -112,18 +112,18 @@ def test_hard_pruning_equals_masking_with_mrope_and_mixed_sizes(tiny_qwen, metho
 def test_positions_are_the_unpruned_mrope_ids_and_decoding_continues_after_them(tiny_qwen):
     model, processor = tiny_qwen
     inputs = encode(processor, QUESTIONS[:2], make_images(SIZES[:2]), "left")
-    unpruned, deltas = rope_positions(model, inputs, with_deltas=True)
+    unpruned = rope_positions(model, inputs)
     model.model.rope_deltas = None
     with attach_nuwa(model, NuwaConfig(budget=128)) as handle, torch.no_grad():
         model(**inputs)
-        layout = handle.layout
+        layout = handle._layout
         gathered = torch.stack([unpruned[c].gather(1, layout.source.clamp(min=0)) for c in range(3)])
         valid = layout.attention_mask.bool()
         assert torch.equal(layout.position_ids[:, valid], gathered[:, valid])
         vision = layout.is_vision
         assert (layout.position_ids[1][vision] != layout.position_ids[2][vision]).any()  # real 2-D (h, w) ids
         assert torch.equal(layout.next_position, unpruned.amax(dim=(0, 2)) + 1)
-        assert torch.equal(model.model.rope_deltas, deltas)  # the unpruned sequence's, for HF's own decoding
+        assert model.model.rope_deltas is None  # the adapter reads the model; it never writes its state
 
 
 @pytest.mark.parametrize("method", ["nuwa", "nuwa_stage1"])
@@ -132,7 +132,7 @@ def test_padding_of_odd_merged_grids_is_never_kept_nor_budgeted(tiny_qwen, metho
     inputs = encode(processor, QUESTIONS[1:2], make_images(SIZES[1:2]))  # 5x8 merged grid, padded to 6x8
     with attach_nuwa(model, NuwaConfig(method=method, budget=576 // 2)) as handle, torch.no_grad():
         model(**inputs)
-        selection = handle.layout.selection
+        selection = handle._layout.selection
     offsets = selection.kept_indices[selection.kept]
     assert offsets.max() < 40 and offsets.unique().numel() == offsets.numel()
     if method == "nuwa_stage1":  # half of the 40 real tokens, not of the 48 padded ones
@@ -146,10 +146,10 @@ def test_batched_equals_one_by_one_with_different_image_sizes(tiny_qwen, padding
     inputs = encode(processor, QUESTIONS, images, padding_side)
     with attach_nuwa(model, NuwaConfig(budget=128)) as handle, torch.no_grad():
         batched = model(**inputs).logits
-        batched_map = handle.layout.token_map()
+        batched_map = handle.kept.token_map()
         for b in range(3):
             alone = model(**encode(processor, QUESTIONS[b:b + 1], images[b:b + 1])).logits[0]
-            alone_map = handle.layout.token_map()[0]
+            alone_map = handle.kept.token_map()[0]
             offset = int(inputs["attention_mask"][b].nonzero().min())
             rows = {p: j for j, p in enumerate(batched_map[b].tolist()) if p >= 0}
             common = [(rows[p + offset], j) for j, p in enumerate(alone_map.tolist()) if p + offset in rows]
@@ -174,11 +174,11 @@ def test_soft_at_tiny_temperature_equals_hard(tiny_qwen, mode):
     image_token = model.config.image_token_id
     with attach_nuwa(model, NuwaConfig(budget=192, stage2_layer=2)) as handle, torch.no_grad():
         hard = model(**inputs).logits
-        hard_text = {(b, p): hard[b, j] for b, j, p in text_pairs(inputs, handle.layout.token_map(), image_token)}
+        hard_text = {(b, p): hard[b, j] for b, j, p in text_pairs(inputs, handle.kept.token_map(), image_token)}
         handle.set_selection(mode, temperature=1e-6)
         soft = model(**inputs).logits
         assert soft.shape[1] == inputs["input_ids"].shape[1]
-        soft_text = {(b, p): soft[b, j] for b, j, p in text_pairs(inputs, handle.layout.token_map(), image_token)}
+        soft_text = {(b, p): soft[b, j] for b, j, p in text_pairs(inputs, handle.kept.token_map(), image_token)}
     keys = sorted(hard_text)
     assert keys == sorted(soft_text) and len(keys) > 20
     torch.testing.assert_close(torch.stack([soft_text[k] for k in keys]), torch.stack([hard_text[k] for k in keys]),
@@ -198,7 +198,7 @@ def test_scores_are_received_attention_in_raster_order(tiny_qwen):
     visual = model.model.visual
     with attach_nuwa(model, NuwaConfig()) as handle, torch.no_grad():
         encodings = handle.adapter.encode(inputs["pixel_values"], handle.config,
-                                          image_grid_thw=inputs["image_grid_thw"])
+                                          image_grid_thw=inputs["image_grid_thw"]).segments
         block_index = handle.adapter._score_block(handle.config)
         hidden = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"],
                         output_hidden_states=True).hidden_states[block_index]
