@@ -202,7 +202,7 @@ def test_pretrain_refuses_a_resume_state_that_would_run_code(tmp_path):
 
 def test_the_shipped_resume_state_holds_no_pickle():
     """runs/tiny_base resumes from safetensors + JSON only, at the step the shipped base was exported from."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     run_dir = root / "runs/tiny_base"
     assert sorted(p.name for p in run_dir.iterdir()) == ["last.safetensors", "log.csv"]
     state = load_tensor_tree(run_dir / "last.safetensors")

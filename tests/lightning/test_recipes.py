@@ -10,7 +10,7 @@ from nuwa_train.lightning.cli import NuwaCLI
 
 # GPU-cluster recipes (accelerator: gpu, DeepSpeed, real data paths) run on the CPU with a tiny model and data in
 # tests/test_scaleout.py::test_llava_7b_recipe_trains_two_steps_on_the_cpu.
-RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml")
                  if "trainer" in (recipe := yaml.safe_load(p.read_text()))
                  and recipe["trainer"].get("accelerator") != "gpu")
 
