@@ -5,17 +5,20 @@
    recipe with the VisionZip-like (hard, not differentiable) and FastV (soft stage 2) selectors.
 3. Evaluate each with the hard path, export the Nüwa model (merged, `load_pruned`-ready), and write
    the table (Markdown + JSON), the training curves and the kept-token overlay (PNG).
+
+The recipe is parsed once, by NuwaCLI's parser; each fine-tune edits a copy of those settings and NuwaCLI builds
+its module, data module and trainer from them, as `nuwa-train fit` would.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
-import yaml
+from jsonargparse import Namespace
 
 from .compare import Row, overlay, synthetic_config_for, write_table
 from .evaluation import evaluate
@@ -25,40 +28,69 @@ from .models import detach_nuwa
 from .pruning import NuwaConfig, NuwaConfigError
 from .viz import plot_training_curves
 
-# (row label, method, training selection mode, extra pruning settings)
-FINE_TUNES = (("Nüwa, fine-tuned", "nuwa", "soft", {}),
-              ("VisionZip-like, fine-tuned", "visionzip", "hard", {}),
-              ("FastV, fine-tuned", "fastv", "soft", {"fastv_layer": 1}))
+
+class FineTune(NamedTuple):
+    """One fine-tuned row: the recipe with this method and training selection mode."""
+
+    label: str
+    method: str
+    mode: str
+    pruning: dict  # pruning settings this method needs beyond the recipe's (they replace the recipe's values)
+
+
+FINE_TUNES = (FineTune("Nüwa, fine-tuned", "nuwa", "soft", {}),
+              FineTune("VisionZip-like, fine-tuned", "visionzip", "hard", {}),
+              FineTune("FastV, fine-tuned", "fastv", "soft", {"fastv_layer": 1}))
 CHECKPOINT_EVERY = 25  # steps between `last.ckpt` writes of each fine-tune
 RUN_SETTINGS_NAME = "run_settings.yaml"  # a fine-tune's resolved settings, checked before resuming it
+# The public import paths, as recipes name them: a fine-tune's settings dump (what resuming compares) stays the same.
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+MODEL_CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 
 
-def _fine_tune(recipe: Path, run_dir: Path, method: str, mode: str, extra: dict, max_steps: int | None,
-               console):
-    """Fit one recipe variant; its logs and checkpoints go under `run_dir`."""
+def _component(class_path: str, **init_args) -> Namespace:
+    """A logger or callback in the form the parsed config holds it (LightningCLI instantiates it)."""
+    return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+
+
+def fine_tune_settings(recipe: Namespace, fine_tune: FineTune, run_dir: Path, max_steps: int | None) -> Namespace:
+    """The parsed recipe with one fine-tune's method, selection mode, run directory and (shortened) schedule.
+
+    Its logs and checkpoints go under `run_dir` only: the recipe's loggers and callbacks are replaced by a CSV
+    logger (the training curves) and a `last.ckpt` every CHECKPOINT_EVERY steps (the resume point).
+    """
+    settings = recipe.clone()
+    settings.model.pruning.method = fine_tune.method
+    settings.model.selection.mode = fine_tune.mode
+    for key, value in fine_tune.pruning.items():
+        settings[f"model.pruning.{key}"] = value  # NuwaCLI rejects a key NuwaConfig does not have
+    settings.trainer.default_root_dir = str(run_dir)
+    settings.trainer.logger = [_component(CSV_LOGGER, save_dir=str(run_dir), name="csv", version=0)]
+    settings.trainer.callbacks = [_component(MODEL_CHECKPOINT, dirpath=str(run_dir / "checkpoints"), save_last=True,
+                                             save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)]
+    if max_steps is not None:  # a shorter run anneals over the same share of its steps as the recipe
+        anneal_share = recipe.model.selection.anneal_steps / recipe.trainer.max_steps
+        settings.trainer.max_steps = max_steps
+        settings.model.selection.anneal_steps = max(1, round(anneal_share * max_steps))
+        settings.trainer.log_every_n_steps = min(recipe.trainer.log_every_n_steps, max_steps)  # a short run logs too
+    return settings
+
+
+def build_fine_tune(settings: Namespace):
+    """NuwaCLI builds the run as `nuwa-train fit` does: seeded, with the weights-only checkpoint reader."""
     from .lightning import NuwaDataModule, NuwaFineTuner
     from .lightning.cli import NuwaCLI
 
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "csv", "version": 0}}]
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(run_dir / "checkpoints"), "save_last": True, "save_top_k": 0,
-                                "every_n_train_steps": CHECKPOINT_EVERY}}]
-    args = ["--config", str(recipe), "--model.pruning.method", method, "--model.selection.mode", mode,
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger", json.dumps(loggers),
-            "--trainer.callbacks", json.dumps(callbacks)]
-    for key, value in extra.items():
-        args += [f"--model.pruning.{key}", str(value)]
-    if max_steps is not None:  # a shorter run anneals over the same share of its steps as the recipe
-        recipe_settings = yaml.safe_load(recipe.read_text())
-        share = recipe_settings["model"]["selection"]["anneal_steps"] / recipe_settings["trainer"]["max_steps"]
-        log_every = min(recipe_settings["trainer"].get("log_every_n_steps", 50), max_steps)  # a short run logs too
-        args += ["--trainer.max_steps", str(max_steps), "--model.selection.anneal_steps",
-                 str(max(1, round(share * max_steps))), "--trainer.log_every_n_steps", str(log_every)]
-    cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, args=args, run=False, save_config_kwargs={"overwrite": True})
+    return NuwaCLI(NuwaFineTuner, NuwaDataModule, args=settings, run=False, save_config_kwargs={"overwrite": True})
+
+
+def _fine_tune(settings: Namespace, console):
+    """Fit one fine-tune (resuming its interrupted run if the settings are the same); the module and its curves."""
+    cli = build_fine_tune(settings)
+    run_dir = Path(settings.trainer.default_root_dir)
     last = _resumable_checkpoint(run_dir, cli.parser.dump(cli.config, skip_none=False), console)
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last) if last is not None else None)
-    return cli.model, run_dir / "csv" / "version_0" / "metrics.csv"
+    return cli.model, Path(cli.trainer.logger.experiment.metrics_file_path)
 
 
 def _resumable_checkpoint(run_dir: Path, settings: str, console) -> Path | None:
@@ -79,6 +111,11 @@ def _resumable_checkpoint(run_dir: Path, settings: str, console) -> Path | None:
     return None
 
 
+def _pruning(settings: Namespace) -> NuwaConfig:
+    """The pruning config parsed settings hold (a fine-tune's is checked against the model before it trains)."""
+    return NuwaConfig.from_dict(settings.model.pruning.as_dict())
+
+
 def _grid(model) -> tuple[int, int]:
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     return side, side
@@ -93,18 +130,19 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     from rich.console import Console
 
     from .data.records import SyntheticRecords
+    from .lightning.cli import parse_recipe
     from .models import load_vlm
 
     console, start = Console(), time.perf_counter()
-    recipe, out_dir = Path(recipe), Path(out)
-    settings = yaml.safe_load(recipe.read_text())
-    base = Path(settings["model"]["model_path"])
+    recipe_path, out_dir = Path(recipe), Path(out)
+    recipe_settings = parse_recipe(recipe_path)  # the one read: the base, the training-free row, every fine-tune
+    base = Path(recipe_settings.model.model_path)
     if not (base / "config.json").is_file():
         raise SystemExit(f"nuwa-train demo: no base model at {base}; train it with "
                          f"`nuwa-train pretrain-base recipes/tiny_base.yaml` (about 4 hours on 2 CPU cores)")
     # The recipe's pruning settings (budget, stage-2 layer, ...) serve the training-free row too, so the
     # rows differ only in whether the model was fine-tuned.
-    nuwa = replace(NuwaConfig.from_dict(settings["model"].get("pruning", {})), method="nuwa")
+    nuwa = replace(_pruning(recipe_settings), method="nuwa")
     budget = nuwa.budget
     model, processor = load_vlm(str(base))
     model.eval()
@@ -119,16 +157,18 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
 
     console.rule("2/3  pruning-aware LoRA fine-tuning")
     curves, fine_tuned = {}, {}
-    for label, method, mode, extra in FINE_TUNES:
-        console.print(f"[bold]{label}[/bold]: method={method}, training selection={mode}")
+    for fine_tune in FINE_TUNES:
+        label, method = fine_tune.label, fine_tune.method
+        extra = "".join(f", {key}={value}" for key, value in fine_tune.pruning.items())
+        console.print(f"[bold]{label}[/bold]: method={method}, training selection={fine_tune.mode}{extra}")
+        settings = fine_tune_settings(recipe_settings, fine_tune, out_dir / "runs" / method, max_steps)
         try:
-            replace(nuwa, method=method, **extra).plan(_grid(model), _depth(model))
+            _pruning(settings).plan(_grid(model), _depth(model))
         except NuwaConfigError as error:  # e.g. FastV on an LLM too shallow for this budget
             console.print(f"skipped: {error}")
             rows.append(Row(label, budget, None, full, note=str(error)))
             continue
-        module, metrics_csv = _fine_tune(recipe, out_dir / "runs" / method, method, mode, extra, max_steps,
-                                         console)
+        module, metrics_csv = _fine_tune(settings, console)
         curves[label] = metrics_csv
         module.eval()
         result = evaluate(module.base_model, processor, records, pruning=module.pruning, batch_size=batch_size,
@@ -139,8 +179,10 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     console.rule("3/3  export, table and pictures")
     export_dir = export_module(fine_tuned["nuwa"], out_dir / "export", merge=True)
     table = [row.as_dict() for row in rows]
-    title = f"Main job: {base} on {len(records)} test records, budget {budget} (of 576 on LLaVA-1.5's grid)"
-    text = write_table(table, out_dir, "results", title, {"recipe": str(recipe), "test_records": len(records),
+    grid_height, grid_width = nuwa.reference_grid  # the budget's grid (LLaVA-1.5's 24x24 unless the recipe says)
+    title = (f"Main job: {base} on {len(records)} test records, budget {budget} "
+             f"(of {grid_height * grid_width} on the {grid_height}x{grid_width} reference grid)")
+    text = write_table(table, out_dir, "results", title, {"recipe": str(recipe_path), "test_records": len(records),
                                                            "minutes": (time.perf_counter() - start) / 60})
     curves_png = plot_training_curves(curves, out_dir / "training_curves.png")
     exported = load_pruned(export_dir)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from nuwa_train.cli import main
@@ -64,6 +65,7 @@ def test_the_demo_resumes_a_killed_fine_tune_exactly(tiny_base_dir, tmp_path, mo
 
     from nuwa_train import demo
     from nuwa_train.lightning import NuwaFineTuner
+    from nuwa_train.lightning.cli import parse_recipe
 
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["model"]["model_path"] = tiny_base_dir
@@ -72,9 +74,10 @@ def test_the_demo_resumes_a_killed_fine_tune_exactly(tiny_base_dir, tmp_path, mo
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     monkeypatch.setattr(demo, "CHECKPOINT_EVERY", 2)
     console, steps = Console(quiet=True), 7
+    recipe, nuwa = parse_recipe(tmp_path / "recipe.yaml"), demo.FINE_TUNES[0]
 
     def fine_tune(name):
-        module, _ = demo._fine_tune(tmp_path / "recipe.yaml", tmp_path / name, "nuwa", "soft", {}, steps, console)
+        module, _ = demo._fine_tune(demo.fine_tune_settings(recipe, nuwa, tmp_path / name, steps), console)
         return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
     expected = fine_tune("straight")
@@ -99,3 +102,74 @@ def test_the_demo_resumes_a_killed_fine_tune_exactly(tiny_base_dir, tmp_path, mo
     assert resumed.keys() == expected.keys()
     for name, value in resumed.items():
         assert (value - expected[name]).abs().max() <= 1e-6, name
+
+
+def _trained_with(cli) -> dict:
+    """The settings a built fine-tune trains with, read from its module and trainer."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from nuwa_train.lightning.checkpoints import SafeCheckpointIO
+
+    module, trainer = cli.model, cli.trainer
+    [checkpoint] = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]  # the recipe's best-ckpt is off
+    [logger] = trainer.loggers
+    assert isinstance(logger, CSVLogger) and isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
+    return {"pruning": module.pruning, "mode": module.selection.mode, "anneal_steps": module.selection.anneal_steps,
+            "max_steps": trainer.max_steps, "log_every_n_steps": trainer.log_every_n_steps,
+            "root": Path(trainer.default_root_dir), "log_dir": Path(logger.log_dir),
+            "checkpoints": (Path(checkpoint.dirpath), checkpoint.save_last, checkpoint._every_n_train_steps)}
+
+
+# What the demo compares: each method's training selection mode and the pruning settings it needs beyond the recipe.
+DEMO_FINE_TUNES = {"nuwa": ("soft", {}), "visionzip": ("hard", {}), "fastv": ("soft", {"fastv_layer": 1})}
+
+
+@pytest.mark.parametrize("max_steps", [None, 40, 2])
+def test_each_demo_fine_tune_trains_with_the_settings_the_demo_intends(tmp_path, max_steps):
+    """Built from the parsed default recipe: the method's settings, the recipe's others, and a shortened schedule."""
+    from nuwa_train import demo
+    from nuwa_train.lightning.cli import parse_recipe
+
+    recipe_file = yaml.safe_load(RECIPE.read_text())
+    recipe, steps = parse_recipe(RECIPE), recipe_file["trainer"]["max_steps"]
+    anneal, log_every = recipe_file["model"]["selection"]["anneal_steps"], recipe_file["trainer"]["log_every_n_steps"]
+    if max_steps is not None:  # the same annealing share of the shorter run; a run shorter than the interval logs
+        anneal, steps, log_every = max(1, round(anneal / steps * max_steps)), max_steps, min(log_every, max_steps)
+    assert [fine_tune.method for fine_tune in demo.FINE_TUNES] == list(DEMO_FINE_TUNES)
+    for fine_tune in demo.FINE_TUNES:
+        run_dir, (mode, method_pruning) = tmp_path / fine_tune.method, DEMO_FINE_TUNES[fine_tune.method]
+        used = _trained_with(demo.build_fine_tune(demo.fine_tune_settings(recipe, fine_tune, run_dir, max_steps)))
+        expected_pruning = {**recipe_file["model"]["pruning"], "method": fine_tune.method, **method_pruning}
+        assert {key: getattr(used["pruning"], key) for key in expected_pruning} == expected_pruning
+        assert (used["mode"], used["max_steps"], used["anneal_steps"], used["log_every_n_steps"]) == (
+            mode, steps, anneal, log_every)
+        assert used["root"] == run_dir and used["log_dir"] == run_dir / "csv" / "version_0"
+        assert used["checkpoints"] == (run_dir / "checkpoints", True, demo.CHECKPOINT_EVERY)
+
+
+def test_the_demo_overrides_what_the_recipe_sets_and_keeps_the_rest(tmp_path):
+    """A recipe value of a key the demo sets is replaced in the built run, one it does not set is kept, and a key the
+    parser does not know is an error rather than a silently unused setting."""
+    from nuwa_train import demo
+    from nuwa_train.lightning.cli import parse_recipe
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["model"]["pruning"].update(method="visionzip", fastv_layer=3, budget=32)
+    recipe["model"]["selection"].update(mode="hard", anneal_steps=50)
+    recipe["trainer"].update(max_steps=100, log_every_n_steps=20)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    parsed = parse_recipe(tmp_path / "recipe.yaml")
+    nuwa, _, fastv = demo.FINE_TUNES
+
+    used = _trained_with(demo.build_fine_tune(demo.fine_tune_settings(parsed, fastv, tmp_path / "fastv", 10)))
+    assert (used["pruning"].method, used["pruning"].fastv_layer, used["mode"]) == ("fastv", 1, "soft")
+    assert used["pruning"].budget == 32
+    assert (used["max_steps"], used["anneal_steps"], used["log_every_n_steps"]) == (10, 5, 10)  # the recipe's share
+    used = _trained_with(demo.build_fine_tune(demo.fine_tune_settings(parsed, nuwa, tmp_path / "nuwa", None)))
+    assert (used["pruning"].method, used["pruning"].fastv_layer, used["mode"]) == ("nuwa", 3, "soft")
+    assert (used["max_steps"], used["anneal_steps"], used["log_every_n_steps"]) == (100, 50, 20)
+
+    misspelt = demo.FineTune("FastV, misspelt", "fastv", "soft", {"fastv_layers": 1})
+    with pytest.raises(SystemExit):
+        demo.build_fine_tune(demo.fine_tune_settings(parsed, misspelt, tmp_path / "misspelt", None))
