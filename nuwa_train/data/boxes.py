@@ -1,0 +1,217 @@
+"""Box formats: how each model family spells a bounding box in its answers, one codec per format.
+
+Every box in nuwa-train is held one way, `Box01`: (x1, y1, x2, y2) as fractions of the ORIGINAL image's width
+and height. A `BoxFormat` renders such a box into the answer text a family was trained on, parses answer text
+back, and knows the prompt that asks for one. What differs between formats is the frame the numbers refer to:
+
+- `loc_tokens`  the tiny base's four `<loc_k>` tokens, k = bin of the original frame (bin centres decode);
+- `llava`       LLaVA-1.5 / LLaVA-NeXT: "[0.39, 0.57, 0.52, 0.88]", two decimals of the image PADDED TO A SQUARE
+                (LLaVA's `expand2square`, image centred), as in LLaVA-665K's RefCOCO part;
+- `qwen2_vl`    `<|object_ref_start|>ref<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, 0-1000
+                integers of the image;
+- `qwen2_5_vl`  JSON `[{"bbox_2d": [x1, y1, x2, y2], "label": ref}]` in absolute pixels of the image AFTER the
+                processor's resize (`ImageFrame.model_size`).
+
+Parsing is honest: the first well-formed box wins, anything else is None (scored IoU 0 and counted as
+unparseable by evaluation, never dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+Box01 = tuple[float, float, float, float]  # (x1, y1, x2, y2) as fractions of the original width / height
+COORD_RANGE = 1000  # the 0-1000 integer frame of record files (RefCOCO-style `normalized_solution`)
+
+
+@dataclass(frozen=True)
+class ImageFrame:
+    """An image as a model sees it: its original size and, for formats in resized pixels, the model's size."""
+
+    width: int
+    height: int
+    model_size: tuple[int, int] | None = None  # (width, height) after the processor's resize (Qwen2.5-VL)
+
+    def __post_init__(self):
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"image size {self.width}x{self.height} must be positive")
+
+
+class BoxFormat(ABC):
+    """Render a `Box01` into answer text, parse answer text into one, and ask for one."""
+
+    name: str
+    prompt_template: str  # the grounding question, with "{expression}" for the referring expression
+
+    def __init__(self, prompt_template: str | None = None):
+        if prompt_template is not None:
+            if "{expression}" not in prompt_template:
+                raise ValueError(f"prompt_template {prompt_template!r} must contain {{expression}}")
+            self.prompt_template = prompt_template
+
+    def prompt(self, expression: str) -> str:
+        return self.prompt_template.format(expression=expression)
+
+    @abstractmethod
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        """The answer a model of this format gives for `box` (`label`: the referring expression, if it names it)."""
+
+    @abstractmethod
+    def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
+        """The first well-formed box in `text`, in the original frame; None if there is none."""
+
+
+def _clip01(values) -> Box01 | None:
+    box = tuple(min(1.0, max(0.0, float(v))) for v in values)
+    return box if box[0] < box[2] and box[1] < box[3] else None
+
+
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+
+
+class LocTokens(BoxFormat):
+    """Four atomic tokens `<loc_k>`, k in [0, bins): one per coordinate, the bin of the original frame."""
+
+    name = "loc_tokens"
+    prompt_template = "where is {expression} ?"  # the synthetic benchmark's grounding question
+    pattern = re.compile(r"<loc_(\d+)>")
+
+    def __init__(self, bins: int = 32, prompt_template: str | None = None):
+        super().__init__(prompt_template)
+        if bins < 1:
+            raise ValueError(f"bins={bins} must be >= 1")
+        self.bins = bins
+
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        return "".join(f"<loc_{min(self.bins - 1, int(v * self.bins))}>" for v in box)
+
+    def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
+        found = self.pattern.findall(text)
+        for start in range(0, len(found) - 3):
+            bins = [int(v) for v in found[start:start + 4]]
+            if max(bins) < self.bins:
+                box = _clip01((2 * b + 1) / (2 * self.bins) for b in bins)
+                if box is not None:
+                    return box
+        return None
+
+
+class LlavaBox(BoxFormat):
+    """LLaVA-1.5's "[x1, y1, x2, y2]": two decimals of the image padded to a centred square."""
+
+    name = "llava"
+    prompt_template = "Please provide the bounding box coordinate of the region this sentence describes: {expression}"
+    pattern = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+    decimals = 2
+
+    @staticmethod
+    def square(frame: ImageFrame) -> tuple[int, int, int]:
+        """(side, x offset, y offset) of the original image inside LLaVA's padded square."""
+        side = max(frame.width, frame.height)
+        return side, (side - frame.width) // 2, (side - frame.height) // 2
+
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        side, dx, dy = self.square(frame)
+        x1, y1, x2, y2 = box
+        values = ((x1 * frame.width + dx) / side, (y1 * frame.height + dy) / side,
+                  (x2 * frame.width + dx) / side, (y2 * frame.height + dy) / side)
+        return "[" + ", ".join(f"{v:.{self.decimals}f}" for v in values) + "]"
+
+    def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
+        side, dx, dy = self.square(frame)
+        for match in self.pattern.finditer(text):
+            x1, y1, x2, y2 = (float(v) for v in match.groups())
+            box = _clip01(((x1 * side - dx) / frame.width, (y1 * side - dy) / frame.height,
+                           (x2 * side - dx) / frame.width, (y2 * side - dy) / frame.height))
+            if box is not None:
+                return box
+        return None
+
+
+class Qwen2VLBox(BoxFormat):
+    """Qwen2-VL's reference and box tokens around "(x1,y1),(x2,y2)", integers on 0-1000 of the image."""
+
+    name = "qwen2_vl"
+    prompt_template = "Find the bounding box of <|object_ref_start|>{expression}<|object_ref_end|>"
+    pattern = re.compile(r"\(" + _NUMBER + "," + _NUMBER + r"\)\s*,\s*\(" + _NUMBER + "," + _NUMBER + r"\)")
+
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        x1, y1, x2, y2 = (min(COORD_RANGE, round(v * COORD_RANGE)) for v in box)
+        return (f"<|object_ref_start|>{label}<|object_ref_end|>" if label else "") + \
+            f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+
+    def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
+        for match in self.pattern.finditer(text):
+            box = _clip01(float(v) / COORD_RANGE for v in match.groups())
+            if box is not None:
+                return box
+        return None
+
+
+class Qwen25VLBox(BoxFormat):
+    """Qwen2.5-VL's JSON `[{"bbox_2d": [...], "label": ...}]` in pixels of the processor's resized image."""
+
+    name = "qwen2_5_vl"
+    prompt_template = "Locate {expression} in the image and output its bbox coordinates in JSON format."
+    pattern = re.compile(r"\"bbox_2d\"\s*:\s*\[" + ",".join([_NUMBER] * 4) + r"\]")
+
+    @staticmethod
+    def model_size(frame: ImageFrame) -> tuple[int, int]:
+        if frame.model_size is None:
+            raise ValueError("qwen2_5_vl boxes are in pixels of the resized image: the ImageFrame needs model_size "
+                             "(see qwen_model_size)")
+        return frame.model_size
+
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        width, height = self.model_size(frame)
+        x1, y1, x2, y2 = box
+        pixels = [round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)]
+        return json.dumps([{"bbox_2d": pixels, "label": label}], ensure_ascii=False)
+
+    def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
+        width, height = self.model_size(frame)
+        for match in self.pattern.finditer(text):
+            x1, y1, x2, y2 = (float(v) for v in match.groups())
+            box = _clip01((x1 / width, y1 / height, x2 / width, y2 / height))
+            if box is not None:
+                return box
+        return None
+
+
+BOX_FORMATS: dict[str, type[BoxFormat]] = {cls.name: cls for cls in (LocTokens, LlavaBox, Qwen2VLBox, Qwen25VLBox)}
+
+
+def box_format(name: str, **settings) -> BoxFormat:
+    """The codec called `name` (e.g. `box_format("loc_tokens", bins=32)`)."""
+    if name not in BOX_FORMATS:
+        raise ValueError(f"box format {name!r} is not one of {', '.join(BOX_FORMATS)}")
+    return BOX_FORMATS[name](**settings)
+
+
+def qwen_model_size(image_processor, width: int, height: int) -> tuple[int, int]:
+    """(width, height) of a `width` x `height` image after a Qwen-VL image processor's resize (its own smart
+    resize: sides multiples of patch x merge, area within its pixel bounds): Qwen2.5-VL's box frame."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    size = image_processor.size
+    resized_height, resized_width = smart_resize(height, width,
+                                                 factor=image_processor.patch_size * image_processor.merge_size,
+                                                 min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    return resized_width, resized_height
+
+
+def to_box01(box: tuple[int, int, int, int]) -> Box01:
+    """A record's 0-1000 integer box -> fractions."""
+    return tuple(v / COORD_RANGE for v in box)
+
+
+def box_iou(a: Box01, b: Box01) -> float:
+    """Intersection over union of two boxes (any common frame: IoU does not change when an axis is scaled)."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
