@@ -33,6 +33,7 @@ ANSWER_TRUNCATED = "answer truncated to max_length"
 PROMPT_TOO_LONG = "prompt longer than max_length (record refused)"
 PROMPT_UNKNOWN_TOKENS = "prompt has text the tokenizer maps to <unk>"
 ANSWER_UNKNOWN_TOKENS = "answer has text the tokenizer maps to <unk> (record refused)"
+TURNS_DROPPED = "conversation cut to whole turns within max_length (later turns dropped)"
 
 
 class CollateError(ValueError):
@@ -94,7 +95,9 @@ def as_image(value: object, where: str) -> Image.Image:
 class VisionLanguageCollator:
     """Callable turning a list of records into `input_ids, attention_mask, pixel_values, labels`.
 
-    records: mappings (e.g. `datasets` rows) or objects with `image`, `prompt` and `answer`.
+    records: mappings (e.g. `datasets` rows) or objects with `image`, `prompt` and `answer`. A record whose
+    `messages` hold several user/assistant turns trains on every assistant turn (labels on each answer, the image
+    in the first user turn), as LLaVA does; `max_length` then keeps whole turns and counts the ones it drops.
     `with_answer=False` builds generation prompts only (no labels), as evaluation needs.
     `max_length` truncates the answer side (never the prompt, which holds the image placeholders) and counts it;
     a prompt longer than `max_length`, or an answer with text the tokenizer cannot represent, raises naming the
@@ -111,6 +114,7 @@ class VisionLanguageCollator:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     id_key: str = "id"
+    messages_key: str = "messages"
     on_error: str = "raise"
     counts: Counter = field(default_factory=Counter)
 
@@ -129,22 +133,69 @@ class VisionLanguageCollator:
     def prompt_text(self, prompt: str) -> str:
         return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
 
-    def answer_text(self, prompt: str, answer: str, where: str = "record") -> str:
-        """What the full conversation adds after the generation prompt (answer + end of sequence)."""
-        head = self.prompt_text(prompt)
-        full = self.processor.apply_chat_template(
-            self._messages(prompt) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-            tokenize=False)
-        if not full.startswith(head):
-            raise CollateError(f"{where}: the chat template does not render the conversation as generation prompt "
-                               f"+ answer ({head!r} is not a prefix of {full!r})")
-        return full[len(head):]
-
     @staticmethod
     def _messages(prompt: str) -> list[dict]:
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
 
+    @classmethod
+    def _chat(cls, turns: Sequence[tuple[str, str]], question: str | None = None) -> list[dict]:
+        """Chat messages of whole (question, answer) turns, then an open `question`; the image in the first turn."""
+        messages = []
+        for number, (asked, answered) in enumerate(turns):
+            messages += cls._messages(asked) if number == 0 else [{"role": "user", "content": [
+                {"type": "text", "text": asked}]}]
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
+        if question is not None:
+            messages += cls._messages(question) if not turns else [{"role": "user", "content": [
+                {"type": "text", "text": question}]}]
+        return messages
+
+    def conversation_pieces(self, turns: Sequence[tuple[str, str]], where: str = "record") -> list[tuple[str, bool]]:
+        """The text the conversation adds after its first generation prompt, as (text, is_answer) pieces.
+
+        Each piece is the difference of two renderings of the chat template (prompt of turn i, then turn i
+        answered), so the pieces joined are exactly the template's rendering of the whole conversation.
+        """
+        render = self.processor.apply_chat_template
+        previous = self.prompt_text(turns[0][0])
+        pieces = []
+        for number, (question, _) in enumerate(turns):
+            if number:
+                prompt = render(self._chat(turns[:number], question), add_generation_prompt=True, tokenize=False)
+                pieces.append((self._after(previous, prompt, where), False))
+                previous = prompt
+            answered = render(self._chat(turns[:number + 1]), tokenize=False)
+            pieces.append((self._after(previous, answered, where), True))
+            previous = answered
+        return pieces
+
+    @staticmethod
+    def _after(head: str, full: str, where: str) -> str:
+        if not full.startswith(head):
+            raise CollateError(f"{where}: the chat template does not render the conversation turn by turn "
+                               f"({head!r} is not a prefix of {full!r})")
+        return full[len(head):]
+
     # ------------------------------------------------------------------------------------- batch
+    def turns(self, record: object, prompt: str, answer: str, where: str) -> list[tuple[str, str]]:
+        """The record's (question, answer) turns: its `messages` when they hold a whole conversation, else one."""
+        messages = _field(record, self.messages_key)
+        if not messages or len(messages) <= 2:
+            return [(prompt, answer)]
+        roles = [_field(m, "role") for m in messages]
+        if len(messages) % 2 or roles != ["user", "assistant"] * (len(messages) // 2):
+            raise CollateError(f"{where}: field {self.messages_key!r} must alternate user / assistant turns ending "
+                               f"with the assistant, got roles {roles}")
+        turns = [(prompt, answer)]
+        for number in range(2, len(messages), 2):
+            question, reply = (_field(m, "content") for m in messages[number:number + 2])
+            for turn, text in ((number, question), (number + 1, reply)):
+                if not isinstance(text, str) or not text.strip():
+                    raise CollateError(f"{where}: {self.messages_key}[{turn}].content must be a non-empty string, "
+                                       f"got {text!r}")
+            turns.append((question.strip(), reply.strip()))
+        return turns
+
     def validate(self, record: object, position: int) -> tuple[Image.Image, str, str | None]:
         where = _record_name(record, position, self.id_key)
         values = {}
@@ -217,25 +268,58 @@ class VisionLanguageCollator:
             labels = [self.ignore_index] * len(prompt_ids)
             if self.with_answer:
                 _, prompt, answer = validated[position]
-                text = self.answer_text(prompt, answer, where)
-                answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                if unknown is not None and unknown in answer_ids:
-                    words = [w for w, i in zip(text.split(), answer_ids) if i == unknown]
-                    self._refuse(ANSWER_UNKNOWN_TOKENS, where, f"the answer {answer!r} has words the tokenizer does "
-                                                               f"not know ({words[:5]})")
+                answered = self._answered(self.turns(records[position], prompt, answer, where), where,
+                                          len(prompt_ids), counted)
+                if answered is None:
                     continue
-                if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
-                    answer_ids.append(tokenizer.eos_token_id)
-                if self.max_length is not None and len(prompt_ids) + len(answer_ids) > self.max_length:
-                    if counted:
-                        self._count(ANSWER_TRUNCATED, where)
-                    answer_ids = answer_ids[:self.max_length - len(prompt_ids)]
-                prompt_ids = prompt_ids + answer_ids
-                labels = labels + answer_ids
+                prompt_ids = prompt_ids + answered[0]
+                labels = labels + answered[1]
             rows.append(prompt_ids)
             label_rows.append(labels)
             kept.append(position)
         return encoded, rows, label_rows, kept
+
+    def _answered(self, turns: list[tuple[str, str]], where: str, prompt_length: int,
+                  counted: bool) -> tuple[list[int], list[int]] | None:
+        """Token ids and labels of everything after the first generation prompt (None: the record is refused).
+
+        Answers are labelled, later questions are not. Every answer ends with end-of-sequence. Within
+        `max_length` the conversation keeps whole turns; only a first answer longer than the room left is cut.
+        """
+        tokenizer = self.processor.tokenizer
+        unknown = tokenizer.unk_token_id
+        pieces = self.conversation_pieces(turns, where)
+        ids, labels = [], []
+        for number in range(len(turns)):
+            turn_ids, turn_labels = [], []
+            if number:  # the user's next question (template text included)
+                question_ids = tokenizer(pieces[2 * number - 1][0], add_special_tokens=False)["input_ids"]
+                if counted and unknown is not None and unknown in question_ids:
+                    self._count(PROMPT_UNKNOWN_TOKENS, where)
+                turn_ids += question_ids
+                turn_labels += [self.ignore_index] * len(question_ids)
+            text = pieces[2 * number][0]
+            answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if unknown is not None and unknown in answer_ids:
+                words = [w for w, i in zip(text.split(), answer_ids) if i == unknown]
+                self._refuse(ANSWER_UNKNOWN_TOKENS, where, f"the answer {turns[number][1]!r} has words the tokenizer "
+                                                           f"does not know ({words[:5]})")
+                return None
+            if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
+                answer_ids.append(tokenizer.eos_token_id)
+            turn_ids += answer_ids
+            turn_labels += answer_ids
+            room = None if self.max_length is None else self.max_length - prompt_length - len(ids)
+            if room is not None and len(turn_ids) > room:
+                if number == 0:
+                    if counted:
+                        self._count(ANSWER_TRUNCATED, where)
+                    ids, labels = turn_ids[:room], turn_labels[:room]
+                elif counted:
+                    self._count(TURNS_DROPPED, where)
+                break
+            ids, labels = ids + turn_ids, labels + turn_labels
+        return ids, labels
 
     def _extras(self, encoded, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """The processor's other outputs: per-image tensors as they are (image_grid_thw, image_sizes);
