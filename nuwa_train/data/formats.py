@@ -242,6 +242,28 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
 # loaders
 
 
+def _read_records(path: str) -> list:
+    """The records of a JSON file (one list) or a JSON Lines file (`.jsonl`: one record per line, blank lines
+    skipped); a line that is not JSON is an error naming its line number."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                records = json.load(f)
+                if not isinstance(records, list):
+                    raise DatasetFormatError(path, f"expected a JSON list of records, got {type(records).__name__}")
+                return records
+            records = []
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise DatasetFormatError(path, f"line {number} is not valid JSON: {error}") from None
+            return records
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetFormatError(path, f"not valid UTF-8 JSON: {error}") from None
+
+
 def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
            parse_record: Callable[[object, Path], dict]) -> tuple[list[dict], LoadReport]:
     if on_error not in ON_ERROR:
@@ -249,13 +271,7 @@ def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
     path = str(path)
     if not os.path.isfile(path):
         raise DatasetFormatError(path, "file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetFormatError(path, f"not valid UTF-8 JSON: {error}") from None
-    if not isinstance(records, list):
-        raise DatasetFormatError(path, f"expected a JSON list of records, got {type(records).__name__}")
+    records = _read_records(path)
     root = Path(image_root) if image_root is not None else Path(path).parent
     rows, report = [], LoadReport(path)
     for index, record in enumerate(records):

@@ -244,3 +244,19 @@ def test_committed_sample_regenerates_exactly(tmp_path):
         assert np.array_equal(_pixels(Image.open(tmp_path / "images" / name)), _pixels(Image.open(SAMPLE_DIR / "images" / name)))
     assert len(load_llava_json(SAMPLE_DIR / LLAVA_FILE)) == len(load_refcoco_json(SAMPLE_DIR / REFCOCO_FILE)) == 24
     assert sum(p.stat().st_size for p in SAMPLE_DIR.rglob("*") if p.is_file()) < 500_000
+
+
+@pytest.mark.parametrize("name", [LLAVA_FILE, REFCOCO_FILE])
+def test_a_json_lines_file_loads_the_same_records_as_its_json_list(exported, tmp_path, name):
+    load = load_llava_json if name == LLAVA_FILE else load_refcoco_json
+    records = json.loads((exported / name).read_text())
+    lines = tmp_path / name.replace(".json", ".jsonl")
+    lines.write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n")
+    from_lines = load(lines, image_root=exported)
+    from_list = load(exported / name)
+    assert len(from_lines) == 3
+    for a, b in zip(from_lines, from_list):
+        assert (a["id"], a["prompt"], a["answer"], a["box"]) == (b["id"], b["prompt"], b["answer"], b["box"])
+    lines.write_text(json.dumps(records[0]) + "\n{broken\n")
+    with pytest.raises(DatasetFormatError, match="line 2 is not valid JSON"):
+        load(lines, image_root=exported)
