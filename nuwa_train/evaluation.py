@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .data.collate import VisionLanguageCollator
+from .data.collate import TEXT_TASK, VisionLanguageCollator
 from .data.synthetic import (
     RELATIONS,
     Record,
@@ -108,6 +108,8 @@ def _rows(data: object, synthetic_config: SyntheticConfig | None, limit: int | N
         if not isinstance(item, Mapping):
             raise TypeError(f"record {position}: expected a Record or a mapping, got {type(item).__name__}")
         row = dict(item)
+        if row.get("task") == TEXT_TASK:  # text-only records train; there is no image answer to score
+            continue
         missing = [key for key in ("image", "prompt", "answer") if row.get(key) is None]
         if missing:
             raise ValueError(f"record {position} (id {row.get('id')!r}): missing field(s) {missing}")

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 IGNORE_INDEX = -100
+TEXT_TASK = "text"  # the task of a record without an image (it trains; evaluation does not score it)
 PADDING_SIDES = ("left", "right")
 ON_ERROR = ("raise", "skip")
 logger = logging.getLogger(__name__)
@@ -130,41 +131,43 @@ class VisionLanguageCollator:
             raise ValueError("the processor has no chat template; the collator formats prompts with it")
 
     # ------------------------------------------------------------------------------------- text
-    def prompt_text(self, prompt: str) -> str:
-        return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
+    def prompt_text(self, prompt: str, has_image: bool = True) -> str:
+        return self.processor.apply_chat_template(self._messages(prompt, has_image), add_generation_prompt=True,
+                                                  tokenize=False)
 
     @staticmethod
-    def _messages(prompt: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    def _messages(prompt: str, has_image: bool = True) -> list[dict]:
+        text = [{"type": "text", "text": prompt}]
+        return [{"role": "user", "content": [{"type": "image"}, *text] if has_image else text}]
 
     @classmethod
-    def _chat(cls, turns: Sequence[tuple[str, str]], question: str | None = None) -> list[dict]:
+    def _chat(cls, turns: Sequence[tuple[str, str]], question: str | None = None, has_image: bool = True) -> list[dict]:
         """Chat messages of whole (question, answer) turns, then an open `question`; the image in the first turn."""
         messages = []
         for number, (asked, answered) in enumerate(turns):
-            messages += cls._messages(asked) if number == 0 else [{"role": "user", "content": [
-                {"type": "text", "text": asked}]}]
+            messages += cls._messages(asked, has_image and number == 0)
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
         if question is not None:
-            messages += cls._messages(question) if not turns else [{"role": "user", "content": [
-                {"type": "text", "text": question}]}]
+            messages += cls._messages(question, has_image and not turns)
         return messages
 
-    def conversation_pieces(self, turns: Sequence[tuple[str, str]], where: str = "record") -> list[tuple[str, bool]]:
+    def conversation_pieces(self, turns: Sequence[tuple[str, str]], where: str = "record",
+                            has_image: bool = True) -> list[tuple[str, bool]]:
         """The text the conversation adds after its first generation prompt, as (text, is_answer) pieces.
 
         Each piece is the difference of two renderings of the chat template (prompt of turn i, then turn i
         answered), so the pieces joined are exactly the template's rendering of the whole conversation.
         """
         render = self.processor.apply_chat_template
-        previous = self.prompt_text(turns[0][0])
+        previous = self.prompt_text(turns[0][0], has_image)
         pieces = []
         for number, (question, _) in enumerate(turns):
             if number:
-                prompt = render(self._chat(turns[:number], question), add_generation_prompt=True, tokenize=False)
+                prompt = render(self._chat(turns[:number], question, has_image), add_generation_prompt=True,
+                                tokenize=False)
                 pieces.append((self._after(previous, prompt, where), False))
                 previous = prompt
-            answered = render(self._chat(turns[:number + 1]), tokenize=False)
+            answered = render(self._chat(turns[:number + 1], has_image=has_image), tokenize=False)
             pieces.append((self._after(previous, answered, where), True))
             previous = answered
         return pieces
@@ -196,10 +199,15 @@ class VisionLanguageCollator:
             turns.append((question.strip(), reply.strip()))
         return turns
 
-    def validate(self, record: object, position: int) -> tuple[Image.Image, str, str | None]:
+    def validate(self, record: object, position: int) -> tuple[Image.Image | None, str, str | None]:
+        """(image, prompt, answer) of a record; the image is None for a text-only record (task "text")."""
         where = _record_name(record, position, self.id_key)
         values = {}
-        for key in (self.image_key, self.prompt_key) + ((self.answer_key,) if self.with_answer else ()):
+        text_only = _field(record, "task") == TEXT_TASK
+        if text_only and _field(record, self.image_key) is not None:
+            raise CollateError(f"{where}: a text-only record (task {TEXT_TASK!r}) must not have an image")
+        needed = (() if text_only else (self.image_key,)) + (self.prompt_key,)
+        for key in needed + ((self.answer_key,) if self.with_answer else ()):
             value = _field(record, key)
             if value is None:
                 raise CollateError(f"{where}: field {key!r} is missing")
@@ -216,7 +224,8 @@ class VisionLanguageCollator:
             answer = values[self.answer_key]
             if not isinstance(answer, str) or not answer.strip():
                 raise CollateError(f"{where}: field {self.answer_key!r} must be a non-empty string, got {answer!r}")
-        return as_image(values[self.image_key], where), prompt.strip(), None if answer is None else answer.strip()
+        image = None if text_only else as_image(values[self.image_key], where)
+        return image, prompt.strip(), None if answer is None else answer.strip()
 
     def _count(self, kind: str, where: str) -> None:
         if not self.counts[kind]:
@@ -241,7 +250,8 @@ class VisionLanguageCollator:
             records, validated = [records[i] for i in kept], [validated[i] for i in kept]
             encoded, rows, label_rows, kept = self._encode(records, validated, counted=False)
         batch = self._pad(rows, label_rows, self.processor.tokenizer.pad_token_id)
-        batch["pixel_values"] = torch.as_tensor(np.asarray(encoded["pixel_values"]), dtype=torch.float32)
+        if encoded.get("pixel_values") is not None:  # absent when every record is text-only
+            batch["pixel_values"] = torch.as_tensor(np.asarray(encoded["pixel_values"]), dtype=torch.float32)
         batch.update(self._extras(encoded, rows))
         if not self.with_answer:
             del batch["labels"]
@@ -250,10 +260,10 @@ class VisionLanguageCollator:
     def _encode(self, records: Sequence[object], validated: list, counted: bool = True):
         """Token rows and label rows of the records, and the positions of those that can train."""
         tokenizer = self.processor.tokenizer
-        images = [image for image, _, _ in validated]
-        texts = [self.prompt_text(prompt) for _, prompt, _ in validated]
+        images = [image for image, _, _ in validated if image is not None]
+        texts = [self.prompt_text(prompt, image is not None) for image, prompt, _ in validated]
         # The processor expands the image placeholder to the model's number of image tokens.
-        encoded = self.processor(images=images, text=texts, return_tensors=None, padding=False)
+        encoded = self.processor(images=images or None, text=texts, return_tensors=None, padding=False)
         rows, label_rows, kept = [], [], []
         unknown = tokenizer.unk_token_id
         for position, prompt_ids in enumerate(encoded["input_ids"]):
@@ -267,9 +277,9 @@ class VisionLanguageCollator:
                 continue
             labels = [self.ignore_index] * len(prompt_ids)
             if self.with_answer:
-                _, prompt, answer = validated[position]
+                image, prompt, answer = validated[position]
                 answered = self._answered(self.turns(records[position], prompt, answer, where), where,
-                                          len(prompt_ids), counted)
+                                          len(prompt_ids), counted, image is not None)
                 if answered is None:
                     continue
                 prompt_ids = prompt_ids + answered[0]
@@ -279,8 +289,8 @@ class VisionLanguageCollator:
             kept.append(position)
         return encoded, rows, label_rows, kept
 
-    def _answered(self, turns: list[tuple[str, str]], where: str, prompt_length: int,
-                  counted: bool) -> tuple[list[int], list[int]] | None:
+    def _answered(self, turns: list[tuple[str, str]], where: str, prompt_length: int, counted: bool,
+                  has_image: bool = True) -> tuple[list[int], list[int]] | None:
         """Token ids and labels of everything after the first generation prompt (None: the record is refused).
 
         Answers are labelled, later questions are not. Every answer ends with end-of-sequence. Within
@@ -288,7 +298,7 @@ class VisionLanguageCollator:
         """
         tokenizer = self.processor.tokenizer
         unknown = tokenizer.unk_token_id
-        pieces = self.conversation_pieces(turns, where)
+        pieces = self.conversation_pieces(turns, where, has_image)
         ids, labels = [], []
         for number in range(len(turns)):
             turn_ids, turn_labels = [], []

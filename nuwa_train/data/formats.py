@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from .collate import TEXT_TASK
 from .synthetic import (
     COORD_RANGE,
     LOC_PATTERN,
@@ -38,6 +39,8 @@ LLAVA_FILE = "llava_vqa.json"
 REFCOCO_FILE = "refcoco_grounding.json"
 IMAGE_DIR = "images"
 ON_ERROR = ("raise", "skip")
+TEXT_ONLY = ("keep", "skip")  # what the loaders do with records that have no image (data.text_only)
+TEXT_ONLY_SKIPPED = "text-only record (data.text_only: skip)"
 REPORTED_IDS = 5  # record ids listed per skip reason in a report
 _LIST_INDEX = re.compile(r"\[\d+\]")  # conversations[3].value -> conversations[].value when counting reasons
 _ROLES = {"human": "user", "gpt": "assistant"}
@@ -48,7 +51,7 @@ FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
         "image": datasets.Image(),
-        "task": datasets.Value("string"),  # "vqa" or "grounding"
+        "task": datasets.Value("string"),  # "vqa", "grounding", or "text" (no image: trains, is not scored)
         "prompt": datasets.Value("string"),  # first user turn, image placeholder removed
         "answer": datasets.Value("string"),  # first assistant turn: what the model must emit
         "box": datasets.List(datasets.Value("int32"), length=4),  # grounding target in [0, 1000); None for vqa
@@ -106,11 +109,13 @@ class FieldError(Exception):
     """Raised inside a record parser; the caller adds the file and record to the message.
 
     `kind` is the reason without the record's own values (e.g. "image: file not found"), for counting.
+    `chosen`: the record is left out by a setting (e.g. data.text_only: skip), not for an error: it is counted
+    whatever `on_error` says.
     """
 
-    def __init__(self, field: str, reason: str, kind: str | None = None):
+    def __init__(self, field: str, reason: str, kind: str | None = None, chosen: bool = False):
         super().__init__(reason)
-        self.field, self.reason = field, reason
+        self.field, self.reason, self.chosen = field, reason, chosen
         if kind is None:
             kind = f"{_LIST_INDEX.sub('[]', field)}: {reason.split(':')[0]}"
         self.kind = kind
@@ -280,7 +285,7 @@ def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
         except FieldError as error:
             record_id = record.get("id") if isinstance(record, dict) else None
             problem = DatasetFormatError(path, error.reason, index, record_id, error.field)
-            if on_error == "raise":
+            if on_error == "raise" and not error.chosen:
                 raise problem from None
             report.add_skip(problem, error.kind)
             continue
@@ -300,19 +305,28 @@ def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
 
 def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                      coordinate_bins: int = SyntheticConfig.coordinate_bins, allow_outside_root: bool = False,
-                     check_images: bool = True) -> tuple[list[dict], LoadReport]:
+                     check_images: bool = True, text_only: str = "keep") -> tuple[list[dict], LoadReport]:
     """Validate a LLaVA conversation file into rows of FEATURES (plus `source`, `index`) and a LoadReport.
 
     A record is grounding when its first answer is a box (four coordinate tokens or integers). Image paths must
     stay inside the image root unless `allow_outside_root`. `check_images=False` only checks that each image
     file exists (from folder listings) and leaves decoding to the first use: start-up without image I/O.
+    A record without an `image` field (and without an image placeholder) is text-only: task "text", image None;
+    `text_only="skip"` leaves such records out and counts them.
     """
+    if text_only not in TEXT_ONLY:
+        raise ValueError(f"data.text_only={text_only!r} must be one of {', '.join(TEXT_ONLY)}")
     index = ImageIndex()
 
     def parse_record(record: object, root: Path) -> dict:
         record_id = str(_get(record, "id", (str, int)))
-        image = (_image(record, root, allow_outside_root, index)[0] if check_images
-                 else _image_path(record, root, allow_outside_root, index))
+        has_image = not isinstance(record, dict) or "image" in record
+        if not has_image and text_only == "skip":
+            raise FieldError("image", "the record has no image", kind=TEXT_ONLY_SKIPPED, chosen=True)
+        image = None
+        if has_image:
+            image = (_image(record, root, allow_outside_root, index)[0] if check_images
+                     else _image_path(record, root, allow_outside_root, index))
         turns = _get(record, "conversations", list)
         if len(turns) < 2 or len(turns) % 2:
             raise FieldError("conversations",
@@ -327,15 +341,16 @@ def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_erro
             value = turn.get("value")
             if not isinstance(value, str):
                 raise FieldError(f"conversations[{t}].value", f"expected str, got {type(value).__name__}")
-            if value.count(IMAGE_TOKEN) != (1 if t == 0 else 0):
-                rule = "the first human turn needs exactly one" if t == 0 else "only the first turn may hold an"
+            if value.count(IMAGE_TOKEN) != (1 if t == 0 and has_image else 0):
+                rule = ("the first human turn needs exactly one" if t == 0 and has_image else
+                        "only the first turn of a record with an image may hold an")
                 raise FieldError(f"conversations[{t}].value", f"{rule} {IMAGE_TOKEN!r} placeholder")
             messages.append({"role": _ROLES[speaker], "content": value.replace(IMAGE_TOKEN, "").strip()})
         answer = messages[1]["content"]
         if not answer:
             raise FieldError("conversations[1].value", "empty answer")
         box = _answer_box(answer, coordinate_bins, "conversations[1].value")
-        task = "vqa" if box is None else "grounding"
+        task = TEXT_TASK if not has_image else "vqa" if box is None else "grounding"
         return {"id": record_id, "image": image, "task": task, "prompt": messages[0]["content"], "answer": answer,
                 "box": None if box is None else list(box), "messages": messages}
 
@@ -344,9 +359,10 @@ def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_erro
 
 def load_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                     coordinate_bins: int = SyntheticConfig.coordinate_bins,
-                    allow_outside_root: bool = False) -> datasets.Dataset:
+                    allow_outside_root: bool = False, text_only: str = "keep") -> datasets.Dataset:
     """A LLaVA conversation JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
-    return _to_dataset(*parse_llava_json(path, image_root, on_error, coordinate_bins, allow_outside_root))
+    return _to_dataset(*parse_llava_json(path, image_root, on_error, coordinate_bins, allow_outside_root,
+                                         text_only=text_only))
 
 
 def parse_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",

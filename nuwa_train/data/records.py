@@ -76,9 +76,9 @@ class FileRecords(Dataset):
     """
 
     def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str,
-                 allow_outside_root: bool = False, min_image_side: int | None = None):
+                 allow_outside_root: bool = False, min_image_side: int | None = None, text_only: str = "keep"):
         options = dict(on_error=on_error, allow_outside_root=allow_outside_root, check_images=False)
-        parsed = [parse_llava_json(path, **options) for path in llava_files]
+        parsed = [parse_llava_json(path, **options, text_only=text_only) for path in llava_files]
         parsed += [parse_refcoco_json(path, **options) for path in refcoco_files]
         self.parts = [rows for rows, _ in parsed]
         self.load_reports = [report for _, report in parsed]
@@ -100,7 +100,9 @@ class FileRecords(Dataset):
         part = bisect.bisect_right(self.offsets, index) - 1
         return self.parts[part][index - self.offsets[part]]
 
-    def _image(self, row: dict) -> Image.Image:
+    def _image(self, row: dict) -> Image.Image | None:
+        if row["image"] is None:  # a text-only record
+            return None
         if self._last_image is None or self._last_image[0] != row["image"]:
             declared = row.get("declared_size")
             self._last_image = (row["image"], read_image(row["image"], self.min_image_side, declared))

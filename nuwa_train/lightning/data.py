@@ -28,6 +28,7 @@ from ..models.loading import load_processor, local_model_dir
 PASS_SEED_STRIDE = 1_000_003  # seeds of successive passes over the data never collide across run seeds
 DATA_REPORT_NAME = "data_report.json"
 OnError = Literal["raise", "skip"]
+TextOnly = Literal["keep", "skip"]  # data.text_only: train on records without an image, or leave them out
 logger = logging.getLogger(__name__)
 
 
@@ -101,7 +102,8 @@ class NuwaDataModule(L.LightningDataModule):
     `train_vqa_per_image` / `train_grounding_per_image`: the records each synthetic training image
     yields (more questions per image, or another balance of the tasks). `group_by_image`: a training
     batch holds an image's records together, and the vision tower runs once per distinct image (on
-    the tiny model the tower is half of a training step).
+    the tiny model the tower is half of a training step). `text_only`: records of a file without an image
+    (a large share of LLaVA-665K) train as text ("keep"), or are left out and counted ("skip").
     """
 
     def __init__(self, processor_path: str = "data/tiny_base", synthetic: SyntheticConfig = SyntheticConfig(),
@@ -110,7 +112,7 @@ class NuwaDataModule(L.LightningDataModule):
                  test_files: FileSources | None = None, batch_size: int = 16, eval_batch_size: int = 32,
                  num_workers: int = 0, max_length: int | None = None, on_error: OnError = "raise", seed: int = 0,
                  train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False,
-                 allow_outside_root: bool = False):
+                 allow_outside_root: bool = False, text_only: TextOnly = "keep"):
         super().__init__()
         if on_error not in get_args(OnError):
             raise ValueError(f"data.on_error={on_error!r} must be one of {', '.join(get_args(OnError))}")
@@ -139,7 +141,8 @@ class NuwaDataModule(L.LightningDataModule):
             if files is not None:
                 self.setup()
                 self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error,
-                                                    self.hparams.allow_outside_root, needed_image_side(self.processor))
+                                                    self.hparams.allow_outside_root, needed_image_side(self.processor),
+                                                    self.hparams.text_only)
             else:
                 per_image = ((self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)
                              if split == "train" else (1, 1))
