@@ -2,7 +2,8 @@
 
 `evaluate(model, processor, data, pruning=NuwaConfig(...))` attaches the pruner (tokens physically
 dropped, original position ids), generates greedily on left-padded batches, detaches, and scores:
-VQA exact match, grounding Acc@IoU>=0.5 and mean IoU (boxes parsed with `tokens_to_box`), accuracy per
+VQA exact match, grounding Acc@IoU>=0.5 and mean IoU (boxes parsed by the model's box format, data/boxes.py,
+or with `tokens_to_box` when no format is known), accuracy per
 question kind, unparseable grounding answers, and the average number of vision tokens per image that
 each decoder layer sees (counted on the pruned sequences; all tokens without pruning).
 """
@@ -26,7 +27,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .data.collate import TEXT_TASK, VisionLanguageCollator
+from .data.boxes import BoxFormat, box_iou, to_box01
+from .data.collate import TEXT_TASK, VisionLanguageCollator, as_image
 from .data.synthetic import (
     RELATIONS,
     Record,
@@ -132,16 +134,19 @@ def _progress(enabled: bool) -> Progress:
 @torch.no_grad()
 def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch_size: int = 32,
              max_new_tokens: int = 8, limit: int | None = None, synthetic_config: SyntheticConfig | None = None,
-             coordinate_bins: int | None = None, progress: bool = True, description: str | None = None) -> EvalResult:
+             coordinate_bins: int | None = None, progress: bool = True, description: str | None = None,
+             box_format: BoxFormat | None = None) -> EvalResult:
     """Greedy-generate an answer for every record and score it (see the module docstring).
 
     data: a `datasets.Dataset` in the loaders' schema, mappings with image/prompt/answer (task/box
     optional), or synthetic `Record`s (rendered with `synthetic_config`). `limit` caps the records.
+    `box_format`: how grounding is asked and answered (default: the model's own, `box_format_for`).
     """
     from .models import (  # late import: models pull in the pruning stack
         adapter_for,
         attach_nuwa,
     )
+    from .models.families import base_model, box_format_for
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,8 +154,11 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     rows = _rows(data, synthetic_config, limit)
     if not rows:
         raise ValueError("no records to evaluate")
-    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False)
     tokenizer = processor.tokenizer
+    if box_format is None:
+        box_format = box_format_for(base_model(model).config.model_type, tokenizer,
+                                    loc_prompt_template=(synthetic_config or SyntheticConfig()).grounding_template)
+    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False, box_format=box_format)
     image_token_id = adapter_for(model).image_token_id
     was_training = model.training
     model.eval()
@@ -178,7 +186,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
                 tokens_per_layer += handle.vision_tokens_per_layer().mean().item() if handle is not None else unpruned
                 texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
                 for row, text in zip(chunk, texts):
-                    predictions.append(_score(row, text, bins))
+                    predictions.append(_score(row, text, bins, collator))
                 bar.advance(task, len(chunk))
     finally:
         if handle is not None and handle is not attached:
@@ -188,12 +196,18 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
                       time.perf_counter() - start)
 
 
-def _score(row: dict, text: str, bins: int) -> Prediction:
+def _score(row: dict, text: str, bins: int, collator: VisionLanguageCollator | None = None) -> Prediction:
+    """One prediction scored; a grounding answer no box can be read from scores IoU 0 and counts as unparseable."""
     text = text.strip()
     if row["task"] == "grounding":
-        box = tokens_to_box(text, bins)
         truth = tuple(row["box"])
-        overlap = iou(box, truth) if box is not None else 0.0
+        codec = None if collator is None else collator.box_format
+        if codec is None:  # the records' own answers: coordinate tokens or 0-1000 integers
+            box = tokens_to_box(text, bins)
+            overlap = iou(box, truth) if box is not None else 0.0
+        else:
+            box = codec.parse(text, collator.image_frame(as_image(row["image"], f"record {row['id']!r}")))
+            overlap = box_iou(box, to_box01(truth)) if box is not None else 0.0
         return Prediction(str(row["id"]), "grounding", row["kind"], row["answer"], text, overlap >= IOU_THRESHOLD,
                           overlap if box is not None else None)
     return Prediction(str(row["id"]), "vqa", row["kind"], row["answer"], text,

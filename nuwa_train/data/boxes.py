@@ -19,12 +19,18 @@ unparseable by evaluation, never dropped).
 from __future__ import annotations
 
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from PIL import Image
+
+from .synthetic import SyntheticConfig
+
 Box01 = tuple[float, float, float, float]  # (x1, y1, x2, y2) as fractions of the original width / height
 COORD_RANGE = 1000  # the 0-1000 integer frame of record files (RefCOCO-style `normalized_solution`)
+FLOAT_SLACK = 1e-9  # far below any format's resolution, above float error of a k / 1000 fraction
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,16 @@ class BoxFormat(ABC):
     def prompt(self, expression: str) -> str:
         return self.prompt_template.format(expression=expression)
 
+    answer_words: tuple[str, ...] = ()  # words of its answers besides digits and punctuation
+    special_tokens: tuple[str, ...] = ()  # tokens its answers use that a real tokenizer holds whole
+
+    def vocabulary(self) -> tuple[list[str], list[str]]:
+        """(words, special tokens) a tokenizer needs to spell this format's prompts and answers (tiny models)."""
+        template = self.prompt_template.replace("{expression}", " ")
+        for token in self.special_tokens:
+            template = template.replace(token, " ")
+        return re.findall(r"[^\W_]+", template) + list(self.answer_words), list(self.special_tokens)
+
     @abstractmethod
     def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
         """The answer a model of this format gives for `box` (`label`: the referring expression, if it names it)."""
@@ -73,10 +89,14 @@ _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 
 
 class LocTokens(BoxFormat):
-    """Four atomic tokens `<loc_k>`, k in [0, bins): one per coordinate, the bin of the original frame."""
+    """Four atomic tokens `<loc_k>`, k in [0, bins): one per coordinate, the bin of the original frame.
+
+    A bin decodes to its centre on the records' 0-1000 integer frame (floor(1000 (2k + 1) / 2 bins) / 1000), so
+    scores equal those computed on the integer boxes the synthetic records hold.
+    """
 
     name = "loc_tokens"
-    prompt_template = "where is {expression} ?"  # the synthetic benchmark's grounding question
+    prompt_template = SyntheticConfig.grounding_template  # the synthetic benchmark's grounding question
     pattern = re.compile(r"<loc_(\d+)>")
 
     def __init__(self, bins: int = 32, prompt_template: str | None = None):
@@ -86,14 +106,15 @@ class LocTokens(BoxFormat):
         self.bins = bins
 
     def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
-        return "".join(f"<loc_{min(self.bins - 1, int(v * self.bins))}>" for v in box)
+        # FLOAT_SLACK: a record's k / 1000 on a bin edge must land in the bin k * bins // 1000 says
+        return "".join(f"<loc_{min(self.bins - 1, math.floor(v * self.bins + FLOAT_SLACK))}>" for v in box)
 
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         found = self.pattern.findall(text)
         for start in range(0, len(found) - 3):
             bins = [int(v) for v in found[start:start + 4]]
             if max(bins) < self.bins:
-                box = _clip01((2 * b + 1) / (2 * self.bins) for b in bins)
+                box = _clip01((2 * b + 1) * COORD_RANGE // (2 * self.bins) / COORD_RANGE for b in bins)
                 if box is not None:
                     return box
         return None
@@ -135,6 +156,7 @@ class Qwen2VLBox(BoxFormat):
     """Qwen2-VL's reference and box tokens around "(x1,y1),(x2,y2)", integers on 0-1000 of the image."""
 
     name = "qwen2_vl"
+    special_tokens = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>")
     prompt_template = "Find the bounding box of <|object_ref_start|>{expression}<|object_ref_end|>"
     pattern = re.compile(r"\(" + _NUMBER + "," + _NUMBER + r"\)\s*,\s*\(" + _NUMBER + "," + _NUMBER + r"\)")
 
@@ -155,6 +177,7 @@ class Qwen25VLBox(BoxFormat):
     """Qwen2.5-VL's JSON `[{"bbox_2d": [...], "label": ...}]` in pixels of the processor's resized image."""
 
     name = "qwen2_5_vl"
+    answer_words = ("bbox", "d", "label", "json")
     prompt_template = "Locate {expression} in the image and output its bbox coordinates in JSON format."
     pattern = re.compile(r"\"bbox_2d\"\s*:\s*\[" + ",".join([_NUMBER] * 4) + r"\]")
 
@@ -201,6 +224,20 @@ def qwen_model_size(image_processor, width: int, height: int) -> tuple[int, int]
                                                  factor=image_processor.patch_size * image_processor.merge_size,
                                                  min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
     return resized_width, resized_height
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square of `fill` (LLaVA's `expand2square`), the frame of `llava` boxes.
+
+    HF's CLIP processor would otherwise centre-crop a non-square image and cut objects at its edges away.
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def to_box01(box: tuple[int, int, int, int]) -> Box01:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .boxes import BoxFormat, ImageFrame, LlavaBox, Qwen25VLBox, pad_to_square, qwen_model_size, to_box01
+
 IGNORE_INDEX = -100
 TEXT_TASK = "text"  # the task of a record without an image (it trains; evaluation does not score it)
 PADDING_SIDES = ("left", "right")
@@ -100,6 +102,8 @@ class VisionLanguageCollator:
     `messages` hold several user/assistant turns trains on every assistant turn (labels on each answer, the image
     in the first user turn), as LLaVA does; `max_length` then keeps whole turns and counts the ones it drops.
     `with_answer=False` builds generation prompts only (no labels), as evaluation needs.
+    `box_format`: grounding records (a `box`, and an `expression` when known) are asked and answered in that
+    format (data/boxes.py) instead of their own text; `llava` boxes also pad the image to a centred square first.
     `max_length` truncates the answer side (never the prompt, which holds the image placeholders) and counts it;
     a prompt longer than `max_length`, or an answer with text the tokenizer cannot represent, raises naming the
     record, or with `on_error="skip"` leaves the record out of its batch and counts it. `counts` holds what was
@@ -116,6 +120,7 @@ class VisionLanguageCollator:
     answer_key: str = "answer"
     id_key: str = "id"
     messages_key: str = "messages"
+    box_format: BoxFormat | None = None
     on_error: str = "raise"
     counts: Counter = field(default_factory=Counter)
 
@@ -225,7 +230,28 @@ class VisionLanguageCollator:
             if not isinstance(answer, str) or not answer.strip():
                 raise CollateError(f"{where}: field {self.answer_key!r} must be a non-empty string, got {answer!r}")
         image = None if text_only else as_image(values[self.image_key], where)
-        return image, prompt.strip(), None if answer is None else answer.strip()
+        prompt, answer = prompt.strip(), None if answer is None else answer.strip()
+        if self.box_format is not None and _field(record, "task") == "grounding" and _field(record, "box") is not None:
+            return self._in_box_format(record, image, prompt)
+        return image, prompt, answer
+
+    def image_frame(self, image: Image.Image) -> ImageFrame:
+        """The frame `box_format` renders and parses boxes of this image in."""
+        width, height = image.size
+        model_size = None
+        if isinstance(self.box_format, Qwen25VLBox):
+            model_size = qwen_model_size(self.processor.image_processor, width, height)
+        return ImageFrame(width, height, model_size)
+
+    def _in_box_format(self, record: object, image: Image.Image, prompt: str) -> tuple[Image.Image, str, str]:
+        """A grounding record asked and answered in `box_format`, on the image its boxes refer to."""
+        codec, frame = self.box_format, self.image_frame(image)
+        if isinstance(codec, LlavaBox):  # LLaVA-1.5 trained on padded squares; a centre crop would cut the box
+            mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+            image = pad_to_square(image, tuple(round(255 * m) for m in mean))
+        expression = _field(record, "expression")
+        answer = codec.render(to_box01(tuple(_field(record, "box"))), frame, label=expression or "")
+        return image, codec.prompt(expression) if expression else prompt, answer
 
     def _count(self, kind: str, where: str) -> None:
         if not self.counts[kind]:

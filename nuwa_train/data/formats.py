@@ -56,6 +56,7 @@ FEATURES = datasets.Features(
         "answer": datasets.Value("string"),  # first assistant turn: what the model must emit
         "box": datasets.List(datasets.Value("int32"), length=4),  # grounding target in [0, 1000); None for vqa
         "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        "expression": datasets.Value("string"),  # grounding: the bare referring expression (None if not known)
     }
 )
 
@@ -352,7 +353,7 @@ def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_erro
         box = _answer_box(answer, coordinate_bins, "conversations[1].value")
         task = TEXT_TASK if not has_image else "vqa" if box is None else "grounding"
         return {"id": record_id, "image": image, "task": task, "prompt": messages[0]["content"], "answer": answer,
-                "box": None if box is None else list(box), "messages": messages}
+                "box": None if box is None else list(box), "messages": messages, "expression": None}
 
     return _parse(path, image_root, on_error, parse_record)
 
@@ -394,7 +395,7 @@ def parse_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_er
         answer = box_to_tokens(box, coordinate_bins)
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         return {"id": record_id, "image": image, "task": "grounding", "prompt": prompt, "answer": answer,
-                "box": list(box), "messages": messages, "declared_size": list(declared)}
+                "box": list(box), "messages": messages, "declared_size": list(declared), "expression": problem}
 
     return _parse(path, image_root, on_error, parse_record)
 

@@ -55,7 +55,7 @@ class SyntheticRecords(Dataset):
         scene, pixels = self._scene(image)
         record = make(scene, self.config, draw)
         return dict(id=record.id, image=pixels, prompt=record.prompt, answer=record.answer,
-                    task=record.task, box=record.box, kind=record.kind)
+                    task=record.task, box=record.box, kind=record.kind, expression=record.expression)
 
     def _scene(self, image: int):
         """Layout and rendering of one image, reused while its records are read one after another."""

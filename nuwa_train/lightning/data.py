@@ -23,13 +23,22 @@ from ..data.collate import VisionLanguageCollator, needed_image_side
 from ..data.records import FileRecords, SyntheticRecords
 from ..data.synthetic import SyntheticConfig
 from ..io import write_atomically
+from ..data.boxes import BOX_FORMATS
+from ..models.families import box_format_for
 from ..models.loading import load_processor, local_model_dir
 
 PASS_SEED_STRIDE = 1_000_003  # seeds of successive passes over the data never collide across run seeds
 DATA_REPORT_NAME = "data_report.json"
 OnError = Literal["raise", "skip"]
+BoxFormatName = Literal[tuple(BOX_FORMATS)]  # data.box_format: answer boxes in this format (None: the model's)
 TextOnly = Literal["keep", "skip"]  # data.text_only: train on records without an image, or leave them out
 logger = logging.getLogger(__name__)
+
+
+def model_type(model_dir: str) -> str | None:
+    """The HF `model_type` of the directory's config.json (its family), if stated (a processor-only folder has none)."""
+    config = local_model_dir(model_dir, needs="tokenizer_config.json") / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 def model_context_length(model_dir: str) -> int | None:
@@ -112,7 +121,8 @@ class NuwaDataModule(L.LightningDataModule):
                  test_files: FileSources | None = None, batch_size: int = 16, eval_batch_size: int = 32,
                  num_workers: int = 0, max_length: int | None = None, on_error: OnError = "raise", seed: int = 0,
                  train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False,
-                 allow_outside_root: bool = False, text_only: TextOnly = "keep"):
+                 allow_outside_root: bool = False, text_only: TextOnly = "keep",
+                 box_format: BoxFormatName | None = None):
         super().__init__()
         if on_error not in get_args(OnError):
             raise ValueError(f"data.on_error={on_error!r} must be one of {', '.join(get_args(OnError))}")
@@ -125,6 +135,7 @@ class NuwaDataModule(L.LightningDataModule):
         self.files = {split: as_file_sources(sources) for split, sources in
                       (("train", train_files), ("val", val_files), ("test", test_files))}
         self.processor = None
+        self.box_codec = None  # the resolved data.box_format, once the processor is loaded
         self.max_length = max_length  # data.max_length, or the model's context once the processor is loaded
         self._datasets: dict[str, Dataset] = {}
         self.batch_counts: Counter = Counter()  # what every collator of this module truncated or refused
@@ -134,6 +145,8 @@ class NuwaDataModule(L.LightningDataModule):
             self.processor = load_processor(self.hparams.processor_path)
             if self.max_length is None:  # never train past the model's context silently
                 self.max_length = model_context_length(self.hparams.processor_path)
+            self.box_codec = box_format_for(model_type(self.hparams.processor_path), self.processor.tokenizer,
+                                            self.hparams.box_format, self.synthetic.grounding_template)
 
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
@@ -158,7 +171,8 @@ class NuwaDataModule(L.LightningDataModule):
     def collator(self, with_answer: bool = True, padding_side: str = "right") -> VisionLanguageCollator:
         self.setup()
         return VisionLanguageCollator(self.processor, padding_side=padding_side, max_length=self.max_length,
-                                      with_answer=with_answer, on_error=self.hparams.on_error, counts=self.batch_counts)
+                                      with_answer=with_answer, on_error=self.hparams.on_error, counts=self.batch_counts,
+                                      box_format=self.box_codec)
 
     # ------------------------------------------------------------------------------- what was left out
     def data_report(self) -> dict:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+import string
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
@@ -74,14 +76,35 @@ class TinyLlavaSpec:
         return side, side
 
 
-def build_tokenizer(words: list[str], atomic_tokens: list[str] = (), image_token: str = IMAGE) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: `Whitespace` splitting (\\w+ | punctuation runs), atomic extra tokens."""
+SPACE = "\u2581"  # SentencePiece's word-start marker, as in the real families' tokenizers
+# A round-trip pre-token: one digit, one punctuation mark, or one run of letters, each with its leading space.
+ROUND_TRIP_PIECE = Regex(rf"{SPACE}?[0-9]|{SPACE}?[^\w\s{SPACE}]|{SPACE}?[^\W_]+|{SPACE}|_")
+
+
+def build_tokenizer(words: list[str], atomic_tokens: list[str] = (), image_token: str = IMAGE,
+                    round_trip: bool = False) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: `Whitespace` splitting (\\w+ | punctuation runs), atomic extra tokens.
+
+    `round_trip`: decode(encode(text)) == text for any text of `words`, digits and ASCII punctuation, spaces
+    included (SentencePiece-style word-start markers, digits and punctuation one by one), so a family's native
+    answers ("[0.39, 0.57, 0.52, 0.88]", JSON boxes) are representable; the shipped tiny base keeps the plain form.
+    """
     specials = [PAD, UNK, BOS, EOS, image_token]
     vocab: dict[str, int] = {}
-    for token in [*specials, *CHAT_WORDS, *words]:
+    pieces = [*CHAT_WORDS, *words]
+    if round_trip:
+        pieces += list(string.digits + string.punctuation)
+        pieces = [SPACE, *pieces, *(SPACE + piece for piece in pieces)]
+    for token in [*specials, *pieces]:
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if round_trip:
+        core.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),
+            pre_tokenizers.Split(ROUND_TRIP_PIECE, behavior="isolated")])
+        core.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never")
+    else:
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
                                                         special_tokens=[(BOS, vocab[BOS])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
@@ -91,10 +114,11 @@ def build_tokenizer(words: list[str], atomic_tokens: list[str] = (), image_token
     return tokenizer
 
 
-def build_processor(spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[str] = ()) -> LlavaProcessor:
+def build_processor(spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[str] = (),
+                    round_trip: bool = False) -> LlavaProcessor:
     image_processor = CLIPImageProcessor(size={"shortest_edge": spec.image_size},
                                          crop_size={"height": spec.image_size, "width": spec.image_size})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words, atomic_tokens),
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words, atomic_tokens, round_trip=round_trip),
                           patch_size=spec.patch_size, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, image_token=IMAGE,
                           chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE)
@@ -127,9 +151,10 @@ def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Llav
     return with_generation_tokens(LlavaForConditionalGeneration(config), tokenizer)
 
 
-def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (), atomic_tokens: list[str] = ()):
+def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (), atomic_tokens: list[str] = (),
+                     round_trip: bool = False):
     """(model, processor) for a tiny LLaVA with random weights and a vocabulary of `words`."""
-    processor = build_processor(spec, list(words), list(atomic_tokens))
+    processor = build_processor(spec, list(words), list(atomic_tokens), round_trip)
     return build_model(spec, processor.tokenizer), processor
 
 
@@ -141,13 +166,13 @@ TINY_LLAVA_NEXT = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden=32, v
 
 
 def build_tiny_llava_next(spec: TinyLlavaSpec = TINY_LLAVA_NEXT, words: list[str] = (), atomic_tokens: list[str] = (),
-                          tile_layouts=NEXT_TILE_LAYOUTS, **config_overrides):
+                          tile_layouts=NEXT_TILE_LAYOUTS, round_trip: bool = False, **config_overrides):
     """(model, processor) for a tiny LLaVA-NeXT (anyres) with random weights and a vocabulary of `words`.
 
     `config_overrides` go to `LlavaNextConfig` (e.g. an unsupported vision_feature_select_strategy).
     The processor is the PIL backend (no torchvision needed); it accepts numpy HWC uint8 images.
     """
-    tokenizer = build_tokenizer(list(words), list(atomic_tokens))
+    tokenizer = build_tokenizer(list(words), list(atomic_tokens), round_trip=round_trip)
     pinpoints = [[rows * spec.image_size, cols * spec.image_size] for rows, cols in tile_layouts]
     vision, text = _tower_configs(spec, tokenizer)
     settings = dict(image_grid_pinpoints=pinpoints, vision_feature_layer=spec.vision_feature_layer,

@@ -53,10 +53,10 @@ class TinyQwenSpec:
     attn_implementation: str = "sdpa"
 
 
-def build_processor(spec: TinyQwenSpec, words: list[str] = (), atomic_tokens: list[str] = ()
-                    ) -> Qwen2VLImageProcessorOnly:
+def build_processor(spec: TinyQwenSpec, words: list[str] = (), atomic_tokens: list[str] = (),
+                    round_trip: bool = False) -> Qwen2VLImageProcessorOnly:
     tokenizer = build_tokenizer(list(words), [VISION_START, VISION_END, VIDEO_PAD, *atomic_tokens],
-                                image_token=IMAGE_PAD)
+                                image_token=IMAGE_PAD, round_trip=round_trip)
     images = Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
                                       size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels})
     return Qwen2VLImageProcessorOnly(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
@@ -88,7 +88,8 @@ def build_model(spec: TinyQwenSpec, tokenizer):
     return with_generation_tokens(cls._from_config(config, attn_implementation=spec.attn_implementation), tokenizer)
 
 
-def build_tiny_qwen(spec: TinyQwenSpec = TinyQwenSpec(), words: list[str] = (), atomic_tokens: list[str] = ()):
+def build_tiny_qwen(spec: TinyQwenSpec = TinyQwenSpec(), words: list[str] = (), atomic_tokens: list[str] = (),
+                    round_trip: bool = False):
     """(model, processor) for a tiny Qwen2-VL / Qwen2.5-VL with random weights and a vocabulary of `words`."""
-    processor = build_processor(spec, words, atomic_tokens)
+    processor = build_processor(spec, words, atomic_tokens, round_trip)
     return build_model(spec, processor.tokenizer), processor

@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+import torch
 
 from nuwa_train.data.boxes import (
     BOX_FORMATS,
@@ -20,7 +21,7 @@ FRAMES = [ImageFrame(120, 80, (112, 80)), ImageFrame(64, 96, (64, 96)), ImageFra
 def grid_boxes(name: str, frame: ImageFrame) -> list[tuple[float, ...]]:
     """Boxes whose every coordinate sits exactly on the format's quantisation grid, inside the image."""
     if name == "loc_tokens":
-        centres = [(2 * k + 1) / 64 for k in range(32)]
+        centres = [(2 * k + 1) * 1000 // 64 / 1000 for k in range(32)]
         return [(a, b, c, d) for a, c in itertools.combinations(centres[::5], 2)
                 for b, d in itertools.combinations(centres[::7], 2)]
     if name == "llava":
@@ -71,8 +72,9 @@ def test_any_box_is_recovered_within_the_formats_resolution(name):
     ("qwen2_vl", "(100,200)", None),
     ("qwen2_5_vl", '```json\n[{"bbox_2d": [10, 20, 50, 40], "label": "x"}]\n```', (0.1, 0.2, 0.5, 0.4)),
     ("qwen2_5_vl", '{"bbox_2d": [10, 20, 50]}', None),
-    ("loc_tokens", "<loc_1><loc_2><loc_3><loc_4>", tuple((2 * k + 1) / 64 for k in (1, 2, 3, 4))),
-    ("loc_tokens", "<loc_1><loc_2><loc_40><loc_4><loc_5><loc_6><loc_7>", tuple((2 * k + 1) / 64 for k in (4, 5, 6, 7))),
+    ("loc_tokens", "<loc_1><loc_2><loc_3><loc_4>", tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (1, 2, 3, 4))),
+    ("loc_tokens", "<loc_1><loc_2><loc_40><loc_4><loc_5><loc_6><loc_7>",
+     tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (4, 5, 6, 7))),
     ("loc_tokens", "<loc_1><loc_2><loc_3>", None),
 ])
 def test_parsing_takes_the_first_well_formed_box_and_nothing_else(name, text, expected):
@@ -111,3 +113,100 @@ def test_unknown_format_and_prompt_without_expression_are_refused_by_name():
     with pytest.raises(ValueError, match="must contain"):
         box_format("llava", prompt_template="find it")
     assert box_format("qwen2_vl", prompt_template="box of {expression}").prompt("the cat") == "box of the cat"
+
+
+# ---------------------------------------------------------------------------------------------
+# the formats in the data path
+
+
+def test_the_tiny_base_answers_in_its_coordinate_tokens_and_its_records_do_not_change(tiny_base_dir):
+    """The default recipe's world: re-rendering synthetic grounding records in `loc_tokens` changes no token."""
+    from nuwa_train.data.collate import VisionLanguageCollator
+    from nuwa_train.data.records import SyntheticRecords
+    from nuwa_train.data.synthetic import SyntheticConfig
+    from nuwa_train.lightning import NuwaDataModule
+
+    data = NuwaDataModule(processor_path=tiny_base_dir, train_images=40)
+    data.setup()
+    assert data.box_codec.name == "loc_tokens" and data.box_codec.bins == SyntheticConfig().coordinate_bins
+    synthetic = SyntheticRecords(SyntheticConfig(), "train", 40)
+    records = [synthetic[i] for i in range(len(synthetic)) if synthetic[i]["task"] == "grounding"]
+    native, plain = data.collator(), VisionLanguageCollator(data.processor)
+    for first in range(0, len(records), 8):
+        chunk = records[first:first + 8]
+        a, b = native(chunk), plain(chunk)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_each_familys_tiny_tokenizer_spells_its_prompts_and_answers_exactly(family):
+    from nuwa_train.models.families import FAMILIES, box_format_for
+
+    _, processor = FAMILIES[family].build_tiny(words=["the", "red", "circle", "left", "of", "square"])
+    tokenizer, codec = processor.tokenizer, box_format_for(family, processor.tokenizer)
+    frame = FRAMES[0]
+    texts = [codec.prompt("the red circle left of the square")]
+    texts += [codec.render(box, frame, label="the red circle") for box in grid_boxes(codec.name, frame)[::50]]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, text
+        assert tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_each_family_is_asked_and_answered_in_its_own_format(family):
+    from PIL import Image
+
+    from nuwa_train.data.collate import IGNORE_INDEX, VisionLanguageCollator
+    from nuwa_train.models.families import FAMILIES, box_format_for
+
+    _, processor = FAMILIES[family].build_tiny(words=["the", "red", "circle"])
+    codec = box_format_for(family, processor.tokenizer)
+    assert codec.name == FAMILIES[family].box_format
+    image = Image.new("RGB", (120, 80), (0, 0, 0))
+    record = {"id": "g", "image": image, "task": "grounding", "prompt": "locate the red circle.",
+              "answer": "<loc_1><loc_2><loc_3><loc_4>", "box": [100, 250, 500, 750], "expression": "the red circle"}
+    collate = VisionLanguageCollator(processor, box_format=codec)
+    _, prompt, answer = collate.validate(record, 0)
+    assert prompt == codec.prompt("the red circle")
+    frame = ImageFrame(120, 80, qwen_model_size(processor.image_processor, 120, 80) if family == "qwen2_5_vl" else None)
+    assert answer == codec.render((0.1, 0.25, 0.5, 0.75), frame, label="the red circle")
+    assert codec.parse(answer, frame) == pytest.approx((0.1, 0.25, 0.5, 0.75), abs=0.01)
+    batch = collate([record])
+    assert (batch["labels"] != IGNORE_INDEX).any()
+
+
+def test_llava_grounding_images_are_padded_so_a_box_maps_back_to_the_original_pixels():
+    from PIL import Image, ImageDraw
+
+    from nuwa_train.data.boxes import pad_to_square
+    from nuwa_train.data.collate import VisionLanguageCollator
+    from nuwa_train.models.families import FAMILIES
+
+    _, processor = FAMILIES["llava"].build_tiny(words=["the", "red", "circle"])
+    image = Image.new("RGB", (120, 60), (0, 0, 255))
+    pixels = (30, 6, 90, 54)  # in the 120x120 square: (30, 36, 90, 84), on LLaVA's two-decimal grid
+    ImageDraw.Draw(image).rectangle((pixels[0], pixels[1], pixels[2] - 1, pixels[3] - 1), fill=(255, 0, 0))
+    record = {"id": "g", "image": image, "task": "grounding", "prompt": "x", "answer": "x",
+              "box": [250, 100, 750, 900], "expression": "the red circle"}
+    codec = box_format("llava")
+    padded, _, answer = VisionLanguageCollator(processor, box_format=codec).validate(record, 0)
+    assert padded.size == (120, 120)  # the square the model sees, original centred
+    mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    assert padded.getpixel((0, 0)) == mean and padded.getpixel((60, 31)) == (0, 0, 255)
+    square = [round(float(v) * 120) for v in answer.strip("[]").split(",")]  # the answer's box in the square
+    region = padded.crop(tuple(square))
+    assert region.size == (60, 48) and set(region.getdata()) == {(255, 0, 0)}  # exactly the red rectangle
+    assert pad_to_square(image, mean).crop((0, 30, 120, 90)).tobytes() == image.tobytes()
+
+
+def test_coordinate_tokens_score_exactly_as_the_integer_boxes_of_the_records():
+    from nuwa_train.data.synthetic import iou, tokens_to_box
+
+    codec, frame = box_format("loc_tokens"), FRAMES[0]
+    truth = (130, 250, 610, 880)
+    for bins in itertools.product(range(0, 32, 3), repeat=2):
+        text = f"<loc_{bins[0]}><loc_7><loc_{max(bins[1], bins[0] + 1)}><loc_29>"
+        legacy = tokens_to_box(text)
+        assert codec.parse(text, frame) == pytest.approx(tuple(v / 1000 for v in legacy), abs=1e-12)
+        assert box_iou(codec.parse(text, frame), tuple(v / 1000 for v in truth)) == pytest.approx(iou(legacy, truth))
