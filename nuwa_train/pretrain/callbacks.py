@@ -9,7 +9,9 @@ from numbers import Number
 import torch
 from lightning.pytorch.callbacks import Callback
 
-SECONDS_PER_MINUTE = 60
+from .export import ExportSettings, export_base
+from .phases import SECONDS_PER_MINUTE
+from .state import training_log
 
 
 class PhaseClock(Callback):
@@ -97,8 +99,6 @@ class ExportBase(Callback):
     def __init__(self, export_dir: str = "data/tiny_base", minutes: float = 15.0, snapshot_eval_images: int = 150,
                  final_eval_images: int = 1000, saliency_images: int = 200, eval_batch_size: int = 64,
                  max_new_tokens: int = 8, test_data: dict | None = None):
-        from .export import ExportSettings
-
         self.settings = ExportSettings(export_dir, snapshot_eval_images, final_eval_images, saliency_images,
                                        eval_batch_size, max_new_tokens, dict(test_data or {}))
         self.minutes = minutes
@@ -124,7 +124,4 @@ class ExportBase(Callback):
             self.export(trainer, module, final=True)
 
     def export(self, trainer, module, final: bool):
-        from .export import export_base
-        from .state import training_log
-
         return export_base(module, self.settings, final, self.recipe, training_log(trainer))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from ..io import save_tensor_tree
+
 from .callbacks import ExportBase
 from .data import TinyBaseData
 from .module import TinyBasePretrainer
@@ -24,7 +26,6 @@ from .state import (
     keep_log_until,
     read_state,
     resume_state,
-    save_tensor_tree,
 )
 
 

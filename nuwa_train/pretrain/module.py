@@ -29,12 +29,13 @@ from ..data.synthetic import SyntheticConfig, coordinate_tokens, vocabulary
 from ..lightning.data import as_synthetic_config
 from ..models.tiny import TinyLlavaSpec, build_tiny_llava
 from .callbacks import PhaseClock
+from .data import phase_synthetic
 from .heads import AuxHeads, answer_losses, cls_attention_pool, init_vision_positions
 from .phases import Phase, Position, as_phase, lr_at
+from .state import STATE_KEY
 from .targets import TargetMaker
 
 PresenceInput = Literal["cls", "cls_attention"]  # the CLS output, or the feature layer's CLS attention read-out
-STATE_KEY = "nuwa_pretrain"  # the checkpoint entry holding the position, training seconds and RNG
 # The step fetches its own batch, once (see data.py): Lightning's warnings about that step signature do not apply.
 for _message in (r".*`dataloader_iter` step flavor.*", r"Found `dataloader_iter` argument.*"):
     warnings.filterwarnings("ignore", message=_message)
@@ -82,8 +83,6 @@ class TinyBasePretrainer(L.LightningModule):
 
     def _check_phase_data(self) -> None:
         """Fail when the recipe is read, not when a later phase starts hours into a run."""
-        from .data import phase_synthetic
-
         for index, phase in enumerate(self.phases):
             try:
                 phase_synthetic(self.synthetic, phase)
@@ -167,6 +166,8 @@ class TinyBasePretrainer(L.LightningModule):
                 parts["referred"] = self.heads.referred_loss(out.hidden_states[self.referred_layer], is_image,
                                                              batch["referred"])
                 total = total + phase.referred_weight * parts["referred"]
+        self.log("loss", total.detach(), prog_bar=True, logger=False,  # log.csv gets the window means (PhaseClock)
+                 batch_size=phase.batch_size)
         metrics = {k: float(v.detach()) for k, v in parts.items()}
         metrics.update(lr=lr, loss=float(total.detach()), threads=torch.get_num_threads())
         if per_sample is not None:

@@ -7,6 +7,7 @@ from typing import Literal, get_args
 
 from ..schedules import warmup_cosine
 
+SECONDS_PER_MINUTE = 60
 TrainedPart = Literal["vision", "all"]  # "vision": the tower and its heads only; "all": everything
 
 
@@ -69,11 +70,11 @@ class Position:
         """Fraction of the phase done: by steps, or by time for a time-budgeted phase."""
         by_steps = self.inner / max(1, phase.steps)
         if phase.minutes:
-            return max(by_steps, self.phase_seconds / (60 * phase.minutes))
+            return max(by_steps, self.phase_seconds / (SECONDS_PER_MINUTE * phase.minutes))
         return by_steps
 
     def phase_done(self, phase: Phase) -> bool:
-        return self.inner >= phase.steps or (phase.minutes is not None and self.phase_seconds >= 60 * phase.minutes)
+        return self.inner >= phase.steps or (phase.minutes is not None and self.phase_seconds >= SECONDS_PER_MINUTE * phase.minutes)
 
     def after_step(self, phase: Phase, seconds: float) -> Position:
         return Position(self.step + 1, self.phase, self.inner + 1, self.phase_seconds + seconds,

@@ -31,6 +31,7 @@ STATE_SUFFIX = ".safetensors"
 STATE_NAME = "last" + STATE_SUFFIX
 LEGACY_STATE_NAME = "last.ckpt"  # torch.save files of the loop before safetensors, read weights-only
 LOG_NAME = "log.csv"
+STATE_KEY = "nuwa_pretrain"  # the checkpoint entry of TinyBasePretrainer: position, training seconds, RNG
 STOPPED_EPOCHS = 1  # a fit stopped by its phases or a signal has closed its (only) epoch
 
 
@@ -185,8 +186,6 @@ def fit_loop_state_at(step: int) -> dict:
 def convert_legacy_state(state: dict) -> dict:
     """The pre-Lightning state tree (model, heads, optimizer, position, elapsed, torch_rng) as a Lightning
     checkpoint of `TinyBasePretrainer` at the same step; the optimizer's parameter order is unchanged."""
-    from .module import STATE_KEY
-
     step = int(state["step"])
     weights = {f"model.{k}": v for k, v in state["model"].items()}
     weights.update({f"heads.{k}": v for k, v in state["heads"].items()})

@@ -7,7 +7,7 @@ import yaml
 
 from nuwa_train.cli import main
 
-RECIPE = Path(__file__).parent.parent / "recipes" / "default.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
 
 
 def test_eval_compare_writes_the_table_and_the_overlay(tiny_base_dir, tmp_path):

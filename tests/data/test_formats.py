@@ -25,7 +25,7 @@ from nuwa_train.data.synthetic import SyntheticConfig, generate_records, render
 CONFIG = SyntheticConfig()
 NUM_IMAGES = 12
 BAD = 3  # index of the record the malformed cases break
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "synthetic_sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "synthetic_sample"
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_family_recipes_train_two_steps_on_a_tiny_model_of_their_family(recipe, 
     family = "qwen2_5_vl" if recipe.startswith("qwen") else "llava_next"
     path = _family_dir(family, tmp_path / "model")
     monkeypatch.chdir(tmp_path)
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, run=False, args=[
         "--config", str(root / "recipes" / f"{recipe}.yaml"), "--model.model_path", path,
         "--data.train_files", "null", "--data.val_files", "null",

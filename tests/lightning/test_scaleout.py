@@ -42,7 +42,7 @@ from nuwa_train.lightning.strategies import (
 from nuwa_train.lightning.strategies import main as consolidate_main
 from nuwa_train.pruning import NuwaConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch.sh"
 PROCESSES = 2
 STEPS = 4
