@@ -139,8 +139,9 @@ def launch(*args: str, timeout: float = RUN_TIMEOUT_SECONDS) -> subprocess.Compl
     """launch.sh with one thread per process and no inherited distributed settings; kills the whole tree on timeout
     (launchers put their workers in sessions of their own)."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests"),
-                                                                              env.get("PYTHONPATH")])))
+    # conftest (tests/) and this module (tests/lightning/: the recipes name its callbacks test_scaleout.*)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [
+        str(ROOT / "tests"), str(Path(__file__).resolve().parent), env.get("PYTHONPATH")])))
     process = subprocess.Popen(["bash", str(LAUNCH), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:
