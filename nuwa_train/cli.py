@@ -61,7 +61,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _pretrain_base(args: argparse.Namespace) -> None:
-    from .pretrain import main as pretrain_main
+    from .pretrain.cli import main as pretrain_main
 
     raise SystemExit(pretrain_main(args.rest))
 
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model-path", help="base model directory, if it moved since training")
     export.set_defaults(handler=_export)
 
-    pretrain = commands.add_parser("pretrain-base", help="train the tiny base VLM from scratch (resumable)",
+    pretrain = commands.add_parser("pretrain-base", help="train the tiny base VLM from scratch (LightningCLI recipe "
+                                   "as the positional argument or --config; resumable)",
                                    add_help=False)
     pretrain.add_argument("rest", nargs=argparse.REMAINDER)
     pretrain.set_defaults(handler=_pretrain_base)

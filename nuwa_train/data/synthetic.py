@@ -157,6 +157,9 @@ class Record:
     scene: Scene
     expression: str | None = None  # grounding only: the bare referring expression
     box: Box | None = None  # grounding only: ground truth, normalised to [0, 1000)
+    # Indices into scene.objects of the objects the prompt is about (the answer's evidence): the target of an
+    # expression, the object asked about, the objects counted or found; empty when the answer is "no" / "0".
+    referred: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +299,12 @@ def _draw_triangle(draw: ImageDraw.ImageDraw, corners: tuple[int, int, int, int]
 _DRAWERS = {"circle": _draw_circle, "square": _draw_square, "triangle": _draw_triangle}
 
 
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
+    """Draw `obj` so that its shape exactly fills its box; `render` and the pre-training masks share it."""
+    x1, y1, x2, y2 = obj.box
+    _DRAWERS[obj.shape](draw, (x1, y1, x2 - 1, y2 - 1), fill)  # PIL corners are inclusive
+
+
 def render(scene: Scene, config: SyntheticConfig) -> Image.Image:
     """Draw the scene on a noisy light-grey background; each shape exactly fills its box."""
     rng = _rng(config, scene.split, scene.index, _NOISE)
@@ -305,8 +314,7 @@ def render(scene: Scene, config: SyntheticConfig) -> Image.Image:
     draw = ImageDraw.Draw(image)
     palette = dict(config.colours)
     for obj in scene.objects:
-        x1, y1, x2, y2 = obj.box
-        _DRAWERS[obj.shape](draw, (x1, y1, x2 - 1, y2 - 1), palette[obj.colour])  # PIL corners are inclusive
+        draw_object(draw, obj, palette[obj.colour])
     return image
 
 
@@ -356,34 +364,41 @@ def _clearly_on_side(obj: SceneObject, anchor: SceneObject, relation: str) -> bo
     return obj.box[axis] >= anchor.box[axis + 2]
 
 
-def _colour_questions(scene: Scene) -> list[tuple[str, str]]:
+Question = tuple[str, str, tuple[int, ...]]  # (prompt, answer, indices of the objects it is about)
+
+
+def _indices(scene: Scene, wanted) -> tuple[int, ...]:
+    return tuple(i for i, obj in enumerate(scene.objects) if wanted(obj))
+
+
+def _colour_questions(scene: Scene) -> list[Question]:
     return [
-        (TEMPLATES["colour"].format(object=_phrase(d)), obj.colour)
-        for obj in scene.objects
+        (TEMPLATES["colour"].format(object=_phrase(d)), obj.colour, (index,))
+        for index, obj in enumerate(scene.objects)
         for d in _unique_descriptions(obj, scene.objects, leave_out="colour")
     ]
 
 
-def _shape_questions(scene: Scene) -> list[tuple[str, str]]:
+def _shape_questions(scene: Scene) -> list[Question]:
     return [
-        (TEMPLATES["shape"].format(object=_phrase(d)), obj.shape)
-        for obj in scene.objects
+        (TEMPLATES["shape"].format(object=_phrase(d)), obj.shape, (index,))
+        for index, obj in enumerate(scene.objects)
         for d in _unique_descriptions(obj, scene.objects, leave_out="shape")
     ]
 
 
-def _count_questions(scene: Scene, config: SyntheticConfig) -> list[tuple[str, str]]:
-    def count(attribute: str, value: str) -> str:
-        return str(sum(getattr(o, attribute) == value for o in scene.objects))
+def _count_questions(scene: Scene, config: SyntheticConfig) -> list[Question]:
+    def count(things: str, attribute: str | None = None, value: str | None = None) -> Question:
+        counted = _indices(scene, lambda o: attribute is None or getattr(o, attribute) == value)
+        return TEMPLATES["count"].format(things=things), str(len(counted)), counted
 
-    questions = [(TEMPLATES["count"].format(things="objects"), str(len(scene.objects)))]
-    questions += [(TEMPLATES["count"].format(things=f"{s}s"), count("shape", s)) for s in config.shapes]
-    questions += [(TEMPLATES["count"].format(things=f"{c} objects"), count("colour", c))
-                  for c, _ in config.colours]
+    questions = [count("objects")]
+    questions += [count(f"{s}s", "shape", s) for s in config.shapes]
+    questions += [count(f"{c} objects", "colour", c) for c, _ in config.colours]
     return questions
 
 
-def _existence_questions(scene: Scene, config: SyntheticConfig, rng: np.random.Generator) -> list[tuple[str, str]]:
+def _existence_questions(scene: Scene, config: SyntheticConfig, rng: np.random.Generator) -> list[Question]:
     """Yes or no with probability 1/2; 'no' includes near misses such as the wrong size."""
     if rng.random() < 0.5:
         descriptions = [_describe(o, s) for o in scene.objects for s in (("colour", "shape"), ATTRIBUTES)]
@@ -394,11 +409,12 @@ def _existence_questions(scene: Scene, config: SyntheticConfig, rng: np.random.G
         candidates += [(("size", z),) + d for (z, _, _) in config.sizes for d in candidates]
         descriptions = [d for d in candidates if not any(_matches(o, d) for o in scene.objects)]
         answer = "no"
-    return [(TEMPLATES["existence"].format(object=_phrase(d, article="a")), answer) for d in descriptions]
+    return [(TEMPLATES["existence"].format(object=_phrase(d, article="a")), answer,
+             _indices(scene, lambda o, d=d: _matches(o, d))) for d in descriptions]
 
 
-def _spatial_questions(scene: Scene) -> list[tuple[str, str]]:
-    """'What is left of X?' only when exactly one object is on that side, and clearly so."""
+def _spatial_questions(scene: Scene) -> list[Question]:
+    """'What is left of X?' only when exactly one object is on that side, and clearly so (it is the answer)."""
     questions = []
     for anchor in scene.objects:
         for description in _unique_descriptions(anchor, scene.objects):
@@ -406,7 +422,8 @@ def _spatial_questions(scene: Scene) -> list[tuple[str, str]]:
                 side = [o for o in scene.objects if _on_side(o, anchor, relation)]
                 if len(side) == 1 and _clearly_on_side(side[0], anchor, relation):
                     question = TEMPLATES["spatial"].format(relation=phrase, object=_phrase(description))
-                    questions.append((question, f"{side[0].colour} {side[0].shape}"))
+                    questions.append((question, f"{side[0].colour} {side[0].shape}",
+                                      (scene.objects.index(side[0]),)))
     return questions
 
 
@@ -427,8 +444,9 @@ def make_vqa(scene: Scene, config: SyntheticConfig, draw: int = 0) -> Record:
     kinds = [(kind, weight) for kind, weight in config.vqa_mix if weight > 0 and candidates[kind]]
     weights = np.array([w for _, w in kinds])
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())][0]
-    prompt, answer = candidates[kind][rng.integers(len(candidates[kind]))]
-    return Record(f"{scene.split}-{scene.index:06d}-vqa{draw or ''}", "vqa", kind, prompt, answer, scene)
+    prompt, answer, referred = candidates[kind][rng.integers(len(candidates[kind]))]
+    return Record(f"{scene.split}-{scene.index:06d}-vqa{draw or ''}", "vqa", kind, prompt, answer, scene,
+                  referred=referred)
 
 
 def _referring_expressions(scene: Scene) -> dict[SceneObject, dict[str, list[str]]]:
@@ -469,7 +487,8 @@ def make_grounding(scene: Scene, config: SyntheticConfig, draw: int = 0) -> Reco
     prompt = config.grounding_template.format(expression=expression)
     answer = box_to_tokens(box, config.coordinate_bins)
     record_id = f"{scene.split}-{scene.index:06d}-grounding{draw or ''}"
-    return Record(record_id, "grounding", kind, prompt, answer, scene, expression, box)
+    return Record(record_id, "grounding", kind, prompt, answer, scene, expression, box,
+                  referred=(scene.objects.index(target),))
 
 
 def generate_records(config: SyntheticConfig, split: str, num_images: int, start: int = 0) -> Iterator[Record]:

@@ -353,3 +353,19 @@ def test_vocabulary_covers_every_prompt_and_answer(records):
             assert set(pieces) <= words, f"{text!r} has pieces outside the vocabulary: {set(pieces) - words}"
             used.update(pieces)
     assert used == words, f"listed but never generated: {words - used}"
+
+
+def test_records_name_the_objects_they_are_about(records):
+    """`Record.referred`: what the generator knew the prompt was about, checked against the answer."""
+    for record in records[:600]:
+        objects = [record.scene.objects[i] for i in record.referred]
+        if record.task == "grounding":
+            assert [normalise_box(o.box, record.scene.width, record.scene.height) for o in objects] == [record.box]
+        elif record.kind == "count":
+            assert len(objects) == int(record.answer), record.prompt
+        elif record.kind == "existence":
+            assert bool(objects) == (record.answer == "yes"), record.prompt
+        elif record.kind == "spatial":
+            assert [f"{o.colour} {o.shape}" for o in objects] == [record.answer], record.prompt
+        else:
+            assert [getattr(objects[0], record.kind)] == [record.answer] and len(objects) == 1, record.prompt

@@ -1,0 +1,103 @@
+"""The parts pre-training adds to the tiny base: position init, attention pooling and auxiliary heads (not exported)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.collate import IGNORE_INDEX
+from ..models.common import clip_cls_attention
+from ..models.tiny import TinyLlavaSpec
+from .targets import TargetMaker
+
+SINCOS_BASE = 10000  # wavelength base of the sine-cosine position table (as in the transformer paper)
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """(H*W, dim) 2-D sine-cosine position table: half the channels encode rows, half columns."""
+    quarter = dim // 4
+    omega = 1.0 / (SINCOS_BASE ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float32),
+                                torch.arange(grid[1], dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coord[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    return F.pad(table, (0, dim - table.shape[1]))
+
+
+def init_vision_positions(model, spec: TinyLlavaSpec, scale: float) -> None:
+    """Vision position embeddings <- scale x 2-D sin-cos for the patches, zero for CLS; scale 0 keeps the init."""
+    if scale <= 0:
+        return
+    embedding = model.model.vision_tower.embeddings.position_embedding
+    with torch.no_grad():
+        embedding.weight.zero_()
+        embedding.weight[1:] = scale * sincos_2d(spec.grid, embedding.weight.shape[1])
+
+
+def cls_attention_pool(layer: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """What the CLS query of one CLIP encoder layer reads, through that layer's own attention: (B, D).
+
+    Attention-pooling as in CLIP's pooled output, minus the residual stream: a head reading this can
+    only see what the layer's CLS attention selects (`clip_cls_attention`, the pruners' stage-1 score), so
+    the "which objects are present" loss on it pushes that attention onto the objects.
+    """
+    attn = layer.self_attn
+    probs = clip_cls_attention(layer, layer_input)  # (B, heads, L), fp32
+    batch, heads, length = probs.shape
+    values = attn.v_proj(layer.layer_norm1(layer_input)).view(batch, length, heads, attn.head_dim).transpose(1, 2)
+    read = (probs.to(values.dtype).unsqueeze(2) @ values).squeeze(2)  # (B, heads, head_dim)
+    return attn.out_proj(read.reshape(batch, heads * attn.head_dim))
+
+
+def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean cross-entropy over each sample's answer tokens (1-token answers weigh as much as 5-token boxes)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    valid = (shift_labels != IGNORE_INDEX).float()
+    return (token * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+class AuxHeads(nn.Module):
+    """Linear read-outs whose losses shape the representations (dropped at export)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, targets: TargetMaker, referred_pos_weight: float):
+        super().__init__()
+        self.referred_pos_weight = referred_pos_weight
+        self.count_slots, self.count_values, self.bins = targets.count_slots, targets.count_values, targets.bins
+        self.patch_norm = nn.LayerNorm(vision_dim)
+        self.cls_norm = nn.LayerNorm(vision_dim)
+        self.patch_class = nn.Linear(vision_dim, targets.num_classes)
+        self.patch_box = nn.Linear(vision_dim, 4 * targets.bins)
+        self.patch_count = nn.Linear(vision_dim, self.count_slots * self.count_values)
+        self.presence = nn.Linear(vision_dim, len(targets.triples))
+        self.referred = nn.Linear(text_dim, 1)
+
+    def vision_losses(self, features: torch.Tensor, batch: dict, pooled: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """features (B, 1 + N, D) of the feature layer, CLS first; `pooled` (B, D) replaces the CLS output
+        as the input of the presence head (see `cls_attention_pool`)."""
+        patches = self.patch_norm(features[:, 1:].float())
+        cls = self.cls_norm((features[:, 0] if pooled is None else pooled).float())
+        b, n, _ = patches.shape
+        losses = {
+            "class": F.cross_entropy(self.patch_class(patches).reshape(b * n, -1), batch["classes"].reshape(-1)),
+            "count": F.cross_entropy(self.patch_count(patches).reshape(b * n * self.count_slots, self.count_values),
+                                     batch["counts"][:, None, :].expand(b, n, -1).reshape(-1)),
+            "presence": F.binary_cross_entropy_with_logits(self.presence(cls), batch["presence"]),
+        }
+        boxes = batch["boxes"].reshape(-1)
+        if (boxes != IGNORE_INDEX).any():
+            losses["box"] = F.cross_entropy(self.patch_box(patches).reshape(b * n * 4, self.bins), boxes,
+                                            ignore_index=IGNORE_INDEX)
+        return losses
+
+    def referred_loss(self, hidden: torch.Tensor, is_image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """BCE of 'this vision token is part of the referred object' on the LLM's vision tokens."""
+        logits = self.referred(hidden[is_image].float()).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(logits, target.reshape(-1),
+                                                  pos_weight=torch.tensor(self.referred_pos_weight))
