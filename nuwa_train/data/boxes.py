@@ -88,6 +88,15 @@ def _clip01(values) -> Box01 | None:
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 
 
+def _first_box(pattern: re.Pattern, text: str, to_fractions) -> Box01 | None:
+    """The first match of `pattern` (four numbers) whose `to_fractions(x1, y1, x2, y2)` is a valid box."""
+    for match in pattern.finditer(text):
+        box = _clip01(to_fractions(*(float(v) for v in match.groups())))
+        if box is not None:
+            return box
+    return None
+
+
 class LocTokens(BoxFormat):
     """Four atomic tokens `<loc_k>`, k in [0, bins): one per coordinate, the bin of the original frame.
 
@@ -143,13 +152,9 @@ class LlavaBox(BoxFormat):
 
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         side, dx, dy = self.square(frame)
-        for match in self.pattern.finditer(text):
-            x1, y1, x2, y2 = (float(v) for v in match.groups())
-            box = _clip01(((x1 * side - dx) / frame.width, (y1 * side - dy) / frame.height,
-                           (x2 * side - dx) / frame.width, (y2 * side - dy) / frame.height))
-            if box is not None:
-                return box
-        return None
+        return _first_box(self.pattern, text, lambda x1, y1, x2, y2: (
+            (x1 * side - dx) / frame.width, (y1 * side - dy) / frame.height,
+            (x2 * side - dx) / frame.width, (y2 * side - dy) / frame.height))
 
 
 class Qwen2VLBox(BoxFormat):
@@ -166,11 +171,7 @@ class Qwen2VLBox(BoxFormat):
             f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
 
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
-        for match in self.pattern.finditer(text):
-            box = _clip01(float(v) / COORD_RANGE for v in match.groups())
-            if box is not None:
-                return box
-        return None
+        return _first_box(self.pattern, text, lambda *values: [v / COORD_RANGE for v in values])
 
 
 class Qwen25VLBox(BoxFormat):
@@ -196,12 +197,7 @@ class Qwen25VLBox(BoxFormat):
 
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         width, height = self.model_size(frame)
-        for match in self.pattern.finditer(text):
-            x1, y1, x2, y2 = (float(v) for v in match.groups())
-            box = _clip01((x1 / width, y1 / height, x2 / width, y2 / height))
-            if box is not None:
-                return box
-        return None
+        return _first_box(self.pattern, text, lambda x1, y1, x2, y2: (x1 / width, y1 / height, x2 / width, y2 / height))
 
 
 BOX_FORMATS: dict[str, type[BoxFormat]] = {cls.name: cls for cls in (LocTokens, LlavaBox, Qwen2VLBox, Qwen25VLBox)}
