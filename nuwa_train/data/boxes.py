@@ -72,8 +72,16 @@ class BoxFormat(ABC):
         return re.findall(r"[^\W_]+", template) + list(self.answer_words), list(self.special_tokens)
 
     @abstractmethod
+    def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
+        """The box alone, as this format spells it inside a sentence (what a `<bbox>` placeholder becomes)."""
+
+    def render_ref(self, ref: str) -> str:
+        """A referring expression as this format marks it inside a sentence (what `<ref-object>` becomes)."""
+        return ref
+
     def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
         """The answer a model of this format gives for `box` (`label`: the referring expression, if it names it)."""
+        return self.render_coordinates(box, frame)
 
     @abstractmethod
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
@@ -114,7 +122,7 @@ class LocTokens(BoxFormat):
             raise ValueError(f"bins={bins} must be >= 1")
         self.bins = bins
 
-    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+    def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
         # FLOAT_SLACK: a record's k / 1000 on a bin edge must land in the bin k * bins // 1000 says
         return "".join(f"<loc_{min(self.bins - 1, math.floor(v * self.bins + FLOAT_SLACK))}>" for v in box)
 
@@ -143,7 +151,7 @@ class LlavaBox(BoxFormat):
         side = max(frame.width, frame.height)
         return side, (side - frame.width) // 2, (side - frame.height) // 2
 
-    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+    def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
         side, dx, dy = self.square(frame)
         x1, y1, x2, y2 = box
         values = ((x1 * frame.width + dx) / side, (y1 * frame.height + dy) / side,
@@ -165,10 +173,15 @@ class Qwen2VLBox(BoxFormat):
     prompt_template = "Find the bounding box of <|object_ref_start|>{expression}<|object_ref_end|>"
     pattern = re.compile(r"\(" + _NUMBER + "," + _NUMBER + r"\)\s*,\s*\(" + _NUMBER + "," + _NUMBER + r"\)")
 
-    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+    def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
         x1, y1, x2, y2 = (min(COORD_RANGE, round(v * COORD_RANGE)) for v in box)
-        return (f"<|object_ref_start|>{label}<|object_ref_end|>" if label else "") + \
-            f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+        return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+
+    def render_ref(self, ref: str) -> str:
+        return f"<|object_ref_start|>{ref}<|object_ref_end|>"
+
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        return (self.render_ref(label) if label else "") + self.render_coordinates(box, frame)
 
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         return _first_box(self.pattern, text, lambda *values: [v / COORD_RANGE for v in values])
@@ -180,7 +193,8 @@ class Qwen25VLBox(BoxFormat):
     name = "qwen2_5_vl"
     answer_words = ("bbox", "d", "label", "json")
     prompt_template = "Locate {expression} in the image and output its bbox coordinates in JSON format."
-    pattern = re.compile(r"\"bbox_2d\"\s*:\s*\[" + ",".join([_NUMBER] * 4) + r"\]")
+    # the JSON's "bbox_2d" list, or a bare [x1, y1, x2, y2] (what an ms-swift `<bbox>` alone becomes)
+    pattern = re.compile(r"(?:\"bbox_2d\"\s*:\s*)?\[" + ",".join([_NUMBER] * 4) + r"\]")
 
     @staticmethod
     def model_size(frame: ImageFrame) -> tuple[int, int]:
@@ -189,11 +203,16 @@ class Qwen25VLBox(BoxFormat):
                              "(see qwen_model_size)")
         return frame.model_size
 
-    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+    def _pixels(self, box: Box01, frame: ImageFrame) -> list[int]:
         width, height = self.model_size(frame)
         x1, y1, x2, y2 = box
-        pixels = [round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)]
-        return json.dumps([{"bbox_2d": pixels, "label": label}], ensure_ascii=False)
+        return [round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)]
+
+    def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
+        return json.dumps(self._pixels(box, frame))
+
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        return json.dumps([{"bbox_2d": self._pixels(box, frame), "label": label}], ensure_ascii=False)
 
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         width, height = self.model_size(frame)
@@ -239,6 +258,26 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 def to_box01(box: tuple[int, int, int, int]) -> Box01:
     """A record's 0-1000 integer box -> fractions."""
     return tuple(v / COORD_RANGE for v in box)
+
+
+# ms-swift's `objects.bbox_type`: what a ShareGPT grounding record's numbers are (default "real")
+BBOX_TYPES = {"real": None, "norm_1000": COORD_RANGE, "norm_1": 1}  # name -> scale (None: the image's pixels)
+
+
+def object_box01(bbox, bbox_type: str, size: tuple[int, int] | None) -> Box01:
+    """An `objects.bbox` entry as fractions of its image; "real" boxes need the ORIGINAL image's (width, height)."""
+    scale = BBOX_TYPES[bbox_type]
+    if scale is None:
+        if size is None:
+            raise ValueError("bbox_type 'real' boxes are pixels: the image's size is needed")
+        width, height = size
+        return (bbox[0] / width, bbox[1] / height, bbox[2] / width, bbox[3] / height)
+    return tuple(v / scale for v in bbox)
+
+
+def to_grid(box: Box01) -> tuple[int, int, int, int]:
+    """Fractions -> the records' 0-1000 integer frame (what `box` fields and evaluation hold)."""
+    return tuple(min(COORD_RANGE - 1, max(0, round(v * COORD_RANGE))) for v in box)
 
 
 def box_iou(a: Box01, b: Box01) -> float:

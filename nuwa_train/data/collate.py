@@ -15,15 +15,26 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .boxes import BoxFormat, ImageFrame, LlavaBox, Qwen25VLBox, pad_to_square, qwen_model_size, to_box01
+from .boxes import (
+    BoxFormat,
+    ImageFrame,
+    LlavaBox,
+    Qwen25VLBox,
+    object_box01,
+    pad_to_square,
+    qwen_model_size,
+    to_box01,
+)
 
 IGNORE_INDEX = -100
 TEXT_TASK = "text"  # the task of a record without an image (it trains; evaluation does not score it)
@@ -37,6 +48,24 @@ PROMPT_TOO_LONG = "prompt longer than max_length (record refused)"
 PROMPT_UNKNOWN_TOKENS = "prompt has text the tokenizer maps to <unk>"
 ANSWER_UNKNOWN_TOKENS = "answer has text the tokenizer maps to <unk> (record refused)"
 TURNS_DROPPED = "conversation cut to whole turns within max_length (later turns dropped)"
+REF_PLACEHOLDER, BOX_PLACEHOLDER = "<ref-object>", "<bbox>"  # ms-swift's grounding placeholders (data/sharegpt.py)
+
+
+class Validated(NamedTuple):
+    """A record ready to batch: its image (None: text-only), its (question, answer) turns in the text the model
+    reads (answers None for generation prompts), and its system prompt."""
+
+    image: Image.Image | None
+    turns: list[tuple[str, str | None]]
+    system: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        return self.turns[0][0]
+
+    @property
+    def answer(self) -> str | None:
+        return self.turns[0][1]
 
 
 class CollateError(ValueError):
@@ -136,9 +165,9 @@ class VisionLanguageCollator:
             raise ValueError("the processor has no chat template; the collator formats prompts with it")
 
     # ------------------------------------------------------------------------------------- text
-    def prompt_text(self, prompt: str, has_image: bool = True) -> str:
-        return self.processor.apply_chat_template(self._messages(prompt, has_image), add_generation_prompt=True,
-                                                  tokenize=False)
+    def prompt_text(self, prompt: str, has_image: bool = True, system: str | None = None) -> str:
+        return self.processor.apply_chat_template(self._chat([], prompt, has_image, system),
+                                                  add_generation_prompt=True, tokenize=False)
 
     @staticmethod
     def _messages(prompt: str, has_image: bool = True) -> list[dict]:
@@ -146,9 +175,10 @@ class VisionLanguageCollator:
         return [{"role": "user", "content": [{"type": "image"}, *text] if has_image else text}]
 
     @classmethod
-    def _chat(cls, turns: Sequence[tuple[str, str]], question: str | None = None, has_image: bool = True) -> list[dict]:
+    def _chat(cls, turns: Sequence[tuple[str, str]], question: str | None = None, has_image: bool = True,
+              system: str | None = None) -> list[dict]:
         """Chat messages of whole (question, answer) turns, then an open `question`; the image in the first turn."""
-        messages = []
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         for number, (asked, answered) in enumerate(turns):
             messages += cls._messages(asked, has_image and number == 0)
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
@@ -157,22 +187,22 @@ class VisionLanguageCollator:
         return messages
 
     def conversation_pieces(self, turns: Sequence[tuple[str, str]], where: str = "record",
-                            has_image: bool = True) -> list[tuple[str, bool]]:
+                            has_image: bool = True, system: str | None = None) -> list[tuple[str, bool]]:
         """The text the conversation adds after its first generation prompt, as (text, is_answer) pieces.
 
         Each piece is the difference of two renderings of the chat template (prompt of turn i, then turn i
         answered), so the pieces joined are exactly the template's rendering of the whole conversation.
         """
         render = self.processor.apply_chat_template
-        previous = self.prompt_text(turns[0][0], has_image)
+        previous = self.prompt_text(turns[0][0], has_image, system)
         pieces = []
         for number, (question, _) in enumerate(turns):
             if number:
-                prompt = render(self._chat(turns[:number], question, has_image), add_generation_prompt=True,
+                prompt = render(self._chat(turns[:number], question, has_image, system), add_generation_prompt=True,
                                 tokenize=False)
                 pieces.append((self._after(previous, prompt, where), False))
                 previous = prompt
-            answered = render(self._chat(turns[:number + 1], has_image=has_image), tokenize=False)
+            answered = render(self._chat(turns[:number + 1], has_image=has_image, system=system), tokenize=False)
             pieces.append((self._after(previous, answered, where), True))
             previous = answered
         return pieces
@@ -204,8 +234,8 @@ class VisionLanguageCollator:
             turns.append((question.strip(), reply.strip()))
         return turns
 
-    def validate(self, record: object, position: int) -> tuple[Image.Image | None, str, str | None]:
-        """(image, prompt, answer) of a record; the image is None for a text-only record (task "text")."""
+    def validate(self, record: object, position: int) -> Validated:
+        """A record's image (None for a text-only record, task "text"), turns and system prompt, checked."""
         where = _record_name(record, position, self.id_key)
         values = {}
         text_only = _field(record, "task") == TEXT_TASK
@@ -231,9 +261,68 @@ class VisionLanguageCollator:
                 raise CollateError(f"{where}: field {self.answer_key!r} must be a non-empty string, got {answer!r}")
         image = None if text_only else as_image(values[self.image_key], where)
         prompt, answer = prompt.strip(), None if answer is None else answer.strip()
+        system = self._system(record, where)
+        objects = _field(record, "objects")
+        if objects:
+            image, turns = self._with_objects(record, image, prompt, answer, objects, where)
+            return Validated(image, turns, system)
         if self.box_format is not None and _field(record, "task") == "grounding" and _field(record, "box") is not None:
-            return self._in_box_format(record, image, prompt)
-        return image, prompt, answer
+            image, prompt, answer = self._in_box_format(record, image, prompt)
+        turns = self.turns(record, prompt, answer, where) if self.with_answer else [(prompt, None)]
+        return Validated(image, turns, system)
+
+    def _system(self, record: object, where: str) -> str | None:
+        system = _field(record, "system")
+        if system is None:
+            return None
+        if not isinstance(system, str) or not system.strip():
+            raise CollateError(f"{where}: field 'system' must be a non-empty string, got {system!r}")
+        if "system" not in self.processor.chat_template:
+            raise CollateError(f"{where}: the record has a system prompt but the processor's chat template has no "
+                               f"system role; remove the prompt from the data or use a template with one")
+        return system.strip()
+
+    def _with_objects(self, record: object, image: Image.Image, prompt: str, answer: str | None, objects: Mapping,
+                      where: str) -> tuple[Image.Image, list[tuple[str, str | None]]]:
+        """The turns with each <ref-object> / <bbox> placeholder written, in order, in `box_format`."""
+        if self.box_format is None:
+            raise CollateError(f"{where}: field 'objects' (<ref-object>/<bbox> placeholders) needs a box format "
+                               f"(data.box_format, or the collator's box_format)")
+        frame = self.image_frame(image)
+        size = _field(record, "image_size") or image.size
+        boxes = [object_box01(box, objects["bbox_type"], size) for box in objects["bbox"]]
+        refs = list(objects["ref"])
+        turns = self.turns(record, prompt, answer, where) if self.with_answer else [(prompt, None)]
+        written, used = [], {"ref": 0, "bbox": 0}
+
+        def write(text: str | None) -> str | None:
+            if text is None:
+                return None
+            pieces = re.split(f"({re.escape(REF_PLACEHOLDER)}|{re.escape(BOX_PLACEHOLDER)})", text)
+            for number, piece in enumerate(pieces):
+                key = {REF_PLACEHOLDER: "ref", BOX_PLACEHOLDER: "bbox"}.get(piece)
+                if key is None:
+                    continue
+                values = refs if key == "ref" else boxes
+                if used[key] >= len(values):
+                    raise CollateError(f"{where}: more {piece} placeholders than objects.{key} entries "
+                                       f"({len(values)})")
+                value = values[used[key]]
+                used[key] += 1
+                pieces[number] = (self.box_format.render_ref(value) if key == "ref"
+                                  else self.box_format.render_coordinates(value, frame))
+            return "".join(pieces)
+
+        for question, reply in turns:
+            written.append((write(question), write(reply)))
+        if isinstance(self.box_format, LlavaBox):
+            image = self._padded(image)
+        return image, written
+
+    def _padded(self, image: Image.Image) -> Image.Image:
+        """LLaVA-1.5 trained on padded squares (the frame of its boxes); a centre crop would cut objects away."""
+        mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        return pad_to_square(image, tuple(round(255 * m) for m in mean))
 
     def image_frame(self, image: Image.Image) -> ImageFrame:
         """The frame `box_format` renders and parses boxes of this image in."""
@@ -246,9 +335,8 @@ class VisionLanguageCollator:
     def _in_box_format(self, record: object, image: Image.Image, prompt: str) -> tuple[Image.Image, str, str]:
         """A grounding record asked and answered in `box_format`, on the image its boxes refer to."""
         codec, frame = self.box_format, self.image_frame(image)
-        if isinstance(codec, LlavaBox):  # LLaVA-1.5 trained on padded squares; a centre crop would cut the box
-            mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-            image = pad_to_square(image, tuple(round(255 * m) for m in mean))
+        if isinstance(codec, LlavaBox):
+            image = self._padded(image)
         expression = _field(record, "expression")
         answer = codec.render(to_box01(tuple(_field(record, "box"))), frame, label=expression or "")
         return image, codec.prompt(expression) if expression else prompt, answer
@@ -286,8 +374,8 @@ class VisionLanguageCollator:
     def _encode(self, records: Sequence[object], validated: list, counted: bool = True):
         """Token rows and label rows of the records, and the positions of those that can train."""
         tokenizer = self.processor.tokenizer
-        images = [image for image, _, _ in validated if image is not None]
-        texts = [self.prompt_text(prompt, image is not None) for image, prompt, _ in validated]
+        images = [item.image for item in validated if item.image is not None]
+        texts = [self.prompt_text(item.prompt, item.image is not None, item.system) for item in validated]
         # The processor expands the image placeholder to the model's number of image tokens.
         encoded = self.processor(images=images or None, text=texts, return_tensors=None, padding=False)
         rows, label_rows, kept = [], [], []
@@ -303,9 +391,9 @@ class VisionLanguageCollator:
                 continue
             labels = [self.ignore_index] * len(prompt_ids)
             if self.with_answer:
-                image, prompt, answer = validated[position]
-                answered = self._answered(self.turns(records[position], prompt, answer, where), where,
-                                          len(prompt_ids), counted, image is not None)
+                item = validated[position]
+                answered = self._answered(item.turns, where, len(prompt_ids), counted, item.image is not None,
+                                          item.system)
                 if answered is None:
                     continue
                 prompt_ids = prompt_ids + answered[0]
@@ -316,7 +404,7 @@ class VisionLanguageCollator:
         return encoded, rows, label_rows, kept
 
     def _answered(self, turns: list[tuple[str, str]], where: str, prompt_length: int, counted: bool,
-                  has_image: bool = True) -> tuple[list[int], list[int]] | None:
+                  has_image: bool = True, system: str | None = None) -> tuple[list[int], list[int]] | None:
         """Token ids and labels of everything after the first generation prompt (None: the record is refused).
 
         Answers are labelled, later questions are not. Every answer ends with end-of-sequence. Within
@@ -324,7 +412,7 @@ class VisionLanguageCollator:
         """
         tokenizer = self.processor.tokenizer
         unknown = tokenizer.unk_token_id
-        pieces = self.conversation_pieces(turns, where, has_image)
+        pieces = self.conversation_pieces(turns, where, has_image, system)
         ids, labels = [], []
         for number in range(len(turns)):
             turn_ids, turn_labels = [], []

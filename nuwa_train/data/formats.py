@@ -6,6 +6,7 @@ a malformed record raises `DatasetFormatError` naming the file, record and field
 `on_error="skip"` is left out and counted in a `LoadReport`.
 """
 
+import io
 import json
 import logging
 import os
@@ -57,6 +58,11 @@ FEATURES = datasets.Features(
         "box": datasets.List(datasets.Value("int32"), length=4),  # grounding target in [0, 1000); None for vqa
         "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
         "expression": datasets.Value("string"),  # grounding: the bare referring expression (None if not known)
+        # ShareGPT grounding (ms-swift): what the <ref-object> / <bbox> placeholders of `messages` stand for, in order
+        "objects": {"ref": datasets.List(datasets.Value("string")),
+                    "bbox": datasets.List(datasets.List(datasets.Value("float64"), length=4)),
+                    "bbox_type": datasets.Value("string")},
+        "system": datasets.Value("string"),  # a system prompt (ShareGPT records), None if the record has none
     }
 )
 
@@ -169,31 +175,50 @@ class ImageIndex:
         return name in self._folders[folder]
 
 
-def _image_path(record: object, root: Path, allow_outside_root: bool, index: ImageIndex) -> str:
-    """The record's image as an absolute path inside `root` (unless allowed outside) that exists."""
-    given = _text(record, "image")
+def _image_path(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
+                key: str = "image") -> str | bytes:
+    """The record's image as an absolute path inside `root` (unless allowed outside) that exists, or the encoded
+    bytes a `save_to_disk` directory holds it as."""
+    value = _get(record, key, (str, dict))
+    if isinstance(value, dict):  # a datasets Image read undecoded: {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+        if not isinstance(value, str):
+            raise FieldError(key, "an embedded image without bytes or a path")
+        record = {key: value}
+    given = _text(record, key)
     path = os.path.normpath(os.path.join(os.path.abspath(root), given))
     if not allow_outside_root and (os.path.isabs(given) or os.path.commonpath([path, os.path.abspath(root)])
                                    != os.path.abspath(root)):
-        raise FieldError("image", f"path {given!r} leaves the dataset root {os.path.abspath(root)} (set "
+        raise FieldError(key, f"path {given!r} leaves the dataset root {os.path.abspath(root)} (set "
                                    f"data.allow_outside_root: true to allow it)", kind="image: path outside the root")
     if not index.exists(path):
-        raise FieldError("image", f"file not found: {path}")
+        raise FieldError(key, f"file not found: {path}")
     return path
 
 
-def read_image(path: str, min_side: int | None = None, declared_size: tuple[int, int] | None = None) -> Image.Image:
+def read_image(path: str | bytes, min_side: int | None = None,
+               declared_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image fully (a truncated or corrupt file fails here, not in the processor), as RGB.
 
     `min_side`: the short side the processor needs at most; a larger image is decoded reduced by a whole factor
     (JPEG's DCT scaling via `draft`, else `reduce`), so an 8000x8000 photo does not cost a full-size decode and
     resize on every access. `declared_size`: (width, height) the record states, checked against the file.
+    `path` may also be an image file's bytes (a `save_to_disk` directory's embedded image).
     Raises `FieldError("image", ...)`; the caller names the file and record.
     """
+    return read_image_sized(path, min_side, declared_size)[0]
+
+
+def read_image_sized(path: str | bytes, min_side: int | None = None,
+                     declared_size: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`read_image` and the file's own (width, height): pixel boxes refer to it, not to a reduced decode."""
+    name = "an embedded image" if isinstance(path, bytes) else path
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
             if declared_size is not None and tuple(declared_size) != image.size:
-                raise FieldError("image", f"{path} is {image.size[0]}x{image.size[1]}, but the record declares "
+                raise FieldError("image", f"{name} is {image.size[0]}x{image.size[1]}, but the record declares "
                                            f"width {declared_size[0]}, height {declared_size[1]}",
                                   kind="width/height: do not match the image")
             size = image.size
@@ -203,16 +228,17 @@ def read_image(path: str, min_side: int | None = None, declared_size: tuple[int,
             image.load()
             if factor >= 2 and min(image.size) // min_side >= 2:
                 image = image.reduce(min(image.size) // min_side)
-            return image.convert("RGB")
+            return image.convert("RGB"), size
     except FieldError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise FieldError("image", f"cannot read image {path}: {error}", kind="image: cannot be decoded") from None
+        raise FieldError("image", f"cannot read image {name}: {error}", kind="image: cannot be decoded") from None
 
 
-def _image(record: object, root: Path, allow_outside_root: bool, index: ImageIndex) -> tuple[str, tuple[int, int]]:
-    """Absolute path and (width, height) of the record's image, reading the whole file (the public loaders)."""
-    path = _image_path(record, root, allow_outside_root, index)
+def _image(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
+           key: str = "image") -> tuple[str | bytes, tuple[int, int]]:
+    """Absolute path (or bytes) and (width, height) of the record's image, reading the whole file (public loaders)."""
+    path = _image_path(record, root, allow_outside_root, index, key)
     image = read_image(path)
     return path, image.size
 
@@ -249,8 +275,11 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
 
 
 def _read_records(path: str) -> list:
-    """The records of a JSON file (one list) or a JSON Lines file (`.jsonl`: one record per line, blank lines
-    skipped); a line that is not JSON is an error naming its line number."""
+    """The records of a JSON file (one list), a JSON Lines file (`.jsonl`: one record per line, blank lines
+    skipped; a line that is not JSON is an error naming its line number), or a `datasets` directory written by
+    `save_to_disk` (one split; its images stay encoded until a record is used)."""
+    if os.path.isdir(path):
+        return _read_saved_dataset(path)
     try:
         with open(path, encoding="utf-8") as f:
             if not path.endswith(".jsonl"):
@@ -270,19 +299,38 @@ def _read_records(path: str) -> list:
         raise DatasetFormatError(path, f"not valid UTF-8 JSON: {error}") from None
 
 
+def _read_saved_dataset(path: str) -> list[dict]:
+    try:
+        saved = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise DatasetFormatError(path, f"not a dataset written by save_to_disk: {error}") from None
+    if isinstance(saved, datasets.DatasetDict):
+        raise DatasetFormatError(path, f"holds the splits {', '.join(saved)}: name one split's folder (e.g. "
+                                       f"{os.path.join(path, next(iter(saved)))})")
+    undecoded = {}
+    for name, feature in saved.features.items():
+        if isinstance(feature, datasets.Image):
+            undecoded[name] = datasets.Image(decode=False)
+        elif isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
+            undecoded[name] = datasets.List(datasets.Image(decode=False))
+    if undecoded:
+        saved = saved.cast(datasets.Features({**saved.features, **undecoded}))
+    return saved.to_list()
+
+
 def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
-           parse_record: Callable[[object, Path], dict]) -> tuple[list[dict], LoadReport]:
+           parse_record: Callable[[object, Path, int], dict]) -> tuple[list[dict], LoadReport]:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = str(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DatasetFormatError(path, "file not found")
     records = _read_records(path)
-    root = Path(image_root) if image_root is not None else Path(path).parent
+    root = Path(image_root) if image_root is not None else Path(path) if os.path.isdir(path) else Path(path).parent
     rows, report = [], LoadReport(path)
     for index, record in enumerate(records):
         try:
-            row = parse_record(record, root)
+            row = parse_record(record, root, index)
         except FieldError as error:
             record_id = record.get("id") if isinstance(record, dict) else None
             problem = DatasetFormatError(path, error.reason, index, record_id, error.field)
@@ -299,7 +347,7 @@ def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
     if report.skipped:
         logger.warning("%s: skipped %d malformed records, first: %s",
                        report.path, report.skipped, report.reasons[0])
-    columns = {name: [row[name] for row in rows] for name in FEATURES}  # also right when every record was skipped
+    columns = {name: [row.get(name) for row in rows] for name in FEATURES}  # also right when every record was skipped
     # (the rows' `source` file and `index` in it are not columns)
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
@@ -319,7 +367,7 @@ def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_erro
         raise ValueError(f"data.text_only={text_only!r} must be one of {', '.join(TEXT_ONLY)}")
     index = ImageIndex()
 
-    def parse_record(record: object, root: Path) -> dict:
+    def parse_record(record: object, root: Path, _index: int) -> dict:
         record_id = str(_get(record, "id", (str, int)))
         has_image = not isinstance(record, dict) or "image" in record
         if not has_image and text_only == "skip":
@@ -379,7 +427,7 @@ def parse_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_er
     """
     index = ImageIndex()
 
-    def parse_record(record: object, root: Path) -> dict:
+    def parse_record(record: object, root: Path, _index: int) -> dict:
         record_id = str(_get(record, "id", (str, int)))
         problem = _text(record, "problem")
         box = _check_box(_get(record, "normalized_solution", list), "normalized_solution")

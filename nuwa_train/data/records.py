@@ -9,7 +9,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .formats import DatasetFormatError, FieldError, LoadReport, parse_llava_json, parse_refcoco_json, read_image
+from .formats import (
+    DatasetFormatError,
+    FieldError,
+    LoadReport,
+    parse_llava_json,
+    parse_refcoco_json,
+    read_image_sized,
+)
+from .sharegpt import parse_sharegpt_json, resolve_objects, sharegpt_source
 from .synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
 
 logger = logging.getLogger(__name__)
@@ -66,7 +74,7 @@ class SyntheticRecords(Dataset):
 
 
 class FileRecords(Dataset):
-    """LLaVA-conversation and RefCOCO-style JSON files, concatenated (rows as dicts).
+    """LLaVA-conversation, RefCOCO-style and ShareGPT-style files, concatenated (rows as dicts).
 
     Start-up reads only the JSON and the image folders' listings (no image file is opened), so it costs the same
     on every rank whatever the images weigh. A record's image is decoded when the record is used, reduced to
@@ -76,10 +84,14 @@ class FileRecords(Dataset):
     """
 
     def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str,
-                 allow_outside_root: bool = False, min_image_side: int | None = None, text_only: str = "keep"):
+                 allow_outside_root: bool = False, min_image_side: int | None = None, text_only: str = "keep",
+                 sharegpt_files: list[str] = ()):
         options = dict(on_error=on_error, allow_outside_root=allow_outside_root, check_images=False)
         parsed = [parse_llava_json(path, **options, text_only=text_only) for path in llava_files]
         parsed += [parse_refcoco_json(path, **options) for path in refcoco_files]
+        for spec in sharegpt_files:
+            path, layout = sharegpt_source(spec)
+            parsed.append(parse_sharegpt_json(path, layout=layout, **options, text_only=text_only))
         self.parts = [rows for rows, _ in parsed]
         self.load_reports = [report for _, report in parsed]
         empty = [report for report in self.load_reports if report.loaded == 0]
@@ -100,13 +112,14 @@ class FileRecords(Dataset):
         part = bisect.bisect_right(self.offsets, index) - 1
         return self.parts[part][index - self.offsets[part]]
 
-    def _image(self, row: dict) -> Image.Image | None:
-        if row["image"] is None:  # a text-only record
-            return None
+    def _image(self, row: dict) -> tuple[Image.Image | None, tuple[int, int] | None]:
+        """The row's image (None: text-only) and the file's own size (its pixel boxes refer to it)."""
+        if row["image"] is None:
+            return None, None
         if self._last_image is None or self._last_image[0] != row["image"]:
             declared = row.get("declared_size")
-            self._last_image = (row["image"], read_image(row["image"], self.min_image_side, declared))
-        return self._last_image[1]
+            self._last_image = (row["image"], *read_image_sized(row["image"], self.min_image_side, declared))
+        return self._last_image[1:]
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self)):
@@ -115,7 +128,7 @@ class FileRecords(Dataset):
                 continue
             row = self._row(candidate)
             try:
-                image = self._image(row)
+                image, size = self._image(row)
             except FieldError as error:
                 problem = DatasetFormatError(row["source"], error.reason, row["index"], row["id"], error.field)
                 if self.on_error == "raise":
@@ -124,5 +137,5 @@ class FileRecords(Dataset):
                 self.access_reports[row["source"]].add_skip(problem, error.kind)
                 logger.warning("skipped (data.on_error: skip): %s", problem)
                 continue
-            return {**row, "image": image}
+            return {**(resolve_objects(row, size) if size else row), "image": image}
         raise DatasetFormatError(", ".join(self.access_reports), "no record has a readable image")

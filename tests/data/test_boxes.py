@@ -167,7 +167,8 @@ def test_each_family_is_asked_and_answered_in_its_own_format(family):
     record = {"id": "g", "image": image, "task": "grounding", "prompt": "locate the red circle.",
               "answer": "<loc_1><loc_2><loc_3><loc_4>", "box": [100, 250, 500, 750], "expression": "the red circle"}
     collate = VisionLanguageCollator(processor, box_format=codec)
-    _, prompt, answer = collate.validate(record, 0)
+    checked = collate.validate(record, 0)
+    prompt, answer = checked.prompt, checked.answer
     assert prompt == codec.prompt("the red circle")
     frame = ImageFrame(120, 80, qwen_model_size(processor.image_processor, 120, 80) if family == "qwen2_5_vl" else None)
     assert answer == codec.render((0.1, 0.25, 0.5, 0.75), frame, label="the red circle")
@@ -190,7 +191,8 @@ def test_llava_grounding_images_are_padded_so_a_box_maps_back_to_the_original_pi
     record = {"id": "g", "image": image, "task": "grounding", "prompt": "x", "answer": "x",
               "box": [250, 100, 750, 900], "expression": "the red circle"}
     codec = box_format("llava")
-    padded, _, answer = VisionLanguageCollator(processor, box_format=codec).validate(record, 0)
+    checked = VisionLanguageCollator(processor, box_format=codec).validate(record, 0)
+    padded, answer = checked.image, checked.answer
     assert padded.size == (120, 120)  # the square the model sees, original centred
     mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)
     assert padded.getpixel((0, 0)) == mean and padded.getpixel((60, 31)) == (0, 0, 255)
