@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from rich.progress import (
@@ -210,8 +210,11 @@ def _score(row: dict, text: str, bins: int, collator: VisionLanguageCollator | N
             overlap = box_iou(box, to_box01(truth)) if box is not None else 0.0
         return Prediction(str(row["id"]), "grounding", row["kind"], row["answer"], text, overlap >= IOU_THRESHOLD,
                           overlap if box is not None else None)
-    return Prediction(str(row["id"]), "vqa", row["kind"], row["answer"], text,
-                      normalise_answer(text) == normalise_answer(row["answer"]))
+    expected = row["answer"]
+    if row.get("objects") and collator is not None:  # <ref-object>/<bbox> placeholders, as the model spells them
+        expected = replace(collator, with_answer=True).validate(row, 0).answer
+    return Prediction(str(row["id"]), "vqa", row["kind"], expected, text,
+                      normalise_answer(text) == normalise_answer(expected))
 
 
 def _summarise(predictions: list[Prediction], pruning: NuwaConfig | None, vision_total: int, average: float,

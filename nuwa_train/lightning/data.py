@@ -94,10 +94,15 @@ class ResumableSampler(Sampler[int]):
 
 @dataclass(frozen=True)
 class FileSources:
-    """A user's data in the two public formats (see README: Data formats)."""
+    """A user's data, files (or `save_to_disk` folders) per format (see README: Real data).
+
+    `sharegpt` entries are ms-swift / LLaMA-Factory records, or `PATH/dataset_info.json:NAME` for a registered
+    LLaMA-Factory dataset (its file and column names).
+    """
 
     llava: list[str] = field(default_factory=list)
     refcoco: list[str] = field(default_factory=list)
+    sharegpt: list[str] = field(default_factory=list)
 
 
 def as_file_sources(value: FileSources | dict | None) -> FileSources | None:
@@ -155,7 +160,7 @@ class NuwaDataModule(L.LightningDataModule):
                 self.setup()
                 self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error,
                                                     self.hparams.allow_outside_root, needed_image_side(self.processor),
-                                                    self.hparams.text_only)
+                                                    self.hparams.text_only, files.sharegpt)
             else:
                 per_image = ((self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)
                              if split == "train" else (1, 1))

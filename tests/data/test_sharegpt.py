@@ -13,6 +13,7 @@ from nuwa_train.data.collate import IGNORE_INDEX, CollateError, VisionLanguageCo
 from nuwa_train.data.formats import DatasetFormatError
 from nuwa_train.data.records import FileRecords
 from nuwa_train.data.sharegpt import load_sharegpt_json, parse_sharegpt_json, sharegpt_source
+from nuwa_train.evaluation import _score
 from nuwa_train.models.families import FAMILIES
 
 WIDTH, HEIGHT = 200, 100
@@ -138,6 +139,12 @@ def test_placeholders_are_written_in_each_familys_format_and_score_as_the_origin
     assert box_iou(parsed, sheep) > 0.97  # the format's quantisation only
     batch = collate(rows)
     assert (batch["labels"] != IGNORE_INDEX).sum(1).gt(0).all()
+    prompts = VisionLanguageCollator(processor, box_format=codec, with_answer=False)  # as evaluation asks
+    assert prompts.validate(rows[0], 0).turns == [(first.prompt, None)]
+    graded = [_score({**row, "kind": row["task"]}, written, 32, prompts)
+              for row, written in ((rows[0], first.answer), (rows[1], dense.answer), (rows[2], "no box"))]
+    assert [p.correct for p in graded] == [True, True, False]
+    assert graded[0].iou == pytest.approx(box_iou(parsed, sheep)) and graded[2].iou is None  # unparseable
     if family == "qwen2_5_vl":
         assert frame.model_size == qwen_model_size(processor.image_processor, WIDTH, HEIGHT)
     if family.startswith("llava"):
