@@ -76,7 +76,22 @@ def _eval(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.recipe, args.out, args.test_images, args.max_steps)
+    chosen = {"methods": tuple(args.methods)} if args.methods else {}
+    run_demo(args.recipe, args.out, args.test_images, args.max_steps, **chosen)
+
+
+def _export_data(args: argparse.Namespace) -> None:
+    from .data.formats import export_split
+    from .data.sharegpt import export_conversations
+    from .data.synthetic import SyntheticConfig
+
+    config = SyntheticConfig()
+    if args.format == "sharegpt":
+        paths = [export_conversations(args.out, config, args.split, args.images, args.vqa_per_image,
+                                      args.grounding_per_image)]
+    else:
+        paths = export_split(args.out, config, args.split, args.images)
+    print("wrote " + ", ".join(map(str, paths)) + f" and {args.images} images")
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -110,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--test-images", type=int, default=250, help="synthetic test images (two records each)")
     demo.add_argument("--max-steps", type=int, help="override the recipe's trainer.max_steps")
+    demo.add_argument("--methods", type=lambda s: s.split(","),
+                      help="fine-tuned rows, comma-separated (default: nuwa,visionzip,fastv); nuwa is always needed")
     demo.set_defaults(handler=_demo)
 
     evaluate = commands.add_parser("eval", help="VQA / grounding with a pruner (hard path, generate), or the "
@@ -137,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    add_help=False)
     pretrain.add_argument("rest", nargs=argparse.REMAINDER)
     pretrain.set_defaults(handler=_pretrain_base)
+
+    export_data = commands.add_parser("export-data", help="write synthetic records as files: LLaVA + RefCOCO "
+                                                         "JSON, or ShareGPT (ms-swift) conversations")
+    export_data.add_argument("out", help="target directory (images in images/)")
+    export_data.add_argument("--format", choices=["llava-refcoco", "sharegpt"], default="sharegpt",
+                             help="sharegpt: one multi-turn conversation per image, boxes behind <ref-object>/<bbox> "
+                                  "placeholders (written in the model's box format when training)")
+    export_data.add_argument("--split", default="test", choices=["train", "val", "test"])
+    export_data.add_argument("--images", type=int, default=24)
+    export_data.add_argument("--vqa-per-image", type=int, default=4, help="sharegpt: VQA turns per conversation")
+    export_data.add_argument("--grounding-per-image", type=int, default=1,
+                             help="sharegpt: referring-expression turns per conversation")
+    export_data.set_defaults(handler=_export_data)
 
     for name in LIGHTNING_COMMANDS:
         commands.add_parser(name, help=f"LightningCLI {name}: --config recipes/<name>.yaml [--section.key value]")

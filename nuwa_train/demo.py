@@ -126,13 +126,18 @@ def _depth(model) -> int:
 
 
 def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", test_images: int = 250,
-             max_steps: int | None = None, batch_size: int = 64) -> dict:
+             max_steps: int | None = None, batch_size: int = 64,
+             methods: tuple[str, ...] = tuple(f.method for f in FINE_TUNES)) -> dict:
     from rich.console import Console
 
     from .data.records import SyntheticRecords
     from .lightning.cli import parse_recipe
     from .models import load_vlm
 
+    unknown = sorted(set(methods) - {f.method for f in FINE_TUNES})
+    if unknown or "nuwa" not in methods:
+        raise SystemExit(f"nuwa-train demo: --methods {','.join(methods)} must include nuwa (the exported model) "
+                         f"and name only {', '.join(f.method for f in FINE_TUNES)}")
     console, start = Console(), time.perf_counter()
     recipe_path, out_dir = Path(recipe), Path(out)
     recipe_settings = parse_recipe(recipe_path)  # the one read: the base, the training-free row, every fine-tune
@@ -157,7 +162,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
 
     console.rule("2/3  pruning-aware LoRA fine-tuning")
     curves, fine_tuned = {}, {}
-    for fine_tune in FINE_TUNES:
+    for fine_tune in (f for f in FINE_TUNES if f.method in methods):
         label, method = fine_tune.label, fine_tune.method
         extra = "".join(f", {key}={value}" for key, value in fine_tune.pruning.items())
         console.print(f"[bold]{label}[/bold]: method={method}, training selection={fine_tune.mode}{extra}")

@@ -17,7 +17,7 @@ from .formats import (
     parse_refcoco_json,
     read_image_sized,
 )
-from .sharegpt import parse_sharegpt_json, resolve_objects, sharegpt_source
+from .sharegpt import conversation_row, parse_sharegpt_json, resolve_objects, sharegpt_source
 from .synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
 
 logger = logging.getLogger(__name__)
@@ -29,12 +29,16 @@ class SyntheticRecords(Dataset):
     Each image yields `vqa_per_image` VQA records and `grounding_per_image` grounding records,
     consecutive and alternating while both last (vqa, grounding, vqa, ...): more supervision per
     rendered image and per vision-tower pass, or a different balance of the two tasks.
+    `conversation=True`: each image yields ONE record, a conversation whose turns are those questions in that
+    order, grounding turns written with ms-swift's `<ref-object>` / `<bbox>` placeholders (its `objects`), so the
+    collator asks and answers them in any family's box format (`loc_tokens`: the single-turn records' text).
     """
 
     def __init__(self, config: SyntheticConfig, split: str, num_images: int, vqa_per_image: int = 1,
-                 grounding_per_image: int = 1):
+                 grounding_per_image: int = 1, conversation: bool = False):
         self.config, self.split, self.num_images = config, split, num_images
         self.tasks = self.tasks_per_image(vqa_per_image, grounding_per_image)
+        self.conversation = conversation
         self._last_image: tuple | None = None  # (index, scene, rendered image): an image's records come in a row
 
     @staticmethod
@@ -52,15 +56,18 @@ class SyntheticRecords(Dataset):
 
     @property
     def records_per_image(self) -> int:
-        return len(self.tasks)
+        return 1 if self.conversation else len(self.tasks)
 
     def __len__(self) -> int:
         return self.num_images * self.records_per_image
 
     def __getitem__(self, index: int) -> dict:
         image, position = divmod(index, self.records_per_image)
-        make, draw = self.tasks[position]
         scene, pixels = self._scene(image)
+        if self.conversation:
+            return {**conversation_row([make(scene, self.config, draw) for make, draw in self.tasks],
+                                       self.config), "image": pixels}
+        make, draw = self.tasks[position]
         record = make(scene, self.config, draw)
         return dict(id=record.id, image=pixels, prompt=record.prompt, answer=record.answer,
                     task=record.task, box=record.box, kind=record.kind, expression=record.expression)

@@ -22,8 +22,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .boxes import BBOX_TYPES, object_box01, to_grid
-from .collate import TEXT_TASK
+from .collate import BOX_PLACEHOLDER, REF_PLACEHOLDER, TEXT_TASK
+from .synthetic import Record, SyntheticConfig, generate_scene
 from .formats import (
+    IMAGE_DIR,
     IMAGE_TOKEN,
     TEXT_ONLY,
     TEXT_ONLY_SKIPPED,
@@ -39,9 +41,8 @@ from .formats import (
     _to_dataset,
 )
 
-REF_PLACEHOLDER = "<ref-object>"
-BOX_PLACEHOLDER = "<bbox>"
 DEFAULT_BBOX_TYPE = "real"  # ms-swift's default: pixels of the original image
+CONVERSATIONS_FILE = "conversations.jsonl"  # the synthetic multi-turn export
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,49 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
         return row
 
     return _parse(path, image_root, on_error, parse_record)
+
+
+def conversation_row(records: list[Record], config: SyntheticConfig) -> dict:
+    """Records about one image as one conversation row (FEATURES without the image): grounding turns ask
+    `config.grounding_template` about a `<ref-object>` and answer `<bbox>`, their boxes in `objects` (0-1000)."""
+    messages, refs, boxes = [], [], []
+    for record in records:
+        if record.task == "grounding":
+            messages += [{"role": "user", "content": config.grounding_template.format(expression=REF_PLACEHOLDER)},
+                         {"role": "assistant", "content": BOX_PLACEHOLDER}]
+            refs.append(record.expression)
+            boxes.append([float(v) for v in record.box])
+        else:
+            messages += [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.answer}]
+    first = records[0]
+    return dict(id=f"{first.scene.split}-{first.scene.index:06d}-conversation", prompt=messages[0]["content"], answer=messages[1]["content"],
+                task=first.task, box=first.box, kind=first.kind, expression=first.expression, messages=messages,
+                objects={"ref": refs, "bbox": boxes, "bbox_type": "norm_1000"} if refs else None)
+
+
+def export_conversations(out_dir: PathLike, config: SyntheticConfig, split: str, num_images: int,
+                         vqa_per_image: int = 4, grounding_per_image: int = 1, start: int = 0) -> Path:
+    """Images [start, start + num_images) of a synthetic split as ms-swift records, one conversation per image
+    (`conversations.jsonl`, boxes as `norm_1000` objects behind the placeholders) plus their PNG images."""
+    from .records import SyntheticRecords  # records.py reads this module's rows
+
+    out = Path(out_dir)
+    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    data = SyntheticRecords(config, split, start + num_images, vqa_per_image, grounding_per_image, conversation=True)
+    lines = []
+    for index in range(start, start + num_images):
+        row = data[index]
+        image = f"{IMAGE_DIR}/{generate_scene(config, split, index).image_name}"
+        row["image"].save(out / image)
+        messages = [dict(m) for m in row["messages"]]
+        messages[0]["content"] = f"{IMAGE_TOKEN}{messages[0]['content']}"
+        record = {"id": row["id"], "messages": messages, "images": [image]}
+        if row["objects"]:
+            record["objects"] = row["objects"]
+        lines.append(json.dumps(record))
+    path = out / CONVERSATIONS_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def load_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",

@@ -116,7 +116,9 @@ class NuwaDataModule(L.LightningDataModule):
     `train_vqa_per_image` / `train_grounding_per_image`: the records each synthetic training image
     yields (more questions per image, or another balance of the tasks). `group_by_image`: a training
     batch holds an image's records together, and the vision tower runs once per distinct image (on
-    the tiny model the tower is half of a training step). `text_only`: records of a file without an image
+    the tiny model the tower is half of a training step). `train_conversations`: each synthetic training image
+    yields one multi-turn conversation of those questions instead (every answer trained, the image pruned once,
+    grounding turns in the model's box format). `text_only`: records of a file without an image
     (a large share of LLaVA-665K) train as text ("keep"), or are left out and counted ("skip").
     """
 
@@ -127,14 +129,16 @@ class NuwaDataModule(L.LightningDataModule):
                  num_workers: int = 0, max_length: int | None = None, on_error: OnError = "raise", seed: int = 0,
                  train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False,
                  allow_outside_root: bool = False, text_only: TextOnly = "keep",
-                 box_format: BoxFormatName | None = None):
+                 box_format: BoxFormatName | None = None, train_conversations: bool = False):
         super().__init__()
         if on_error not in get_args(OnError):
             raise ValueError(f"data.on_error={on_error!r} must be one of {', '.join(get_args(OnError))}")
         self.save_hyperparameters()
         SyntheticRecords.tasks_per_image(train_vqa_per_image, train_grounding_per_image, key_prefix="data.train_")
-        if train_files is not None and (group_by_image or (train_vqa_per_image, train_grounding_per_image) != (1, 1)):
-            raise ValueError("data.group_by_image and data.train_*_per_image shape the synthetic training data; with "
+        if train_files is not None and (group_by_image or train_conversations
+                                        or (train_vqa_per_image, train_grounding_per_image) != (1, 1)):
+            raise ValueError("data.group_by_image, data.train_conversations and data.train_*_per_image shape the "
+                             "synthetic training data; with "
                              "data.train_files put a file's questions about one image in one conversation")
         self.synthetic = as_synthetic_config(synthetic)
         self.files = {split: as_file_sources(sources) for split, sources in
@@ -165,7 +169,8 @@ class NuwaDataModule(L.LightningDataModule):
                 per_image = ((self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)
                              if split == "train" else (1, 1))
                 self._datasets[split] = SyntheticRecords(self.synthetic, split, self.hparams[f"{split}_images"],
-                                                         *per_image)
+                                                         *per_image, conversation=self.hparams.train_conversations
+                                                         and split == "train")
         return self._datasets[split]
 
     def evaluation_records(self, split: str, limit: int | None = None) -> list[dict]:
