@@ -44,7 +44,6 @@ TEXT_ONLY = ("keep", "skip")  # what the loaders do with records that have no im
 TEXT_ONLY_SKIPPED = "text-only record (data.text_only: skip)"
 REPORTED_IDS = 5  # record ids listed per skip reason in a report
 _LIST_INDEX = re.compile(r"\[\d+\]")  # conversations[3].value -> conversations[].value when counting reasons
-_ROLES = {"human": "user", "gpt": "assistant"}
 _COORDINATE = r"(?:<loc_\d+>|\d+)"
 _BOX_ANSWER = re.compile(rf"[\s\[\](),]*(?:{_COORDINATE}[\s\[\](),]*){{4}}")  # four coordinates, nothing else
 
@@ -274,6 +273,33 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
 # loaders
 
 
+def chat_turns(turns: list, column: str, role_tag: str, content_tag: str, speakers: tuple[str, str],
+               has_image: bool) -> list[dict]:
+    """Alternating (user, assistant) turns ending with the assistant as messages (role user/assistant, content
+    without the image placeholder, which the first user turn of a record with an image must hold exactly once)."""
+    if len(turns) < 2 or len(turns) % 2:
+        raise FieldError(column, f"expected alternating {speakers[0]}/{speakers[1]} turns ending with {speakers[1]}, "
+                                 f"got {len(turns)} turns")
+    messages = []
+    for t, turn in enumerate(turns):
+        speaker = speakers[t % 2]
+        if not isinstance(turn, dict) or turn.get(role_tag) != speaker:
+            got = turn.get(role_tag) if isinstance(turn, dict) else turn
+            raise FieldError(f"{column}[{t}].{role_tag}",
+                             f"expected {speaker!r} (turns alternate {speakers[0]}, {speakers[1]}), got {got!r}")
+        content = turn.get(content_tag)
+        if not isinstance(content, str):
+            raise FieldError(f"{column}[{t}].{content_tag}", f"expected str, got {type(content).__name__}")
+        if content.count(IMAGE_TOKEN) != (1 if t == 0 and has_image else 0):
+            rule = (f"the first {speakers[0]} turn needs exactly one" if t == 0 and has_image else
+                    "only the first turn of a record with an image may hold an")
+            raise FieldError(f"{column}[{t}].{content_tag}", f"{rule} {IMAGE_TOKEN!r} placeholder")
+        messages.append({"role": ("user", "assistant")[t % 2], "content": content.replace(IMAGE_TOKEN, "").strip()})
+    return messages
+
+
+
+
 def _read_records(path: str) -> list:
     """The records of a JSON file (one list), a JSON Lines file (`.jsonl`: one record per line, blank lines
     skipped; a line that is not JSON is an error naming its line number), or a `datasets` directory written by
@@ -376,25 +402,8 @@ def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_erro
         if has_image:
             image = (_image(record, root, allow_outside_root, index)[0] if check_images
                      else _image_path(record, root, allow_outside_root, index))
-        turns = _get(record, "conversations", list)
-        if len(turns) < 2 or len(turns) % 2:
-            raise FieldError("conversations",
-                              f"expected alternating human/gpt turns ending with gpt, got {len(turns)} turns")
-        messages = []
-        for t, turn in enumerate(turns):
-            speaker = ("human", "gpt")[t % 2]
-            if not isinstance(turn, dict) or turn.get("from") != speaker:
-                got = turn.get("from") if isinstance(turn, dict) else turn
-                raise FieldError(f"conversations[{t}].from",
-                                  f"expected {speaker!r} (turns alternate human, gpt), got {got!r}")
-            value = turn.get("value")
-            if not isinstance(value, str):
-                raise FieldError(f"conversations[{t}].value", f"expected str, got {type(value).__name__}")
-            if value.count(IMAGE_TOKEN) != (1 if t == 0 and has_image else 0):
-                rule = ("the first human turn needs exactly one" if t == 0 and has_image else
-                        "only the first turn of a record with an image may hold an")
-                raise FieldError(f"conversations[{t}].value", f"{rule} {IMAGE_TOKEN!r} placeholder")
-            messages.append({"role": _ROLES[speaker], "content": value.replace(IMAGE_TOKEN, "").strip()})
+        messages = chat_turns(_get(record, "conversations", list), "conversations", "from", "value",
+                              ("human", "gpt"), has_image)
         answer = messages[1]["content"]
         if not answer:
             raise FieldError("conversations[1].value", "empty answer")

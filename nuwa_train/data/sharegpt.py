@@ -39,6 +39,7 @@ from .formats import (
     _image_path,
     _parse,
     _to_dataset,
+    chat_turns,
 )
 
 DEFAULT_BBOX_TYPE = "real"  # ms-swift's default: pixels of the original image
@@ -192,28 +193,11 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
         has_image = bool(images)
         if not has_image and text_only == "skip":
             raise FieldError(form.images, "the record has no image", kind=TEXT_ONLY_SKIPPED, chosen=True)
-        if len(turns) < 2 or len(turns) % 2:
-            raise FieldError(form.messages, f"expected alternating {form.user_tag}/{form.assistant_tag} turns "
-                                            f"ending with {form.assistant_tag}, got {len(turns)} turns")
-        messages = []
-        for t, turn in enumerate(turns):
-            field = f"{form.messages}[{t}]"
-            speaker = (form.user_tag, form.assistant_tag)[t % 2]
-            if not isinstance(turn, dict) or turn.get(form.role_tag) != speaker:
-                got = turn.get(form.role_tag) if isinstance(turn, dict) else turn
-                raise FieldError(f"{field}.{form.role_tag}", f"expected {speaker!r} (turns alternate "
-                                                             f"{form.user_tag}, {form.assistant_tag}), got {got!r}")
-            content = turn.get(form.content_tag)
-            if not isinstance(content, str):
-                raise FieldError(f"{field}.{form.content_tag}", f"expected str, got {type(content).__name__}")
-            if content.count(IMAGE_TOKEN) != (1 if t == 0 and has_image else 0):
-                rule = ("the first user turn needs exactly one" if t == 0 and has_image else
-                        "only the first turn of a record with an image may hold an")
-                raise FieldError(f"{field}.{form.content_tag}", f"{rule} {IMAGE_TOKEN!r} placeholder")
-            content = content.replace(IMAGE_TOKEN, "").strip()
-            if not content:
-                raise FieldError(f"{field}.{form.content_tag}", "empty")
-            messages.append({"role": ("user", "assistant")[t % 2], "content": content})
+        messages = chat_turns(turns, form.messages, form.role_tag, form.content_tag,
+                              (form.user_tag, form.assistant_tag), has_image)
+        for t, message in enumerate(messages):
+            if not message["content"]:
+                raise FieldError(f"{form.messages}[{t}].{form.content_tag}", "empty")
         objects = _objects(record, form)
         texts = " ".join(m["content"] for m in messages)
         needed = {"ref": texts.count(REF_PLACEHOLDER), "bbox": texts.count(BOX_PLACEHOLDER)}
