@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 from PIL import Image
 
 from .collate import TEXT_TASK
@@ -174,18 +175,42 @@ class ImageIndex:
         return name in self._folders[folder]
 
 
-def _image_path(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
-                key: str = "image") -> str | bytes:
-    """The record's image as an absolute path inside `root` (unless allowed outside) that exists, or the encoded
-    bytes a `save_to_disk` directory holds it as."""
-    value = _get(record, key, (str, dict))
-    if isinstance(value, dict):  # a datasets Image read undecoded: {"bytes": ..., "path": ...}
+class EmbeddedImage:
+    """An image a `save_to_disk` folder embeds: its bytes stay in the memory-mapped Arrow table until the record
+    is read, so start-up costs what a JSON file costs whatever the images weigh."""
+
+    def __init__(self, table: datasets.Dataset, column: str, row: int, position: int | None = None):
+        self.table, self.column, self.row, self.position = table, column, row, position
+
+    def read(self) -> bytes:
+        value = self.table.data.column(self.column)[self.row].as_py()
+        value = value if self.position is None else value[self.position]
         if value.get("bytes"):
             return value["bytes"]
-        value = value.get("path")
-        if not isinstance(value, str):
-            raise FieldError(key, "an embedded image without bytes or a path")
-        record = {key: value}
+        if value.get("path") and os.path.isfile(value["path"]):
+            with open(value["path"], "rb") as f:
+                return f.read()
+        raise FieldError(self.column, f"the saved image has no bytes and no readable path ({value.get('path')!r})")
+
+    def _key(self) -> tuple:
+        return id(self.table), self.column, self.row, self.position
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EmbeddedImage) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"<image embedded in row {self.row} of column {self.column!r}>"
+
+
+def _image_path(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
+                key: str = "image") -> str | EmbeddedImage:
+    """The record's image as an absolute path inside `root` (unless allowed outside) that exists, or the image a
+    `save_to_disk` folder embeds."""
+    if isinstance(record, dict) and isinstance(record.get(key), EmbeddedImage):
+        return record[key]
     given = _text(record, key)
     path = os.path.normpath(os.path.join(os.path.abspath(root), given))
     if not allow_outside_root and (os.path.isabs(given) or os.path.commonpath([path, os.path.abspath(root)])
@@ -197,25 +222,25 @@ def _image_path(record: object, root: Path, allow_outside_root: bool, index: Ima
     return path
 
 
-def read_image(path: str | bytes, min_side: int | None = None,
+def read_image(path: str | EmbeddedImage, min_side: int | None = None,
                declared_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image fully (a truncated or corrupt file fails here, not in the processor), as RGB.
 
     `min_side`: the short side the processor needs at most; a larger image is decoded reduced by a whole factor
     (JPEG's DCT scaling via `draft`, else `reduce`), so an 8000x8000 photo does not cost a full-size decode and
     resize on every access. `declared_size`: (width, height) the record states, checked against the file.
-    `path` may also be an image file's bytes (a `save_to_disk` directory's embedded image).
+    `path` may also be an image a `save_to_disk` folder embeds.
     Raises `FieldError("image", ...)`; the caller names the file and record.
     """
     return read_image_sized(path, min_side, declared_size)[0]
 
 
-def read_image_sized(path: str | bytes, min_side: int | None = None,
+def read_image_sized(path: str | EmbeddedImage, min_side: int | None = None,
                      declared_size: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """`read_image` and the file's own (width, height): pixel boxes refer to it, not to a reduced decode."""
-    name = "an embedded image" if isinstance(path, bytes) else path
+    name = repr(path) if isinstance(path, EmbeddedImage) else path
     try:
-        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
+        with Image.open(io.BytesIO(path.read()) if isinstance(path, EmbeddedImage) else path) as image:
             if declared_size is not None and tuple(declared_size) != image.size:
                 raise FieldError("image", f"{name} is {image.size[0]}x{image.size[1]}, but the record declares "
                                            f"width {declared_size[0]}, height {declared_size[1]}",
@@ -235,7 +260,7 @@ def read_image_sized(path: str | bytes, min_side: int | None = None,
 
 
 def _image(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
-           key: str = "image") -> tuple[str | bytes, tuple[int, int]]:
+           key: str = "image") -> tuple[str | EmbeddedImage, tuple[int, int]]:
     """Absolute path (or bytes) and (width, height) of the record's image, reading the whole file (public loaders)."""
     path = _image_path(record, root, allow_outside_root, index, key)
     image = read_image(path)
@@ -333,15 +358,21 @@ def _read_saved_dataset(path: str) -> list[dict]:
     if isinstance(saved, datasets.DatasetDict):
         raise DatasetFormatError(path, f"holds the splits {', '.join(saved)}: name one split's folder (e.g. "
                                        f"{os.path.join(path, next(iter(saved)))})")
-    undecoded = {}
-    for name, feature in saved.features.items():
-        if isinstance(feature, datasets.Image):
-            undecoded[name] = datasets.Image(decode=False)
-        elif isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
-            undecoded[name] = datasets.List(datasets.Image(decode=False))
-    if undecoded:
-        saved = saved.cast(datasets.Features({**saved.features, **undecoded}))
-    return saved.to_list()
+    images = {name: isinstance(feature, (datasets.List, datasets.Sequence)) for name, feature in saved.features.items()
+              if isinstance(feature, datasets.Image) or isinstance(getattr(feature, "feature", None), datasets.Image)}
+    rows = saved.remove_columns(list(images)).to_list()  # the text: what a JSON file holds
+    for name, is_list in images.items():
+        column = saved.data.column(name)
+        counts = pc.list_value_length(column).to_pylist() if is_list else [None] * len(rows)
+        missing = column.is_null().to_pylist()
+        for number, (row, count) in enumerate(zip(rows, counts)):
+            if missing[number]:
+                row[name] = None
+            elif is_list:
+                row[name] = [EmbeddedImage(saved, name, number, k) for k in range(count)]
+            else:
+                row[name] = EmbeddedImage(saved, name, number)
+    return rows
 
 
 def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
@@ -369,11 +400,15 @@ def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
     return rows, report
 
 
+def _encodable(value: object) -> object:
+    return {"bytes": value.read(), "path": None} if isinstance(value, EmbeddedImage) else value
+
+
 def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
     if report.skipped:
         logger.warning("%s: skipped %d malformed records, first: %s",
                        report.path, report.skipped, report.reasons[0])
-    columns = {name: [row.get(name) for row in rows] for name in FEATURES}  # also right when every record was skipped
+    columns = {name: [_encodable(row.get(name)) for row in rows] for name in FEATURES}  # also right when every record was skipped
     # (the rows' `source` file and `index` in it are not columns)
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 

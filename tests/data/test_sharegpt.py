@@ -107,6 +107,14 @@ def test_a_save_to_disk_folder_with_embedded_images_reads_the_same_rows(folder, 
     rows, _ = parse_sharegpt_json(tmp_path / "saved")
     expected = [row for row in parse_sharegpt_json(folder / "swift.json")[0] if row["task"] != "text"]
     assert comparable(rows) == [{**row, "id": str(i)} for i, row in enumerate(comparable(expected))]
+    from nuwa_train.data.formats import EmbeddedImage
+
+    lazy = FileRecords([], [], "raise", sharegpt_files=[str(tmp_path / "saved")])
+    assert all(isinstance(row["image"], EmbeddedImage) for row in lazy.parts[0])  # no image bytes held at start-up
+    original = Image.open(folder / "images" / "field.png").convert("RGB")
+    for number, row in enumerate(expected):
+        read = lazy[number]
+        assert read["image"].tobytes() == original.tobytes() and read["box"] == row["box"]
     datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(DatasetFormatError, match="splits train: name one split's folder"):
         parse_sharegpt_json(tmp_path / "splits")
