@@ -67,10 +67,10 @@ def _pretrain_base(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .compare import run_eval
+    from .compare import parse_data_sources, run_eval
 
     run_eval(args.model, args.split, args.images, Path(args.out), None if args.compare else args.method, args.budget,
-             tuple(args.budgets), args.batch_size)
+             tuple(args.budgets), args.batch_size, data=parse_data_sources(args.data), limit=args.limit)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="VQA / grounding with a pruner (hard path, generate), or the "
                                                "comparison table of all pruners (--compare)")
     evaluate.add_argument("--model", default="data/tiny_base", help="a HF model directory, or a recipe (.yaml)")
+    evaluate.add_argument("--data", action="append", default=[], metavar="FORMAT=PATH",
+                          help="score your files instead of the synthetic split (repeatable; FORMAT: llava, refcoco, "
+                               "sharegpt; PATH: a JSON / JSONL file or a save_to_disk folder); every record is scored")
+    evaluate.add_argument("--limit", type=int, help="score only the first N records (default: all)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--images", type=int, default=250, help="synthetic images (two records each)")
     evaluate.add_argument("--method", default="nuwa", choices=METHODS, help=f"pruner: {', '.join(METHODS)}")

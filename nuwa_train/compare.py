@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import EvalResult, evaluate
+from .io import write_atomically
 from .models import attach_nuwa
 from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
 from .viz import kept_tokens, plot_kept_tokens
@@ -44,7 +45,9 @@ class Row:
                 "grounding_miou": None if r is None else r.grounding_miou,
                 "vqa_retention": None if r is None else retention(r.vqa_exact_match, self.reference.vqa_exact_match),
                 "grounding_retention": None if r is None else retention(r.grounding_acc50,
-                                                                        self.reference.grounding_acc50)}
+                                                                        self.reference.grounding_acc50),
+                "num_vqa": None if r is None else r.num_vqa, "num_grounding": None if r is None else r.num_grounding,
+                "unparseable": None if r is None else r.unparseable}
 
 
 def markdown_table(rows: list[dict], title: str) -> str:
@@ -72,8 +75,12 @@ def write_table(rows: list[dict], out_dir: Path, name: str, title: str, extra: d
 def overlay(model, processor, records: list[dict], configs: list[tuple[str, NuwaConfig]], path: Path) -> Path:
     """Kept tokens of each pruner on the first few records' images (hard path, one image at a time)."""
     from .data.collate import VisionLanguageCollator
+    from .data.synthetic import SyntheticConfig
+    from .models.families import base_model, box_format_for
 
-    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False)
+    codec = box_format_for(base_model(model).config.model_type, processor.tokenizer,
+                           loc_prompt_template=SyntheticConfig.grounding_template)  # the question evaluation asks
+    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False, box_format=codec)
     grounding = [r for r in records if r.get("task") == "grounding"]  # one per image; spatial questions
     picked = (grounding or records)[:OVERLAY_IMAGES]
     rows, grid = [], None
@@ -111,19 +118,58 @@ def compare_training_free(model, processor, records: list[dict], budgets=PAPER_B
     return rows
 
 
+EVAL_FORMATS = ("llava", "refcoco", "sharegpt")  # `--data FORMAT=PATH`: the data module's file keys
+PREDICTIONS_NAME = "predictions.jsonl"
+
+
+def parse_data_sources(values: list[str]) -> dict[str, list[str]]:
+    """`--data FORMAT=PATH` (repeatable) -> {format: [paths]}; a bad entry is an error naming it."""
+    sources: dict[str, list[str]] = {}
+    for value in values:
+        kind, separator, path = value.partition("=")
+        if not separator or kind not in EVAL_FORMATS or not path:
+            raise SystemExit(f"nuwa-train eval: --data {value!r} must be FORMAT=PATH with FORMAT one of "
+                             f"{', '.join(EVAL_FORMATS)}")
+        sources.setdefault(kind, []).append(path)
+    return sources
+
+
+def _evaluation_records(model_path: str, processor, split: str, images: int, data: dict[str, list[str]] | None,
+                        limit: int | None) -> tuple[list[dict], str]:
+    """Every record of the user's files (or of a synthetic split), up to `limit`, and what they are."""
+    from .data.collate import needed_image_side
+    from .data.records import FileRecords, SyntheticRecords
+
+    if data:
+        dataset = FileRecords(data.get("llava", []), data.get("refcoco", []), "raise",
+                              min_image_side=needed_image_side(processor), sharegpt_files=data.get("sharegpt", []))
+        described = ", ".join(f"{kind}={path}" for kind, paths in data.items() for path in paths)
+    else:
+        dataset = SyntheticRecords(synthetic_config_for(model_path), split, images)
+        described = f"{split} split"
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    return [dataset[i] for i in range(count)], described
+
+
+def write_predictions(path: Path, results: dict[str, EvalResult]) -> Path:
+    """One JSON line per scored record and setting: what was asked for, what the model said, whether it scored."""
+    lines = [json.dumps({"setting": label, **prediction}) for label, result in results.items()
+             for prediction in result.to_dict(with_predictions=True)["predictions"]]
+    return write_atomically(path, lambda staging: staging.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+
+
 def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: str | None, budget: int,
-             budgets: tuple[int, ...], batch_size: int) -> dict:
+             budgets: tuple[int, ...], batch_size: int, data: dict[str, list[str]] | None = None,
+             limit: int | None = None) -> dict:
     from rich.console import Console
 
-    from .data.records import SyntheticRecords
     from .models import load_vlm
 
     console = Console()
     model_path = resolve_model_path(model_path)
     model, processor = load_vlm(model_path)
     model.eval()
-    dataset = SyntheticRecords(synthetic_config_for(model_path), split, images)
-    records = [dataset[i] for i in range(len(dataset))]
+    records, described = _evaluation_records(model_path, processor, split, images, data, limit)
     if method is not None:
         reference = evaluate(model, processor, records, pruning=None, batch_size=batch_size,
                              description="full tokens")
@@ -131,16 +177,19 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
         result = reference if pruning is None else evaluate(model, processor, records, pruning=pruning,
                                                             batch_size=batch_size)
         rows = [Row("full tokens", None, reference, reference).as_dict()]
+        scored = {"full tokens": reference}
         if pruning is not None:
             rows.append(Row(method, budget, result, reference).as_dict())
+            scored[f"{method} @ {budget}"] = result
+        write_predictions(out_dir / PREDICTIONS_NAME, scored)
         name, configs = f"eval_{method}_{budget}", [(method, pruning or NuwaConfig(method="none"))]
     else:
         rows = compare_training_free(model, processor, records, budgets, batch_size=batch_size, console=console)
         name = "compare"
         configs = [("full tokens", NuwaConfig(method="none"))] + [
             (f"{label} @ {budgets[0]}", NuwaConfig(method=m, budget=budgets[0])) for label, m in TRAINING_FREE]
-    title = f"{model_path}: {split} split, {len(records)} records"
-    text = write_table(rows, out_dir, name, title, {"model": model_path, "split": split, "records": len(records)})
+    title = f"{model_path}: {described}, {len(records)} records"
+    text = write_table(rows, out_dir, name, title, {"model": model_path, "data": described, "records": len(records)})
     picture = overlay(model, processor, records, configs, out_dir / f"{name}_kept_tokens.png")
     console.print(text)
     console.print(f"wrote {out_dir / (name + '.md')}, {out_dir / (name + '.json')}, {picture}")

@@ -22,6 +22,32 @@ def test_eval_compare_writes_the_table_and_the_overlay(tiny_base_dir, tmp_path):
     assert (tmp_path / "compare_kept_tokens.png").stat().st_size > 0 and (tmp_path / "compare.md").is_file()
 
 
+def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_predictions(tiny_base_dir,
+                                                                                            tmp_path):
+    from nuwa_train.data.formats import export_split
+    from nuwa_train.data.sharegpt import export_conversations
+    from nuwa_train.data.synthetic import SyntheticConfig
+
+    llava, refcoco = export_split(tmp_path / "files", SyntheticConfig(), "val", 3)  # 3 VQA + 3 grounding records
+    conversations = export_conversations(tmp_path / "swift", SyntheticConfig(), "val", 2, 0, 1)  # 2 grounding
+    out = tmp_path / "out"
+    main(["eval", "--model", tiny_base_dir, "--method", "nuwa", "--budget", "64", "--out", str(out),
+          "--data", f"llava={llava}", "--data", f"refcoco={refcoco}", "--data", f"sharegpt={conversations}"])
+    saved = json.loads((out / "eval_nuwa_64.json").read_text())
+    assert saved["records"] == 8 and "sharegpt=" in saved["data"]
+    full, pruned = saved["rows"]
+    assert (full["num_vqa"], full["num_grounding"]) == (pruned["num_vqa"], pruned["num_grounding"]) == (3, 5)
+    assert pruned["unparseable"] >= 0 and pruned["vision_tokens"] == 16.0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 16 and {p["setting"] for p in predictions} == {"full tokens", "nuwa @ 64"}
+    assert {"id", "task", "answer", "prediction", "correct", "iou"} <= set(predictions[0])
+    main(["eval", "--model", tiny_base_dir, "--method", "none", "--out", str(out / "capped"), "--limit", "2",
+          "--data", f"refcoco={refcoco}"])
+    assert json.loads((out / "capped" / "eval_none_64.json").read_text())["records"] == 2
+    with pytest.raises(SystemExit, match="must be FORMAT=PATH with FORMAT one of llava, refcoco, sharegpt"):
+        main(["eval", "--model", tiny_base_dir, "--data", f"coco={refcoco}"])
+
+
 def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["model"]["model_path"] = tiny_base_dir
