@@ -69,8 +69,10 @@ def _pretrain_base(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .compare import parse_data_sources, run_eval
 
-    run_eval(args.model, args.split, args.images, Path(args.out), None if args.compare else args.method, args.budget,
-             tuple(args.budgets), args.batch_size, data=parse_data_sources(args.data), limit=args.limit)
+    given = {key: value for key, value in (("method", args.method), ("budget", args.budget)) if value is not None}
+    run_eval(args.model, args.split, args.images, Path(args.out), None if args.compare else args.method or "nuwa",
+             args.budget or DEFAULT_EVAL_BUDGET, tuple(args.budgets), args.batch_size,
+             data=parse_data_sources(args.data), limit=args.limit, overrides=given)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -95,6 +97,7 @@ def _export_data(args: argparse.Namespace) -> None:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+DEFAULT_EVAL_BUDGET = 64  # the paper's smallest budget (~11% of LLaVA-1.5's 576 tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="score only the first N records (default: all)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--images", type=int, default=250, help="synthetic images (two records each)")
-    evaluate.add_argument("--method", default="nuwa", choices=METHODS, help=f"pruner: {', '.join(METHODS)}")
-    evaluate.add_argument("--budget", type=int, default=64, help="average tokens per image on the 24x24 grid")
+    evaluate.add_argument("--method", choices=METHODS, help=f"pruner: {', '.join(METHODS)} (default: an export's "
+                                                            f"nuwa_config.json, else nuwa)")
+    evaluate.add_argument("--budget", type=int, help=f"average tokens per image on the 24x24 grid (default: an "
+                                                     f"export's nuwa_config.json, else {DEFAULT_EVAL_BUDGET})")
     evaluate.add_argument("--compare", action="store_true", help="every pruner at every --budgets")
     evaluate.add_argument("--budgets", type=_int_list, default=[64, 128, 192])
     evaluate.add_argument("--batch-size", type=int, default=64)

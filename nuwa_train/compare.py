@@ -8,12 +8,13 @@ tokens of each pruner on a few test images.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .evaluation import EvalResult, evaluate
+from .export import NUWA_CONFIG_NAME
 from .io import write_atomically
 from .models import attach_nuwa
 from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
@@ -160,7 +161,9 @@ def write_predictions(path: Path, results: dict[str, EvalResult]) -> Path:
 
 def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: str | None, budget: int,
              budgets: tuple[int, ...], batch_size: int, data: dict[str, list[str]] | None = None,
-             limit: int | None = None) -> dict:
+             limit: int | None = None, overrides: dict | None = None) -> dict:
+    """`overrides`: the pruning flags the user gave; an export's `nuwa_config.json` (the settings it was trained
+    with) supplies the rest. Without `overrides`, `method` and `budget` are the whole setting."""
     from rich.console import Console
 
     from .models import load_vlm
@@ -173,13 +176,20 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
     if method is not None:
         reference = evaluate(model, processor, records, pruning=None, batch_size=batch_size,
                              description="full tokens")
-        pruning = None if method == "none" else NuwaConfig(method=method, budget=budget)
+        pruning, note = NuwaConfig(method=method, budget=budget), ""
+        trained = exported_pruning(model_path) if overrides is not None else None
+        if trained is not None:
+            pruning = replace(trained, **overrides)
+            method, budget = pruning.method, pruning.budget
+            note = (f"{NUWA_CONFIG_NAME} of the export" + (f", {', '.join(overrides)} from the flags" if overrides
+                                                           else "") + f"; stage 2 at layer {pruning.stage2_layer}")
+        pruning = None if method == "none" else pruning
         result = reference if pruning is None else evaluate(model, processor, records, pruning=pruning,
                                                             batch_size=batch_size)
         rows = [Row("full tokens", None, reference, reference).as_dict()]
         scored = {"full tokens": reference}
         if pruning is not None:
-            rows.append(Row(method, budget, result, reference).as_dict())
+            rows.append(Row(method, budget, result, reference, note=note).as_dict())
             scored[f"{method} @ {budget}"] = result
         write_predictions(out_dir / PREDICTIONS_NAME, scored)
         name, configs = f"eval_{method}_{budget}", [(method, pruning or NuwaConfig(method="none"))]
@@ -194,6 +204,16 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
     console.print(text)
     console.print(f"wrote {out_dir / (name + '.md')}, {out_dir / (name + '.json')}, {picture}")
     return {"rows": rows}
+
+
+def exported_pruning(model_path: str) -> NuwaConfig | None:
+    """The pruning an exported model was fine-tuned with (its nuwa_config.json), None for a plain model."""
+    path = Path(model_path) / NUWA_CONFIG_NAME
+    if not path.is_file():
+        return None
+    settings = json.loads(path.read_text())
+    settings.pop("exported_from", None)
+    return NuwaConfig.from_dict(settings)
 
 
 def resolve_model_path(model: str) -> str:

@@ -48,6 +48,26 @@ def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_
         main(["eval", "--model", tiny_base_dir, "--data", f"coco={refcoco}"])
 
 
+def test_eval_of_an_export_runs_its_trained_pruning_unless_a_flag_overrides_it(tiny_base_dir, tmp_path):
+    import shutil
+
+    from nuwa_train.pruning import NuwaConfig
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_base_dir, export)
+    trained = NuwaConfig(budget=64, stage2_layer=0.8)
+    (export / "nuwa_config.json").write_text(json.dumps({**trained.to_dict(), "exported_from": "x.ckpt"}))
+    main(["eval", "--model", str(export), "--images", "2", "--out", str(tmp_path / "a")])
+    row = json.loads((tmp_path / "a" / "eval_nuwa_64.json").read_text())["rows"][1]
+    assert row["budget"] == 64 and "nuwa_config.json of the export; stage 2 at layer 0.8" in row["note"]
+    main(["eval", "--model", str(export), "--images", "2", "--budget", "128", "--out", str(tmp_path / "b")])
+    row = json.loads((tmp_path / "b" / "eval_nuwa_128.json").read_text())["rows"][1]
+    assert row["budget"] == 128 and "budget from the flags; stage 2 at layer 0.8" in row["note"]
+    main(["eval", "--model", tiny_base_dir, "--images", "2", "--out", str(tmp_path / "c")])  # a plain model
+    row = json.loads((tmp_path / "c" / "eval_nuwa_64.json").read_text())["rows"][1]
+    assert row["note"] == ""
+
+
 def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["model"]["model_path"] = tiny_base_dir
