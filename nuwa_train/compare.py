@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import EvalResult, evaluate
-from .export import NUWA_CONFIG_NAME
+from .export import NUWA_CONFIG_NAME, read_nuwa_config
 from .io import write_atomically
 from .models import attach_nuwa
 from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
@@ -177,7 +177,7 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
         reference = evaluate(model, processor, records, pruning=None, batch_size=batch_size,
                              description="full tokens")
         pruning, note = NuwaConfig(method=method, budget=budget), ""
-        trained = exported_pruning(model_path) if overrides is not None else None
+        trained = read_nuwa_config(model_path) if overrides is not None else None
         if trained is not None:
             pruning = replace(trained, **overrides)
             method, budget = pruning.method, pruning.budget
@@ -204,16 +204,6 @@ def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: st
     console.print(text)
     console.print(f"wrote {out_dir / (name + '.md')}, {out_dir / (name + '.json')}, {picture}")
     return {"rows": rows}
-
-
-def exported_pruning(model_path: str) -> NuwaConfig | None:
-    """The pruning an exported model was fine-tuned with (its nuwa_config.json), None for a plain model."""
-    path = Path(model_path) / NUWA_CONFIG_NAME
-    if not path.is_file():
-        return None
-    settings = json.loads(path.read_text())
-    settings.pop("exported_from", None)
-    return NuwaConfig.from_dict(settings)
 
 
 def resolve_model_path(model: str) -> str:

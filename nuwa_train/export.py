@@ -10,6 +10,7 @@ end, so a crash never leaves a half-written directory that loads. `load_pruned(p
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import shutil
 import warnings
@@ -87,23 +88,35 @@ def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path
     return write_pretrained(module.model, module.processor, module.pruning, target, extra)
 
 
-def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: NuwaConfig | None = None):
+def read_nuwa_config(path: str | os.PathLike) -> NuwaConfig | None:
+    """The pruning a directory's model was fine-tuned with (its nuwa_config.json), None if it has none."""
+    config_file = Path(path) / NUWA_CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    settings = json.loads(config_file.read_text())
+    settings.pop("exported_from", None)
+    return NuwaConfig.from_dict(settings)
+
+
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: NuwaConfig | None = None,
+                budget: int | None = None):
     """An exported model (merged or adapter-only) with hard Nüwa pruning attached from nuwa_config.json.
 
-    Returns the HF model; its handle is `model._nuwa` (use `detach_nuwa(model)` to remove it).
+    `budget`: run at another budget than the one it was fine-tuned at (the other trained settings stay);
+    `config`: replace the settings altogether. Returns the HF model; its handle is `model._nuwa` (use
+    `detach_nuwa(model)` to remove it).
     """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
     path = Path(path)
     recover_directory(path)  # an export killed mid-swap
-    config_file = path / NUWA_CONFIG_NAME
     if config is None:
-        if not config_file.is_file():
+        config = read_nuwa_config(path)
+        if config is None:
             raise ExportError(f"{path} has no {NUWA_CONFIG_NAME}; export it with `nuwa-train export` or pass config=")
-        settings = json.loads(config_file.read_text())
-        settings.pop("exported_from", None)
-        config = NuwaConfig.from_dict(settings)
+    if budget is not None:
+        config = replace(config, budget=budget)
     if (path / "adapter_config.json").is_file():
         adapter = json.loads((path / "adapter_config.json").read_text())
         base = AutoModelForImageTextToText.from_pretrained(adapter["base_model_name_or_path"], dtype=dtype)

@@ -63,6 +63,11 @@ def test_eval_of_an_export_runs_its_trained_pruning_unless_a_flag_overrides_it(t
     main(["eval", "--model", str(export), "--images", "2", "--budget", "128", "--out", str(tmp_path / "b")])
     row = json.loads((tmp_path / "b" / "eval_nuwa_128.json").read_text())["rows"][1]
     assert row["budget"] == 128 and "budget from the flags; stage 2 at layer 0.8" in row["note"]
+    from nuwa_train import load_pruned
+
+    for budget in (None, 128, 192):
+        handle = load_pruned(export, budget=budget)._nuwa
+        assert (handle.config.budget, handle.config.stage2_layer) == (budget or 64, 0.8)
     main(["eval", "--model", tiny_base_dir, "--images", "2", "--out", str(tmp_path / "c")])  # a plain model
     row = json.loads((tmp_path / "c" / "eval_nuwa_64.json").read_text())["rows"][1]
     assert row["note"] == ""
