@@ -100,13 +100,17 @@ def resolve_model_path(model_path: str) -> str:
 
 
 class NuwaFineTuner(L.LightningModule):
-    """LoRA + Nüwa pruning in the loop. `model_path` is a HF directory (the shipped tiny base by default)."""
+    """LoRA + Nüwa pruning in the loop. `model_path` is a HF directory (the shipped tiny base by default).
+
+    `eval_records`: the validation records scored with `generate` at each validation (a cap keeps it cheap);
+    `test_records`: those `test` scores (None: the whole test split).
+    """
 
     def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
                  lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
                  optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
                  distill_temperature: float = 1.0, dtype: ModelDtype = "float32", eval_records: int = 64,
-                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False,
+                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False, test_records: int | None = None,
                  loss_reduction: LossReduction = "token"):
         super().__init__()
         check_choice("model.loss_reduction", loss_reduction, LossReduction)
@@ -272,10 +276,11 @@ class NuwaFineTuner(L.LightningModule):
         if not records:
             return
         settings = dict(progress=False, max_new_tokens=self.hparams.eval_max_new_tokens)
-        if self.full_token_reference is None or self.full_token_reference.get("split") != split:
+        if self.full_token_reference is None or (self.full_token_reference.get("split"),
+                                                 self.full_token_reference.get("records")) != (split, len(records)):
             with self.model.disable_adapter(), self.nuwa.paused():
                 reference = evaluate(self.base_model, self.processor, records, pruning=None, **settings)
-            self.full_token_reference = {"split": split, "vqa": reference.vqa_exact_match,
+            self.full_token_reference = {"split": split, "records": len(records), "vqa": reference.vqa_exact_match,
                                          "grounding": reference.grounding_acc50}
         result = evaluate(self.base_model, self.processor, records, pruning=self.pruning, **settings)  # hard path
         metrics = {f"{split}/vqa_em": result.vqa_exact_match, f"{split}/grounding_acc50": result.grounding_acc50,
@@ -291,7 +296,8 @@ class NuwaFineTuner(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "evaluation_records"):
             return []
-        return datamodule.evaluation_records(split, self.hparams.eval_records)
+        limit = self.hparams.test_records if split == "test" else self.hparams.eval_records
+        return datamodule.evaluation_records(split, limit)
 
     # ------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):

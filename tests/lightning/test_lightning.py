@@ -227,3 +227,14 @@ def test_export_is_atomic(base_dir, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
     with pytest.raises(ExportError, match="has no nuwa_config.json"):
         load_pruned(tmp_path)
+
+
+@pytest.mark.parametrize("test_records, scored", [(None, 6), (2, 2)], ids=["whole-split", "capped"])
+def test_test_scores_the_whole_test_split_unless_capped(base_dir, tmp_path, test_records, scored):
+    module = NuwaFineTuner(model_path=base_dir, test_records=test_records, eval_records=1)
+    data = NuwaDataModule(processor_path=base_dir, test_images=3, eval_batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    trainer.test(module, data, verbose=False)
+    assert module.full_token_reference["records"] == scored  # retention is against the base on the same records
+    assert {"test/vqa_em", "test/grounding_acc50", "test/vision_tokens"} <= set(trainer.callback_metrics)
