@@ -49,6 +49,7 @@ PROMPT_UNKNOWN_TOKENS = "prompt has text the tokenizer maps to <unk>"
 ANSWER_UNKNOWN_TOKENS = "answer has text the tokenizer maps to <unk> (record refused)"
 TURNS_DROPPED = "conversation cut to whole turns within max_length (later turns dropped)"
 REF_PLACEHOLDER, BOX_PLACEHOLDER = "<ref-object>", "<bbox>"  # ms-swift's grounding placeholders (data/sharegpt.py)
+_PLACEHOLDER = re.compile(f"{re.escape(REF_PLACEHOLDER)}|{re.escape(BOX_PLACEHOLDER)}")
 
 
 class Validated(NamedTuple):
@@ -261,15 +262,14 @@ class VisionLanguageCollator:
                 raise CollateError(f"{where}: field {self.answer_key!r} must be a non-empty string, got {answer!r}")
         image = None if text_only else as_image(values[self.image_key], where)
         prompt, answer = prompt.strip(), None if answer is None else answer.strip()
-        system = self._system(record, where)
         objects = _field(record, "objects")
-        if objects:
-            image, turns = self._with_objects(record, image, prompt, answer, objects, where)
-            return Validated(image, turns, system)
-        if self.box_format is not None and _field(record, "task") == "grounding" and _field(record, "box") is not None:
+        if (not objects and self.box_format is not None and _field(record, "task") == "grounding"
+                and _field(record, "box") is not None):
             image, prompt, answer = self._in_box_format(record, image, prompt)
         turns = self.turns(record, prompt, answer, where) if self.with_answer else [(prompt, None)]
-        return Validated(image, turns, system)
+        if objects:
+            image, turns = self._with_objects(image, turns, objects, where)
+        return Validated(image, turns, self._system(record, where))
 
     def _system(self, record: object, where: str) -> str | None:
         system = _field(record, "system")
@@ -282,42 +282,31 @@ class VisionLanguageCollator:
                                f"system role; remove the prompt from the data or use a template with one")
         return system.strip()
 
-    def _with_objects(self, record: object, image: Image.Image, prompt: str, answer: str | None, objects: Mapping,
+    def _with_objects(self, image: Image.Image, turns: list[tuple[str, str | None]], objects: Mapping,
                       where: str) -> tuple[Image.Image, list[tuple[str, str | None]]]:
         """The turns with each <ref-object> / <bbox> placeholder written, in order, in `box_format`."""
         if self.box_format is None:
             raise CollateError(f"{where}: field 'objects' (<ref-object>/<bbox> placeholders) needs a box format "
                                f"(data.box_format, or the collator's box_format)")
         frame = self.image_frame(image)
-        size = _field(record, "image_size") or image.size
-        boxes = [object_box01(box, objects["bbox_type"], size) for box in objects["bbox"]]
-        refs = list(objects["ref"])
-        turns = self.turns(record, prompt, answer, where) if self.with_answer else [(prompt, None)]
-        written, used = [], {"ref": 0, "bbox": 0}
+        boxes = [object_box01(box, objects["bbox_type"], image.size) for box in objects["bbox"]]
+        values = {REF_PLACEHOLDER: iter(objects["ref"]), BOX_PLACEHOLDER: iter(boxes)}
+        counts = {REF_PLACEHOLDER: len(objects["ref"]), BOX_PLACEHOLDER: len(objects["bbox"])}
 
-        def write(text: str | None) -> str | None:
-            if text is None:
-                return None
-            pieces = re.split(f"({re.escape(REF_PLACEHOLDER)}|{re.escape(BOX_PLACEHOLDER)})", text)
-            for number, piece in enumerate(pieces):
-                key = {REF_PLACEHOLDER: "ref", BOX_PLACEHOLDER: "bbox"}.get(piece)
-                if key is None:
-                    continue
-                values = refs if key == "ref" else boxes
-                if used[key] >= len(values):
-                    raise CollateError(f"{where}: more {piece} placeholders than objects.{key} entries "
-                                       f"({len(values)})")
-                value = values[used[key]]
-                used[key] += 1
-                pieces[number] = (self.box_format.render_ref(value) if key == "ref"
-                                  else self.box_format.render_coordinates(value, frame))
-            return "".join(pieces)
+        def written(match: re.Match) -> str:
+            placeholder = match.group()
+            value = next(values[placeholder], None)
+            if value is None:
+                raise CollateError(f"{where}: more {placeholder} placeholders than objects."
+                                   f"{'ref' if placeholder == REF_PLACEHOLDER else 'bbox'} entries "
+                                   f"({counts[placeholder]})")
+            return (self.box_format.render_ref(value) if placeholder == REF_PLACEHOLDER
+                    else self.box_format.render_coordinates(value, frame))
 
-        for question, reply in turns:
-            written.append((write(question), write(reply)))
+        turns = [tuple(None if text is None else _PLACEHOLDER.sub(written, text) for text in turn) for turn in turns]
         if isinstance(self.box_format, LlavaBox):
             image = self._padded(image)
-        return image, written
+        return image, turns
 
     def _padded(self, image: Image.Image) -> Image.Image:
         """LLaVA-1.5 trained on padded squares (the frame of its boxes); a centre crop would cut objects away."""

@@ -408,8 +408,8 @@ def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
     if report.skipped:
         logger.warning("%s: skipped %d malformed records, first: %s",
                        report.path, report.skipped, report.reasons[0])
-    columns = {name: [_encodable(row.get(name)) for row in rows] for name in FEATURES}  # also right when every record was skipped
-    # (the rows' `source` file and `index` in it are not columns)
+    # Every FEATURES column, also when every record was skipped (the rows' `source` and `index` are not columns).
+    columns = {name: [_encodable(row.get(name)) for row in rows] for name in FEATURES}
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 

@@ -150,13 +150,14 @@ def resolve_objects(row: dict, size: tuple[int, int]) -> dict:
     """The row with its boxes as fractions of the image (`bbox_type` "norm_1") and, for a grounding row, its
     0-1000 `box`: pixel boxes need the original image's (width, height), known once the image is read."""
     objects = row.get("objects")
-    if not objects or objects["bbox_type"] == "norm_1" and (row["task"] != "grounding" or row["box"] is not None):
-        return row  # nothing to convert (or converted already)
-    boxes = [list(object_box01(box, objects["bbox_type"], size)) for box in objects["bbox"]]
-    row = {**row, "objects": {**objects, "bbox": boxes, "bbox_type": "norm_1"}}
-    if row["task"] == "grounding":
+    if not objects:
+        return row
+    if objects["bbox_type"] != "norm_1":
+        boxes = [list(object_box01(box, objects["bbox_type"], size)) for box in objects["bbox"]]
+        row = {**row, "objects": {**objects, "bbox": boxes, "bbox_type": "norm_1"}}
+    if row["task"] == "grounding" and row["box"] is None:
         first_box = row["messages"][0]["content"].count(BOX_PLACEHOLDER)  # boxes the question itself holds
-        row["box"] = list(to_grid(boxes[first_box]))
+        row = {**row, "box": list(to_grid(row["objects"]["bbox"][first_box]))}
     return row
 
 
@@ -218,7 +219,7 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
         image, size = None, None
         if has_image:
             image_record = {form.images: images[0]}
-            image, size = ((_image(image_record, root, allow_outside_root, index, form.images)) if check_images
+            image, size = (_image(image_record, root, allow_outside_root, index, form.images) if check_images
                            else (_image_path(image_record, root, allow_outside_root, index, form.images), None))
         row = {"id": record_id, "image": image, "task": task, "prompt": messages[0]["content"],
                "answer": messages[1]["content"], "box": None, "messages": messages, "expression": expression,
@@ -243,8 +244,9 @@ def conversation_row(records: list[Record], config: SyntheticConfig) -> dict:
         else:
             messages += [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.answer}]
     first = records[0]
-    return dict(id=f"{first.scene.split}-{first.scene.index:06d}-conversation", prompt=messages[0]["content"], answer=messages[1]["content"],
-                task=first.task, box=first.box, kind=first.kind, expression=first.expression, messages=messages,
+    return dict(id=f"{first.scene.split}-{first.scene.index:06d}-conversation", prompt=messages[0]["content"],
+                answer=messages[1]["content"], task=first.task, box=first.box, kind=first.kind,
+                expression=first.expression, messages=messages,
                 objects={"ref": refs, "bbox": boxes, "bbox_type": "norm_1000"} if refs else None)
 
 
