@@ -69,10 +69,9 @@ def _pretrain_base(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .compare import parse_data_sources, run_eval
 
-    given = {key: value for key, value in (("method", args.method), ("budget", args.budget)) if value is not None}
-    run_eval(args.model, args.split, args.images, Path(args.out), None if args.compare else args.method or "nuwa",
-             args.budget or DEFAULT_EVAL_BUDGET, tuple(args.budgets), args.batch_size,
-             data=parse_data_sources(args.data), limit=args.limit, overrides=given)
+    run_eval(args.model, Path(args.out), method=args.method, budget=args.budget, compare=args.compare,
+             budgets=tuple(args.budgets), reference=args.reference, data=parse_data_sources(args.data),
+             split=args.split, images=args.images, limit=args.limit, batch_size=args.batch_size)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -97,10 +96,11 @@ def _export_data(args: argparse.Namespace) -> None:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-DEFAULT_EVAL_BUDGET = 64  # the paper's smallest budget (~11% of LLaVA-1.5's 576 tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import PAPER_BUDGETS
+    from .pruning import NuwaConfig
     from .pruning.selectors import METHODS
 
     parser = argparse.ArgumentParser(prog="nuwa-train", description=__doc__)
@@ -134,21 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="VQA / grounding with a pruner (hard path, generate), or the "
                                                "comparison table of all pruners (--compare)")
-    evaluate.add_argument("--model", default="data/tiny_base", help="a HF model directory, or a recipe (.yaml)")
+    evaluate.add_argument("--model", default="data/tiny_base",
+                          help="a HF model directory, an export (runs its nuwa_config.json), or a fine-tuning recipe "
+                               "(.yaml: its model.model_path with its model.pruning)")
+    evaluate.add_argument("--reference", metavar="MODEL",
+                          help="model whose full-token scores retention is measured against (default: an export's "
+                               "recorded base model, else the model itself)")
     evaluate.add_argument("--data", action="append", default=[], metavar="FORMAT=PATH",
                           help="score your files instead of the synthetic split (repeatable; FORMAT: llava, refcoco, "
                                "sharegpt; PATH: a JSON / JSONL file or a save_to_disk folder); every record is scored")
     evaluate.add_argument("--limit", type=int, help="score only the first N records (default: all)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--images", type=int, default=250, help="synthetic images (two records each)")
-    evaluate.add_argument("--method", choices=METHODS, help=f"pruner: {', '.join(METHODS)} (default: an export's "
-                                                            f"nuwa_config.json, else nuwa)")
-    evaluate.add_argument("--budget", type=int, help=f"average tokens per image on the 24x24 grid (default: an "
-                                                     f"export's nuwa_config.json, else {DEFAULT_EVAL_BUDGET})")
+    defaults = NuwaConfig()
+    evaluate.add_argument("--method", choices=METHODS, help=f"pruner: {', '.join(METHODS)} (default: the export's or "
+                                                            f"recipe's, else {defaults.method})")
+    evaluate.add_argument("--budget", type=int, help=f"average tokens per image on the 24x24 grid (default: the "
+                                                     f"export's or recipe's, else {defaults.budget})")
     evaluate.add_argument("--compare", action="store_true", help="every pruner at every --budgets")
-    evaluate.add_argument("--budgets", type=_int_list, default=[64, 128, 192])
+    evaluate.add_argument("--budgets", type=_int_list, default=list(PAPER_BUDGETS))
     evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--out", default="outputs/eval")
+    evaluate.add_argument("--out", default="outputs/eval",
+                          help="directory for results.json, results.md, predictions.jsonl, kept_tokens.png")
     evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="merge LoRA from a fit checkpoint into a plain HF directory")

@@ -1,8 +1,9 @@
 """`nuwa-train eval`: one pruner, or the comparison table of every pruner at several budgets.
 
-Every row is measured with the hard path and `generate`; retention is relative to the same model with
-all vision tokens. The table is printed and written as JSON and Markdown, with a PNG of the kept
-tokens of each pruner on a few test images.
+Every row is measured with the hard path and `generate` on every record of the user's files (or of a
+synthetic split); retention is relative to a reference model with all vision tokens (an export's base
+model, or the model itself). The table is printed and written as JSON and Markdown, next to the
+per-record predictions and a PNG of the kept tokens of each pruner on a few images.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import EvalResult, evaluate
-from .export import NUWA_CONFIG_NAME, read_nuwa_config
+from .export import NUWA_CONFIG_NAME, read_nuwa_config, recorded_base_model
 from .io import write_atomically
 from .models import attach_nuwa
 from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
@@ -100,25 +101,6 @@ def overlay(model, processor, records: list[dict], configs: list[tuple[str, Nuwa
     return plot_kept_tokens([r["image"] for r in picked], rows, grid, path)
 
 
-def compare_training_free(model, processor, records: list[dict], budgets=PAPER_BUDGETS, methods=TRAINING_FREE,
-                          batch_size: int = 64, console=None) -> list[dict]:
-    """Full tokens, then every training-free pruner at every budget (a budget a method cannot meet is noted)."""
-    reference = evaluate(model, processor, records, pruning=None, batch_size=batch_size, description="full tokens")
-    rows = [Row("full tokens", None, reference, reference).as_dict()]
-    for budget in budgets:
-        for label, method in methods:
-            config = NuwaConfig(method=method, budget=budget)
-            try:
-                result = evaluate(model, processor, records, pruning=config, batch_size=batch_size,
-                                  description=f"{label} @ {budget}")
-                rows.append(Row(label, budget, result, reference).as_dict())
-            except NuwaConfigError as error:
-                rows.append(Row(label, budget, None, reference, note=str(error)).as_dict())
-        if console is not None:
-            console.print(markdown_table(rows, "so far"))
-    return rows
-
-
 EVAL_FORMATS = ("llava", "refcoco", "sharegpt")  # `--data FORMAT=PATH`: the data module's file keys
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -159,63 +141,134 @@ def write_predictions(path: Path, results: dict[str, EvalResult]) -> Path:
     return write_atomically(path, lambda staging: staging.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
 
-def run_eval(model_path: str, split: str, images: int, out_dir: Path, method: str | None, budget: int,
-             budgets: tuple[int, ...], batch_size: int, data: dict[str, list[str]] | None = None,
-             limit: int | None = None, overrides: dict | None = None) -> dict:
-    """`overrides`: the pruning flags the user gave; an export's `nuwa_config.json` (the settings it was trained
-    with) supplies the rest. Without `overrides`, `method` and `budget` are the whole setting."""
+@dataclass(frozen=True)
+class Setting:
+    """One pruned row of an evaluation: its label, the exact configuration that runs, and where it came from."""
+
+    label: str
+    config: NuwaConfig
+    source: str = ""
+
+    @property
+    def note(self) -> str:
+        ran = [self.source] if self.source else []
+        if self.config.method == "nuwa":
+            ran.append(f"stage 2 at layer {self.config.stage2_layer}")
+        return "; ".join(ran)
+
+
+def evaluation_settings(trained: NuwaConfig | None, source: str, flags: dict, compare: bool,
+                        budgets: tuple[int, ...]) -> list[Setting]:
+    """The pruned rows to run. `trained`: the settings the model was fine-tuned with (an export's nuwa_config.json
+    or a recipe's model.pruning) supply every knob the flags do not; compare runs every pruner at every budget."""
+    base = trained or NuwaConfig()
+    if compare:
+        return [Setting(label, replace(base, method=method, budget=budget), source if trained else "")
+                for budget in budgets for label, method in TRAINING_FREE]
+    config = replace(base, **flags)
+    if config.method == "none":
+        return []
+    if trained is not None:
+        source += f", {', '.join(flags)} from the flags" if flags else ""
+    return [Setting(config.method, config, source if trained else "")]
+
+
+def trained_settings(model: str) -> tuple[str, NuwaConfig | None, str]:
+    """(model directory, the pruning it was trained with or None, where that was read): `model` is an export
+    (its nuwa_config.json), a fine-tuning recipe (its model.model_path and model.pruning) or a plain model."""
+    if model.endswith((".yaml", ".yml")):
+        import yaml
+
+        recipe = yaml.safe_load(Path(model).read_text()) or {}
+        section = recipe.get("model") if isinstance(recipe, dict) else None
+        if not isinstance(section, dict) or "model_path" not in section:
+            raise SystemExit(f"nuwa-train eval: recipe {model} has no model.model_path")
+        try:
+            pruning = NuwaConfig.from_dict(section.get("pruning") or {})
+        except NuwaConfigError as error:
+            raise SystemExit(f"nuwa-train eval: recipe {model}, model.pruning: {error}") from None
+        return resolve_model_path(section["model_path"]), pruning, f"model.pruning of {model}"
+    path = resolve_model_path(model)
+    return path, read_nuwa_config(path), f"{NUWA_CONFIG_NAME} of the export"
+
+
+def _reference(model_path: str, reference: str | None) -> tuple[str | None, str]:
+    """The model whose full-token scores retention is measured against (None: the evaluated model itself)."""
+    chosen = reference or recorded_base_model(model_path)
+    if chosen is None:
+        return None, "the model itself, all tokens"
+    if reference is None and not (Path(chosen) / "config.json").is_file():
+        return None, f"the model itself, all tokens (its recorded base model {chosen} is not on this machine)"
+    chosen = resolve_model_path(chosen)
+    if Path(chosen).resolve() == Path(model_path).resolve():
+        return None, "the model itself, all tokens"
+    return chosen, f"{chosen}, all tokens"
+
+
+RESULTS_NAME = "results"  # OUT/results.json, OUT/results.md
+OVERLAY_NAME = "kept_tokens.png"
+
+
+def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: int | None = None,
+             compare: bool = False, budgets: tuple[int, ...] = PAPER_BUDGETS, reference: str | None = None,
+             data: dict[str, list[str]] | None = None, split: str = "test", images: int = 250,
+             limit: int | None = None, batch_size: int = 64) -> dict:
+    """Score the model with all tokens and with each pruned setting; retention is against `reference` (default:
+    an export's recorded base model, else the model itself). Writes results.json / results.md,
+    predictions.jsonl and the kept-token overlay to `out_dir`."""
     from rich.console import Console
 
     from .models import load_vlm
 
     console = Console()
-    model_path = resolve_model_path(model_path)
-    model, processor = load_vlm(model_path)
-    model.eval()
+    model_path, trained, source = trained_settings(model)
+    flags = {key: value for key, value in (("method", method), ("budget", budget)) if value is not None}
+    settings = evaluation_settings(trained, source, flags, compare, tuple(budgets))
+    vlm, processor = load_vlm(model_path)
+    vlm.eval()
     records, described = _evaluation_records(model_path, processor, split, images, data, limit)
-    if method is not None:
-        reference = evaluate(model, processor, records, pruning=None, batch_size=batch_size,
-                             description="full tokens")
-        pruning, note = NuwaConfig(method=method, budget=budget), ""
-        trained = read_nuwa_config(model_path) if overrides is not None else None
-        if trained is not None:
-            pruning = replace(trained, **overrides)
-            method, budget = pruning.method, pruning.budget
-            note = (f"{NUWA_CONFIG_NAME} of the export" + (f", {', '.join(overrides)} from the flags" if overrides
-                                                           else "") + f"; stage 2 at layer {pruning.stage2_layer}")
-        pruning = None if method == "none" else pruning
-        result = reference if pruning is None else evaluate(model, processor, records, pruning=pruning,
-                                                            batch_size=batch_size)
-        rows = [Row("full tokens", None, reference, reference).as_dict()]
-        scored = {"full tokens": reference}
-        if pruning is not None:
-            rows.append(Row(method, budget, result, reference, note=note).as_dict())
-            scored[f"{method} @ {budget}"] = result
-        write_predictions(out_dir / PREDICTIONS_NAME, scored)
-        name, configs = f"eval_{method}_{budget}", [(method, pruning or NuwaConfig(method="none"))]
-    else:
-        rows = compare_training_free(model, processor, records, budgets, batch_size=batch_size, console=console)
-        name = "compare"
-        configs = [("full tokens", NuwaConfig(method="none"))] + [
-            (f"{label} @ {budgets[0]}", NuwaConfig(method=m, budget=budgets[0])) for label, m in TRAINING_FREE]
-    title = f"{model_path}: {described}, {len(records)} records"
-    text = write_table(rows, out_dir, name, title, {"model": model_path, "data": described, "records": len(records)})
-    picture = overlay(model, processor, records, configs, out_dir / f"{name}_kept_tokens.png")
+    reference_path, reference_label = _reference(model_path, reference)
+    own = evaluate(vlm, processor, records, pruning=None, batch_size=batch_size, description="full tokens")
+    scored = {"full tokens": own}
+    rows = [Row("full tokens", None, own, own)]
+    if reference_path is not None:
+        base, base_processor = load_vlm(reference_path)
+        full = evaluate(base.eval(), base_processor, records, pruning=None, batch_size=batch_size,
+                        description="reference, full tokens")
+        del base
+        scored["reference, full tokens"] = full
+        rows = [Row("reference, full tokens", None, full, full, note=reference_path), Row("full tokens", None, own,
+                                                                                          full)]
+    for setting in settings:
+        name = f"{setting.label} @ {setting.config.budget}"
+        try:
+            result = evaluate(vlm, processor, records, pruning=setting.config, batch_size=batch_size,
+                              description=name)
+        except NuwaConfigError as error:  # a budget this method cannot meet: noted, no scores
+            rows.append(Row(setting.label, setting.config.budget, None, rows[0].reference, note=str(error)))
+            continue
+        scored[name] = result
+        rows.append(Row(setting.label, setting.config.budget, result, rows[0].reference, note=setting.note))
+        if compare:
+            console.print(markdown_table([row.as_dict() for row in rows], "so far"))
+    table = [row.as_dict() for row in rows]
+    write_predictions(out_dir / PREDICTIONS_NAME, scored)
+    title = f"{model_path}: {described}, {len(records)} records; retention vs {reference_label}"
+    text = write_table(table, out_dir, RESULTS_NAME, title, {"model": model_path, "reference": reference_label,
+                                                             "data": described, "records": len(records)})
+    shown = [setting for setting in settings if setting.config.budget == (budgets[0] if compare else
+                                                                          setting.config.budget)]
+    configs = [("full tokens", NuwaConfig(method="none"))] + [(f"{s.label} @ {s.config.budget}", s.config)
+                                                              for s in shown]
+    picture = overlay(vlm, processor, records, configs, out_dir / OVERLAY_NAME)
     console.print(text)
-    console.print(f"wrote {out_dir / (name + '.md')}, {out_dir / (name + '.json')}, {picture}")
-    return {"rows": rows}
+    console.print(f"wrote {out_dir / (RESULTS_NAME + '.md')}, {out_dir / (RESULTS_NAME + '.json')}, "
+                  f"{out_dir / PREDICTIONS_NAME}, {picture}")
+    return {"rows": table}
 
 
 def resolve_model_path(model: str) -> str:
-    """A model directory, or a fine-tuning recipe (its `model.model_path`)."""
-    if model.endswith((".yaml", ".yml")):
-        import yaml
-
-        recipe = yaml.safe_load(Path(model).read_text())
-        try:
-            return recipe["model"]["model_path"]
-        except (KeyError, TypeError):
-            raise SystemExit(f"nuwa-train eval: recipe {model} has no model.model_path") from None
+    """`model` if it is a HF model directory, else an error saying what `--model` accepts."""
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"nuwa-train eval: {model} is neither a HF model directory (no config.json) nor a recipe")
     return model

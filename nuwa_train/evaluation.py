@@ -140,6 +140,8 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
 
     data: a `datasets.Dataset` in the loaders' schema, mappings with image/prompt/answer (task/box
     optional), or synthetic `Record`s (rendered with `synthetic_config`). `limit` caps the records.
+    `pruning`: the setting to evaluate; None evaluates what the model runs (all tokens, or the setting of
+    an attached handle such as `load_pruned`'s). `NuwaConfig(method="none")` runs all tokens in any case.
     `box_format`: how grounding is asked and answered (default: the model's own, `box_format_for`).
     """
     from .models import (  # late import: models pull in the pruning stack
@@ -162,12 +164,16 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     image_token_id = adapter_for(model).image_token_id
     was_training = model.training
     model.eval()
-    attached = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "_nuwa", None)
+    attached = getattr(base_model(model), "_nuwa", None)
+    if attached is not None and not attached.active:  # inside `handle.paused()`: the model runs all tokens
+        attached = None
     handle, setting = None, nullcontext()
     if pruning is not None and attached is not None:  # the model's own handle, switched for the evaluation
         handle, setting = attached, attached.using(pruning)
     elif pruning is not None:
         handle = attach_nuwa(model, pruning)
+    elif attached is not None:  # e.g. a `load_pruned` model: evaluate and report what it runs
+        handle, pruning = attached, attached.config
     predictions: list[Prediction] = []
     images_seen, unpruned_tokens, tokens_per_layer = 0, 0, 0.0
     start = time.perf_counter()
@@ -229,7 +235,8 @@ def _summarise(predictions: list[Prediction], pruning: NuwaConfig | None, vision
         return sum(values) / len(values) if values else None
 
     return EvalResult(
-        method=pruning.method if pruning else "none", budget=pruning.budget if pruning else None,
+        method=pruning.method if pruning else "none",
+        budget=pruning.budget if pruning and pruning.method != "none" else None,
         num_vqa=len(vqa), num_grounding=len(grounding),
         vqa_exact_match=mean([p.correct for p in vqa]),
         grounding_acc50=mean([p.correct for p in grounding]),

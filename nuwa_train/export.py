@@ -79,7 +79,8 @@ def describe_checkpoint_step(checkpoint: Path, state: dict) -> None:
 def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path:
     """Export a (trained) `NuwaFineTuner`: merge_and_unload for a plain model, or the adapter alone."""
     module.configure_model()  # the Nüwa hooks stay attached: saving does not run the model
-    extra = {"exported_from": {"base_model": str(module.hparams.model_path), "merged": merge}}
+    base = Path(module.hparams.model_path)  # a local base is recorded absolute: evaluation finds it from anywhere
+    extra = {"exported_from": {"base_model": str(base.resolve() if base.is_dir() else base), "merged": merge}}
     if merge:
         merged = module.model.merge_and_unload()
         return write_pretrained(merged, module.processor, module.pruning, target, extra)
@@ -98,13 +99,23 @@ def read_nuwa_config(path: str | os.PathLike) -> NuwaConfig | None:
     return NuwaConfig.from_dict(settings)
 
 
+def recorded_base_model(path: str | os.PathLike) -> str | None:
+    """The base model an export was fine-tuned from (its nuwa_config.json), None for other directories."""
+    config_file = Path(path) / NUWA_CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    origin = json.loads(config_file.read_text()).get("exported_from")
+    return origin.get("base_model") if isinstance(origin, dict) else None
+
+
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: NuwaConfig | None = None,
-                budget: int | None = None):
+                budget: int | None = None, return_processor: bool = False):
     """An exported model (merged or adapter-only) with hard Nüwa pruning attached from nuwa_config.json.
 
     `budget`: run at another budget than the one it was fine-tuned at (the other trained settings stay);
-    `config`: replace the settings altogether. Returns the HF model; its handle is `model._nuwa` (use
-    `detach_nuwa(model)` to remove it).
+    `config`: replace the settings altogether. Returns the HF model, or `(model, processor)` with
+    `return_processor=True` (the export's own tokenizer, chat template and image processor). The handle is
+    `model._nuwa`: `model._nuwa.use(config)` switches settings, `detach_nuwa(model)` removes it.
     """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
@@ -125,4 +136,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     model.eval()
     attach_nuwa(model, config)
+    if return_processor:
+        from .models.loading import load_processor
+
+        return model, load_processor(path)
     return model

@@ -222,6 +222,11 @@ class NuwaHandle:
         self.temperature = self.temperature if temperature is None else temperature
         self.gumbel = self.gumbel if gumbel is None else gumbel
 
+    @property
+    def active(self) -> bool:
+        """False inside `paused()`, where the model runs all tokens."""
+        return not self._paused
+
     @contextmanager
     def paused(self):
         """Run the unpruned model (e.g. a distillation teacher) without detaching."""

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nuwa_train.cli import main
@@ -13,13 +14,15 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
 
 def test_eval_compare_writes_the_table_and_the_overlay(tiny_base_dir, tmp_path):
     main(["eval", "--model", tiny_base_dir, "--images", "2", "--compare", "--budgets", "64", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["full tokens", "random", "pooling", "uniform", "FastV", "VisionZip-like",
                                            "Nüwa stage 1", "Nüwa"]
     fastv = rows[4]
     assert fastv["vqa_em"] is None and "cannot be met by FastV" in fastv["note"]  # 4 LLM layers are too few
     assert rows[-1]["vision_tokens"] == 16.0 and rows[0]["vision_tokens"] == 144.0
-    assert (tmp_path / "compare_kept_tokens.png").stat().st_size > 0 and (tmp_path / "compare.md").is_file()
+    assert (tmp_path / "kept_tokens.png").stat().st_size > 0 and (tmp_path / "results.md").is_file()
+    settings = {json.loads(line)["setting"] for line in (tmp_path / "predictions.jsonl").read_text().splitlines()}
+    assert settings == {"full tokens"} | {f"{r['method']} @ 64" for r in rows[1:] if r["method"] != "FastV"}
 
 
 def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_predictions(tiny_base_dir,
@@ -33,7 +36,7 @@ def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_
     out = tmp_path / "out"
     main(["eval", "--model", tiny_base_dir, "--method", "nuwa", "--budget", "64", "--out", str(out),
           "--data", f"llava={llava}", "--data", f"refcoco={refcoco}", "--data", f"sharegpt={conversations}"])
-    saved = json.loads((out / "eval_nuwa_64.json").read_text())
+    saved = json.loads((out / "results.json").read_text())
     assert saved["records"] == 8 and "sharegpt=" in saved["data"]
     full, pruned = saved["rows"]
     assert (full["num_vqa"], full["num_grounding"]) == (pruned["num_vqa"], pruned["num_grounding"]) == (3, 5)
@@ -43,9 +46,13 @@ def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_
     assert {"id", "task", "answer", "prediction", "correct", "iou"} <= set(predictions[0])
     main(["eval", "--model", tiny_base_dir, "--method", "none", "--out", str(out / "capped"), "--limit", "2",
           "--data", f"refcoco={refcoco}"])
-    assert json.loads((out / "capped" / "eval_none_64.json").read_text())["records"] == 2
+    assert json.loads((out / "capped" / "results.json").read_text())["records"] == 2
     with pytest.raises(SystemExit, match="must be FORMAT=PATH with FORMAT one of llava, refcoco, sharegpt"):
         main(["eval", "--model", tiny_base_dir, "--data", f"coco={refcoco}"])
+
+
+def _result_rows(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["rows"]
 
 
 def test_eval_of_an_export_runs_its_trained_pruning_unless_a_flag_overrides_it(tiny_base_dir, tmp_path):
@@ -58,19 +65,92 @@ def test_eval_of_an_export_runs_its_trained_pruning_unless_a_flag_overrides_it(t
     trained = NuwaConfig(budget=64, stage2_layer=0.8)
     (export / "nuwa_config.json").write_text(json.dumps({**trained.to_dict(), "exported_from": "x.ckpt"}))
     main(["eval", "--model", str(export), "--images", "2", "--out", str(tmp_path / "a")])
-    row = json.loads((tmp_path / "a" / "eval_nuwa_64.json").read_text())["rows"][1]
-    assert row["budget"] == 64 and "nuwa_config.json of the export; stage 2 at layer 0.8" in row["note"]
+    row = _result_rows(tmp_path / "a")[1]
+    assert row["budget"] == 64 and row["note"] == "nuwa_config.json of the export; stage 2 at layer 0.8"
     main(["eval", "--model", str(export), "--images", "2", "--budget", "128", "--out", str(tmp_path / "b")])
-    row = json.loads((tmp_path / "b" / "eval_nuwa_128.json").read_text())["rows"][1]
+    row = _result_rows(tmp_path / "b")[1]
     assert row["budget"] == 128 and "budget from the flags; stage 2 at layer 0.8" in row["note"]
+    main(["eval", "--model", str(export), "--images", "2", "--method", "visionzip", "--out", str(tmp_path / "v")])
+    row = _result_rows(tmp_path / "v")[1]
+    assert (row["method"], row["note"]) == ("visionzip", "nuwa_config.json of the export, method from the flags")
     from nuwa_train import load_pruned
 
     for budget in (None, 128, 192):
         handle = load_pruned(export, budget=budget)._nuwa
         assert (handle.config.budget, handle.config.stage2_layer) == (budget or 64, 0.8)
+    from nuwa_train.data import SyntheticConfig, generate_records
+    from nuwa_train.evaluation import evaluate
+
+    model, processor = load_pruned(export, budget=128, return_processor=True)
+    records = list(generate_records(SyntheticConfig(), "val", 2))
+    ran = evaluate(model, processor, records, progress=False)  # what the loaded model runs, reported as such
+    assert (ran.method, ran.budget, ran.average_vision_tokens) == ("nuwa", 128, 32.0)
+    full = evaluate(model, processor, records, pruning=NuwaConfig(method="none"), progress=False)
+    assert (full.method, full.budget, full.average_vision_tokens) == ("none", None, 144.0)
+    other = evaluate(model, processor, records, pruning=NuwaConfig(budget=64), progress=False)
+    assert (other.budget, other.average_vision_tokens, model._nuwa.config.budget) == (64, 16.0, 128)
     main(["eval", "--model", tiny_base_dir, "--images", "2", "--out", str(tmp_path / "c")])  # a plain model
-    row = json.loads((tmp_path / "c" / "eval_nuwa_64.json").read_text())["rows"][1]
-    assert row["note"] == ""
+    row = _result_rows(tmp_path / "c")[1]
+    assert row["note"] == "stage 2 at layer 0.5"
+
+
+def test_eval_of_a_recipe_runs_the_recipes_pruning(tiny_base_dir, tmp_path):
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["model"]["model_path"] = tiny_base_dir
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    main(["eval", "--model", str(path), "--images", "2", "--out", str(tmp_path / "out")])
+    row = _result_rows(tmp_path / "out")[1]
+    stage2 = recipe["model"]["pruning"]["stage2_layer"]
+    assert row["note"] == f"model.pruning of {path}; stage 2 at layer {stage2}" and row["budget"] == 64
+    recipe["model"]["pruning"]["stage2_layr"] = 0.8
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit, match="model.pruning: unknown NuwaConfig key.*stage2_layr"):
+        main(["eval", "--model", str(path), "--images", "2", "--out", str(tmp_path / "bad")])
+
+
+def test_eval_measures_retention_against_the_exports_base_model_or_the_given_reference(tiny_base_dir, tmp_path):
+    import shutil
+
+    from nuwa_train.pruning import NuwaConfig
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_base_dir, export)
+    with torch.no_grad():  # the "fine-tuned" export differs from its base: the scores can tell them apart
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(export / "model.safetensors")
+        save_file({k: v * 0 if "lm_head" in k else v for k, v in weights.items()}, export / "model.safetensors",
+                  metadata={"format": "pt"})
+    origin = {"base_model": str(Path(tiny_base_dir).resolve()), "merged": True}
+    (export / "nuwa_config.json").write_text(json.dumps({**NuwaConfig().to_dict(), "exported_from": origin}))
+    main(["eval", "--model", str(export), "--images", "3", "--out", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    reference, own, pruned = saved["rows"]
+    assert (reference["method"], own["method"]) == ("reference, full tokens", "full tokens")
+    assert reference["note"] == origin["base_model"] and saved["reference"] == f"{origin['base_model']}, all tokens"
+    plain = _result_rows_of_plain(tiny_base_dir, tmp_path / "plain")
+    assert reference["vqa_em"] == plain["vqa_em"] and reference["grounding_miou"] == plain["grounding_miou"]
+    said = {}
+    for line in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines():
+        prediction = json.loads(line)
+        said.setdefault(prediction["setting"], []).append(prediction["prediction"])
+    assert said["reference, full tokens"] != said["full tokens"]  # the reference row really ran the base
+    if reference["grounding_miou"]:
+        assert pruned["grounding_retention"] == pytest.approx(pruned["grounding_acc50"] / reference["grounding_acc50"])
+    main(["eval", "--model", str(export), "--reference", str(export), "--images", "3", "--out", str(tmp_path / "b")])
+    assert [r["method"] for r in _result_rows(tmp_path / "b")] == ["full tokens", "nuwa"]
+    origin["base_model"] = str(tmp_path / "moved")
+    (export / "nuwa_config.json").write_text(json.dumps({**NuwaConfig().to_dict(), "exported_from": origin}))
+    main(["eval", "--model", str(export), "--images", "3", "--out", str(tmp_path / "c")])
+    assert "is not on this machine" in json.loads((tmp_path / "c" / "results.json").read_text())["reference"]
+    with pytest.raises(SystemExit, match="neither a HF model directory"):
+        main(["eval", "--model", str(export), "--reference", str(tmp_path / "moved"), "--out", str(tmp_path / "d")])
+
+
+def _result_rows_of_plain(model: str, out: Path) -> dict:
+    main(["eval", "--model", model, "--images", "3", "--method", "none", "--out", str(out)])
+    return _result_rows(out)[0]
 
 
 def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
