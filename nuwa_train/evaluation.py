@@ -133,7 +133,7 @@ def _progress(enabled: bool) -> Progress:
 
 @torch.no_grad()
 def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch_size: int = 32,
-             max_new_tokens: int = 8, limit: int | None = None, synthetic_config: SyntheticConfig | None = None,
+             max_new_tokens: int | None = None, limit: int | None = None, synthetic_config: SyntheticConfig | None = None,
              coordinate_bins: int | None = None, progress: bool = True, description: str | None = None,
              box_format: BoxFormat | None = None) -> EvalResult:
     """Greedy-generate an answer for every record and score it (see the module docstring).
@@ -143,6 +143,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     `pruning`: the setting to evaluate; None evaluates what the model runs (all tokens, or the setting of
     an attached handle such as `load_pruned`'s). `NuwaConfig(method="none")` runs all tokens in any case.
     `box_format`: how grounding is asked and answered (default: the model's own, `box_format_for`).
+    `max_new_tokens`: default, what an answer in that format needs (`BoxFormat.max_answer_tokens`).
     """
     from .models import (  # late import: models pull in the pruning stack
         adapter_for,
@@ -161,6 +162,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
         box_format = box_format_for(base_model(model).config.model_type, tokenizer,
                                     loc_prompt_template=(synthetic_config or SyntheticConfig()).grounding_template)
     collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False, box_format=box_format)
+    max_new_tokens = max_new_tokens or box_format.max_answer_tokens
     image_token_id = adapter_for(model).image_token_id
     was_training = model.training
     model.eval()
@@ -184,13 +186,11 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
             for first in range(0, len(rows), batch_size):
                 chunk = rows[first:first + batch_size]
                 batch = collator(chunk)
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                texts = generate_answers(model, tokenizer, batch, max_new_tokens)
                 unpruned = int((batch["input_ids"] == image_token_id).sum())
                 unpruned_tokens += unpruned
                 images_seen += len(chunk)
                 tokens_per_layer += handle.vision_tokens_per_layer().mean().item() if handle is not None else unpruned
-                texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
                 for row, text in zip(chunk, texts):
                     predictions.append(_score(row, text, bins, collator))
                 bar.advance(task, len(chunk))
@@ -200,6 +200,13 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
         model.train(was_training)
     return _summarise(predictions, pruning, round(unpruned_tokens / images_seen), tokens_per_layer / images_seen,
                       time.perf_counter() - start)
+
+
+def generate_answers(model, tokenizer, batch: dict, max_new_tokens: int) -> list[str]:
+    """Greedy answers of one left-padded batch, decoded without the prompt and special tokens."""
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def _score(row: dict, text: str, bins: int, collator: VisionLanguageCollator | None = None) -> Prediction:

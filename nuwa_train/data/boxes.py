@@ -61,6 +61,9 @@ class BoxFormat(ABC):
     def prompt(self, expression: str) -> str:
         return self.prompt_template.format(expression=expression)
 
+    # New tokens generation allows for an answer: a box in this format with its label, on tokenizers that spell
+    # digits one by one (Llama, Qwen), plus slack; short VQA answers stop at end-of-sequence long before it.
+    max_answer_tokens: int
     answer_words: tuple[str, ...] = ()  # words of its answers besides digits and punctuation
     special_tokens: tuple[str, ...] = ()  # tokens its answers use that a real tokenizer holds whole
 
@@ -113,6 +116,7 @@ class LocTokens(BoxFormat):
     """
 
     name = "loc_tokens"
+    max_answer_tokens = 8  # four <loc_k> tokens and end-of-sequence
     prompt_template = SyntheticConfig.grounding_template  # the synthetic benchmark's grounding question
     pattern = re.compile(r"<loc_(\d+)>")
 
@@ -141,6 +145,7 @@ class LlavaBox(BoxFormat):
     """LLaVA-1.5's "[x1, y1, x2, y2]": two decimals of the image padded to a centred square."""
 
     name = "llava"
+    max_answer_tokens = 32  # "[0.39, 0.57, 0.52, 0.88]" is ~25 Llama tokens (digits split)
     prompt_template = "Please provide the bounding box coordinate of the region this sentence describes: {expression}"
     pattern = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
     decimals = 2
@@ -169,6 +174,7 @@ class Qwen2VLBox(BoxFormat):
     """Qwen2-VL's reference and box tokens around "(x1,y1),(x2,y2)", integers on 0-1000 of the image."""
 
     name = "qwen2_vl"
+    max_answer_tokens = 48  # the reference, two box tokens and 12 digits
     special_tokens = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>")
     prompt_template = "Find the bounding box of <|object_ref_start|>{expression}<|object_ref_end|>"
     pattern = re.compile(r"\(" + _NUMBER + "," + _NUMBER + r"\)\s*,\s*\(" + _NUMBER + "," + _NUMBER + r"\)")
@@ -191,6 +197,7 @@ class Qwen25VLBox(BoxFormat):
     """Qwen2.5-VL's JSON `[{"bbox_2d": [...], "label": ...}]` in pixels of the processor's resized image."""
 
     name = "qwen2_5_vl"
+    max_answer_tokens = 64  # the JSON list with "bbox_2d" and "label"
     answer_words = ("bbox", "d", "label", "json")
     prompt_template = "Locate {expression} in the image and output its bbox coordinates in JSON format."
     # the JSON's "bbox_2d" list, or a bare [x1, y1, x2, y2] (what an ms-swift `<bbox>` alone becomes)

@@ -103,14 +103,15 @@ class NuwaFineTuner(L.LightningModule):
     """LoRA + Nüwa pruning in the loop. `model_path` is a HF directory (the shipped tiny base by default).
 
     `eval_records`: the validation records scored with `generate` at each validation (a cap keeps it cheap);
-    `test_records`: those `test` scores (None: the whole test split).
+    `test_records`: those `test` scores (None: the whole test split). `eval_max_new_tokens`: None lets the
+    box format decide (a LLaVA box is ~25 tokens, a cap of 8 or 16 would cut every grounding answer).
     """
 
     def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
                  lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
                  optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
                  distill_temperature: float = 1.0, dtype: ModelDtype = "float32", eval_records: int = 64,
-                 eval_max_new_tokens: int = 8, gradient_checkpointing: bool = False, test_records: int | None = None,
+                 eval_max_new_tokens: int | None = None, gradient_checkpointing: bool = False, test_records: int | None = None,
                  loss_reduction: LossReduction = "token"):
         super().__init__()
         check_choice("model.loss_reduction", loss_reduction, LossReduction)

@@ -111,3 +111,22 @@ def test_question_kind():
     assert question_kind("vqa", "what is to the left of the circle?") == "spatial"
     assert question_kind("grounding", "locate the circle above the square.") == "relational"
     assert question_kind("grounding", "locate the red circle.") == "attribute"
+
+
+def test_generation_allows_what_an_answer_in_the_box_format_needs(monkeypatch, model_and_processor, records):
+    """A LLaVA box ("[0.39, 0.57, 0.52, 0.88]") is ~25 Llama tokens: a fixed short cap would cut every one."""
+    import nuwa_train.evaluation as evaluation
+    from nuwa_train.data.boxes import LlavaBox, LocTokens
+
+    asked = []
+
+    def answers(model, tokenizer, batch, max_new_tokens):
+        asked.append(max_new_tokens)
+        return [""] * batch["input_ids"].shape[0]
+
+    monkeypatch.setattr(evaluation, "generate_answers", answers)
+    model, processor = model_and_processor
+    for codec in (LocTokens(), LlavaBox()):
+        evaluate(model, processor, records, box_format=codec, progress=False)
+    evaluate(model, processor, records, box_format=LlavaBox(), max_new_tokens=5, progress=False)
+    assert asked == [LocTokens.max_answer_tokens, LlavaBox.max_answer_tokens, 5] and LlavaBox.max_answer_tokens >= 25
