@@ -264,8 +264,8 @@ class VisionLanguageCollator:
         prompt, answer = prompt.strip(), None if answer is None else answer.strip()
         objects = _field(record, "objects")
         if (not objects and self.box_format is not None and _field(record, "task") == "grounding"
-                and _field(record, "box") is not None):
-            image, prompt, answer = self._in_box_format(record, image, prompt)
+                and (_field(record, "box") is not None or _field(record, "expression"))):
+            image, prompt, answer = self._in_box_format(record, image, prompt, answer)
         turns = self.turns(record, prompt, answer, where) if self.with_answer else [(prompt, None)]
         if objects:
             image, turns = self._with_objects(image, turns, objects, where)
@@ -304,9 +304,7 @@ class VisionLanguageCollator:
                     else self.box_format.render_coordinates(value, frame))
 
         turns = [tuple(None if text is None else _PLACEHOLDER.sub(written, text) for text in turn) for turn in turns]
-        if isinstance(self.box_format, LlavaBox):
-            image = self._padded(image)
-        return image, turns
+        return self.native_image(image), turns
 
     def _padded(self, image: Image.Image) -> Image.Image:
         """LLaVA-1.5 trained on padded squares (the frame of its boxes); a centre crop would cut objects away."""
@@ -321,14 +319,19 @@ class VisionLanguageCollator:
             model_size = qwen_model_size(self.processor.image_processor, width, height)
         return ImageFrame(width, height, model_size)
 
-    def _in_box_format(self, record: object, image: Image.Image, prompt: str) -> tuple[Image.Image, str, str]:
-        """A grounding record asked and answered in `box_format`, on the image its boxes refer to."""
+    def _in_box_format(self, record: object, image: Image.Image, prompt: str,
+                       answer: str | None) -> tuple[Image.Image, str, str | None]:
+        """A grounding record asked (and, when it has a box, answered) in `box_format`, on the image its boxes
+        refer to. A record with an expression and no box is a question only (e.g. from an lmms-eval task)."""
         codec, frame = self.box_format, self.image_frame(image)
-        if isinstance(codec, LlavaBox):
-            image = self._padded(image)
-        expression = _field(record, "expression")
-        answer = codec.render(to_box01(tuple(_field(record, "box"))), frame, label=expression or "")
-        return image, codec.prompt(expression) if expression else prompt, answer
+        expression, box = _field(record, "expression"), _field(record, "box")
+        if box is not None:
+            answer = codec.render(to_box01(tuple(box)), frame, label=expression or "")
+        return self.native_image(image), codec.prompt(expression) if expression else prompt, answer
+
+    def native_image(self, image: Image.Image) -> Image.Image:
+        """The image as the box format's frame has it: LLaVA's padded square, else the image itself."""
+        return self._padded(image) if isinstance(self.box_format, LlavaBox) else image
 
     def _count(self, kind: str, where: str) -> None:
         if not self.counts[kind]:

@@ -235,6 +235,12 @@ def read_image(path: str | EmbeddedImage, min_side: int | None = None,
     return read_image_sized(path, min_side, declared_size)[0]
 
 
+def reduced(image: Image.Image, min_side: int | None) -> Image.Image:
+    """`image` reduced by the whole factor that keeps its short side >= `min_side` (itself when under 2x)."""
+    factor = min(image.size) // min_side if min_side else 1
+    return image.reduce(factor) if factor >= 2 else image
+
+
 def read_image_sized(path: str | EmbeddedImage, min_side: int | None = None,
                      declared_size: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """`read_image` and the file's own (width, height): pixel boxes refer to it, not to a reduced decode."""
@@ -250,9 +256,7 @@ def read_image_sized(path: str | EmbeddedImage, min_side: int | None = None,
             if factor >= 2 and image.format == "JPEG":
                 image.draft("RGB", (size[0] // factor, size[1] // factor))
             image.load()
-            if factor >= 2 and min(image.size) // min_side >= 2:
-                image = image.reduce(min(image.size) // min_side)
-            return image.convert("RGB"), size
+            return reduced(image, min_side).convert("RGB"), size
     except FieldError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
