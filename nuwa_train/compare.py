@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import EvalResult, evaluate
+from .evaluation import EvalResult, evaluate, question_collator
 from .export import NUWA_CONFIG_NAME, read_nuwa_config, recorded_base_model
 from .io import write_atomically
 from .models import attach_nuwa
@@ -76,13 +76,7 @@ def write_table(rows: list[dict], out_dir: Path, name: str, title: str, extra: d
 
 def overlay(model, processor, records: list[dict], configs: list[tuple[str, NuwaConfig]], path: Path) -> Path:
     """Kept tokens of each pruner on the first few records' images (hard path, one image at a time)."""
-    from .data.collate import VisionLanguageCollator
-    from .data.synthetic import SyntheticConfig
-    from .models.families import base_model, box_format_for
-
-    codec = box_format_for(base_model(model).config.model_type, processor.tokenizer,
-                           loc_prompt_template=SyntheticConfig.grounding_template)  # the question evaluation asks
-    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False, box_format=codec)
+    collator = question_collator(model, processor)  # the questions evaluation asks
     grounding = [r for r in records if r.get("task") == "grounding"]  # one per image; spatial questions
     picked = (grounding or records)[:OVERLAY_IMAGES]
     rows, grid = [], None

@@ -126,7 +126,18 @@ def _rows(data: object, synthetic_config: SyntheticConfig | None, limit: int | N
     return rows
 
 
-def _progress(enabled: bool) -> Progress:
+def question_collator(model, processor, box_format: BoxFormat | None = None,
+                      synthetic_config: SyntheticConfig | None = None) -> VisionLanguageCollator:
+    """Left-padded questions without answers, grounding asked in `box_format` (default: the model's own)."""
+    from .models.families import base_model, box_format_for
+
+    if box_format is None:
+        box_format = box_format_for(base_model(model).config.model_type, processor.tokenizer,
+                                    loc_prompt_template=(synthetic_config or SyntheticConfig()).grounding_template)
+    return VisionLanguageCollator(processor, padding_side="left", with_answer=False, box_format=box_format)
+
+
+def progress_bar(enabled: bool = True) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), disable=not enabled, transient=False)
 
@@ -149,7 +160,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
         adapter_for,
         attach_nuwa,
     )
-    from .models.families import base_model, box_format_for
+    from .models.families import base_model
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -158,11 +169,8 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     if not rows:
         raise ValueError("no records to evaluate")
     tokenizer = processor.tokenizer
-    if box_format is None:
-        box_format = box_format_for(base_model(model).config.model_type, tokenizer,
-                                    loc_prompt_template=(synthetic_config or SyntheticConfig()).grounding_template)
-    collator = VisionLanguageCollator(processor, padding_side="left", with_answer=False, box_format=box_format)
-    max_new_tokens = max_new_tokens or box_format.max_answer_tokens
+    collator = question_collator(model, processor, box_format, synthetic_config)
+    max_new_tokens = max_new_tokens or collator.box_format.max_answer_tokens
     image_token_id = adapter_for(model).image_token_id
     was_training = model.training
     model.eval()
@@ -181,7 +189,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
     start = time.perf_counter()
     name = description or f"eval {pruning.method if pruning else 'full'}"
     try:
-        with setting, _progress(progress) as bar:
+        with setting, progress_bar(progress) as bar:
             task = bar.add_task(name, total=len(rows))
             for first in range(0, len(rows), batch_size):
                 chunk = rows[first:first + batch_size]
@@ -207,6 +215,11 @@ def generate_answers(model, tokenizer, batch: dict, max_new_tokens: int) -> list
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def score_answer(record: Mapping, text: str, collator: VisionLanguageCollator) -> Prediction:
+    """One record's generated answer scored as `evaluate` scores it (the lmms-eval tasks use this)."""
+    return _score(_rows([record], None, None)[0], text, SyntheticConfig.coordinate_bins, collator)
 
 
 def _score(row: dict, text: str, bins: int, collator: VisionLanguageCollator | None = None) -> Prediction:
