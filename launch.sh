@@ -3,6 +3,8 @@
 #
 #   ./launch.sh demo                the main job (`nuwa-train demo`)
 #   ./launch.sh test [PYTEST...]    the test suite
+#   ./launch.sh lmms-eval ARGS...   `python -m lmms_eval ARGS` with `--model nuwa` and the nuwa_* tasks
+#                                   (installs lmms-eval once, without its CUDA torch: requirements/lmms-eval.txt)
 #   ./launch.sh COMMAND [ARGS...]   any `nuwa-train` command, e.g. `./launch.sh bench --shapes tiny`
 #   ./launch.sh [LAUNCH OPTIONS] RECIPE.yaml [OVERRIDES...]
 #                                   `nuwa-train fit --config RECIPE.yaml [OVERRIDES...]` on one or more processes
@@ -29,7 +31,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$root"
 
-HELP_LINES='2,26p'
+HELP_LINES='2,28p'
 LAUNCHERS="local torchrun fabric deepspeed"
 LAUNCH_OPTIONS="--launcher --devices --nodes --node-rank --master-addr --master-port --hostfile --dry-run"
 MAX_PORT=65535
@@ -58,6 +60,16 @@ ensure_environment() {  # $1: the project's extras to install, e.g. "dev" or "de
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
         log "installing nuwa-train and its dependencies (editable, extras: $extras)"
         python -m pip install --quiet -e ".[$extras]"
+        echo "$digest" > "$stamp"
+    fi
+}
+
+ensure_lmms_eval() {  # lmms-eval's own requirements would replace the CPU torch with a CUDA build
+    local stamp="$VIRTUAL_ENV/.nuwa-train-lmms-eval" digest
+    digest=$(sha256sum requirements/lmms-eval.txt | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
+        log "installing lmms-eval without its dependencies (requirements/lmms-eval.txt)"
+        python -m pip install --quiet --no-deps -r requirements/lmms-eval.txt
         echo "$digest" > "$stamp"
     fi
 }
@@ -147,6 +159,9 @@ if [ "$target" = test ] || [ "$launcher" = deepspeed ]; then
 fi
 if [ "$dry_run" -eq 0 ]; then
     ensure_environment "$extras"
+    if [ "$target" = test ] || [ "$target" = lmms-eval ]; then
+        ensure_lmms_eval
+    fi
 elif [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
     # shellcheck disable=SC1091
     source .venv/bin/activate  # only to print the same paths a real run would use
@@ -156,6 +171,10 @@ command_line=()
 if [ "$is_recipe" -eq 0 ]; then
     case "$target" in
         test) command_line=(python -m pytest "$@") ;;
+        lmms-eval)
+            command_line=(python -m lmms_eval "$@")
+            # the package's nuwa_* tasks, unless you index your own (lmms-eval takes one --include_path)
+            [[ " $* " == *" --include_path"* ]] || command_line+=(--include_path "$root/nuwa_train/harness/tasks") ;;
         *) command_line=(nuwa-train "$target" "$@") ;;
     esac
 else

@@ -3,7 +3,7 @@
 lmms-eval loads each task's file with `datasets` (the JSON rows); `process_docs` numbers them, and every
 other hook reads the record `FileRecords` makes of the same row, so prompts, images and scoring are those
 of `nuwa-train eval --data` on that file. Files come from environment variables (lmms-eval has no task
-arguments): `NUWA_SYNTHETIC_DIR` (a folder `nuwa-train export-data DIR --format llava-refcoco` wrote),
+arguments): `NUWA_SYNTHETIC_DIR` (default outputs/lmms_synthetic, a folder `nuwa-train export-data DIR --format llava-refcoco` wrote),
 `NUWA_REFCOCO_FILE` (your RefCOCO-style JSON) and `NUWA_REFCOCO_REC_FILE` (lmms-eval's RefCOCO fields).
 """
 
@@ -16,13 +16,26 @@ from pathlib import Path
 from ..data.formats import LLAVA_FILE, REFCOCO_FILE
 from .scoring import score
 
-SYNTHETIC_DIR = Path(os.environ.get("NUWA_SYNTHETIC_DIR", "outputs/lmms_synthetic")).resolve()
-SYNTHETIC_VQA_FILE = str(SYNTHETIC_DIR / LLAVA_FILE)
-SYNTHETIC_GROUNDING_FILE = str(SYNTHETIC_DIR / REFCOCO_FILE)
-# Unset, the path itself says what to do (it is what `datasets` reports as not found).
-USER_REFCOCO_FILE = os.environ.get("NUWA_REFCOCO_FILE", "set NUWA_REFCOCO_FILE to your RefCOCO-style JSON")
-REFCOCO_REC_FILE = os.environ.get("NUWA_REFCOCO_REC_FILE", "set NUWA_REFCOCO_REC_FILE to a RefCOCO JSON with "
-                                                           "lmms-eval's fields (image, bbox, answer, question_id)")
+# Where each task's file comes from (read when a task loads, so a test or a `--config` `env:` block can set it).
+# Unset, the user-file paths say what to do (`datasets` reports them as not found).
+DATA_FILES = {
+    "synthetic_vqa": lambda: str(_synthetic_dir() / LLAVA_FILE),
+    "synthetic_grounding": lambda: str(_synthetic_dir() / REFCOCO_FILE),
+    "refcoco": lambda: os.environ.get("NUWA_REFCOCO_FILE", "set NUWA_REFCOCO_FILE to your RefCOCO-style JSON"),
+    "refcoco_rec": lambda: os.environ.get("NUWA_REFCOCO_REC_FILE", "set NUWA_REFCOCO_REC_FILE to a RefCOCO JSON "
+                                          "with lmms-eval's fields (image, bbox, answer, question_id)"),
+}
+
+
+def _synthetic_dir() -> Path:
+    return Path(os.environ.get("NUWA_SYNTHETIC_DIR", "outputs/lmms_synthetic"))
+
+
+def data_file(name: str) -> str:
+    """The absolute path of a task's file (`!function utils.<NAME>_FILE` in the YAMLs)."""
+    return str(Path(DATA_FILES[name]()).resolve())
+
+
 SOURCE, INDEX = "nuwa_source", "nuwa_index"  # the columns process_docs adds
 
 
@@ -44,15 +57,15 @@ def record(doc: dict) -> dict:
 
 
 def synthetic_vqa_docs(dataset):
-    return _numbered(dataset, SYNTHETIC_VQA_FILE, "llava")
+    return _numbered(dataset, data_file("synthetic_vqa"), "llava")
 
 
 def synthetic_grounding_docs(dataset):
-    return _numbered(dataset, SYNTHETIC_GROUNDING_FILE, "refcoco")
+    return _numbered(dataset, data_file("synthetic_grounding"), "refcoco")
 
 
 def refcoco_docs(dataset):
-    return _numbered(dataset, str(Path(USER_REFCOCO_FILE).resolve()), "refcoco")
+    return _numbered(dataset, data_file("refcoco"), "refcoco")
 
 
 def doc_to_visual(doc: dict) -> list:
@@ -88,6 +101,6 @@ def refcoco_rec_docs(dataset):
     import datasets
     from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_preprocess_dataset
 
-    root = Path(REFCOCO_REC_FILE).resolve().parent
+    root = Path(data_file("refcoco_rec")).parent
     dataset = dataset.map(lambda doc: {"image": str(root / doc["image"])})
     return refcoco_bbox_rec_preprocess_dataset(dataset.cast_column("image", datasets.Image()))
