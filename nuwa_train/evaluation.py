@@ -105,7 +105,7 @@ def _rows(data: object, synthetic_config: SyntheticConfig | None, limit: int | N
         if isinstance(item, Record):
             config = synthetic_config or SyntheticConfig()
             rows.append(dict(id=item.id, image=render(item.scene, config), prompt=item.prompt, answer=item.answer,
-                             task=item.task, box=item.box, kind=item.kind))
+                             task=item.task, box=item.box, kind=item.kind, expression=item.expression))
             continue
         if not isinstance(item, Mapping):
             raise TypeError(f"record {position}: expected a Record or a mapping, got {type(item).__name__}")
@@ -144,7 +144,8 @@ def progress_bar(enabled: bool = True) -> Progress:
 
 @torch.no_grad()
 def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch_size: int = 32,
-             max_new_tokens: int | None = None, limit: int | None = None, synthetic_config: SyntheticConfig | None = None,
+             max_new_tokens: int | None = None, limit: int | None = None,
+             synthetic_config: SyntheticConfig | None = None,
              coordinate_bins: int | None = None, progress: bool = True, description: str | None = None,
              box_format: BoxFormat | None = None) -> EvalResult:
     """Greedy-generate an answer for every record and score it (see the module docstring).

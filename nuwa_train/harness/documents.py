@@ -3,7 +3,8 @@
 lmms-eval loads each task's file with `datasets` (the JSON rows); `process_docs` numbers them, and every
 other hook reads the record `FileRecords` makes of the same row, so prompts, images and scoring are those
 of `nuwa-train eval --data` on that file. Files come from environment variables (lmms-eval has no task
-arguments): `NUWA_SYNTHETIC_DIR` (default outputs/lmms_synthetic, a folder `nuwa-train export-data DIR --format llava-refcoco` wrote),
+arguments): `NUWA_SYNTHETIC_DIR` (default outputs/lmms_synthetic: a folder written by
+`nuwa-train export-data DIR --format llava-refcoco`),
 `NUWA_REFCOCO_FILE` (your RefCOCO-style JSON) and `NUWA_REFCOCO_REC_FILE` (lmms-eval's RefCOCO fields).
 """
 

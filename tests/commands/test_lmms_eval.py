@@ -20,6 +20,7 @@ if not os.environ.get("CI"):
 from nuwa_train.cli import main  # noqa: E402
 from nuwa_train.data.boxes import ImageFrame, LlavaBox  # noqa: E402
 from nuwa_train.harness import TASKS_DIR  # noqa: E402
+from nuwa_train.pruning import NuwaConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_BASE = ROOT / "data" / "tiny_base"  # trained: its answers are mostly right, so the scores can disagree
@@ -76,8 +77,6 @@ def lmms_model(tiny_base_dir, tmp_path):
 
     export = tmp_path / "export"
     shutil.copytree(tiny_base_dir, export)
-    from nuwa_train.pruning import NuwaConfig
-
     (export / "nuwa_config.json").write_text(json.dumps(NuwaConfig(budget=128, stage2_layer=0.75).to_dict()))
     return NuwaLMM, export
 
@@ -143,3 +142,37 @@ def test_lmms_evals_own_refcoco_scorers_read_the_plugins_llava_answers(tmp_path,
     scored = simple_evaluate(model=lm, tasks=["nuwa_refcoco_bbox_rec"],
                              task_manager=TaskManager(include_path=str(TASKS_DIR)))["results"]["nuwa_refcoco_bbox_rec"]
     assert scored["refcoco_ACC@0.5,none"] == 1.0 and scored["refcoco_IoU,none"] > 0.95
+
+
+@pytest.mark.parametrize("family", ["tiny_base", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_the_plugin_answers_every_family_as_evaluate_does(family, tiny_base_dir, tmp_path):
+    """Batched, left-padded, pruned (Nüwa at 64): the plugin's answers are `evaluate`'s, request by request."""
+    from types import SimpleNamespace
+
+    from nuwa_train.data import SyntheticConfig, generate_records, render
+    from nuwa_train.evaluation import evaluate
+    from nuwa_train.harness.model import GROUNDING, REQUEST_KIND, NuwaLMM
+    from nuwa_train.models import load_vlm
+    from nuwa_train.models.families import FAMILIES
+
+    config = SyntheticConfig()
+    records = list(generate_records(config, "val", 3))  # 3 VQA + 3 grounding, images of several layouts
+    if family == "tiny_base":
+        directory = tiny_base_dir
+    else:
+        words = sorted({w.strip("?.,").lower() for r in records for w in (r.prompt + " " + r.answer).split()})
+        model, processor = FAMILIES[family].build_tiny(words=words)
+        directory = tmp_path / family
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+    expected = evaluate(*load_vlm(directory), records, pruning=NuwaConfig(budget=64), batch_size=4, progress=False)
+    lm = NuwaLMM(pretrained=str(directory), method="nuwa", budget=64, batch_size=4)
+    docs = [{"image": render(r.scene, config)} for r in records]
+    lm.task_dict = {"task": {"test": docs}}
+    requests = [SimpleNamespace(args=(r.expression if r.task == "grounding" else r.prompt,
+                                      {REQUEST_KIND: GROUNDING} if r.task == "grounding" else {},
+                                      lambda doc: [doc["image"]], number, "task", "test"))
+                for number, r in enumerate(records)]
+    answers = lm.generate_until(requests)
+    assert [a.strip() for a in answers] == [p.prediction for p in expected.predictions]
+    assert lm.model._nuwa.config.budget == 64
