@@ -47,6 +47,11 @@ def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_
     main(["eval", "--model", tiny_base_dir, "--method", "none", "--out", str(out / "capped"), "--limit", "2",
           "--data", f"refcoco={refcoco}"])
     assert json.loads((out / "capped" / "results.json").read_text())["records"] == 2
+    main(["eval", "--model", tiny_base_dir, "--compare", "--budgets", "64", "--out", str(out / "compared"),
+          "--data", f"refcoco={refcoco}"])  # every pruner on the same files
+    compared = _result_rows(out / "compared")
+    assert len(compared) == 8 and {r["num_grounding"] for r in compared if r["vqa_em"] is not None or
+                                   r["grounding_acc50"] is not None} == {3}
     with pytest.raises(SystemExit, match="must be FORMAT=PATH with FORMAT one of llava, refcoco, sharegpt"):
         main(["eval", "--model", tiny_base_dir, "--data", f"coco={refcoco}"])
 
