@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow.compute as pc
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .collate import TEXT_TASK
 from .synthetic import (
@@ -235,6 +236,17 @@ def read_image(path: str | EmbeddedImage, min_side: int | None = None,
     return read_image_sized(path, min_side, declared_size)[0]
 
 
+@contextmanager
+def _strict_decoding():
+    """A truncated file fails to decode, whatever an imported library set: lmms-eval, for one, turns PIL's global
+    LOAD_TRUNCATED_IMAGES on at import, which would fill the missing rows silently."""
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def reduced(image: Image.Image, min_side: int | None) -> Image.Image:
     """`image` reduced by the whole factor that keeps its short side >= `min_side` (itself when under 2x)."""
     factor = min(image.size) // min_side if min_side else 1
@@ -246,7 +258,7 @@ def read_image_sized(path: str | EmbeddedImage, min_side: int | None = None,
     """`read_image` and the file's own (width, height): pixel boxes refer to it, not to a reduced decode."""
     name = repr(path) if isinstance(path, EmbeddedImage) else path
     try:
-        with Image.open(io.BytesIO(path.read()) if isinstance(path, EmbeddedImage) else path) as image:
+        with _strict_decoding(), Image.open(io.BytesIO(path.read()) if isinstance(path, EmbeddedImage) else path) as image:
             if declared_size is not None and tuple(declared_size) != image.size:
                 raise FieldError("image", f"{name} is {image.size[0]}x{image.size[1]}, but the record declares "
                                            f"width {declared_size[0]}, height {declared_size[1]}",

@@ -184,3 +184,16 @@ def test_fit_writes_the_data_report_with_skips_per_file_and_reason(files, tiny_b
     assert llava["at_start"]["skipped_by_reason"] == {"image: file not found": 1}
     assert llava["at_start"]["first_ids"] == {"image: file not found": [records[1]["id"]]}
     assert refcoco["when_read"]["skipped_by_reason"] == {"image: cannot be decoded": 1}
+
+
+def test_a_truncated_image_fails_even_after_a_library_turned_truncated_loading_on(files, monkeypatch):
+    """lmms-eval sets PIL's global LOAD_TRUNCATED_IMAGES at import; the loaders' promise must not depend on it."""
+    from PIL import ImageFile
+
+    from nuwa_train.data.formats import FieldError, read_image
+
+    bad = truncate_image(files, records_of(files / REFCOCO_FILE)[0])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(FieldError, match="cannot read image"):
+        read_image(str(bad))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # put back as it was
