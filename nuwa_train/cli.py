@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = NuwaConfig()
     evaluate.add_argument("--method", choices=METHODS, help=f"pruner: {', '.join(METHODS)} (default: the export's or "
                                                             f"recipe's, else {defaults.method})")
-    evaluate.add_argument("--budget", type=int, help=f"average tokens per image on the 24x24 grid (default: the "
-                                                     f"export's or recipe's, else {defaults.budget})")
+    evaluate.add_argument("--budget", type=_int_list, help=f"average tokens per image on the 24x24 grid, or several "
+                                                           f"(comma-separated: one row each; default: the export's or "
+                                                           f"recipe's, else {defaults.budget})")
     evaluate.add_argument("--compare", action="store_true", help="every pruner at every --budgets")
     evaluate.add_argument("--budgets", type=_int_list, default=list(PAPER_BUDGETS))
     evaluate.add_argument("--batch-size", type=int, default=64)

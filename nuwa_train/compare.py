@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .evaluation import EvalResult, evaluate, question_collator
-from .export import NUWA_CONFIG_NAME, read_nuwa_config, recorded_base_model
+from .export import NUWA_CONFIG_NAME, read_nuwa_config, recorded_base_model, untrained_budget_note
 from .io import write_atomically
 from .models import attach_nuwa
 from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
@@ -142,29 +142,33 @@ class Setting:
     label: str
     config: NuwaConfig
     source: str = ""
+    warning: str = ""  # e.g. a budget the model was not fine-tuned at
 
     @property
     def note(self) -> str:
         ran = [self.source] if self.source else []
         if self.config.method == "nuwa":
             ran.append(f"stage 2 at layer {self.config.stage2_layer}")
-        return "; ".join(ran)
+        return "; ".join(ran + ([self.warning] if self.warning else []))
 
 
-def evaluation_settings(trained: NuwaConfig | None, source: str, flags: dict, compare: bool,
-                        budgets: tuple[int, ...]) -> list[Setting]:
+def evaluation_settings(trained: NuwaConfig | None, source: str, method: str | None, budgets: list[int] | None,
+                        compare: bool, compare_budgets: tuple[int, ...]) -> list[Setting]:
     """The pruned rows to run. `trained`: the settings the model was fine-tuned with (an export's nuwa_config.json
-    or a recipe's model.pruning) supply every knob the flags do not; compare runs every pruner at every budget."""
+    or a recipe's model.pruning) supply every knob the flags do not; `budgets`: one row per budget (default: the
+    trained or default budget); compare runs every pruner at every `compare_budgets`."""
     base = trained or NuwaConfig()
+    source = source if trained is not None else ""
     if compare:
-        return [Setting(label, replace(base, method=method, budget=budget), source if trained else "")
-                for budget in budgets for label, method in TRAINING_FREE]
-    config = replace(base, **flags)
+        return [Setting(label, replace(base, method=name, budget=budget), source)
+                for budget in compare_budgets for label, name in TRAINING_FREE]
+    config = replace(base, method=method) if method else base
     if config.method == "none":
         return []
-    if trained is not None:
-        source += f", {', '.join(flags)} from the flags" if flags else ""
-    return [Setting(config.method, config, source if trained else "")]
+    flags = [name for name, value in (("method", method), ("budget", budgets)) if value]
+    if trained is not None and flags:
+        source += f", {', '.join(flags)} from the flags"
+    return [Setting(config.method, replace(config, budget=budget), source) for budget in budgets or [config.budget]]
 
 
 def trained_settings(model: str) -> tuple[str, NuwaConfig | None, str]:
@@ -203,7 +207,7 @@ RESULTS_NAME = "results"  # OUT/results.json, OUT/results.md
 OVERLAY_NAME = "kept_tokens.png"
 
 
-def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: int | None = None,
+def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: list[int] | None = None,
              compare: bool = False, budgets: tuple[int, ...] = PAPER_BUDGETS, reference: str | None = None,
              data: dict[str, list[str]] | None = None, split: str = "test", images: int = 250,
              limit: int | None = None, batch_size: int = 64) -> dict:
@@ -216,8 +220,8 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: in
 
     console = Console()
     model_path, trained, source = trained_settings(model)
-    flags = {key: value for key, value in (("method", method), ("budget", budget)) if value is not None}
-    settings = evaluation_settings(trained, source, flags, compare, tuple(budgets))
+    settings = [replace(setting, warning=untrained_budget_note(model_path, setting.config.budget))
+                for setting in evaluation_settings(trained, source, method, budget, compare, tuple(budgets))]
     vlm, processor = load_vlm(model_path)
     vlm.eval()
     records, described = _evaluation_records(model_path, processor, split, images, data, limit)

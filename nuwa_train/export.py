@@ -24,6 +24,8 @@ from .models import attach_nuwa
 from .pruning import NuwaConfig
 
 NUWA_CONFIG_NAME = "nuwa_config.json"
+TRAINED_BUDGETS_KEY = "trained_budgets"
+EXPORT_RECORD_KEYS = ("exported_from", TRAINED_BUDGETS_KEY)  # what nuwa_config.json records besides NuwaConfig
 
 
 class ExportError(RuntimeError):
@@ -81,6 +83,8 @@ def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path
     module.configure_model()  # the Nüwa hooks stay attached: saving does not run the model
     base = Path(module.hparams.model_path)  # a local base is recorded absolute: evaluation finds it from anywhere
     extra = {"exported_from": {"base_model": str(base.resolve() if base.is_dir() else base), "merged": merge}}
+    if module.hparams.get("train_budgets"):  # budget-robust: the budgets it serves without a warning
+        extra[TRAINED_BUDGETS_KEY] = list(module.hparams.train_budgets)
     if merge:
         merged = module.model.merge_and_unload()
         return write_pretrained(merged, module.processor, module.pruning, target, extra)
@@ -95,8 +99,28 @@ def read_nuwa_config(path: str | os.PathLike) -> NuwaConfig | None:
     if not config_file.is_file():
         return None
     settings = json.loads(config_file.read_text())
-    settings.pop("exported_from", None)
+    for key in EXPORT_RECORD_KEYS:
+        settings.pop(key, None)
     return NuwaConfig.from_dict(settings)
+
+
+def trained_budgets(path: str | os.PathLike) -> list | None:
+    """The budgets a directory's model was fine-tuned at (its own budget for a single-budget fine-tune; "all"
+    means every vision token), None for a directory without nuwa_config.json."""
+    config_file = Path(path) / NUWA_CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    settings = json.loads(config_file.read_text())
+    return settings.get(TRAINED_BUDGETS_KEY) or [settings.get("budget", NuwaConfig().budget)]
+
+
+def untrained_budget_note(path: str | os.PathLike, budget: int) -> str:
+    """"" when `budget` is one the model at `path` was fine-tuned at (or it was not fine-tuned), else a warning."""
+    budgets = trained_budgets(path)
+    if budgets is None or budget in budgets:
+        return ""
+    return (f"budget {budget} is outside the budgets {path} was fine-tuned at ({', '.join(map(str, budgets))}): "
+            f"expect lower scores than at a trained budget")
 
 
 def recorded_base_model(path: str | os.PathLike) -> str | None:
@@ -128,6 +152,9 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
             raise ExportError(f"{path} has no {NUWA_CONFIG_NAME}; export it with `nuwa-train export` or pass config=")
     if budget is not None:
         config = replace(config, budget=budget)
+    untrained = untrained_budget_note(path, config.budget) if config.method != "none" else ""
+    if untrained:
+        warnings.warn(untrained, stacklevel=2)
     if (path / "adapter_config.json").is_file():
         adapter = json.loads((path / "adapter_config.json").read_text())
         base = AutoModelForImageTextToText.from_pretrained(adapter["base_model_name_or_path"], dtype=dtype)

@@ -9,6 +9,7 @@ family's box format), so the answers are those `nuwa-train eval` scores on the s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..data.boxes import ImageFrame, LlavaBox
 from ..data.collate import as_image, needed_image_side
 from ..data.formats import reduced
 from ..evaluation import generate_answers, progress_bar, question_collator
-from ..export import read_nuwa_config
+from ..export import read_nuwa_config, untrained_budget_note
 from ..models import attach_nuwa, load_vlm
 from ..pruning import NuwaConfig, NuwaConfigError
 from .scoring import publish_answer_reader
@@ -63,6 +64,9 @@ class NuwaLMM(lmms):
             self.pruning = replace(read_nuwa_config(path) or NuwaConfig(), **given)
         except NuwaConfigError as error:
             raise ValueError(f"--model_args: {error}") from None
+        untrained = untrained_budget_note(path, self.pruning.budget) if self.pruning.method != "none" else ""
+        if untrained:
+            warnings.warn(untrained, stacklevel=2)
         self.device = torch.device(device or "cpu")
         self.model, self.processor = load_vlm(path, dtype)
         self.model.to(self.device).eval()

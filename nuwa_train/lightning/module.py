@@ -7,7 +7,8 @@ physically dropped, `generate`) and reports retention against the same base mode
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -18,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 from ..data.collate import IGNORE_INDEX
 from ..models import adapter_for, attach_nuwa, load_vlm
-from ..pruning import NuwaConfig
+from ..pruning import NuwaConfig, NuwaConfigError
 from ..pruning.soft import temperature_at
 from ..schedules import warmup_cosine
 from .checkpoints import FinalCheckpoint
@@ -30,6 +31,8 @@ LoraTargets = Literal["lm", "lm+vision"]
 SelectionMode = Literal["soft", "straight_through", "hard"]
 TemperatureSchedule = Literal["exponential", "linear", "cosine"]
 ModelDtype = Literal["float32", "bfloat16", "float16"]
+ALL_TOKENS = "all"  # a training budget that keeps every vision token (model.train_budgets)
+TrainBudget = int | Literal["all"]
 LOSS_REDUCTIONS = get_args(LossReduction)
 
 
@@ -93,6 +96,25 @@ class OptimizerSettings:
     min_lr_ratio: float = 0.1  # the cosine decays the learning rate to lr * min_lr_ratio at max_steps
 
 
+def _training_settings(pruning: NuwaConfig, budgets: list | None) -> dict:
+    """model.train_budgets -> {budget: the NuwaConfig a step at that budget runs}, checked when the recipe loads."""
+    if budgets is None:
+        return {}
+    if not budgets or len(set(budgets)) != len(budgets):
+        raise NuwaConfigError(f"model.train_budgets={budgets!r} must list distinct budgets (vision tokens per image "
+                              f"on the 24x24 grid, or {ALL_TOKENS!r})")
+    settings = {}
+    for budget in budgets:
+        if budget == ALL_TOKENS:
+            settings[budget] = NuwaConfig(method="none")
+            continue
+        try:
+            settings[budget] = replace(pruning, budget=budget)
+        except NuwaConfigError as error:
+            raise NuwaConfigError(f"model.train_budgets: {error}") from None
+    return settings
+
+
 def resolve_model_path(model_path: str) -> str:
     """An existing local directory as an absolute path; anything else is returned as given (load_vlm explains)."""
     path = Path(model_path).expanduser()
@@ -105,17 +127,21 @@ class NuwaFineTuner(L.LightningModule):
     `eval_records`: the validation records scored with `generate` at each validation (a cap keeps it cheap);
     `test_records`: those `test` scores (None: the whole test split). `eval_max_new_tokens`: None lets the
     box format decide (a LLaVA box is ~25 tokens, a cap of 8 or 16 would cut every grounding answer).
+    `train_budgets`: budget-robust fine-tuning — each step trains at a budget drawn from this list ("all": every
+    vision token), so one adapted model serves any of them; validation and export use `pruning.budget`.
     """
 
     def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
                  lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
                  optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
                  distill_temperature: float = 1.0, dtype: ModelDtype = "float32", eval_records: int = 64,
-                 eval_max_new_tokens: int | None = None, gradient_checkpointing: bool = False, test_records: int | None = None,
-                 loss_reduction: LossReduction = "token"):
+                 eval_max_new_tokens: int | None = None, gradient_checkpointing: bool = False,
+                 test_records: int | None = None, loss_reduction: LossReduction = "token",
+                 train_budgets: list[TrainBudget] | None = None):
         super().__init__()
         check_choice("model.loss_reduction", loss_reduction, LossReduction)
         check_choice("model.dtype", dtype, ModelDtype)
+        self.training_settings = _training_settings(pruning, train_budgets)
         # Stored resolved, so an export or resume from another working directory finds the same base model.
         model_path = resolve_model_path(model_path)
         self.save_hyperparameters()
@@ -170,7 +196,18 @@ class NuwaFineTuner(L.LightningModule):
         return self.selection.mode
 
     # ------------------------------------------------------------------------------- training
+    def step_budget(self, step: int | None = None) -> TrainBudget | None:
+        """The budget a step trains at (None: `pruning.budget` always). Drawn from the step index alone, so every
+        rank and a resumed run draw the same one."""
+        if not self.training_settings:
+            return None
+        step = self.global_step if step is None else step
+        return random.Random(f"train_budgets:{self.pruning.seed}:{step}").choice(list(self.training_settings))
+
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        budget = self.step_budget()
+        if budget is not None:
+            self.nuwa.use(self.training_settings[budget])
         mode, temperature = self.selection_mode(), self.temperature()
         self.nuwa.set_selection(mode, temperature, self.selection.gumbel)
         size, has_images = batch["input_ids"].shape[0], batch.get("pixel_values") is not None
@@ -253,6 +290,8 @@ class NuwaFineTuner(L.LightningModule):
 
     # ------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_index: int) -> None:
+        if self.training_settings:  # the last step's budget is a draw; validation runs the recipe's own
+            self.nuwa.use(self.pruning)
         self.nuwa.set_selection("hard")
         output = self.model(**self._with_blank_image(batch))
         self.log("val/loss", self._lm_loss(output), prog_bar=True, batch_size=batch["input_ids"].shape[0],
