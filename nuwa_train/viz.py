@@ -70,9 +70,26 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+EMA_SMOOTHING = 0.9  # TensorBoard's default weight: each point keeps 90% of the running average
+SMOOTHED_METRICS = ("train/lm_loss", "train/loss", "train/distill_loss")  # per-batch noise hides their trend
+
+
+def exponential_moving_average(values: list[float], smoothing: float = EMA_SMOOTHING) -> list[float]:
+    """TensorBoard's smoothing: an EMA debiased at the start (the first points are not pulled towards zero)."""
+    average, smoothed = 0.0, []
+    for count, value in enumerate(values, start=1):
+        average = smoothing * average + (1 - smoothing) * value
+        smoothed.append(average / (1 - smoothing**count))
+    return smoothed
+
+
 def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
                          metrics=("train/lm_loss", "train/temperature", "train/vision_tokens_per_layer")) -> Path:
-    """Loss, temperature and (expected) vision tokens per image per decoder layer against step, one line per run."""
+    """Loss, temperature and (expected) vision tokens per image per decoder layer against step, one line per run.
+
+    Losses are drawn as a smoothed line over their faint raw values; a dotted line marks where a run's training
+    switches to hard (physically dropped) steps, where a soft form that differs from its hard one shows a jump.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,9 +105,18 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
             points = series.get(metric, [])
             if metric == "train/temperature":  # it only acts on soft steps: where a line ends, hard training begins
                 points = [(step, value) for step, value in points if step not in hard_steps]
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, label=name, color=f"C{index}")  # one colour per run in every panel
+            if not points:
+                continue
+            steps, values = zip(*points)
+            colour = f"C{index}"  # one colour per run in every panel
+            if metric in SMOOTHED_METRICS:
+                ax.plot(steps, values, color=colour, alpha=0.2, linewidth=0.8)
+                ax.plot(steps, exponential_moving_average(list(values)), label=name, color=colour)
+                soft_steps = [step for step, hard in series.get("train/hard", []) if not hard]
+                if soft_steps and hard_steps:
+                    ax.axvline(min(hard_steps), color=colour, linestyle=":", linewidth=1)
+            else:
+                ax.plot(steps, values, label=name, color=colour)
     for ax, metric in zip(axes[0], metrics):
         ax.set_title(f"{metric} (soft steps)" if metric == "train/temperature" else metric)
         ax.set_xlabel("step")
