@@ -21,8 +21,8 @@ from ..data.boxes import ImageFrame, LlavaBox
 from ..data.collate import as_image, needed_image_side
 from ..data.formats import reduced
 from ..evaluation import generate_answers, progress_bar, question_collator
-from ..export import read_nuwa_config, untrained_budget_note
-from ..models import attach_nuwa, load_vlm
+from ..export import load_pruned, read_nuwa_config, untrained_budget_note
+from ..models import attach_nuwa, detach_nuwa, load_vlm
 from ..pruning import NuwaConfig, NuwaConfigError
 from .scoring import publish_answer_reader
 
@@ -52,13 +52,16 @@ class NuwaLMM(lmms):
     def __init__(self, pretrained: str, method: str | None = None, budget: int | None = None,
                  stage2_layer: int | float | None = None, dtype: str = "float32", batch_size: int | str = 1,
                  device: str | None = None, max_batch_size: int | None = None, **unknown):
+        """`pretrained`: a HF model directory or an export (merged or adapter-only). `max_batch_size` is accepted
+        because lmms-eval passes it when set; batches are `batch_size` requests."""
         super().__init__()
         if unknown:
             raise ValueError(f"--model_args {', '.join(sorted(unknown))}: not an argument of the nuwa model "
                              f"(pretrained, {', '.join(PRUNING_ARGS)}, dtype)")
         path = Path(str(pretrained))
-        if not (path / "config.json").is_file():
-            raise ValueError(f"--model_args pretrained={pretrained}: not a HF model directory (no config.json)")
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(f"--model_args pretrained={pretrained}: not a HF model directory or an export (no "
+                             f"config.json or adapter_config.json)")
         given = {key: value for key, value in zip(PRUNING_ARGS, (method, budget, stage2_layer)) if value is not None}
         try:
             self.pruning = replace(read_nuwa_config(path) or NuwaConfig(), **given)
@@ -68,7 +71,11 @@ class NuwaLMM(lmms):
         if untrained:
             warnings.warn(untrained, stacklevel=2)
         self.device = torch.device(device or "cpu")
-        self.model, self.processor = load_vlm(path, dtype)
+        if (path / "adapter_config.json").is_file():  # an adapter-only export: merged onto its recorded base
+            self.model, self.processor = load_pruned(path, getattr(torch, dtype), self.pruning, return_processor=True)
+            detach_nuwa(self.model)
+        else:
+            self.model, self.processor = load_vlm(path, dtype)
         self.model.to(self.device).eval()
         if self.pruning.method != "none":
             attach_nuwa(self.model, self.pruning)

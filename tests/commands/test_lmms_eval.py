@@ -91,13 +91,25 @@ def test_the_plugin_runs_an_exports_trained_settings_unless_an_argument_override
     assert getattr(NuwaLMM(pretrained=str(export), method="none").model, "_nuwa", None) is None
 
 
+def test_the_plugin_loads_an_adapter_only_export_onto_its_base(tiny_base_dir, tmp_path):
+    from nuwa_train.export import export_module
+    from nuwa_train.harness.model import NuwaLMM
+    from nuwa_train.lightning import NuwaFineTuner
+
+    adapter = export_module(NuwaFineTuner(model_path=tiny_base_dir, pruning=NuwaConfig(budget=128)),
+                            tmp_path / "adapter", merge=False)
+    assert (adapter / "adapter_config.json").is_file()
+    lm = NuwaLMM(pretrained=str(adapter))
+    assert not hasattr(lm.model, "peft_config") and lm.model._nuwa.config.budget == 128
+
+
 def test_bad_model_arguments_are_errors_naming_them(lmms_model, tmp_path):
     NuwaLMM, export = lmms_model
     with pytest.raises(ValueError, match="bugdet: not an argument of the nuwa model"):
         NuwaLMM(pretrained=str(export), bugdet=64)
     with pytest.raises(ValueError, match="--model_args: budget=0"):
         NuwaLMM(pretrained=str(export), budget=0)
-    with pytest.raises(ValueError, match=f"pretrained={tmp_path / 'nowhere'}: not a HF model directory"):
+    with pytest.raises(ValueError, match=f"pretrained={tmp_path / 'nowhere'}: not a HF model directory or an export"):
         NuwaLMM(pretrained=str(tmp_path / "nowhere"))
 
 
