@@ -93,12 +93,17 @@ def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path
     return write_pretrained(module.model, module.processor, module.pruning, target, extra)
 
 
+def _nuwa_config_json(path: str | os.PathLike) -> dict | None:
+    """A directory's nuwa_config.json as written (settings plus what the export records), None without one."""
+    config_file = Path(path) / NUWA_CONFIG_NAME
+    return json.loads(config_file.read_text()) if config_file.is_file() else None
+
+
 def read_nuwa_config(path: str | os.PathLike) -> NuwaConfig | None:
     """The pruning a directory's model was fine-tuned with (its nuwa_config.json), None if it has none."""
-    config_file = Path(path) / NUWA_CONFIG_NAME
-    if not config_file.is_file():
+    settings = _nuwa_config_json(path)
+    if settings is None:
         return None
-    settings = json.loads(config_file.read_text())
     for key in EXPORT_RECORD_KEYS:
         settings.pop(key, None)
     return NuwaConfig.from_dict(settings)
@@ -107,10 +112,9 @@ def read_nuwa_config(path: str | os.PathLike) -> NuwaConfig | None:
 def trained_budgets(path: str | os.PathLike) -> list | None:
     """The budgets a directory's model was fine-tuned at (its own budget for a single-budget fine-tune; "all"
     means every vision token), None for a directory without nuwa_config.json."""
-    config_file = Path(path) / NUWA_CONFIG_NAME
-    if not config_file.is_file():
+    settings = _nuwa_config_json(path)
+    if settings is None:
         return None
-    settings = json.loads(config_file.read_text())
     return settings.get(TRAINED_BUDGETS_KEY) or [settings.get("budget", NuwaConfig().budget)]
 
 
@@ -125,10 +129,7 @@ def untrained_budget_note(path: str | os.PathLike, budget: int) -> str:
 
 def recorded_base_model(path: str | os.PathLike) -> str | None:
     """The base model an export was fine-tuned from (its nuwa_config.json), None for other directories."""
-    config_file = Path(path) / NUWA_CONFIG_NAME
-    if not config_file.is_file():
-        return None
-    origin = json.loads(config_file.read_text()).get("exported_from")
+    origin = (_nuwa_config_json(path) or {}).get("exported_from")
     return origin.get("base_model") if isinstance(origin, dict) else None
 
 
