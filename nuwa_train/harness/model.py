@@ -67,18 +67,19 @@ class NuwaLMM(lmms):
             self.pruning = replace(read_nuwa_config(path) or NuwaConfig(), **given)
         except NuwaConfigError as error:
             raise ValueError(f"--model_args: {error}") from None
-        untrained = untrained_budget_note(path, self.pruning.budget) if self.pruning.method != "none" else ""
-        if untrained:
-            warnings.warn(untrained, stacklevel=2)
         self.device = torch.device(device or "cpu")
         if (path / "adapter_config.json").is_file():  # an adapter-only export: merged onto its recorded base
             self.model, self.processor = load_pruned(path, getattr(torch, dtype), self.pruning, return_processor=True)
-            detach_nuwa(self.model)
+            if self.pruning.method == "none":
+                detach_nuwa(self.model)
         else:
+            untrained = untrained_budget_note(path, self.pruning.budget) if self.pruning.method != "none" else ""
+            if untrained:  # load_pruned warns the same way on the other branch
+                warnings.warn(untrained, stacklevel=2)
             self.model, self.processor = load_vlm(path, dtype)
+            if self.pruning.method != "none":
+                attach_nuwa(self.model, self.pruning)
         self.model.to(self.device).eval()
-        if self.pruning.method != "none":
-            attach_nuwa(self.model, self.pruning)
         self.batch_size = int(batch_size)
         self.collator = question_collator(self.model, self.processor)
         self.image_side = needed_image_side(self.processor)
