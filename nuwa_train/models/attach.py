@@ -23,8 +23,6 @@ masks and labels) is sequence.py's, the selection policy the core's; what was ke
 from __future__ import annotations
 
 import inspect
-import time
-from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
@@ -48,6 +46,7 @@ from ..pruning.soft import (
     soft_topk,
     straight_through,
 )
+from ..timing import Timings
 from .base import Adapter, NuwaInputError, VisionEncoding
 from .families import adapter_for, base_model
 from .sequence import (
@@ -68,6 +67,11 @@ from .sequence import (
 )
 
 SELECTION_MODES = ("hard", "soft", "straight_through")
+# LLM attention backends Nüwa runs on (docs/attention_backends.md has the table). Both read the explicit masks
+# the pruned sequence needs: a 2-D mask beside gapped (original) position ids, and 4-D masks carrying the soft
+# keep bias and stage 2's shorter cache. Flash-attention kernels drop an all-ones mask and then read gapped
+# position ids as packed sequences (attention silently cut at every gap), and take no additive bias.
+SUPPORTED_ATTENTION = ("sdpa", "eager")
 # transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (models, layers, masks).
 CACHE_KWARGS = ("cache", "past_key_values")
 MASK_CACHE_KWARG = next(name for name in CACHE_KWARGS if name in inspect.signature(create_causal_mask).parameters)
@@ -84,7 +88,7 @@ class NuwaHandle:
     def __init__(self, model: nn.Module, adapter: Adapter, config: NuwaConfig):
         self.model, self.adapter = model, adapter
         self.num_layers = len(adapter.decoder_layers)
-        self.overhead_seconds: dict[str, float] = defaultdict(float)
+        self.timings = Timings()  # Nüwa's own work by stage; a benchmark may give it a CUDA clock
         self.mode, self.temperature, self.gumbel = "hard", 1.0, 0.0
         self._paused = False
         self._forward_params = list(inspect.signature(model.forward).parameters)
@@ -238,11 +242,13 @@ class NuwaHandle:
             self._encoder_owner.get_image_features = self._encoder_entry
             self._paused = False
 
-    @contextmanager
+    @property
+    def overhead_seconds(self) -> dict[str, float]:
+        """Seconds of Nüwa's own work (saliency, stage 1, stage 2) since `timings.clear()`, per stage."""
+        return self.timings.totals()
+
     def _timed(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.overhead_seconds[name] += time.perf_counter() - start
+        return self.timings.measure(name)
 
     # ------------------------------------------------------------------------------- model hooks
     def _before_forward(self, model, args, kwargs):
@@ -327,6 +333,7 @@ class NuwaHandle:
         return None if self._layout is None else self._layout.output_labels()
 
     def _prefill(self, kwargs: dict, input_ids: torch.Tensor, images: NuwaImageFeatures) -> dict:
+        check_attention_backend(self.adapter)  # set_attn_implementation may have switched it since attach
         mask = prefill_mask(kwargs.get("attention_mask"), input_ids)
         is_image = input_ids == self.adapter.image_token_id
         if not is_image.any():
@@ -428,10 +435,23 @@ class NuwaHandle:
         return args, kwargs
 
 
+def check_attention_backend(adapter: Adapter) -> None:
+    """Refuse an LLM attention backend that would silently attend wrongly on the pruned sequence."""
+    backend = adapter.language_model.config._attn_implementation
+    if backend is not None and backend not in SUPPORTED_ATTENTION:
+        raise NuwaConfigError(
+            f"attn_implementation={backend!r} (the language model's) is not supported by Nüwa pruning: kept vision "
+            f"tokens keep their original, gapped position ids, which flash-attention kernels read as packed sequences "
+            f"when there is no padding, and soft selection adds a bias inside attention that they cannot take. "
+            f"Load the model with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')); "
+            f"supported: {', '.join(SUPPORTED_ATTENTION)}")
+
+
 def attach_nuwa(model: nn.Module, config: NuwaConfig | None = None) -> NuwaHandle:
     """Attach Nüwa pruning to this model instance (a supported HF VLM, or a peft model wrapping one)."""
     base = base_model(model)
     adapter = adapter_for(base)
+    check_attention_backend(adapter)
     if getattr(base, "_nuwa", None) is not None:
         raise RuntimeError("Nüwa is already attached to this model; call detach() on the existing handle first")
     handle = NuwaHandle(base, adapter, config or NuwaConfig())
