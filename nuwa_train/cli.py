@@ -19,11 +19,13 @@ def _int_list(text: str) -> list[int]:
 def _bench(args: argparse.Namespace) -> None:
     import torch
 
-    from .bench import SHAPES, run_bench
+    from .bench import SHAPES
 
-    unknown = sorted(set(args.shapes) - set(SHAPES))
-    if unknown:
-        raise SystemExit(f"nuwa-train bench: unknown --shapes {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    for flag, names in (("--shapes", args.shapes), ("--decode", [args.decode] if args.decode else []),
+                        ("--train-shape", [args.train_shape] if args.train_shape else [])):
+        unknown = sorted(set(names) - set(SHAPES))
+        if unknown:
+            raise SystemExit(f"nuwa-train bench: unknown {flag} {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data_startup:
@@ -34,7 +36,7 @@ def _bench(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="nuwa-startup-") as scratch:
             llava_file = write_startup_dataset(Path(scratch), args.data_startup)
             result = time_data_startup(args.model, llava_file)
-        out = Path(args.out)
+        out = Path(args.out or "outputs/bench")
         out.mkdir(parents=True, exist_ok=True)
         (out / "data_startup.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result) + f"\nwrote {out / 'data_startup.json'}")
@@ -44,12 +46,38 @@ def _bench(args: argparse.Namespace) -> None:
 
         rows = time_training(args.training, batch_size=args.batch_size, threads=torch.get_num_threads())
         text = training_markdown(rows, args.training, args.batch_size)
-        out = Path(args.out)
+        out = Path(args.out or "outputs/bench")
         out.mkdir(parents=True, exist_ok=True)
         (out / "training.md").write_text(text)
         print(text + f"\nwrote {out / 'training.md'}")
         return
-    run_bench(args.shapes, args.budgets, args.repeats, Path(args.out))
+    _run_bench_suite(args)
+
+
+def bench_suite(args: argparse.Namespace):
+    """The BenchSuite and output folder the bench flags ask for (`--suite gpu`: the preset, flags unused)."""
+    from .bench import GPU_SUITE, BenchSuite
+    from .bench.suite import GPU_SUITE_OUT
+
+    if args.suite == "gpu":
+        return GPU_SUITE, Path(args.out or GPU_SUITE_OUT)
+    suite = BenchSuite(shapes=tuple(args.shapes), budgets=tuple(args.budgets), repeats=args.repeats,
+                       methods=tuple(args.methods), device=args.device, full_depth=args.full_depth,
+                       decode=args.decode, training=args.train_shape)
+    return suite, Path(args.out or "outputs/bench")
+
+
+def _run_bench_suite(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+    from .timing import DeviceUnavailable, clock_for
+
+    suite, out = bench_suite(args)
+    try:
+        clock_for(suite.device)
+    except DeviceUnavailable as reason:  # a GPU suite on a machine without one: nothing to measure, not a failure
+        print(f"nuwa-train bench: skipped, {reason}")
+        return
+    run_bench(suite, out)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -107,13 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="prefill latency full vs Nüwa-pruned, and aggregation cost by grid size")
     bench.add_argument("--shapes", type=lambda s: s.split(","), default=["tiny", "llava15"],
-                       help="model shapes to time (comma-separated): tiny, llava15")
+                       help="model shapes to time (comma-separated): tiny, llava15, llava15-7b (real widths, bf16)")
+    bench.add_argument("--methods", type=lambda s: s.split(","), default=["nuwa", "visionzip", "fastv"],
+                       help="selectors timed beside the full prefill (comma-separated)")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA events and max allocated memory; "
+                                                       "without a GPU the run is skipped with a message)")
+    bench.add_argument("--full-depth", action="store_true",
+                       help="run every real decoder layer (llava15-7b: 32 instead of 16 measured on a CPU)")
+    bench.add_argument("--decode", metavar="SHAPE", help="also time decoding (32 tokens after a ~600-token prompt)")
+    bench.add_argument("--train-shape", metavar="SHAPE",
+                       help="also time a training step per selection mode vs plain LoRA on this shape's widths")
+    bench.add_argument("--suite", choices=["gpu"],
+                       help="gpu: the whole GPU suite (llava15-7b at full depth: prefill, decode, training; "
+                            "--device cuda), written to outputs/bench_gpu")
     bench.add_argument("--budgets", type=_int_list, default=[64, 128, 192],
                        help="average vision tokens per image on the 24x24 reference grid")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median reported)")
     bench.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0) or 0),
                        help="torch threads (default: OMP_NUM_THREADS or torch's default)")
-    bench.add_argument("--out", default="outputs/bench", help="directory for bench.md, bench.json, bench.png")
+    bench.add_argument("--out", help="directory for bench.md, bench.json, bench.png (default: outputs/bench, "
+                                     "outputs/bench_gpu for --suite gpu)")
     bench.add_argument("--training", metavar="MODEL_DIR",
                        help="instead: training step time / peak memory of each selection mode vs plain LoRA")
     bench.add_argument("--batch-size", type=int, default=16, help="batch size of --training")

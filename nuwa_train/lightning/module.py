@@ -71,6 +71,14 @@ class LoraSettings:
         check_choice("model.lora.targets", self.targets, LoraTargets)
 
 
+def lora_config(base, lora: LoraSettings) -> LoraConfig:
+    """The peft config of `lora` for this HF model (its family's projection names)."""
+    adapter = adapter_for(base)
+    targets = adapter.lora_target_pattern(include_vision=lora.targets == "lm+vision")
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      modules_to_save=[adapter.projector_name] if lora.train_projector else None)
+
+
 @dataclass(frozen=True)
 class SelectionSettings:
     """How the pruner selects during training (validation and export always use "hard")."""
@@ -167,15 +175,8 @@ class NuwaFineTuner(L.LightningModule):
             # and reentrant checkpointing passes no gradient to keyword arguments. transformers checkpoints
             # `forward`, not `__call__`, so the Nüwa layer hooks run once and the recompute reuses their masks.
             base.activation_checkpointing_enable({"use_reentrant": False})
-        self.model = get_peft_model(base.train(), self._lora_config(base))
+        self.model = get_peft_model(base.train(), lora_config(base, self.lora))
         self.nuwa = attach_nuwa(self.model, self.pruning)
-
-    def _lora_config(self, base) -> LoraConfig:
-        adapter = adapter_for(base)
-        targets = adapter.lora_target_pattern(include_vision=self.lora.targets == "lm+vision")
-        return LoraConfig(r=self.lora.rank, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
-                          target_modules=targets,
-                          modules_to_save=[adapter.projector_name] if self.lora.train_projector else None)
 
     @property
     def base_model(self):

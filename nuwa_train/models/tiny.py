@@ -12,6 +12,8 @@ from pathlib import Path
 
 import string
 
+import torch
+
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoProcessor,
@@ -66,6 +68,9 @@ class TinyLlavaSpec:
     text_heads: int = 4
     text_kv_heads: int = 2
     mlp_ratio: int = 2
+    vision_mlp: int | None = None  # MLP widths when not hidden * mlp_ratio (CLIP-L: 4096; Llama-2-7B: 11008)
+    text_mlp: int | None = None
+    vocab_size: int | None = None  # embedding rows when larger than the tokenizer (a real model's vocabulary)
     max_positions: int = 1024
     attn_implementation: str = "sdpa"
     image_after_text: bool = False  # chat template puts the image after the question (CHAT_TEMPLATE_IMAGE_LAST)
@@ -125,11 +130,13 @@ def build_processor(spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[s
 
 
 def _tower_configs(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPVisionConfig, LlamaConfig]:
-    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * spec.mlp_ratio,
+    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden,
+                              intermediate_size=spec.vision_mlp or spec.vision_hidden * spec.mlp_ratio,
                               num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                               image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
-                       intermediate_size=spec.text_hidden * spec.mlp_ratio, num_hidden_layers=spec.text_layers,
+    text = LlamaConfig(vocab_size=max(len(tokenizer), spec.vocab_size or 0), hidden_size=spec.text_hidden,
+                       intermediate_size=spec.text_mlp or spec.text_hidden * spec.mlp_ratio,
+                       num_hidden_layers=spec.text_layers,
                        num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
                        max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -142,20 +149,25 @@ def with_generation_tokens(model, tokenizer):
     return model.eval()
 
 
-def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype | None = None,
+                device: str = "cpu") -> LlavaForConditionalGeneration:
+    """Random weights, initialised directly in `dtype` on `device` (a 7B-width stack never exists in fp32)."""
     vision, text = _tower_configs(spec, tokenizer)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
                          vision_feature_layer=spec.vision_feature_layer, vision_feature_select_strategy="default",
                          image_seq_length=spec.grid[0] * spec.grid[1], pad_token_id=tokenizer.pad_token_id)
     config._attn_implementation = spec.attn_implementation
-    return with_generation_tokens(LlavaForConditionalGeneration(config), tokenizer)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype) if dtype else \
+            LlavaForConditionalGeneration(config)
+    return with_generation_tokens(model, tokenizer)
 
 
 def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (), atomic_tokens: list[str] = (),
-                     round_trip: bool = False):
+                     round_trip: bool = False, dtype: torch.dtype | None = None, device: str = "cpu"):
     """(model, processor) for a tiny LLaVA with random weights and a vocabulary of `words`."""
     processor = build_processor(spec, list(words), list(atomic_tokens), round_trip)
-    return build_model(spec, processor.tokenizer), processor
+    return build_model(spec, processor.tokenizer, dtype, device), processor
 
 
 # LLaVA-NeXT's anyres pinpoints (1x2, 2x1, 2x2, 3x1, 1x3 tiles, as (rows, cols)), in tiles of the vision input.

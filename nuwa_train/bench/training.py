@@ -1,0 +1,178 @@
+"""Training-step cost of pruning-aware fine-tuning vs plain LoRA: time and peak memory per selection mode.
+
+Each mode runs in a fresh (spawned) process so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..models import attach_nuwa
+from ..pruning import NuwaConfig
+
+TRAINING_MODES = {  # label -> (pruning method, selection mode)
+    "plain LoRA": ("none", "hard"),
+    "Nüwa soft": ("nuwa", "soft"),
+    "Nüwa straight-through": ("nuwa", "straight_through"),
+    "Nüwa hard": ("nuwa", "hard"),
+}
+
+
+def _training_probe(model_path: str, method: str, mode: str, steps: int, batch_size: int, threads: int, queue) -> None:
+    """One mode in a fresh process, so its peak RSS is its own: median step time and memory growth."""
+    import resource
+
+    torch.set_num_threads(threads)
+    from ..lightning import LoraSettings, NuwaDataModule, NuwaFineTuner
+
+    module = NuwaFineTuner(model_path=model_path, pruning=NuwaConfig(method=method), lora=LoraSettings(dropout=0.0))
+    module.setup("fit")  # what the Trainer calls first (CPU numerics)
+    module.configure_model()
+    data = NuwaDataModule(processor_path=model_path)
+    records = data.dataset("train")
+    batch = data.collator()([records[i] for i in range(batch_size)])
+    optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
+    module.nuwa.set_selection(mode, 0.5)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        start = time.perf_counter()
+        module.model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"step_ms": statistics.median(times[1:]) * 1e3, "peak_rss_mb": peak, "growth_mb": peak - before})
+
+
+def time_training(model_path: str, steps: int = 8, batch_size: int = 16, threads: int = 2) -> list[dict]:
+    """Training step time and peak memory of each selection mode vs plain LoRA, on the same batch."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for label, (method, mode) in TRAINING_MODES.items():
+        queue = context.Queue()
+        process = context.Process(target=_training_probe,
+                                  args=(model_path, method, mode, steps, batch_size, threads, queue))
+        process.start()
+        result = queue.get()
+        process.join()
+        rows.append({"mode": label, **result})
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["step_ms"] / base["step_ms"]
+        row["memory_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
+        row["growth_ratio"] = row["growth_mb"] / max(base["growth_mb"], 1e-9)
+    return rows
+
+
+def training_markdown(rows: list[dict], model_path: str, batch_size: int) -> str:
+    lines = [f"## Training step: {model_path}, batch {batch_size} (median ms; peak RSS of a fresh process)", "",
+             "| mode | step ms | time ratio | peak RSS MB | memory ratio | growth during steps MB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['memory_ratio']:.2f} | {r['growth_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+
+
+
+# ------------------------------------------------------------------------------------------ real-width training
+SHAPE_TRAINING_DEPTHS = (4, 8)  # decoder layers measured; the step at full depth is extrapolated linearly
+ANSWER_WORDS = 8  # label tokens per record: a short answer, as the VQA/grounding records have
+SHAPE_TRAINING_BATCH = 1
+
+
+def _shape_probe(shape_name: str, layers: int, method: str, mode: str, steps: int, batch_size: int, device: str,
+                 threads: int, queue) -> None:
+    """One mode at one depth in a fresh process: median step time and peak memory (RSS, or CUDA allocated)."""
+    torch.set_num_threads(threads)
+    from peft import get_peft_model
+
+    from ..lightning.module import LoraSettings, lora_config
+    from ..timing import clock_for
+    from .shapes import SHAPES, build_random_model, prompt_batch
+
+    clock = clock_for(device)
+    shape = SHAPES[shape_name].at_depth(layers)
+    base, processor = build_random_model(shape, device)
+    model = get_peft_model(base.train(), lora_config(base, LoraSettings(dropout=0.0, targets="lm+vision")))
+    if method != "none":
+        attach_nuwa(model, NuwaConfig(method=method)).set_selection(mode, 0.5)
+    one = prompt_batch(base, processor, shape, 8, 8, device, answer=ANSWER_WORDS)
+    batch = {key: value.expand(batch_size, *value.shape[1:]).contiguous() for key, value in one.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    clock.reset_peak_memory()
+    before = clock.peak_memory_mib()
+    times = []
+    for _ in range(steps + 1):  # the first step warms up (and allocates the optimizer state)
+        start = clock.mark()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(clock.seconds(start, clock.mark()))
+    peak = clock.peak_memory_mib()
+    queue.put({"step_ms": statistics.median(times[1:]) * 1e3, "peak_mib": peak, "growth_mib": peak - before})
+
+
+def _extrapolate(points: dict[int, float], depth: int) -> float:
+    """The value at `depth` from a straight line through the two deepest measured depths."""
+    (low, at_low), (high, at_high) = sorted(points.items())[-2:]
+    return at_high + (at_high - at_low) * (depth - high) / (high - low)
+
+
+def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: int = 2,
+                        batch_size: int = SHAPE_TRAINING_BATCH, device: str = "cpu", threads: int = 2) -> list[dict]:
+    """Plain LoRA vs pruning-aware soft / straight-through / hard steps on a shape's real-width layers.
+
+    Each decoder layer adds the same time and memory (same widths, the same token schedule at the same relative
+    depth), so the full-depth step is a straight line through the measured depths; depths equal to the real one
+    are reported as measured.
+    """
+    import multiprocessing
+
+    from .shapes import SHAPES
+
+    full_depth = SHAPES[shape_name].depth
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for label, (method, mode) in TRAINING_MODES.items():
+        measured = {}
+        for layers in depths:
+            queue = context.Queue()
+            process = context.Process(target=_shape_probe, args=(shape_name, layers, method, mode, steps, batch_size,
+                                                                 device, threads, queue))
+            process.start()
+            measured[layers] = queue.get()
+            process.join()
+        row = {"mode": label, "measured": {str(k): v for k, v in measured.items()}, "depth": full_depth}
+        for key in ("step_ms", "peak_mib", "growth_mib"):
+            points = {layers: result[key] for layers, result in measured.items()}
+            row[key] = points[full_depth] if full_depth in points else _extrapolate(points, full_depth)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["step_ms"] / base["step_ms"]
+        row["memory_ratio"] = row["peak_mib"] / base["peak_mib"]
+        row["growth_ratio"] = row["growth_mib"] / max(base["growth_mib"], 1e-9)
+    return rows
+
+
+def shape_training_markdown(rows: list[dict], shape_name: str, batch_size: int, depths) -> str:
+    depth = rows[0]["depth"]
+    how = "measured" if depth in depths else f"extrapolated linearly from {' and '.join(map(str, depths))} layers"
+    lines = [f"## Training step: {shape_name}, batch {batch_size}, {depth} decoder layers ({how})", "",
+             "LoRA rank 16 on the LLM and vision projections, projector trained, AdamW; peak memory is the fresh "
+             "process's peak RSS (CPU) or max allocated (CUDA), growth is what the steps add on top of the weights.", "",
+             "| mode | step ms | time ratio | peak MiB | memory ratio | growth MiB | growth ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_mib']:.0f} | "
+                     f"{r['memory_ratio']:.2f} | {r['growth_mib']:.0f} | {r['growth_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
