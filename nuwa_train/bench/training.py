@@ -13,6 +13,29 @@ import torch
 from ..models import attach_nuwa
 from ..pruning import NuwaConfig
 
+PROBE_POLL_SECONDS = 5.0  # how often a waiting parent checks that its probe process is still alive
+
+
+def _probe_result(context, target, args, what: str) -> dict:
+    """Run `target(*args, queue)` in a fresh process and return what it put on the queue; a probe that dies
+    (out of memory, an error) is an error naming it, not a parent waiting forever."""
+    from queue import Empty
+
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    try:
+        while True:
+            try:
+                return queue.get(timeout=PROBE_POLL_SECONDS)
+            except Empty:
+                if not process.is_alive():
+                    raise RuntimeError(f"the training probe for {what} exited with code {process.exitcode} before "
+                                       f"reporting (its error is printed above; -9 usually means out of memory)")
+    finally:
+        process.join()
+
+
 TRAINING_MODES = {  # label -> (pruning method, selection mode)
     "plain LoRA": ("none", "hard"),
     "Nüwa soft": ("nuwa", "soft"),
@@ -55,12 +78,8 @@ def time_training(model_path: str, steps: int = 8, batch_size: int = 16, threads
     context = multiprocessing.get_context("spawn")
     rows = []
     for label, (method, mode) in TRAINING_MODES.items():
-        queue = context.Queue()
-        process = context.Process(target=_training_probe,
-                                  args=(model_path, method, mode, steps, batch_size, threads, queue))
-        process.start()
-        result = queue.get()
-        process.join()
+        result = _probe_result(context, _training_probe, (model_path, method, mode, steps, batch_size, threads),
+                               label)
         rows.append({"mode": label, **result})
     base = rows[0]
     for row in rows:
@@ -145,12 +164,9 @@ def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: in
     for label, (method, mode) in TRAINING_MODES.items():
         measured = {}
         for layers in depths:
-            queue = context.Queue()
-            process = context.Process(target=_shape_probe, args=(shape_name, layers, method, mode, steps, batch_size,
-                                                                 device, threads, queue))
-            process.start()
-            measured[layers] = queue.get()
-            process.join()
+            measured[layers] = _probe_result(context, _shape_probe, (shape_name, layers, method, mode, steps,
+                                                                     batch_size, device, threads),
+                                             f"{label} at {layers} layers")
         row = {"mode": label, "measured": {str(k): v for k, v in measured.items()}, "depth": full_depth}
         for key in ("step_ms", "peak_mib", "growth_mib"):
             points = {layers: result[key] for layers, result in measured.items()}

@@ -130,3 +130,18 @@ def test_gpu_suite_preset():
 def test_unknown_shape_is_named(capsys):
     with pytest.raises(SystemExit, match="unknown --decode llava99"):
         main(["bench", "--decode", "llava99"])
+
+
+def _die_before_reporting(queue):
+    import os
+
+    os._exit(3)
+
+
+def test_a_probe_that_dies_is_an_error_not_a_hang():
+    import multiprocessing
+
+    from nuwa_train.bench.training import _probe_result
+
+    with pytest.raises(RuntimeError, match=r"probe for plain LoRA at 8 layers exited with code 3"):
+        _probe_result(multiprocessing.get_context("fork"), _die_before_reporting, (), "plain LoRA at 8 layers")
