@@ -36,6 +36,16 @@ def _probe_result(context, target, args, what: str) -> dict:
         process.join()
 
 
+def _with_ratios(rows: list[dict]) -> list[dict]:
+    """Each mode's time, peak memory and memory growth relative to the first row (plain LoRA)."""
+    base = rows[0]
+    for row in rows:
+        row["time_ratio"] = row["step_ms"] / base["step_ms"]
+        row["memory_ratio"] = row["peak_mib"] / base["peak_mib"]
+        row["growth_ratio"] = row["growth_mib"] / max(base["growth_mib"], 1e-9)
+    return rows
+
+
 TRAINING_MODES = {  # label -> (pruning method, selection mode)
     "plain LoRA": ("none", "hard"),
     "Nüwa soft": ("nuwa", "soft"),
@@ -68,7 +78,7 @@ def _training_probe(model_path: str, method: str, mode: str, steps: int, batch_s
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"step_ms": statistics.median(times[1:]) * 1e3, "peak_rss_mb": peak, "growth_mb": peak - before})
+    queue.put({"step_ms": statistics.median(times[1:]) * 1e3, "peak_mib": peak, "growth_mib": peak - before})
 
 
 def time_training(model_path: str, steps: int = 8, batch_size: int = 16, threads: int = 2) -> list[dict]:
@@ -81,21 +91,21 @@ def time_training(model_path: str, steps: int = 8, batch_size: int = 16, threads
         result = _probe_result(context, _training_probe, (model_path, method, mode, steps, batch_size, threads),
                                label)
         rows.append({"mode": label, **result})
-    base = rows[0]
-    for row in rows:
-        row["time_ratio"] = row["step_ms"] / base["step_ms"]
-        row["memory_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
-        row["growth_ratio"] = row["growth_mb"] / max(base["growth_mb"], 1e-9)
-    return rows
+    return _with_ratios(rows)
+
+
+def _mode_table(rows: list[dict]) -> list[str]:
+    lines = ["| mode | step ms | time ratio | peak MiB | memory ratio | growth MiB | growth ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_mib']:.0f} | "
+                     f"{r['memory_ratio']:.2f} | {r['growth_mib']:.0f} | {r['growth_ratio']:.2f} |")
+    return lines
 
 
 def training_markdown(rows: list[dict], model_path: str, batch_size: int) -> str:
     lines = [f"## Training step: {model_path}, batch {batch_size} (median ms; peak RSS of a fresh process)", "",
-             "| mode | step ms | time ratio | peak RSS MB | memory ratio | growth during steps MB |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['memory_ratio']:.2f} | {r['growth_mb']:.0f} |")
+             *_mode_table(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -172,12 +182,7 @@ def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: in
             points = {layers: result[key] for layers, result in measured.items()}
             row[key] = points[full_depth] if full_depth in points else _extrapolate(points, full_depth)
         rows.append(row)
-    base = rows[0]
-    for row in rows:
-        row["time_ratio"] = row["step_ms"] / base["step_ms"]
-        row["memory_ratio"] = row["peak_mib"] / base["peak_mib"]
-        row["growth_ratio"] = row["growth_mib"] / max(base["growth_mib"], 1e-9)
-    return rows
+    return _with_ratios(rows)
 
 
 def shape_training_markdown(rows: list[dict], shape_name: str, batch_size: int, depths) -> str:
@@ -186,9 +191,5 @@ def shape_training_markdown(rows: list[dict], shape_name: str, batch_size: int, 
     lines = [f"## Training step: {shape_name}, batch {batch_size}, {depth} decoder layers ({how})", "",
              "LoRA rank 16 on the LLM and vision projections, projector trained, AdamW; peak memory is the fresh "
              "process's peak RSS (CPU) or max allocated (CUDA), growth is what the steps add on top of the weights.", "",
-             "| mode | step ms | time ratio | peak MiB | memory ratio | growth MiB | growth ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_mib']:.0f} | "
-                     f"{r['memory_ratio']:.2f} | {r['growth_mib']:.0f} | {r['growth_ratio']:.2f} |")
+             *_mode_table(rows)]
     return "\n".join(lines) + "\n"
