@@ -57,27 +57,26 @@ def _bench(args: argparse.Namespace) -> None:
 def bench_suite(args: argparse.Namespace):
     """The BenchSuite and output folder the bench flags ask for (`--suite gpu`: the preset, flags unused)."""
     from .bench import GPU_SUITE, BenchSuite
+    from .bench.prefill import PREFILL_METHODS
     from .bench.suite import GPU_SUITE_OUT
 
     if args.suite == "gpu":
         return GPU_SUITE, Path(args.out or GPU_SUITE_OUT)
     suite = BenchSuite(shapes=tuple(args.shapes), budgets=tuple(args.budgets), repeats=args.repeats,
-                       methods=tuple(args.methods), device=args.device, full_depth=args.full_depth,
+                       methods=tuple(args.methods or PREFILL_METHODS), device=args.device, full_depth=args.full_depth,
                        decode=args.decode, training=args.train_shape)
     return suite, Path(args.out or "outputs/bench")
 
 
 def _run_bench_suite(args: argparse.Namespace) -> None:
     from .bench import run_bench
-    from .timing import DeviceUnavailable, clock_for
+    from .timing import DeviceUnavailable
 
     suite, out = bench_suite(args)
     try:
-        clock_for(suite.device)
+        run_bench(suite, out)
     except DeviceUnavailable as reason:  # a GPU suite on a machine without one: nothing to measure, not a failure
         print(f"nuwa-train bench: skipped, {reason}")
-        return
-    run_bench(suite, out)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -136,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="prefill latency full vs Nüwa-pruned, and aggregation cost by grid size")
     bench.add_argument("--shapes", type=lambda s: s.split(","), default=["tiny", "llava15"],
                        help="model shapes to time (comma-separated): tiny, llava15, llava15-7b (real widths, bf16)")
-    bench.add_argument("--methods", type=lambda s: s.split(","), default=["nuwa", "visionzip", "fastv"],
-                       help="selectors timed beside the full prefill (comma-separated)")
+    bench.add_argument("--methods", type=lambda s: s.split(","),
+                       help="selectors timed beside the full prefill (comma-separated; default: nuwa,visionzip,fastv)")
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA events and max allocated memory; "
                                                        "without a GPU the run is skipped with a message)")
     bench.add_argument("--full-depth", action="store_true",

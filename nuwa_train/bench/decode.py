@@ -65,7 +65,7 @@ def time_decode(shape_name: str, shape: BenchShape, budgets: list[int], new_toke
         llm_token = statistics.median(llm_steps[1:]) * 1e3
         kv = cache_bytes(out.past_key_values)
         rows.append(DecodeTiming(shape_name, budget, prompt_tokens, new_tokens, steps[0] * 1e3, token,
-                                 token + llm_token * (shape.depth_scale - 1), kv, round(kv * shape.depth_scale)))
+                                 shape.full_depth_ms(token, llm_token), kv, round(kv * shape.depth_scale)))
         if handle:
             handle.detach()
     calls.remove()

@@ -105,9 +105,9 @@ def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats
 
     def timing(method, budget, times, tokens, flop_ratio=1.0, reference=None):
         total, llm, overhead = times
-        full_depth_total = total + llm * (shape.depth_scale - 1)
         row = PrefillTiming(method=method, budget=budget, total_ms=total, llm_ms=llm, overhead_ms=overhead,
-                            vision_tokens_per_layer=tokens, full_depth_total_ms=full_depth_total, **common)
+                            vision_tokens_per_layer=tokens, full_depth_total_ms=shape.full_depth_ms(total, llm),
+                            **common)
         if reference is not None:
             row.flop_ratio, row.time_ratio = flop_ratio, llm / reference.llm_ms
             row.realised_saving = (1 - row.time_ratio) / (1 - flop_ratio)
@@ -180,9 +180,9 @@ def prefill_markdown(prefill: list[PrefillTiming], aggregation: list[Aggregation
              "Total and LLM ms are measured on `measured` decoder layers; `full-depth total` is the prefill with all "
              "the real model's layers (LLM ms x full/measured: each selector keeps its schedule at the same relative "
              "depth). The overhead share is the selector's own work over the full-depth unpruned prefill.", "",
-             "| shape | dtype, device | layers measured / real | method | budget | avg vision tokens/layer | total ms | "
-             "LLM ms | selector overhead ms | full-depth total ms | LLM FLOP ratio | LLM time ratio | realised saving | "
-             "overhead / full prefill |",
+             "| shape | dtype, device | layers measured / real | method | budget | avg vision tokens/layer | "
+             "total ms | LLM ms | selector overhead ms | full-depth total ms | LLM FLOP ratio | LLM time ratio | "
+             "realised saving | overhead / full prefill |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in prefill:
         fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731

@@ -25,7 +25,6 @@ class BenchShape:
     spec: TinyLlavaSpec
     dtype: torch.dtype = torch.float32
     full_depth: int | None = None  # decoder layers of the real model, when `spec` runs fewer
-    description: str = ""
 
     @property
     def measured_layers(self) -> int:
@@ -39,6 +38,10 @@ class BenchShape:
     def depth_scale(self) -> float:
         """How many real decoder layers each measured one stands for."""
         return self.depth / self.measured_layers
+
+    def full_depth_ms(self, measured_ms: float, llm_ms: float) -> float:
+        """A time measured on `measured_layers` (of which `llm_ms` in the decoder layers) at the real depth."""
+        return measured_ms + llm_ms * (self.depth_scale - 1)
 
     def at_depth(self, layers: int) -> BenchShape:
         """The same shape running `layers` decoder layers (e.g. the whole real depth on a GPU)."""
@@ -60,13 +63,11 @@ LLAVA15_7B_SPEC = TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=102
                                 vision_mlp=4096, vision_feature_layer=-2, text_hidden=4096, text_layers=16,
                                 text_heads=32, text_kv_heads=32, text_mlp=11008, vocab_size=32064, max_positions=4096)
 SHAPES = {
-    "tiny": BenchShape(TinyLlavaSpec(), description="the tiny base's architecture"),
+    "tiny": BenchShape(TinyLlavaSpec()),
     "llava15": BenchShape(TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=256, vision_layers=24,
                                         vision_heads=4, vision_feature_layer=-2, text_hidden=512, text_layers=32,
-                                        text_heads=8, text_kv_heads=8, mlp_ratio=3),
-                          description="LLaVA-1.5's depths at widths 256/512"),
-    "llava15-7b": BenchShape(LLAVA15_7B_SPEC, torch.bfloat16, full_depth=32,
-                             description="LLaVA-1.5-7B's widths (CLIP ViT-L/14-336, Llama-2-7B layers)"),
+                                        text_heads=8, text_kv_heads=8, mlp_ratio=3)),
+    "llava15-7b": BenchShape(LLAVA15_7B_SPEC, torch.bfloat16, full_depth=32),
 }
 
 

@@ -13,6 +13,7 @@ from .decode import decode_markdown, plot_decode, time_decode
 from .prefill import (
     AGGREGATION_GRIDS,
     PREFILL_METHODS,
+    PrefillTiming,
     plot_prefill,
     prefill_markdown,
     time_aggregation,
@@ -51,21 +52,24 @@ def _shape(name: str, suite: BenchSuite):
 
 
 def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
-    """Run the suite's parts and write bench.md, bench.json and bench.png (and training.md) under `out_dir`."""
+    """Run the suite's parts and write bench.md, bench.json, bench.png (and decode.png) under `out_dir`.
+
+    A device this machine lacks raises `DeviceUnavailable` before anything is built or written.
+    """
     from rich.console import Console
 
     console = console or Console()
-    clock = clock_for(suite.device)  # DeviceUnavailable before anything is built
+    clock = clock_for(suite.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
     budgets = list(suite.budgets)
-    report = {"device": suite.device, "threads": torch.get_num_threads(), "repeats": suite.repeats, "prefill": []}
-    markdown = []
+    prefill: list[PrefillTiming] = []
     for name in suite.shapes:
         with console.status(f"timing prefill of the {name} shape ({suite.repeats} repeats per setting)"):
-            report["prefill"] += [asdict(r) for r in time_prefill(name, _shape(name, suite), budgets, suite.repeats,
-                                                                   suite.methods, suite.device, clock)]
-    from .prefill import PrefillTiming
-
-    prefill = [PrefillTiming(**row) for row in report["prefill"]]
+            prefill += time_prefill(name, _shape(name, suite), budgets, suite.repeats, suite.methods, suite.device,
+                                    clock)
+    report = {"device": suite.device, "threads": torch.get_num_threads(), "repeats": suite.repeats,
+              "prefill": [asdict(r) for r in prefill]}
+    markdown = []
     aggregation = []
     if suite.aggregation_grids:
         with console.status("timing stage-1 aggregation across grid sizes (CPU)"):
@@ -83,7 +87,6 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
             rows = time_decode(suite.decode, shape, budgets, device=suite.device, clock=clock)
         report["decode"] = [asdict(r) for r in rows]
         markdown.append(decode_markdown(rows, shape))
-        out_dir.mkdir(parents=True, exist_ok=True)
         plot_decode(rows, out_dir / "decode.png")
     if suite.training:
         with console.status(f"timing training steps of the {suite.training} shape (a fresh process per mode and "
@@ -92,7 +95,6 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
                                        threads=torch.get_num_threads())
         report["training"] = rows
         markdown.append(shape_training_markdown(rows, suite.training, SHAPE_TRAINING_BATCH, suite.training_depths))
-    out_dir.mkdir(parents=True, exist_ok=True)
     text = "\n".join(markdown)
     (out_dir / "bench.md").write_text(text)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))

@@ -6,12 +6,12 @@ Each mode runs in a fresh (spawned) process so its peak memory is its own.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from ..models import attach_nuwa
 from ..pruning import NuwaConfig
+from ..timing import WallClock
 
 PROBE_POLL_SECONDS = 5.0  # how often a waiting parent checks that its probe process is still alive
 
@@ -46,6 +46,21 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _measure_steps(model, batch: dict, optimizer, steps: int, clock: WallClock) -> dict:
+    """Median time of `steps` optimizer steps after a warm-up one, the peak memory, and what the steps added to it."""
+    clock.reset_peak_memory()
+    before = clock.peak_memory_mib()
+    times = []
+    for _ in range(steps + 1):  # the first step warms up (and allocates the optimizer state)
+        start = clock.mark()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(clock.seconds(start, clock.mark()))
+    peak = clock.peak_memory_mib()
+    return {"step_ms": statistics.median(times[1:]) * 1e3, "peak_mib": peak, "growth_mib": peak - before}
+
+
 TRAINING_MODES = {  # label -> (pruning method, selection mode)
     "plain LoRA": ("none", "hard"),
     "Nüwa soft": ("nuwa", "soft"),
@@ -56,8 +71,6 @@ TRAINING_MODES = {  # label -> (pruning method, selection mode)
 
 def _training_probe(model_path: str, method: str, mode: str, steps: int, batch_size: int, threads: int, queue) -> None:
     """One mode in a fresh process, so its peak RSS is its own: median step time and memory growth."""
-    import resource
-
     torch.set_num_threads(threads)
     from ..lightning import LoraSettings, NuwaDataModule, NuwaFineTuner
 
@@ -69,16 +82,7 @@ def _training_probe(model_path: str, method: str, mode: str, steps: int, batch_s
     batch = data.collator()([records[i] for i in range(batch_size)])
     optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-4)
     module.nuwa.set_selection(mode, 0.5)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
-    for _ in range(steps + 1):  # the first step warms up
-        start = time.perf_counter()
-        module.model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"step_ms": statistics.median(times[1:]) * 1e3, "peak_mib": peak, "growth_mib": peak - before})
+    queue.put(_measure_steps(module.model, batch, optimizer, steps, WallClock()))
 
 
 def time_training(model_path: str, steps: int = 8, batch_size: int = 16, threads: int = 2) -> list[dict]:
@@ -109,9 +113,6 @@ def training_markdown(rows: list[dict], model_path: str, batch_size: int) -> str
     return "\n".join(lines) + "\n"
 
 
-
-
-
 # ------------------------------------------------------------------------------------------ real-width training
 SHAPE_TRAINING_DEPTHS = (4, 8)  # decoder layers measured; the step at full depth is extrapolated linearly
 ANSWER_WORDS = 8  # label tokens per record: a short answer, as the VQA/grounding records have
@@ -137,17 +138,7 @@ def _shape_probe(shape_name: str, layers: int, method: str, mode: str, steps: in
     one = prompt_batch(base, processor, shape, 8, 8, device, answer=ANSWER_WORDS)
     batch = {key: value.expand(batch_size, *value.shape[1:]).contiguous() for key, value in one.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    clock.reset_peak_memory()
-    before = clock.peak_memory_mib()
-    times = []
-    for _ in range(steps + 1):  # the first step warms up (and allocates the optimizer state)
-        start = clock.mark()
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(clock.seconds(start, clock.mark()))
-    peak = clock.peak_memory_mib()
-    queue.put({"step_ms": statistics.median(times[1:]) * 1e3, "peak_mib": peak, "growth_mib": peak - before})
+    queue.put(_measure_steps(model, batch, optimizer, steps, clock))
 
 
 def _extrapolate(points: dict[int, float], depth: int) -> float:
@@ -190,6 +181,7 @@ def shape_training_markdown(rows: list[dict], shape_name: str, batch_size: int, 
     how = "measured" if depth in depths else f"extrapolated linearly from {' and '.join(map(str, depths))} layers"
     lines = [f"## Training step: {shape_name}, batch {batch_size}, {depth} decoder layers ({how})", "",
              "LoRA rank 16 on the LLM and vision projections, projector trained, AdamW; peak memory is the fresh "
-             "process's peak RSS (CPU) or max allocated (CUDA), growth is what the steps add on top of the weights.", "",
+             "process's peak RSS (CPU) or max allocated (CUDA), growth is what the steps add on top of the weights.",
+             "",
              *_mode_table(rows)]
     return "\n".join(lines) + "\n"
