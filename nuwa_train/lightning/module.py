@@ -7,6 +7,7 @@ physically dropped, `generate`) and reports retention against the same base mode
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -104,10 +105,16 @@ class OptimizerSettings:
     min_lr_ratio: float = 0.1  # the cosine decays the learning rate to lr * min_lr_ratio at max_steps
 
 
-def _training_settings(pruning: NuwaConfig, budgets: list | None) -> dict:
-    """model.train_budgets -> {budget: the NuwaConfig a step at that budget runs}, checked when the recipe loads."""
+def _training_settings(pruning: NuwaConfig, budgets: list | None, weights: list | None) -> dict:
+    """model.train_budgets -> {budget: the NuwaConfig a step at that budget runs}, checked when the recipe loads
+    together with model.train_budget_weights."""
     if budgets is None:
+        if weights is not None:
+            raise NuwaConfigError("model.train_budget_weights needs model.train_budgets (one weight per budget)")
         return {}
+    if weights is not None and (len(weights) != len(budgets) or not all(math.isfinite(w) and w > 0 for w in weights)):
+        raise NuwaConfigError(f"model.train_budget_weights={weights!r} must give one positive weight per budget of "
+                              f"model.train_budgets={budgets!r}")
     if not budgets or len(set(budgets)) != len(budgets):
         raise NuwaConfigError(f"model.train_budgets={budgets!r} must list distinct budgets (vision tokens per image "
                               f"on the 24x24 grid, or {ALL_TOKENS!r})")
@@ -137,6 +144,8 @@ class NuwaFineTuner(L.LightningModule):
     box format decide (a LLaVA box is ~25 tokens, a cap of 8 or 16 would cut every grounding answer).
     `train_budgets`: budget-robust fine-tuning — each step trains at a budget drawn from this list ("all": every
     vision token), so one adapted model serves any of them; validation and export use `pruning.budget`.
+    `train_budget_weights`: relative draw weights, one per budget (None: uniform), so the budgets that are hardest
+    to serve (the smallest) can get more of the steps.
     """
 
     def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
@@ -145,11 +154,11 @@ class NuwaFineTuner(L.LightningModule):
                  distill_temperature: float = 1.0, dtype: ModelDtype = "float32", eval_records: int = 64,
                  eval_max_new_tokens: int | None = None, gradient_checkpointing: bool = False,
                  test_records: int | None = None, loss_reduction: LossReduction = "token",
-                 train_budgets: list[TrainBudget] | None = None):
+                 train_budgets: list[TrainBudget] | None = None, train_budget_weights: list[float] | None = None):
         super().__init__()
         check_choice("model.loss_reduction", loss_reduction, LossReduction)
         check_choice("model.dtype", dtype, ModelDtype)
-        self.training_settings = _training_settings(pruning, train_budgets)
+        self.training_settings = _training_settings(pruning, train_budgets, train_budget_weights)
         # Stored resolved, so an export or resume from another working directory finds the same base model.
         model_path = resolve_model_path(model_path)
         self.save_hyperparameters()
@@ -203,7 +212,10 @@ class NuwaFineTuner(L.LightningModule):
         if not self.training_settings:
             return None
         step = self.global_step if step is None else step
-        return random.Random(f"train_budgets:{self.pruning.seed}:{step}").choice(list(self.training_settings))
+        draw = random.Random(f"train_budgets:{self.pruning.seed}:{step}")
+        budgets, weights = list(self.training_settings), self.hparams.get("train_budget_weights")
+        # `choice` for uniform draws keeps the budgets of runs recorded before weights existed.
+        return draw.choice(budgets) if weights is None else draw.choices(budgets, weights)[0]
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         budget = self.step_budget()

@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from collections import Counter
 
 import lightning as L
 import pytest
@@ -14,10 +15,11 @@ from nuwa_train.pruning import NuwaConfig, NuwaConfigError
 BUDGETS = [32, 64, "all"]
 
 
-def make(base_dir, budgets=BUDGETS):
+def make(base_dir, budgets=BUDGETS, weights=None):
     module = NuwaFineTuner(model_path=base_dir, pruning=NuwaConfig(budget=64, stage2_layer=0.75),
                            lora=LoraSettings(rank=4, dropout=0.0), optimizer=OptimizerSettings(warmup_steps=1),
-                           selection=SelectionSettings(mode="soft", anneal_steps=4), train_budgets=budgets)
+                           selection=SelectionSettings(mode="soft", anneal_steps=4), train_budgets=budgets,
+                           train_budget_weights=weights)
     return module, NuwaDataModule(processor_path=base_dir, train_images=8, val_images=4, batch_size=4)
 
 
@@ -63,6 +65,28 @@ def test_each_step_trains_at_its_drawn_budget_and_the_export_records_the_budgets
 def test_bad_train_budgets_are_errors_naming_the_key(tiny_base_dir, budgets, message):
     with pytest.raises(NuwaConfigError, match=message):
         make(tiny_base_dir, budgets)
+
+
+@pytest.mark.parametrize("weights", [None, [1, 1, 1], [3, 1, 1], [1, 2, 5]])
+def test_budgets_are_drawn_in_proportion_to_their_weights(tiny_base_dir, weights):
+    module, _ = make(tiny_base_dir, weights=weights)
+    steps = 3000
+    drawn = Counter(module.step_budget(step) for step in range(steps))
+    shares = weights or [1] * len(BUDGETS)
+    for budget, share in zip(BUDGETS, shares):
+        assert drawn[budget] / steps == pytest.approx(share / sum(shares), abs=0.03), (budget, drawn)
+    again, _ = make(tiny_base_dir, weights=weights)
+    assert [again.step_budget(s) for s in range(1000, 1100)] == [module.step_budget(s) for s in range(1000, 1100)]
+
+
+@pytest.mark.parametrize("budgets, weights, message", [
+    (BUDGETS, [1, 1], "one positive weight per budget"),
+    (BUDGETS, [1, 0, 1], "one positive weight per budget"),
+    (BUDGETS, [1, float("nan"), 1], "one positive weight per budget"),
+    (None, [1.0], "model.train_budget_weights needs model.train_budgets")])
+def test_bad_train_budget_weights_are_errors_naming_the_key(tiny_base_dir, budgets, weights, message):
+    with pytest.raises(NuwaConfigError, match=message):
+        make(tiny_base_dir, budgets, weights)
 
 
 def test_a_single_budget_export_warns_at_other_budgets(tiny_base_dir, tmp_path):
