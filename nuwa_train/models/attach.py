@@ -47,6 +47,13 @@ from ..pruning.soft import (
     straight_through,
 )
 from ..timing import Timings
+from .attention import (
+    KEY_BIAS_KWARG,
+    adopt_key_bias_attention,
+    check_attention_backend,
+    restore_attention,
+    takes_key_bias,
+)
 from .base import Adapter, NuwaInputError, VisionEncoding
 from .families import adapter_for, base_model
 from .sequence import (
@@ -67,11 +74,6 @@ from .sequence import (
 )
 
 SELECTION_MODES = ("hard", "soft", "straight_through")
-# LLM attention backends Nüwa runs on (docs/attention_backends.md has the table). Both read the explicit masks
-# the pruned sequence needs: a 2-D mask beside gapped (original) position ids, and 4-D masks carrying the soft
-# keep bias and stage 2's shorter cache. Flash-attention kernels drop an all-ones mask and then read gapped
-# position ids as packed sequences (attention silently cut at every gap), and take no additive bias.
-SUPPORTED_ATTENTION = ("sdpa", "eager")
 # transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (models, layers, masks).
 CACHE_KWARGS = ("cache", "past_key_values")
 MASK_CACHE_KWARG = next(name for name in CACHE_KWARGS if name in inspect.signature(create_causal_mask).parameters)
@@ -87,6 +89,7 @@ class NuwaHandle:
 
     def __init__(self, model: nn.Module, adapter: Adapter, config: NuwaConfig):
         self.model, self.adapter = model, adapter
+        self._attention_before = adopt_key_bias_attention(adapter)  # sdpa takes the soft keep bias fused
         self.num_layers = len(adapter.decoder_layers)
         self.timings = Timings()  # Nüwa's own work by stage; a benchmark may give it a CUDA clock
         self.mode, self.temperature, self.gumbel = "hard", 1.0, 0.0
@@ -113,6 +116,7 @@ class NuwaHandle:
         self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
         self._soft_bias: torch.Tensor | None = None  # (B, L) stage-1 log p on vision columns, 0 elsewhere
         self._soft_bias2: torch.Tensor | None = None  # (B, L) the same for stage 2
+        self._layer_bias: torch.Tensor | None = None  # (B, L) the keep bias the next layer's attention adds
         self._decode_columns: torch.Tensor | None = None
         self._stage2_kwargs: dict = {}
         self._generator = torch.Generator().manual_seed(config.seed)
@@ -125,6 +129,9 @@ class NuwaHandle:
             self._hooks.append(layers[first].register_forward_pre_hook(self._drop_stage2, with_kwargs=True))
             for layer in layers[first + 1:]:
                 self._hooks.append(layer.register_forward_pre_hook(self._follow_stage2, with_kwargs=True))
+        # After the stage-2 hooks, so layer L2 passes on the bias its own hook just combined.
+        self._hooks.extend(layer.register_forward_pre_hook(self._pass_key_bias, with_kwargs=True)
+                           for layer in adapter.decoder_layers)
 
     # ------------------------------------------------------------------------------- lifecycle
     def _uninstall(self) -> None:
@@ -137,6 +144,7 @@ class NuwaHandle:
 
     def detach(self) -> None:
         self._uninstall()
+        restore_attention(self.adapter, self._attention_before)
         if getattr(self.model, "_nuwa", None) is self:
             del self.model._nuwa
 
@@ -349,12 +357,15 @@ class NuwaHandle:
         embeds = embeds.masked_scatter(vision_slots, images.pooler_output[images.kept].to(embeds.dtype))
         self.adapter.prune_inputs(kwargs, source)
         self._layout, self._phase = layout, "prefill"
-        attention_mask, self._soft_bias = layout.attention_mask, None
+        attention_mask, self._soft_bias, self._layer_bias = layout.attention_mask, None, None
         if images.keep_bias is not None:  # soft: all tokens stay, biased by log p
             self._soft_bias = torch.zeros(layout.is_vision.shape, dtype=images.keep_bias.dtype,
                                           device=layout.is_vision.device)
             self._soft_bias = self._soft_bias.masked_scatter(layout.is_vision, images.keep_bias[images.kept])
-            attention_mask = soft_attention_mask(layout.attention_mask, self._soft_bias, embeds.dtype)
+            if takes_key_bias(self.adapter):  # the model's own masks; the bias rides in each layer's attention call
+                self._layer_bias = self._soft_bias
+            else:
+                attention_mask = soft_attention_mask(layout.attention_mask, self._soft_bias, embeds.dtype)
         kwargs.update(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=layout.position_ids)
         return kwargs
 
@@ -405,8 +416,11 @@ class NuwaHandle:
         if self._phase == "off":
             return None
         if self.mode != "hard":  # soft: nothing is dropped, the stage-2 bias joins the stage-1 bias
-            dtype = (args[0] if args else kwargs["hidden_states"]).dtype
             bias = self._soft_bias2 if self._soft_bias is None else self._soft_bias + self._soft_bias2
+            if takes_key_bias(self.adapter):
+                self._layer_bias, self._stage2_kwargs = bias, {}
+                return None
+            dtype = (args[0] if args else kwargs["hidden_states"]).dtype
             self._stage2_kwargs = dict(attention_mask=soft_attention_mask(self._layout.attention_mask, bias, dtype))
             kwargs.update(self._stage2_kwargs)
             return args, kwargs
@@ -434,17 +448,11 @@ class NuwaHandle:
         kwargs.update(self._stage2_kwargs)
         return args, kwargs
 
-
-def check_attention_backend(adapter: Adapter) -> None:
-    """Refuse an LLM attention backend that would silently attend wrongly on the pruned sequence."""
-    backend = adapter.language_model.config._attn_implementation
-    if backend is not None and backend not in SUPPORTED_ATTENTION:
-        raise NuwaConfigError(
-            f"attn_implementation={backend!r} (the language model's) is not supported by Nüwa pruning: kept vision "
-            f"tokens keep their original, gapped position ids, which flash-attention kernels read as packed sequences "
-            f"when there is no padding, and soft selection adds a bias inside attention that they cannot take. "
-            f"Load the model with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')); "
-            f"supported: {', '.join(SUPPORTED_ATTENTION)}")
+    def _pass_key_bias(self, layer, args, kwargs):
+        if self._phase != "prefill" or self._layer_bias is None:
+            return None
+        kwargs[KEY_BIAS_KWARG] = self._layer_bias
+        return args, kwargs
 
 
 def attach_nuwa(model: nn.Module, config: NuwaConfig | None = None) -> NuwaHandle:
