@@ -43,8 +43,10 @@ def _bench(args: argparse.Namespace) -> None:
         return
     if args.training:
         from .bench import time_training, training_markdown
+        from .bench.training import TRAINING_STEPS
 
-        rows = time_training(args.training, batch_size=args.batch_size, threads=torch.get_num_threads())
+        rows = time_training(args.training, args.train_steps or TRAINING_STEPS, args.batch_size,
+                             threads=torch.get_num_threads())
         text = training_markdown(rows, args.training, args.batch_size)
         out = Path(args.out or "outputs/bench")
         out.mkdir(parents=True, exist_ok=True)
@@ -59,12 +61,14 @@ def bench_suite(args: argparse.Namespace):
     from .bench import GPU_SUITE, BenchSuite
     from .bench.prefill import PREFILL_METHODS
     from .bench.suite import GPU_SUITE_OUT
+    from .bench.training import SHAPE_TRAINING_STEPS
 
     if args.suite == "gpu":
         return GPU_SUITE, Path(args.out or GPU_SUITE_OUT)
     suite = BenchSuite(shapes=tuple(args.shapes), budgets=tuple(args.budgets), repeats=args.repeats,
                        methods=tuple(args.methods or PREFILL_METHODS), device=args.device, full_depth=args.full_depth,
-                       decode=args.decode, training=args.train_shape)
+                       decode=args.decode, training=args.train_shape,
+                       training_steps=args.train_steps or SHAPE_TRAINING_STEPS)
     return suite, Path(args.out or "outputs/bench")
 
 
@@ -157,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--training", metavar="MODEL_DIR",
                        help="instead: training step time / peak memory of each selection mode vs plain LoRA")
     bench.add_argument("--batch-size", type=int, default=16, help="batch size of --training")
+    bench.add_argument("--train-steps", type=int, help="timed optimizer steps per training mode (and depth), after "
+                                                       "the warm-up ones (default: bench.training's TRAINING_STEPS for "
+                                                       "--training, SHAPE_TRAINING_STEPS for --train-shape)")
     bench.add_argument("--data-startup", type=int, metavar="RECORDS",
                        help="instead: seconds to the first training step on a generated file of RECORDS records "
                             "(one image file each)")

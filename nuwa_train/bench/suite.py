@@ -20,7 +20,13 @@ from .prefill import (
     time_prefill,
 )
 from .shapes import SHAPES
-from .training import SHAPE_TRAINING_BATCH, SHAPE_TRAINING_DEPTHS, shape_training_markdown, time_shape_training
+from .training import (
+    SHAPE_TRAINING_BATCH,
+    SHAPE_TRAINING_DEPTHS,
+    SHAPE_TRAINING_STEPS,
+    shape_training_markdown,
+    time_shape_training,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class BenchSuite:
     decode: str | None = None
     training: str | None = None
     training_depths: tuple[int, ...] = SHAPE_TRAINING_DEPTHS
+    training_steps: int = SHAPE_TRAINING_STEPS  # timed steps per mode and depth, after the warm-up steps
     aggregation_grids: tuple[int, ...] = AGGREGATION_GRIDS  # () skips the aggregation table
 
 
@@ -91,8 +98,8 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
     if suite.training:
         with console.status(f"timing training steps of the {suite.training} shape (a fresh process per mode and "
                             f"depth)"):
-            rows = time_shape_training(suite.training, suite.training_depths, device=suite.device,
-                                       threads=torch.get_num_threads())
+            rows = time_shape_training(suite.training, suite.training_depths, suite.training_steps,
+                                       device=suite.device, threads=torch.get_num_threads())
         report["training"] = rows
         markdown.append(shape_training_markdown(rows, suite.training, SHAPE_TRAINING_BATCH, suite.training_depths))
     text = "\n".join(markdown)

@@ -13,6 +13,10 @@ from ..models import attach_nuwa
 from ..pruning import NuwaConfig
 from ..timing import WallClock
 
+TRAINING_STEPS = 8  # timed steps per mode of the model-directory bench
+# Untimed steps first. Measured at llava15-7b widths (8 layers, CPU): soft steps took 21.1, 18.6, 16.3, 15.7, 14.7, 15.5 s
+# and plain LoRA 20.7, 14.1, 13.2, 14.0, 15.1, 14.8 s: after one warm-up step soft reads 1.3x plain, after three 1.04x.
+WARMUP_STEPS = 3
 PROBE_POLL_SECONDS = 5.0  # how often a waiting parent checks that its probe process is still alive
 
 
@@ -47,18 +51,18 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def _measure_steps(model, batch: dict, optimizer, steps: int, clock: WallClock) -> dict:
-    """Median time of `steps` optimizer steps after a warm-up one, the peak memory, and what the steps added to it."""
+    """Median time of `steps` optimizer steps after WARMUP_STEPS, the peak memory, and what the steps added to it."""
     clock.reset_peak_memory()
     before = clock.peak_memory_mib()
     times = []
-    for _ in range(steps + 1):  # the first step warms up (and allocates the optimizer state)
+    for _ in range(WARMUP_STEPS + steps):  # the first steps allocate the optimizer state and settle the allocator
         start = clock.mark()
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(clock.seconds(start, clock.mark()))
     peak = clock.peak_memory_mib()
-    return {"step_ms": statistics.median(times[1:]) * 1e3, "peak_mib": peak, "growth_mib": peak - before}
+    return {"step_ms": statistics.median(times[WARMUP_STEPS:]) * 1e3, "peak_mib": peak, "growth_mib": peak - before}
 
 
 TRAINING_MODES = {  # label -> (pruning method, selection mode)
@@ -69,9 +73,17 @@ TRAINING_MODES = {  # label -> (pruning method, selection mode)
 }
 
 
+def _start_probe(threads: int) -> None:
+    """A fresh probe process runs with the CLI's numerics (cli.main): subnormals flushed to zero before any thread
+    pool exists (worker threads inherit the mode of the thread that creates them), then its thread count. Training
+    runs this way (NuwaFineTuner.setup too), and soft steps' near-zero keep probabilities make subnormals."""
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(threads)
+
+
 def _training_probe(model_path: str, method: str, mode: str, steps: int, batch_size: int, threads: int, queue) -> None:
     """One mode in a fresh process, so its peak RSS is its own: median step time and memory growth."""
-    torch.set_num_threads(threads)
+    _start_probe(threads)
     from ..lightning import LoraSettings, NuwaDataModule, NuwaFineTuner
 
     module = NuwaFineTuner(model_path=model_path, pruning=NuwaConfig(method=method), lora=LoraSettings(dropout=0.0))
@@ -85,7 +97,7 @@ def _training_probe(model_path: str, method: str, mode: str, steps: int, batch_s
     queue.put(_measure_steps(module.model, batch, optimizer, steps, WallClock()))
 
 
-def time_training(model_path: str, steps: int = 8, batch_size: int = 16, threads: int = 2) -> list[dict]:
+def time_training(model_path: str, steps: int = TRAINING_STEPS, batch_size: int = 16, threads: int = 2) -> list[dict]:
     """Training step time and peak memory of each selection mode vs plain LoRA, on the same batch."""
     import multiprocessing
 
@@ -114,15 +126,19 @@ def training_markdown(rows: list[dict], model_path: str, batch_size: int) -> str
 
 
 # ------------------------------------------------------------------------------------------ real-width training
-SHAPE_TRAINING_DEPTHS = (4, 8)  # decoder layers measured; the step at full depth is extrapolated linearly
+# Decoder layers measured; the full-depth step is extrapolated linearly. From 4 and 8 layers the line multiplied
+# step noise by 6 on the way to 32 (two runs put soft at 1.62x and 1.57x plain while a profiled step was 1.01x);
+# from 8 and 16 by 2. 16 llava15-7b layers peak at ~14 GiB in bf16.
+SHAPE_TRAINING_DEPTHS = (8, 16)
 ANSWER_WORDS = 8  # label tokens per record: a short answer, as the VQA/grounding records have
 SHAPE_TRAINING_BATCH = 1
+SHAPE_TRAINING_STEPS = 2
 
 
 def _shape_probe(shape_name: str, layers: int, method: str, mode: str, steps: int, batch_size: int, device: str,
                  threads: int, queue) -> None:
     """One mode at one depth in a fresh process: median step time and peak memory (RSS, or CUDA allocated)."""
-    torch.set_num_threads(threads)
+    _start_probe(threads)
     from peft import get_peft_model
 
     from ..lightning.module import LoraSettings, lora_config
@@ -147,7 +163,7 @@ def _extrapolate(points: dict[int, float], depth: int) -> float:
     return at_high + (at_high - at_low) * (depth - high) / (high - low)
 
 
-def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: int = 2,
+def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: int = SHAPE_TRAINING_STEPS,
                         batch_size: int = SHAPE_TRAINING_BATCH, device: str = "cpu", threads: int = 2) -> list[dict]:
     """Plain LoRA vs pruning-aware soft / straight-through / hard steps on a shape's real-width layers.
 

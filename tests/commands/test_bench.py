@@ -145,3 +145,17 @@ def test_a_probe_that_dies_is_an_error_not_a_hang():
 
     with pytest.raises(RuntimeError, match=r"probe for plain LoRA at 8 layers exited with code 3"):
         _probe_result(multiprocessing.get_context("fork"), _die_before_reporting, (), "plain LoRA at 8 layers")
+
+
+def test_training_bench_on_a_model_dir_times_every_mode(tiny_base_dir, tmp_path):
+    """`nuwa-train bench --training MODEL_DIR`: one fresh process per mode, ratios against plain LoRA."""
+    from nuwa_train.bench.training import TRAINING_MODES
+
+    main(["bench", "--training", tiny_base_dir, "--batch-size", "2", "--train-steps", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "training.md").read_text().splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table if line.startswith("| ")}
+    assert set(TRAINING_MODES) <= set(rows)
+    assert rows["plain LoRA"][1] == "1.00" and rows["plain LoRA"][3] == "1.00"  # time and memory ratios
+    for mode in TRAINING_MODES:
+        step_ms, time_ratio, peak_mib = (float(value) for value in rows[mode][:3])
+        assert step_ms > 0 and time_ratio > 0 and peak_mib > 0, mode
