@@ -14,8 +14,9 @@ from ..pruning import NuwaConfig
 from ..timing import WallClock
 
 TRAINING_STEPS = 8  # timed steps per mode of the model-directory bench
-# Untimed steps first. Measured at llava15-7b widths (8 layers, CPU): soft steps took 21.1, 18.6, 16.3, 15.7, 14.7, 15.5 s
-# and plain LoRA 20.7, 14.1, 13.2, 14.0, 15.1, 14.8 s: after one warm-up step soft reads 1.3x plain, after three 1.04x.
+# Untimed steps first. Measured at llava15-7b widths (8 layers, CPU): soft steps took 21.1, 18.6, 16.3, 15.7, 14.7,
+# 15.5 s and plain LoRA 20.7, 14.1, 13.2, 14.0, 15.1, 14.8 s: after one warm-up step soft reads 1.3x plain, after
+# three 1.04x.
 WARMUP_STEPS = 3
 PROBE_POLL_SECONDS = 5.0  # how often a waiting parent checks that its probe process is still alive
 
