@@ -362,12 +362,18 @@ class NuwaHandle:
             self._soft_bias = torch.zeros(layout.is_vision.shape, dtype=images.keep_bias.dtype,
                                           device=layout.is_vision.device)
             self._soft_bias = self._soft_bias.masked_scatter(layout.is_vision, images.keep_bias[images.kept])
-            if takes_key_bias(self.adapter):  # the model's own masks; the bias rides in each layer's attention call
-                self._layer_bias = self._soft_bias
-            else:
-                attention_mask = soft_attention_mask(layout.attention_mask, self._soft_bias, embeds.dtype)
         kwargs.update(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=layout.position_ids)
+        if self._soft_bias is not None:
+            kwargs.update(self._soft_bias_kwargs(self._soft_bias, embeds.dtype))
         return kwargs
+
+    def _soft_bias_kwargs(self, bias: torch.Tensor, dtype: torch.dtype) -> dict:
+        """How the soft keep bias reaches the next layers' attention: under `nuwa_sdpa` as each layer's attention
+        argument (the model's own masks stay), otherwise inside a 4-D float mask."""
+        if takes_key_bias(self.adapter):
+            self._layer_bias = bias
+            return {}
+        return dict(attention_mask=soft_attention_mask(self._layout.attention_mask, bias, dtype))
 
     def _decode(self, kwargs: dict, cached: int) -> dict:
         layout = self._layout
@@ -417,11 +423,8 @@ class NuwaHandle:
             return None
         if self.mode != "hard":  # soft: nothing is dropped, the stage-2 bias joins the stage-1 bias
             bias = self._soft_bias2 if self._soft_bias is None else self._soft_bias + self._soft_bias2
-            if takes_key_bias(self.adapter):
-                self._layer_bias, self._stage2_kwargs = bias, {}
-                return None
             dtype = (args[0] if args else kwargs["hidden_states"]).dtype
-            self._stage2_kwargs = dict(attention_mask=soft_attention_mask(self._layout.attention_mask, bias, dtype))
+            self._stage2_kwargs = self._soft_bias_kwargs(bias, dtype)
             kwargs.update(self._stage2_kwargs)
             return args, kwargs
         hidden = args[0] if args else kwargs.pop("hidden_states")
