@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .logs import quiet_startup_notices
+
+    quiet_startup_notices()  # before the libraries are imported: some of their notices print at import
     # Before any computation: threads inherit the floating-point mode of the thread that creates them, so
     # flushing subnormals later (e.g. in a LightningModule's setup) misses the worker pool an earlier
     # evaluation started. Near-zero keep probabilities otherwise make soft steps ~10x slower on CPUs.

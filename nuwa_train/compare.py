@@ -52,18 +52,25 @@ class Row:
                 "unparseable": None if r is None else r.unparseable}
 
 
-def markdown_table(rows: list[dict], title: str) -> str:
+def table_header(title: str) -> str:
+    """The title and column lines of the results table (printed once, before its rows arrive)."""
+    return (f"## {title}\n\n| method | budget | vision tokens / layer | VQA EM | grounding Acc@0.5 | grounding mIoU "
+            "| VQA retention | grounding retention | note |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(row: dict) -> str:
+    """One line of the results table (a `Row.as_dict()`)."""
     def cell(value, kind="{:.3f}"):
         return "-" if value is None else kind.format(value)
 
-    lines = [f"## {title}", "", "| method | budget | vision tokens / layer | VQA EM | grounding Acc@0.5 | grounding mIoU "
-             "| VQA retention | grounding retention | note |", "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['method']} | {row['budget'] or 'all'} | {cell(row['vision_tokens'], '{:.1f}')} | "
-                     f"{cell(row['vqa_em'])} | {cell(row['grounding_acc50'])} | {cell(row['grounding_miou'])} | "
-                     f"{cell(row['vqa_retention'], '{:.1%}')} | {cell(row['grounding_retention'], '{:.1%}')} | "
-                     f"{row['note']} |")
-    return "\n".join(lines) + "\n"
+    return (f"| {row['method']} | {row['budget'] or 'all'} | {cell(row['vision_tokens'], '{:.1f}')} | "
+            f"{cell(row['vqa_em'])} | {cell(row['grounding_acc50'])} | {cell(row['grounding_miou'])} | "
+            f"{cell(row['vqa_retention'], '{:.1%}')} | {cell(row['grounding_retention'], '{:.1%}')} | "
+            f"{row['note']} |")
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    return "\n".join([table_header(title), *map(table_row, rows)]) + "\n"
 
 
 def write_table(rows: list[dict], out_dir: Path, name: str, title: str, extra: dict | None = None) -> str:
@@ -214,11 +221,10 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
     """Score the model with all tokens and with each pruned setting; retention is against `reference` (default:
     an export's recorded base model, else the model itself). Writes results.json / results.md,
     predictions.jsonl and the kept-token overlay to `out_dir`."""
-    from rich.console import Console
-
+    from .logs import print_text, report_console
     from .models import load_vlm
 
-    console = Console()
+    console = report_console()
     model_path, trained, source = trained_settings(model)
     settings = [replace(setting, warning=untrained_budget_note(model_path, setting.config.budget))
                 for setting in evaluation_settings(trained, source, method, budget, compare, tuple(budgets))]
@@ -226,6 +232,8 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
     vlm.eval()
     records, described = _evaluation_records(model_path, processor, split, images, data, limit)
     reference_path, reference_label = _reference(model_path, reference)
+    title = f"{model_path}: {described}, {len(records)} records; retention vs {reference_label}"
+    print_text(console, table_header(title))  # then each row as it is scored (progress bars go to stderr)
     own = evaluate(vlm, processor, records, pruning=None, batch_size=batch_size, description="full tokens")
     scored = {"full tokens": own}
     rows = [Row("full tokens", None, own, own)]
@@ -237,6 +245,8 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
         scored["reference, full tokens"] = full
         rows = [Row("reference, full tokens", None, full, full, note=reference_path), Row("full tokens", None, own,
                                                                                           full)]
+    for row in rows:
+        print_text(console, table_row(row.as_dict()))
     for setting in settings:
         name = f"{setting.label} @ {setting.config.budget}"
         try:
@@ -244,24 +254,21 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
                               description=name)
         except NuwaConfigError as error:  # a budget this method cannot meet: noted, no scores
             rows.append(Row(setting.label, setting.config.budget, None, rows[0].reference, note=str(error)))
-            continue
-        scored[name] = result
-        rows.append(Row(setting.label, setting.config.budget, result, rows[0].reference, note=setting.note))
-        if compare:
-            console.print(markdown_table([row.as_dict() for row in rows], "so far"))
+        else:
+            scored[name] = result
+            rows.append(Row(setting.label, setting.config.budget, result, rows[0].reference, note=setting.note))
+        print_text(console, table_row(rows[-1].as_dict()))
     table = [row.as_dict() for row in rows]
     write_predictions(out_dir / PREDICTIONS_NAME, scored)
-    title = f"{model_path}: {described}, {len(records)} records; retention vs {reference_label}"
-    text = write_table(table, out_dir, RESULTS_NAME, title, {"model": model_path, "reference": reference_label,
+    write_table(table, out_dir, RESULTS_NAME, title, {"model": model_path, "reference": reference_label,
                                                              "data": described, "records": len(records)})
     shown = [setting for setting in settings if setting.config.budget == (budgets[0] if compare else
                                                                           setting.config.budget)]
     configs = [("full tokens", NuwaConfig(method="none"))] + [(f"{s.label} @ {s.config.budget}", s.config)
                                                               for s in shown]
     picture = overlay(vlm, processor, records, configs, out_dir / OVERLAY_NAME)
-    console.print(text)
-    console.print(f"wrote {out_dir / (RESULTS_NAME + '.md')}, {out_dir / (RESULTS_NAME + '.json')}, "
-                  f"{out_dir / PREDICTIONS_NAME}, {picture}")
+    print_text(console, f"\nwrote {out_dir / (RESULTS_NAME + '.md')}, {out_dir / (RESULTS_NAME + '.json')}, "
+                        f"{out_dir / PREDICTIONS_NAME}, {picture}")
     return {"rows": table}
 
 

@@ -128,17 +128,16 @@ def _depth(model) -> int:
 def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", test_images: int = 250,
              max_steps: int | None = None, batch_size: int = 64,
              methods: tuple[str, ...] = tuple(f.method for f in FINE_TUNES)) -> dict:
-    from rich.console import Console
-
     from .data.records import SyntheticRecords
     from .lightning.cli import parse_recipe
+    from .logs import print_text, report_console
     from .models import load_vlm
 
     unknown = sorted(set(methods) - {f.method for f in FINE_TUNES})
     if unknown or "nuwa" not in methods:
         raise SystemExit(f"nuwa-train demo: --methods {','.join(methods)} must include nuwa (the exported model) "
                          f"and name only {', '.join(f.method for f in FINE_TUNES)}")
-    console, start = Console(), time.perf_counter()
+    console, start = report_console(), time.perf_counter()
     recipe_path, out_dir = Path(recipe), Path(out)
     recipe_settings = parse_recipe(recipe_path)  # the one read: the base, the training-free row, every fine-tune
     base = Path(recipe_settings.model.model_path)
@@ -196,7 +195,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
                           out_dir / "kept_tokens_base.png")
     overlay_ft_png = overlay(exported, processor, records, [("Nüwa, fine-tuned", nuwa)],
                              out_dir / "kept_tokens_fine_tuned.png")
-    console.print(text)
+    print_text(console, text)
     for path in (out_dir / "results.md", out_dir / "results.json", curves_png, overlay_png, overlay_ft_png,
                  export_dir):
         console.print(f"wrote {path}")

@@ -138,8 +138,11 @@ def question_collator(model, processor, box_format: BoxFormat | None = None,
 
 
 def progress_bar(enabled: bool = True) -> Progress:
+    """Evaluation's progress, on stderr: stdout holds the results (a table, an answer) that a pipe may read."""
+    from rich.console import Console
+
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
+                    TimeRemainingColumn(), disable=not enabled, transient=False, console=Console(stderr=True))
 
 
 @torch.no_grad()

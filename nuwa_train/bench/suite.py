@@ -63,9 +63,9 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
 
     A device this machine lacks raises `DeviceUnavailable` before anything is built or written.
     """
-    from rich.console import Console
+    from ..logs import print_text, report_console
 
-    console = console or Console()
+    console = console or report_console()
     clock = clock_for(suite.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = list(suite.budgets)
@@ -106,6 +106,6 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
     (out_dir / "bench.md").write_text(text)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     plot_prefill(prefill, aggregation, out_dir / "bench.png")
-    console.print(text)
+    print_text(console, text)
     console.print(f"wrote {out_dir / 'bench.md'}, {out_dir / 'bench.json'}, {out_dir / 'bench.png'}")
     return report

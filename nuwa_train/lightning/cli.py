@@ -14,6 +14,7 @@ from ..io import UnsafeCheckpointError
 from .checkpoints import SafeCheckpointIO
 from .data import NuwaDataModule
 from .module import NuwaFineTuner
+from .progress import with_progress
 
 
 class NuwaCLI(LightningCLI):
@@ -44,7 +45,13 @@ class NuwaCLI(LightningCLI):
             raise UnsafeCheckpointError.from_unpickling(path, error) from None
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, reading `--ckpt_path` files weights-only with an error that names a refused file."""
+        """The trainer, reading `--ckpt_path` files weights-only with an error that names a refused file, and with
+        progress a log can show (progress.py) unless the recipe picks its own bar."""
+        settings = self._get(self.config_init, "trainer", default={})
+        callbacks = with_progress(kwargs.get("callbacks", settings.get("callbacks")),
+                                  kwargs.get("enable_progress_bar", settings.get("enable_progress_bar")))
+        if callbacks is not None:
+            kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO plugin is kept
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
