@@ -35,7 +35,8 @@ Box = tuple[int, int, int, int]
 Description = tuple[tuple[str, str], ...]  # ((attribute, value), ...) in ATTRIBUTES order
 
 # Independent random streams of one image, so e.g. changing the question mix keeps the layout.
-_LAYOUT, _NOISE, _VQA, _GROUNDING = range(4)
+_LAYOUT, _NOISE, _VQA, _GROUNDING, _CONVERSATION = range(5)
+DISTINCT_QUESTION_DRAWS = 8  # draws tried per conversation turn for a question not asked before in it
 
 TEMPLATES = {
     "colour": "what colour is {object}?",
@@ -497,3 +498,31 @@ def generate_records(config: SyntheticConfig, split: str, num_images: int, start
         scene = generate_scene(config, split, index)
         yield make_vqa(scene, config)
         yield make_grounding(scene, config)
+
+
+def make_conversation(scene: Scene, config: SyntheticConfig, turns: int, grounding_share: float) -> tuple[Record, ...]:
+    """`turns` questions about one scene in the order asked: each turn a referring expression with probability
+    `grounding_share`, else a VQA question (both drawn as `make_vqa` / `make_grounding` draw them).
+
+    The first turn of each task is its draw 0, the image's single-question record, so a conversation's first
+    turn is the question a single-turn evaluation asks. A question already asked in the conversation is re-drawn
+    (up to DISTINCT_QUESTION_DRAWS times: a later turn should not be answerable by copying an earlier answer).
+    """
+    if turns < 1:
+        raise ValueError(f"a conversation needs turns >= 1, got {turns}")
+    if not 0 <= grounding_share <= 1:
+        raise ValueError(f"grounding_share={grounding_share} must be in [0, 1]")
+    rng = _rng(config, scene.split, scene.index, _CONVERSATION)
+    makers = {"vqa": make_vqa, "grounding": make_grounding}
+    next_draw = dict.fromkeys(makers, 0)
+    records, asked = [], set()
+    for _ in range(turns):
+        task = "grounding" if rng.random() < grounding_share else "vqa"
+        for _ in range(DISTINCT_QUESTION_DRAWS):
+            record = makers[task](scene, config, next_draw[task])
+            next_draw[task] += 1
+            if record.prompt not in asked:
+                break
+        records.append(record)
+        asked.add(record.prompt)
+    return tuple(records)

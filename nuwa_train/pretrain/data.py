@@ -17,12 +17,36 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..data.collate import VisionLanguageCollator
-from ..data.synthetic import SyntheticConfig, generate_records, generate_scene, render
+from ..data.synthetic import SyntheticConfig, generate_scene, make_conversation, make_grounding, make_vqa, render
 from ..lightning.data import as_synthetic_config
 from .phases import Phase, Position
 from .targets import TargetMaker
 
 CURRICULUM_DECIMALS = 3  # the single-object fraction changes in steps of 0.001 (stable across float noise)
+CONVERSATION_STREAM = 7919  # the random stream that picks which training images come as conversations
+
+
+def conversation_turns(phase: Phase, seed: int, image: int) -> int:
+    """How many turns training image `image` is asked in one conversation under `phase`; 0: it comes as its two
+    single-turn records. A pure function of (seed, image), so a resumed run sees the same batches."""
+    if not phase.conversation_fraction:
+        return 0
+    rng = np.random.default_rng([seed, CONVERSATION_STREAM, image])
+    if rng.random() >= phase.conversation_fraction:
+        return 0
+    low, high = phase.conversation_turns
+    return int(rng.integers(low, high + 1))
+
+
+def conversation_row(records, image) -> dict:
+    """Records about one image as one collator row: the first turn as prompt/answer, every turn in `messages`
+    (the answers in the records' own text: coordinate tokens for boxes)."""
+    messages = []
+    for record in records:
+        messages += [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.answer}]
+    first = records[0]
+    return dict(id=f"{first.scene.split}-{first.scene.index:06d}-conversation", image=image, prompt=first.prompt,
+                answer=first.answer, messages=messages)
 
 
 def phase_synthetic(base: SyntheticConfig, phase: Phase) -> SyntheticConfig:
@@ -68,24 +92,33 @@ class BatchMaker:
             out = self._scene_targets(scenes)
             out["pixel_values"] = self.pixels([render(s, synthetic) for s in scenes])
             return out
-        records = list(generate_records(synthetic, "train", phase.images_per_step, start=first))
-        images, scenes, image_of_record, rows = {}, [], [], []
-        for record in records:
-            key = record.scene.index
-            if key not in images:
-                images[key] = render(record.scene, synthetic)
-                scenes.append(record.scene)
-            image_of_record.append(list(images).index(key))
-            rows.append(dict(id=record.id, image=images[key], prompt=record.prompt, answer=record.answer))
+        rows, scenes, images, turns, image_of_record = [], [], [], [], []  # turns: each row's records, as asked
+        for index in range(first, first + phase.images_per_step):
+            scene = generate_scene(synthetic, "train", index)
+            image = render(scene, synthetic)
+            asked = conversation_turns(phase, synthetic.seed, index)
+            if asked:
+                records = make_conversation(scene, synthetic, asked, phase.conversation_grounding)
+                rows.append(conversation_row(records, image))
+                turns.append(records)
+            else:
+                for record in (make_vqa(scene, synthetic), make_grounding(scene, synthetic)):
+                    rows.append(dict(id=record.id, image=image, prompt=record.prompt, answer=record.answer))
+                    turns.append((record,))
+            image_of_record += [len(scenes)] * (len(rows) - len(image_of_record))
+            scenes.append(scene)
+            images.append(image)
         out = self.collator(rows)
-        # The tower runs once per image (two records share one): pixels and vision targets per unique image.
-        out["pixel_values"] = self.pixels(list(images.values()))
+        # The tower runs once per image (its records share it): pixels and vision targets per image.
+        out["pixel_values"] = self.pixels(images)
         out["image_of_record"] = torch.tensor(image_of_record)
         out.update(self._scene_targets(scenes))
-        out["kinds"] = [r.kind for r in records]
+        # One entry per supervised answer, in the order the answers appear in the batch (rows, then turns).
+        out["kinds"] = [record.kind for records in turns for record in records]
+        out["turn_index"] = [turn for records in turns for turn in range(len(records))]
         covers = out.pop("cover_list")
-        referred = [self.targets.referred_patches(record, covers[index])
-                    for record, index in zip(records, image_of_record)]
+        referred = [self.targets.referred_patches(records, covers[index])
+                    for records, index in zip(turns, image_of_record)]
         out["referred"] = torch.as_tensor(np.stack(referred), dtype=torch.float32)
         return out
 

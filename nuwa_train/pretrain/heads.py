@@ -54,12 +54,21 @@ def cls_attention_pool(layer: nn.Module, layer_input: torch.Tensor) -> torch.Ten
 
 
 def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) mean cross-entropy over each sample's answer tokens (1-token answers weigh as much as 5-token boxes)."""
+    """(A,) mean cross-entropy over each answer's tokens: an answer is a run of labelled tokens, so a conversation
+    row gives one loss per assistant turn (every turn weighs as much as a single-turn record's answer). Answers
+    are ordered by row, then by position in the row; 1-token answers weigh as much as 5-token boxes."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    valid = (shift_labels != IGNORE_INDEX).float()
-    return (token * valid).sum(1) / valid.sum(1).clamp(min=1)
+                            ignore_index=IGNORE_INDEX, reduction="none")
+    valid = (shift_labels != IGNORE_INDEX).reshape(-1)
+    # A new answer starts at a labelled token whose predecessor in the same row is not labelled.
+    starts = shift_labels != IGNORE_INDEX
+    starts[:, 1:] &= shift_labels[:, :-1] == IGNORE_INDEX
+    answer = starts.reshape(-1).long().cumsum(0) - 1  # the answer index of every (labelled) token
+    count = int(starts.sum())
+    totals = token.new_zeros(count).index_add(0, answer[valid], token[valid])
+    sizes = token.new_zeros(count).index_add(0, answer[valid], torch.ones_like(token[valid]))
+    return totals / sizes
 
 
 class AuxHeads(nn.Module):

@@ -1,4 +1,5 @@
-"""The LightningModule that pre-trains the tiny base VLM from scratch, with all vision tokens.
+"""The LightningModule that pre-trains the tiny base VLM (from scratch, or from an earlier base: `init_from`),
+with all vision tokens.
 
 - Phase "vision" (CLIP-like): the vision tower alone learns linear auxiliary heads on the feature-layer
   tokens: per-patch (size, colour, shape) class or background, per-patch box of the covering object
@@ -7,7 +8,9 @@
   map, as the pruners assume (real CLIP gets this from its contrastive objective).
 - Phase "all": everything trains on the answer loss (mean per sample) plus the auxiliary losses, plus a
   "referred object" head on the LLM's hidden states of the vision tokens at one layer (which patches belong
-  to the objects the prompt is about, `Record.referred`), teaching the LLM to bind words to patches.
+  to the objects the prompt is about, `Record.referred`), teaching the LLM to bind words to patches (only when the
+  question comes before the image). A phase may ask some images as multi-turn conversations: every answer is
+  supervised and weighs as much as a single-turn record's answer.
 - Vision position embeddings start from a 2-D sin-cos table (scaled), then are learned.
 
 The module owns the run's `Position` (phase, steps, data position, phase seconds): the learning rate, the
@@ -31,10 +34,12 @@ from ..models.tiny import TinyLlavaSpec, build_tiny_llava
 from .callbacks import PhaseClock
 from .data import phase_synthetic
 from .heads import AuxHeads, answer_losses, cls_attention_pool, init_vision_positions
+from .init import load_initial_weights
 from .phases import Phase, Position, as_phase, lr_at
 from .state import STATE_KEY
 from .targets import TargetMaker
 
+LATER_TURNS_METRIC = "lm_later_turns"  # the answer loss of conversation turns after the first
 PresenceInput = Literal["cls", "cls_attention"]  # the CLS output, or the feature layer's CLS attention read-out
 # The step fetches its own batch, once (see data.py): Lightning's warnings about that step signature do not apply.
 for _message in (r".*`dataloader_iter` step flavor.*", r"Found `dataloader_iter` argument.*"):
@@ -47,12 +52,14 @@ def as_spec(value: TinyLlavaSpec | dict) -> TinyLlavaSpec:
 
 class TinyBasePretrainer(L.LightningModule):
     """`spec`: the model's sizes; `phases`: what trains when (see `Phase`); `synthetic`: the training data
-    (linked from `data.synthetic` by the CLI), which also fixes the vocabulary and the heads' classes."""
+    (linked from `data.synthetic` by the CLI), which also fixes the vocabulary and the heads' classes;
+    `init_from`: an exported base directory or a run's state file to start from (see `init.py`)."""
 
     def __init__(self, phases: list[Phase], spec: TinyLlavaSpec = TinyLlavaSpec(),
                  synthetic: SyntheticConfig = SyntheticConfig(), seed: int = 0, position_init_scale: float = 0.5,
                  presence_from: PresenceInput = "cls", referred_layer: int = 2, referred_pos_weight: float = 4.0,
-                 weight_decay: float = 0.01, adam_betas: tuple[float, float] = (0.9, 0.98)):
+                 weight_decay: float = 0.01, adam_betas: tuple[float, float] = (0.9, 0.98),
+                 init_from: str | None = None):
         super().__init__()
         if presence_from not in ("cls", "cls_attention"):
             raise ValueError(f"model.presence_from={presence_from!r} must be one of cls, cls_attention")
@@ -61,13 +68,15 @@ class TinyBasePretrainer(L.LightningModule):
             raise ValueError("model.phases: a recipe needs at least one phase")
         self.spec, self.synthetic = as_spec(spec), as_synthetic_config(synthetic)
         self._check_phase_data()
+        self._check_referred()
         self.presence_from, self.referred_layer = presence_from, referred_layer
         self.weight_decay, self.adam_betas = weight_decay, tuple(adam_betas)
         self.save_hyperparameters({"phases": [asdict(p) for p in self.phases], "spec": asdict(self.spec),
                                    "synthetic": asdict(self.synthetic), "seed": seed,
                                    "position_init_scale": position_init_scale, "presence_from": presence_from,
                                    "referred_layer": referred_layer, "referred_pos_weight": referred_pos_weight,
-                                   "weight_decay": weight_decay, "adam_betas": list(self.adam_betas)})
+                                   "weight_decay": weight_decay, "adam_betas": list(self.adam_betas),
+                                   "init_from": init_from})
         torch.manual_seed(seed)  # the initial weights are a function of the recipe
         self.model, self.processor = build_tiny_llava(self.spec, vocabulary(self.synthetic),
                                                       coordinate_tokens(self.synthetic))
@@ -75,6 +84,8 @@ class TinyBasePretrainer(L.LightningModule):
         self.model.train()  # built in eval mode; Lightning keeps each module's mode
         self.targets = TargetMaker(self.synthetic, self.spec)
         self.heads = AuxHeads(self.spec.vision_hidden, self.spec.text_hidden, self.targets, referred_pos_weight)
+        if init_from is not None:  # a resumed run then loads its own state over these weights
+            print(load_initial_weights(self, init_from).summary(), flush=True)
         self.vision_params = set(self.model.model.vision_tower.parameters()) | {
             p for n, p in self.heads.named_parameters() if not n.startswith("referred")}
         self.position = Position()
@@ -89,6 +100,15 @@ class TinyBasePretrainer(L.LightningModule):
             except (TypeError, ValueError) as error:
                 raise ValueError(f"model.phases.{index} ({phase.name!r}): bad data override {phase.data}: "
                                  f"{error}") from None
+
+    def _check_referred(self) -> None:
+        """The referred head asks the LLM's vision tokens which patches the question is about: they can know only
+        when the question comes before the image."""
+        for index, phase in enumerate(self.phases):
+            if phase.referred_weight > 0 and not self.spec.image_after_text:
+                raise ValueError(f"model.phases.{index} ({phase.name!r}): referred_weight={phase.referred_weight} "
+                                 f"needs model.spec.image_after_text: true (with the image first its tokens cannot "
+                                 f"see the question); set referred_weight: 0")
 
     # ------------------------------------------------------------------------------- where the run is
     @property
@@ -150,7 +170,7 @@ class TinyBasePretrainer(L.LightningModule):
             pooled = cls_attention_pool(tower.encoder.layers[index - 1], hidden[index - 1])
         parts = {f"aux_{k}": v for k, v in self.heads.vision_losses(features, batch, pooled).items()}
         total = phase.aux_weight * sum(parts.values())
-        per_sample = None
+        per_answer = None
         if not vision_only:
             ids = batch["input_ids"]
             is_image = ids == self.model.config.image_token_index
@@ -159,8 +179,11 @@ class TinyBasePretrainer(L.LightningModule):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
             out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                                   output_hidden_states=phase.referred_weight > 0)
-            per_sample = answer_losses(self.model.lm_head(out.last_hidden_state), batch["labels"])
-            parts["lm"] = per_sample.mean()
+            per_answer = answer_losses(self.model.lm_head(out.last_hidden_state), batch["labels"])
+            if len(per_answer) != len(batch["kinds"]):
+                raise RuntimeError(f"the batch has {len(per_answer)} labelled answers for {len(batch['kinds'])} "
+                                   f"questions asked: an answer was cut or two answers were joined")
+            parts["lm"] = per_answer.mean()
             total = total + phase.lm_weight * parts["lm"]
             if phase.referred_weight > 0:
                 parts["referred"] = self.heads.referred_loss(out.hidden_states[self.referred_layer], is_image,
@@ -170,9 +193,11 @@ class TinyBasePretrainer(L.LightningModule):
                  batch_size=phase.batch_size)
         metrics = {k: float(v.detach()) for k, v in parts.items()}
         metrics.update(lr=lr, loss=float(total.detach()), threads=torch.get_num_threads())
-        if per_sample is not None:
-            for kind, value in zip(batch["kinds"], per_sample.tolist()):
+        if per_answer is not None:
+            for kind, turn, value in zip(batch["kinds"], batch["turn_index"], per_answer.tolist()):
                 metrics.setdefault(f"lm_{kind}", []).append(value)
+                if turn:  # answers after a conversation's first turn (the first turn is a single question)
+                    metrics.setdefault(LATER_TURNS_METRIC, []).append(value)
         return {"loss": total, "metrics": metrics}
 
     def configure_optimizers(self):

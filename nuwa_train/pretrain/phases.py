@@ -28,6 +28,12 @@ class Phase:
     referred_weight: float = 0.0  # LLM referred-object head
     single_object_fraction: tuple[float, float] | None = None  # curriculum: linear from first to second value
     data: dict = field(default_factory=dict)  # SyntheticConfig fields this phase changes (e.g. vqa_mix)
+    # Multi-turn: this share of a step's images comes as ONE conversation (every answer supervised) of
+    # `conversation_turns` [min, max] turns, each a referring expression with probability `conversation_grounding`,
+    # instead of its two single-turn records (a question and an expression).
+    conversation_fraction: float = 0.0
+    conversation_turns: tuple[int, int] = (2, 5)
+    conversation_grounding: float = 0.3
 
     def __post_init__(self):
         where = f"model.phases ({self.name!r})"
@@ -44,6 +50,15 @@ class Phase:
             self.single_object_fraction = tuple(self.single_object_fraction)
             if len(self.single_object_fraction) != 2:
                 raise ValueError(f"{where}: single_object_fraction must be [start, end]")
+        self.conversation_turns = tuple(self.conversation_turns)
+        if len(self.conversation_turns) != 2 or not 1 <= self.conversation_turns[0] <= self.conversation_turns[1]:
+            raise ValueError(f"{where}: conversation_turns={list(self.conversation_turns)} must be [min, max] with "
+                             f"1 <= min <= max")
+        for key in ("conversation_fraction", "conversation_grounding"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{where}: {key}={getattr(self, key)} must be in [0, 1]")
+        if self.conversation_fraction and self.train == "vision":
+            raise ValueError(f"{where}: conversation_fraction needs train: all (a vision phase has no text)")
 
     @property
     def images_per_step(self) -> int:

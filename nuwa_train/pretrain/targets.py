@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -71,8 +72,11 @@ class TargetMaker:
                     counts=np.minimum(np.array(counts, dtype=np.int64), self.count_values - 1))
 
     @staticmethod
-    def referred_patches(record: Record, cover: np.ndarray) -> np.ndarray:
-        """(N,) share of each patch covered by the objects the record is about (`Record.referred`), at most 1."""
-        if not record.referred:
+    def referred_patches(records: Record | Sequence[Record], cover: np.ndarray) -> np.ndarray:
+        """(N,) share of each patch covered by the objects the record is about (`Record.referred`), at most 1;
+        for the records of one conversation, the objects any of its turns is about."""
+        records = (records,) if isinstance(records, Record) else records
+        referred = sorted({index for record in records for index in record.referred})
+        if not referred:
             return np.zeros(cover.shape[1])
-        return np.clip(cover[list(record.referred)].sum(0), 0, 1)
+        return np.clip(cover[referred].sum(0), 0, 1)
