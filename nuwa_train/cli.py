@@ -1,4 +1,9 @@
-"""The `nuwa-train` command line (also `python -m nuwa_train`)."""
+"""The `nuwa-train` command line (also `python -m nuwa_train`).
+
+A user error (a missing model directory, a bad config value or data file, an unusable checkpoint) ends the
+command with one line on stderr and exit status 1; a malformed command line exits with status 2 (argparse).
+`nuwa-train --debug COMMAND ...` (or NUWA_DEBUG=1) shows the full traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,66 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "NUWA_DEBUG"
+
+
+def _integer(text: str, least: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def _count(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
 
 
 def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    """Comma-separated budgets: average vision tokens per image, so positive integers."""
+    what = "comma-separated positive integers"
+    values = [_integer(part, 1, what) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help: appended as "(default: ...)" unless the help already says what the
+    default is, or the option is a switch (off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.nargs == 0 or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def _bench(args: argparse.Namespace) -> None:
     import torch
 
     from .bench import SHAPES
+    from .bench.prefill import METHOD_LABELS
+    from .errors import UsageError
 
-    for flag, names in (("--shapes", args.shapes), ("--decode", [args.decode] if args.decode else []),
-                        ("--train-shape", [args.train_shape] if args.train_shape else [])):
-        unknown = sorted(set(names) - set(SHAPES))
+    methods = [method for method in METHOD_LABELS if method != "none"]
+    for flag, names, known in (("--shapes", args.shapes, SHAPES),
+                               ("--decode", [args.decode] if args.decode else [], SHAPES),
+                               ("--train-shape", [args.train_shape] if args.train_shape else [], SHAPES),
+                               ("--methods", args.methods or [], methods)):
+        unknown = sorted(set(names) - set(known))
         if unknown:
-            raise SystemExit(f"nuwa-train bench: unknown {flag} {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+            raise UsageError(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data_startup:
@@ -134,9 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .pruning import NuwaConfig
     from .pruning.selectors import METHODS
 
-    parser = argparse.ArgumentParser(prog="nuwa-train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nuwa-train", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"before the command: show the full traceback of an error (also {DEBUG_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="prefill latency full vs Nüwa-pruned, and aggregation cost by grid size")
+
+    def command(name: str, summary: str, **settings) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter,
+                                   **settings)
+
+    bench = command("bench", "prefill latency full vs Nüwa-pruned, and aggregation cost by grid size")
     bench.add_argument("--shapes", type=lambda s: s.split(","), default=["tiny", "llava15"],
                        help="model shapes to time (comma-separated): tiny, llava15, llava15-7b (real widths, bf16)")
     bench.add_argument("--methods", type=lambda s: s.split(","),
@@ -145,54 +197,60 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "without a GPU the run is skipped with a message)")
     bench.add_argument("--full-depth", action="store_true",
                        help="run every real decoder layer (llava15-7b: 32 instead of 16 measured on a CPU)")
-    bench.add_argument("--decode", metavar="SHAPE", help="also time decoding (32 tokens after a ~600-token prompt)")
+    bench.add_argument("--decode", metavar="SHAPE",
+                       help="also time decoding (32 tokens after a ~600-token prompt; default: not timed)")
     bench.add_argument("--train-shape", metavar="SHAPE",
-                       help="also time a training step per selection mode vs plain LoRA on this shape's widths")
+                       help="also time a training step per selection mode vs plain LoRA on this shape's widths "
+                            "(default: not timed)")
     bench.add_argument("--suite", choices=["gpu"],
                        help="gpu: the whole GPU suite (llava15-7b at full depth: prefill, decode, training; "
-                            "--device cuda), written to outputs/bench_gpu")
+                            "--device cuda), written to outputs/bench_gpu (default: the suite the flags describe)")
     bench.add_argument("--budgets", type=_int_list, default=[64, 128, 192],
                        help="average vision tokens per image on the 24x24 reference grid")
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per setting (median reported)")
-    bench.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0) or 0),
+    bench.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per setting (median reported)")
+    bench.add_argument("--threads", type=_count, default=int(os.environ.get("OMP_NUM_THREADS", 0) or 0),
                        help="torch threads (default: OMP_NUM_THREADS or torch's default)")
     bench.add_argument("--out", help="directory for bench.md, bench.json, bench.png (default: outputs/bench, "
                                      "outputs/bench_gpu for --suite gpu)")
     bench.add_argument("--training", metavar="MODEL_DIR",
-                       help="instead: training step time / peak memory of each selection mode vs plain LoRA")
-    bench.add_argument("--batch-size", type=int, default=16, help="batch size of --training")
-    bench.add_argument("--train-steps", type=int, help="timed optimizer steps per training mode (and depth), after "
-                                                       "the warm-up ones (default: bench.training's TRAINING_STEPS for "
-                                                       "--training, SHAPE_TRAINING_STEPS for --train-shape)")
-    bench.add_argument("--data-startup", type=int, metavar="RECORDS",
+                       help="instead: training step time / peak memory of each selection mode vs plain LoRA "
+                            "(default: not run)")
+    bench.add_argument("--batch-size", type=_positive_int, default=16, help="batch size of --training")
+    bench.add_argument("--train-steps", type=_positive_int,
+                       help="timed optimizer steps per training mode (and depth), after the warm-up ones (default: "
+                            "bench.training's TRAINING_STEPS for --training, SHAPE_TRAINING_STEPS for --train-shape)")
+    bench.add_argument("--data-startup", type=_positive_int, metavar="RECORDS",
                        help="instead: seconds to the first training step on a generated file of RECORDS records "
-                            "(one image file each)")
+                            "(one image file each; default: not run)")
     bench.add_argument("--model", default="data/tiny_base", help="model directory of --data-startup")
     bench.set_defaults(handler=_bench)
 
-    demo = commands.add_parser("demo", help="the main job: fine-tune with pruning on the tiny base, compare, export")
-    demo.add_argument("--recipe", default="recipes/default.yaml")
-    demo.add_argument("--out", default="outputs/demo")
-    demo.add_argument("--test-images", type=int, default=250, help="synthetic test images (two records each)")
-    demo.add_argument("--max-steps", type=int, help="override the recipe's trainer.max_steps")
+    demo = command("demo", "the main job: fine-tune with pruning on the tiny base, compare, export")
+    demo.add_argument("--recipe", default="recipes/default.yaml", help="the fine-tuning recipe every row trains with")
+    demo.add_argument("--out", default="outputs/demo", help="directory for the runs, exports and the report")
+    demo.add_argument("--test-images", type=_positive_int, default=250, help="synthetic test images (two records each)")
+    demo.add_argument("--max-steps", type=_positive_int,
+                      help="override the recipe's trainer.max_steps (default: the recipe's)")
     demo.add_argument("--methods", type=lambda s: s.split(","),
                       help="fine-tuned rows, comma-separated (default: nuwa,visionzip,fastv); nuwa is always needed")
     demo.set_defaults(handler=_demo)
 
-    evaluate = commands.add_parser("eval", help="VQA / grounding with a pruner (hard path, generate), or the "
-                                               "comparison table of all pruners (--compare)")
+    evaluate = command("eval", "VQA / grounding with a pruner (hard path, generate), or the comparison table of all "
+                               "pruners (--compare)")
     evaluate.add_argument("--model", default="data/tiny_base",
-                          help="a HF model directory, an export (runs its nuwa_config.json), or a fine-tuning recipe "
-                               "(.yaml: its model.model_path with its model.pruning)")
+                          help="a HF model directory, an export (merged or adapter-only: runs its nuwa_config.json), "
+                               "or a fine-tuning recipe (.yaml: its model.model_path with its model.pruning)")
     evaluate.add_argument("--reference", metavar="MODEL",
                           help="model whose full-token scores retention is measured against (default: an export's "
                                "recorded base model, else the model itself)")
     evaluate.add_argument("--data", action="append", default=[], metavar="FORMAT=PATH",
                           help="score your files instead of the synthetic split (repeatable; FORMAT: llava, refcoco, "
-                               "sharegpt; PATH: a JSON / JSONL file or a save_to_disk folder); every record is scored")
-    evaluate.add_argument("--limit", type=int, help="score only the first N records (default: all)")
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--images", type=int, default=250, help="synthetic images (two records each)")
+                               "sharegpt; PATH: a JSON / JSONL file or a save_to_disk folder); every record is scored "
+                               "(default: the synthetic --split)")
+    evaluate.add_argument("--limit", type=_positive_int, help="score only the first N records (default: all)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"],
+                          help="synthetic split scored when no --data is given")
+    evaluate.add_argument("--images", type=_positive_int, default=250, help="synthetic images (two records each)")
     defaults = NuwaConfig()
     evaluate.add_argument("--method", choices=METHODS, help=f"pruner: {', '.join(METHODS)} (default: the export's or "
                                                             f"recipe's, else {defaults.method})")
@@ -200,45 +258,78 @@ def build_parser() -> argparse.ArgumentParser:
                                                            f"(comma-separated: one row each; default: the export's or "
                                                            f"recipe's, else {defaults.budget})")
     evaluate.add_argument("--compare", action="store_true", help="every pruner at every --budgets")
-    evaluate.add_argument("--budgets", type=_int_list, default=list(PAPER_BUDGETS))
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--budgets", type=_int_list, default=list(PAPER_BUDGETS),
+                          help="budgets of --compare (comma-separated)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="records generated per batch")
     evaluate.add_argument("--out", default="outputs/eval",
                           help="directory for results.json, results.md, predictions.jsonl, kept_tokens.png")
     evaluate.set_defaults(handler=_eval)
 
-    export = commands.add_parser("export", help="merge LoRA from a fit checkpoint into a plain HF directory")
-    export.add_argument("checkpoint", help="a .ckpt written by `nuwa-train fit` (e.g. .../checkpoints/last.ckpt)")
+    export = command("export", "merge LoRA from a fit checkpoint into a plain HF directory")
+    export.add_argument("checkpoint", help="a run folder of `nuwa-train fit` (its checkpoints/last.ckpt, e.g. "
+                                           "runs/default/latest: the newest run) or a .ckpt file it wrote")
     export.add_argument("out", help="target directory (written atomically)")
     export.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter instead of merging")
-    export.add_argument("--model-path", help="base model directory, if it moved since training")
+    export.add_argument("--model-path", help="base model directory, if it moved since training (default: the one "
+                                             "recorded in the checkpoint)")
     export.set_defaults(handler=_export)
 
-    pretrain = commands.add_parser("pretrain-base", help="train the tiny base VLM from scratch (LightningCLI recipe "
-                                   "as the positional argument or --config; resumable)",
-                                   add_help=False)
-    pretrain.add_argument("rest", nargs=argparse.REMAINDER)
+    pretrain = command("pretrain-base", "train the tiny base VLM from scratch (LightningCLI recipe as the positional "
+                                        "argument or --config; resumable; `pretrain-base --help` lists its flags)",
+                       add_help=False)
+    pretrain.add_argument("rest", nargs=argparse.REMAINDER, help="the recipe and LightningCLI flags")
     pretrain.set_defaults(handler=_pretrain_base)
 
-    export_data = commands.add_parser("export-data", help="write synthetic records as files: LLaVA + RefCOCO "
-                                                         "JSON, or ShareGPT (ms-swift) conversations")
+    export_data = command("export-data", "write synthetic records as files: LLaVA + RefCOCO JSON, or ShareGPT "
+                                         "(ms-swift) conversations")
     export_data.add_argument("out", help="target directory (images in images/)")
     export_data.add_argument("--format", choices=["llava-refcoco", "sharegpt"], default="sharegpt",
                              help="sharegpt: one multi-turn conversation per image, boxes behind <ref-object>/<bbox> "
                                   "placeholders (written in the model's box format when training)")
-    export_data.add_argument("--split", default="test", choices=["train", "val", "test"])
-    export_data.add_argument("--images", type=int, default=24)
-    export_data.add_argument("--vqa-per-image", type=int, default=4, help="sharegpt: VQA turns per conversation")
-    export_data.add_argument("--grounding-per-image", type=int, default=1,
+    export_data.add_argument("--split", default="test", choices=["train", "val", "test"], help="synthetic split")
+    export_data.add_argument("--images", type=_positive_int, default=24, help="images to write")
+    export_data.add_argument("--vqa-per-image", type=_count, default=4, help="sharegpt: VQA turns per conversation")
+    export_data.add_argument("--grounding-per-image", type=_count, default=1,
                              help="sharegpt: referring-expression turns per conversation")
     export_data.set_defaults(handler=_export_data)
 
+    from .chat import CHAT_SUMMARY, add_chat_arguments
+
+    add_chat_arguments(command("chat", CHAT_SUMMARY))
     for name in LIGHTNING_COMMANDS:
-        commands.add_parser(name, help=f"LightningCLI {name}: --config recipes/<name>.yaml [--section.key value]")
+        command(name, f"LightningCLI {name}: --config recipes/<name>.yaml [--section.key value]; "
+                      f"`{name} --help` lists its flags")
     return parser
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The project's errors a user can act on (a path, a config value, a data record, a checkpoint): the message
+    names what to fix, so the command prints it alone."""
+    from .data.collate import CollateError
+    from .data.formats import DatasetFormatError
+    from .errors import UsageError
+    from .export import ExportError
+    from .io import UnsafeCheckpointError
+    from .models.base import NuwaInputError, UnsupportedModelError
+    from .models.loading import ModelPathError
+    from .pruning import NuwaConfigError
+    from .timing import DeviceUnavailable
+
+    return (UsageError, ModelPathError, NuwaConfigError, ExportError, DatasetFormatError, CollateError,
+            UnsafeCheckpointError, NuwaInputError, UnsupportedModelError, DeviceUnavailable)
+
+
+def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether to show tracebacks (a leading --debug, or NUWA_DEBUG set and not 0), and argv without the flag."""
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    while argv[:1] == [DEBUG_FLAG]:
+        debug, argv = True, argv[1:]
+    return debug, argv
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = debug_requested(argv)
     from .logs import quiet_startup_notices
 
     quiet_startup_notices()  # before the libraries are imported: some of their notices print at import
@@ -248,13 +339,22 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_flush_denormal(True)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from .lightning.cli import run
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            from .lightning.cli import run
 
-        run(argv)
-        return
-    args = build_parser().parse_args(argv)
-    args.handler(args)
+            # The arguments are the command line's (less --debug): LightningCLI's warning about getting both
+            # does not apply.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            run(argv)
+            return
+        args = build_parser().parse_args(argv)
+        args.handler(args)
+    except user_errors() as error:
+        if debug:
+            raise
+        command = f" {argv[0]}" if argv else ""
+        raise SystemExit(f"nuwa-train{command}: error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
 from .evaluation import EvalResult, evaluate, question_collator
-from .export import NUWA_CONFIG_NAME, read_nuwa_config, recorded_base_model, untrained_budget_note
+from .export import (
+    NUWA_CONFIG_NAME,
+    is_adapter_export,
+    load_exported_model,
+    read_nuwa_config,
+    recorded_base_model,
+    untrained_budget_note,
+)
 from .io import write_atomically
-from .models import attach_nuwa
+from .models import adapter_for, attach_nuwa
+from .models.loading import ModelPathError
 from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
 from .viz import kept_tokens, plot_kept_tokens
 
@@ -112,8 +121,7 @@ def parse_data_sources(values: list[str]) -> dict[str, list[str]]:
     for value in values:
         kind, separator, path = value.partition("=")
         if not separator or kind not in EVAL_FORMATS or not path:
-            raise SystemExit(f"nuwa-train eval: --data {value!r} must be FORMAT=PATH with FORMAT one of "
-                             f"{', '.join(EVAL_FORMATS)}")
+            raise UsageError(f"--data {value!r} must be FORMAT=PATH with FORMAT one of {', '.join(EVAL_FORMATS)}")
         sources.setdefault(kind, []).append(path)
     return sources
 
@@ -150,13 +158,52 @@ class Setting:
     config: NuwaConfig
     source: str = ""
     warning: str = ""  # e.g. a budget the model was not fine-tuned at
+    adjusted: str = ""  # a setting changed so that the budget can be met (`fastv_within_budget`)
 
     @property
     def note(self) -> str:
         ran = [self.source] if self.source else []
         if self.config.method == "nuwa":
             ran.append(f"stage 2 at layer {self.config.stage2_layer}")
-        return "; ".join(ran + ([self.warning] if self.warning else []))
+        return "; ".join(ran + [text for text in (self.adjusted, self.warning) if text])
+
+
+def fastv_within_budget(config: NuwaConfig, grid: tuple[int, int], num_layers: int) -> tuple[NuwaConfig, str]:
+    """FastV at the deepest layer, at or before its configured `fastv_layer`, where the budget can be met, and a
+    note saying so when that is not the configured layer.
+
+    FastV keeps every vision token in its first `fastv_layer` layers and prunes once after them, and the budget is
+    the average over all layers: on a shallow LLM the first layers alone can exceed a small budget (FastV's layer 2
+    of LLaVA-1.5's 32 is layer 2 of 10 on the tiny base, where 64 tokens are out of reach). Pruning earlier keeps
+    FastV what it is, a single drop by attention inside the LLM, closest to its configured depth. Other methods
+    come back unchanged; a budget no layer can meet raises the configured layer's `NuwaConfigError`.
+    """
+    if config.method != "fastv":
+        return config, ""
+    try:
+        config.plan(grid, num_layers)
+        return config, ""
+    except NuwaConfigError as unreachable:
+        for layer in range(min(config.fastv_layer, num_layers) - 1, 0, -1):
+            candidate = replace(config, fastv_layer=layer)
+            try:
+                candidate.plan(grid, num_layers)
+            except NuwaConfigError:
+                continue
+            return candidate, (f"FastV after layer {layer}: fastv_layer={config.fastv_layer} cannot meet budget "
+                               f"{config.budget} on this {num_layers}-layer LLM")
+        raise unreachable
+
+
+def within_budget(setting: Setting, model) -> Setting:
+    """`setting` as it can run on `model` (FastV's layer moved earlier when its own cannot meet the budget)."""
+    adapter = adapter_for(model)
+    try:
+        config, adjusted = fastv_within_budget(setting.config, adapter.grid or setting.config.reference_grid,
+                                               len(adapter.decoder_layers))
+    except NuwaConfigError:  # no layer can: its row says why
+        return setting
+    return replace(setting, config=config, adjusted=adjusted) if adjusted else setting
 
 
 def evaluation_settings(trained: NuwaConfig | None, source: str, method: str | None, budgets: list[int] | None,
@@ -184,14 +231,20 @@ def trained_settings(model: str) -> tuple[str, NuwaConfig | None, str]:
     if model.endswith((".yaml", ".yml")):
         import yaml
 
-        recipe = yaml.safe_load(Path(model).read_text()) or {}
+        if not Path(model).is_file():
+            raise UsageError(f"recipe {model} does not exist (--model takes a model directory, an export or a "
+                             f"fine-tuning recipe)")
+        try:
+            recipe = yaml.safe_load(Path(model).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise UsageError(f"recipe {model} is not valid YAML: {error}") from None
         section = recipe.get("model") if isinstance(recipe, dict) else None
         if not isinstance(section, dict) or "model_path" not in section:
-            raise SystemExit(f"nuwa-train eval: recipe {model} has no model.model_path")
+            raise UsageError(f"recipe {model} has no model.model_path")
         try:
             pruning = NuwaConfig.from_dict(section.get("pruning") or {})
         except NuwaConfigError as error:
-            raise SystemExit(f"nuwa-train eval: recipe {model}, model.pruning: {error}") from None
+            raise NuwaConfigError(f"recipe {model}, model.pruning: {error}") from None
         return resolve_model_path(section["model_path"]), pruning, f"model.pruning of {model}"
     path = resolve_model_path(model)
     return path, read_nuwa_config(path), f"{NUWA_CONFIG_NAME} of the export"
@@ -202,7 +255,7 @@ def _reference(model_path: str, reference: str | None) -> tuple[str | None, str]
     chosen = reference or recorded_base_model(model_path)
     if chosen is None:
         return None, "the model itself, all tokens"
-    if reference is None and not (Path(chosen) / "config.json").is_file():
+    if reference is None and not _is_model_dir(chosen):
         return None, f"the model itself, all tokens (its recorded base model {chosen} is not on this machine)"
     chosen = resolve_model_path(chosen)
     if Path(chosen).resolve() == Path(model_path).resolve():
@@ -222,14 +275,15 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
     an export's recorded base model, else the model itself). Writes results.json / results.md,
     predictions.jsonl and the kept-token overlay to `out_dir`."""
     from .logs import print_text, report_console
-    from .models import load_vlm
+    from .models.loading import load_processor
 
     console = report_console()
     model_path, trained, source = trained_settings(model)
     settings = [replace(setting, warning=untrained_budget_note(model_path, setting.config.budget))
                 for setting in evaluation_settings(trained, source, method, budget, compare, tuple(budgets))]
-    vlm, processor = load_vlm(model_path)
+    vlm, processor = load_exported_model(model_path), load_processor(model_path)
     vlm.eval()
+    settings = [within_budget(setting, vlm) for setting in settings]
     records, described = _evaluation_records(model_path, processor, split, images, data, limit)
     reference_path, reference_label = _reference(model_path, reference)
     title = f"{model_path}: {described}, {len(records)} records; retention vs {reference_label}"
@@ -238,7 +292,7 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
     scored = {"full tokens": own}
     rows = [Row("full tokens", None, own, own)]
     if reference_path is not None:
-        base, base_processor = load_vlm(reference_path)
+        base, base_processor = load_exported_model(reference_path), load_processor(reference_path)
         full = evaluate(base.eval(), base_processor, records, pruning=None, batch_size=batch_size,
                         description="reference, full tokens")
         del base
@@ -272,10 +326,16 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
     return {"rows": table}
 
 
+def _is_model_dir(path: str) -> bool:
+    """A HF model directory (config.json) or an adapter-only export (adapter_config.json, loaded onto its base)."""
+    return (Path(path) / "config.json").is_file() or is_adapter_export(path)
+
+
 def resolve_model_path(model: str) -> str:
-    """`model` if it is a HF model directory, else an error saying what `--model` accepts."""
-    if not (Path(model) / "config.json").is_file():
-        raise SystemExit(f"nuwa-train eval: {model} is neither a HF model directory (no config.json) nor a recipe")
+    """`model` if it is a HF model directory or an export, else an error saying what `--model` accepts."""
+    if not _is_model_dir(model):
+        raise ModelPathError(f"{model} is neither a HF model directory (no config.json), an adapter-only export "
+                             f"(no adapter_config.json) nor a recipe (.yaml)")
     return model
 
 

@@ -21,10 +21,12 @@ from typing import NamedTuple
 from jsonargparse import Namespace
 
 from .compare import Row, overlay, synthetic_config_for, write_table
+from .errors import UsageError
 from .evaluation import evaluate
 from .export import export_module, load_pruned
 from .io import write_atomically
 from .models import detach_nuwa
+from .models.loading import ModelPathError
 from .pruning import NuwaConfig, NuwaConfigError
 from .viz import plot_training_curves
 
@@ -135,15 +137,15 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
 
     unknown = sorted(set(methods) - {f.method for f in FINE_TUNES})
     if unknown or "nuwa" not in methods:
-        raise SystemExit(f"nuwa-train demo: --methods {','.join(methods)} must include nuwa (the exported model) "
-                         f"and name only {', '.join(f.method for f in FINE_TUNES)}")
+        raise UsageError(f"--methods {','.join(methods)} must include nuwa (the exported model) and name only "
+                         f"{', '.join(f.method for f in FINE_TUNES)}")
     console, start = report_console(), time.perf_counter()
     recipe_path, out_dir = Path(recipe), Path(out)
     recipe_settings = parse_recipe(recipe_path)  # the one read: the base, the training-free row, every fine-tune
     base = Path(recipe_settings.model.model_path)
     if not (base / "config.json").is_file():
-        raise SystemExit(f"nuwa-train demo: no base model at {base}; train it with "
-                         f"`nuwa-train pretrain-base recipes/tiny_base.yaml` (about 4 hours on 2 CPU cores)")
+        raise ModelPathError(f"no base model at {base}; train it with `nuwa-train pretrain-base "
+                             f"recipes/tiny_base.yaml` (about 4 hours on 2 CPU cores)")
     # The recipe's pruning settings (budget, stage-2 layer, ...) serve the training-free row too, so the
     # rows differ only in whether the model was fine-tuned.
     nuwa = replace(_pruning(recipe_settings), method="nuwa")

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from .io import load_checkpoint_file, recover_directory, replace_directory, staging_directory
-from .models.loading import ModelPathError
+from .models.loading import ModelPathError, local_model_dir
 from .models import attach_nuwa
-from .pruning import NuwaConfig
+from .pruning import NuwaConfig, NuwaConfigError
 
 NUWA_CONFIG_NAME = "nuwa_config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's: an adapter-only export
 TRAINED_BUDGETS_KEY = "trained_budgets"
 EXPORT_RECORD_KEYS = ("exported_from", TRAINED_BUDGETS_KEY)  # what nuwa_config.json records besides NuwaConfig
 
@@ -57,7 +58,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, 
         raise ExportError(f"checkpoint {checkpoint} does not exist (pass a .ckpt written by `nuwa-train fit`)")
     state = load_checkpoint_file(checkpoint)  # weights-only: a file that would run code is refused, named
     describe_checkpoint_step(checkpoint, state)
-    overrides = {"model_path": model_path} if model_path else {}
+    base = model_path or checkpoint_base_model(checkpoint, state)
+    overrides = {"model_path": base} if base else {}
     try:
         module = NuwaFineTuner.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **overrides)
     except ModelPathError as error:
@@ -65,6 +67,22 @@ def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, 
         raise ExportError(f"{checkpoint} was trained on the base model {base!r}, which cannot be loaded: {error}. "
                           f"Pass --model-path if the base moved since training") from None
     return export_module(module, target, merge)
+
+
+def checkpoint_base_model(checkpoint: Path, state: dict) -> str | None:
+    """The base model directory a fine-tuning checkpoint records (its hyper-parameters' model_path).
+
+    Checkpoints store it resolved, so it is found from any working directory. A relative one (a checkpoint written
+    before that) is looked up from the working directory, then from the checkpoint's folders upwards: training ran
+    in the project the run folder sits in, so the export finds `data/tiny_base` from anywhere too.
+    """
+    recorded = state.get("hyper_parameters", {}).get("model_path")
+    if not isinstance(recorded, str) or Path(recorded).expanduser().is_absolute() or Path(recorded).is_dir():
+        return recorded
+    for folder in Path(checkpoint).resolve().parents:
+        if (folder / recorded / "config.json").is_file():
+            return str(folder / recorded)
+    return recorded
 
 
 def describe_checkpoint_step(checkpoint: Path, state: dict) -> None:
@@ -93,10 +111,23 @@ def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path
     return write_pretrained(module.model, module.processor, module.pruning, target, extra)
 
 
+def _json_object(file: Path, error: type[Exception]) -> dict:
+    """A JSON file holding an object; anything else raises `error` naming the file (a bare JSONDecodeError
+    says neither which file nor what to do)."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as reason:
+        raise error(f"{file} is not valid JSON ({reason}); re-export the model with `nuwa-train export`") from None
+    if not isinstance(data, dict):
+        raise error(f"{file} must hold a JSON object, not {type(data).__name__}; re-export the model with "
+                    f"`nuwa-train export`")
+    return data
+
+
 def _nuwa_config_json(path: str | os.PathLike) -> dict | None:
     """A directory's nuwa_config.json as written (settings plus what the export records), None without one."""
     config_file = Path(path) / NUWA_CONFIG_NAME
-    return json.loads(config_file.read_text()) if config_file.is_file() else None
+    return _json_object(config_file, NuwaConfigError) if config_file.is_file() else None
 
 
 def read_nuwa_config(path: str | os.PathLike) -> NuwaConfig | None:
@@ -106,7 +137,10 @@ def read_nuwa_config(path: str | os.PathLike) -> NuwaConfig | None:
         return None
     for key in EXPORT_RECORD_KEYS:
         settings.pop(key, None)
-    return NuwaConfig.from_dict(settings)
+    try:
+        return NuwaConfig.from_dict(settings)
+    except NuwaConfigError as error:
+        raise NuwaConfigError(f"{Path(path) / NUWA_CONFIG_NAME}: {error}") from None
 
 
 def trained_budgets(path: str | os.PathLike) -> list | None:
@@ -142,11 +176,11 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
     `return_processor=True` (the export's own tokenizer, chat template and image processor). The handle is
     `model._nuwa`: `model._nuwa.use(config)` switches settings, `detach_nuwa(model)` removes it.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
     path = Path(path)
     recover_directory(path)  # an export killed mid-swap
+    if not path.is_dir():
+        raise ModelPathError(f"export directory {str(path)!r} does not exist (tried {path.resolve()}); write one "
+                             f"with `nuwa-train export`")
     if config is None:
         config = read_nuwa_config(path)
         if config is None:
@@ -156,12 +190,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
     untrained = untrained_budget_note(path, config.budget) if config.method != "none" else ""
     if untrained:
         warnings.warn(untrained, stacklevel=2)
-    if (path / "adapter_config.json").is_file():
-        adapter = json.loads((path / "adapter_config.json").read_text())
-        base = AutoModelForImageTextToText.from_pretrained(adapter["base_model_name_or_path"], dtype=dtype)
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    model = load_exported_model(path, dtype)
     model.eval()
     attach_nuwa(model, config)
     if return_processor:
@@ -169,3 +198,42 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
 
         return model, load_processor(path)
     return model
+
+
+def is_adapter_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is an adapter-only export (`nuwa-train export --adapter-only`): LoRA weights and the name
+    of their base model, no config.json of its own."""
+    return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
+
+
+def adapter_base_model(path: str | os.PathLike) -> Path:
+    """The local base model directory an adapter-only export's adapter_config.json names.
+
+    Resolved like every other model path: a local directory or a `ModelPathError` that names the export and
+    the path (a Hub id is never downloaded; the Hub client would answer a missing path with "Repo id must be
+    in the form ...").
+    """
+    adapter_file = Path(path) / ADAPTER_CONFIG_NAME
+    named = _json_object(adapter_file, ExportError).get("base_model_name_or_path")
+    if not isinstance(named, str) or not named:
+        raise ExportError(f"{adapter_file} names no base model (base_model_name_or_path); re-export the adapter "
+                          f"with `nuwa-train export --adapter-only --model-path BASE_DIR`")
+    try:
+        return local_model_dir(named)
+    except ModelPathError as error:
+        raise ModelPathError(f"the adapter-only export {path} ({ADAPTER_CONFIG_NAME}) names the base model "
+                             f"{named!r}, which cannot be loaded: {error}; or re-export with `nuwa-train export "
+                             f"--adapter-only --model-path BASE_DIR`") from None
+
+
+def load_exported_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The plain HF model of an export (or of any HF directory), no pruning attached: an adapter-only export is
+    merged onto its recorded base model. Local files only: nothing is downloaded."""
+    from transformers import AutoModelForImageTextToText
+
+    if not is_adapter_export(path):
+        return AutoModelForImageTextToText.from_pretrained(local_model_dir(path), dtype=dtype, local_files_only=True)
+    from peft import PeftModel
+
+    base = AutoModelForImageTextToText.from_pretrained(adapter_base_model(path), dtype=dtype, local_files_only=True)
+    return PeftModel.from_pretrained(base, Path(path)).merge_and_unload()

@@ -60,12 +60,12 @@ def load_processor(path: str | Path):
     if name in QWEN_PROCESSORS and importlib.util.find_spec("torchvision") is None:
         name = Qwen2VLImageProcessorOnly.__name__
     if name in PROCESSORS:
-        return PROCESSORS[name].from_pretrained(path)
-    return AutoProcessor.from_pretrained(path)
+        return PROCESSORS[name].from_pretrained(path, local_files_only=True)
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
 def load_vlm(path: str | Path, dtype: str | torch.dtype = "float32"):
     """(model, processor) from a HF directory: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, ..."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForImageTextToText.from_pretrained(local_model_dir(path), dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(local_model_dir(path), dtype=dtype, local_files_only=True)
     return model, load_processor(path)

@@ -123,5 +123,6 @@ class ExportBase(Callback):
         if module.finished and module.position.step > self.start_step:
             self.export(trainer, module, final=True)
 
-    def export(self, trainer, module, final: bool):
-        return export_base(module, self.settings, final, self.recipe, training_log(trainer))
+    def export(self, trainer, module, final: bool, progress: bool = False):
+        """`progress`: bars for the evaluation (off while training: they would interleave with the trainer's)."""
+        return export_base(module, self.settings, final, self.recipe, training_log(trainer), progress)

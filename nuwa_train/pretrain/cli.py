@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from ..errors import UsageError
 from ..io import save_tensor_tree
 
 from .callbacks import ExportBase
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer, module = cli.trainer, cli.model
     checkpoint = _callback(trainer, StateCheckpoint)
     if checkpoint is None:
-        raise SystemExit("the recipe's trainer.callbacks need a StateCheckpoint (where the run's state lives)")
+        raise UsageError("the recipe's trainer.callbacks need a StateCheckpoint (where the run's state lives)")
     export = _callback(trainer, ExportBase)
     if export is not None:
         export.recipe = _recipe_dict(cli)
@@ -93,13 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     state, step = (None, 0) if cli.config.fresh else prepared_state(run_dir)
     if cli.config.export_only:
         if state is None:
-            raise SystemExit(f"--export-only: no {STATE_NAME} in {run_dir}")
-        load_state_into(module, state)
+            raise UsageError(f"--export-only: no {STATE_NAME} in {run_dir} to export from (train first: the same "
+                             f"command without --export-only)")
         if export is None:
-            raise SystemExit("--export-only: the recipe's trainer.callbacks have no ExportBase")
-        export.export(trainer, module, final=module.finished)
+            raise UsageError("--export-only: the recipe's trainer.callbacks have no ExportBase")
+        load_state_into(module, state)
+        print(f"exporting step {step} of {state} to {export.settings.export_dir}", flush=True)
+        export.export(trainer, module, final=module.finished, progress=True)
         return 0
     if state is not None:
+        load_state_into(module, state)  # fit loads it again; read here to see whether anything is left to train
+        module.skip_finished_phases()
+        if module.finished:
+            # fit would resume, train nothing, and still rewrite the state and the log
+            print(f"nothing to train: {state} is at step {step}, the end of the recipe's last phase "
+                  f"({module.phases[-1].name!r}). Append a phase to the recipe to train on, pass --fresh to start "
+                  f"over, or --export-only to re-export", flush=True)
+            return 0
         print(f"resuming from {state}", flush=True)
     keep_log_until(trainer, step)
     trainer.fit(module, cli.datamodule, ckpt_path=state)

@@ -36,8 +36,12 @@ class ExportSettings:
     test_data: dict = field(default_factory=dict)  # SyntheticConfig fields of the test split
 
 
-def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log_path: Path | None) -> Path:
-    """Evaluate the module's model on the test split, then write the export directory (see the module docstring)."""
+def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log_path: Path | None,
+                progress: bool = False) -> Path:
+    """Evaluate the module's model on the test split, then write the export directory (see the module docstring).
+
+    `progress`: a bar per measurement (an export on its own takes minutes; during training it would interleave
+    with the trainer's)."""
     from ..evaluation import evaluate
 
     images = settings.final_eval_images if final else settings.snapshot_eval_images
@@ -47,8 +51,10 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
     was_training = model.training
     try:
         result = evaluate(model, processor, records, synthetic_config=test, batch_size=settings.eval_batch_size,
-                          max_new_tokens=settings.max_new_tokens, progress=False)
-        saliency = measure_saliency(model, processor, test, module.spec, min(images, settings.saliency_images))
+                          max_new_tokens=settings.max_new_tokens, progress=progress,
+                          description=f"test split, {len(records)} records")
+        saliency = measure_saliency(model, processor, test, module.spec, min(images, settings.saliency_images),
+                                    progress=progress)
         report = {"final": final, "step": module.position.step, "total_steps": module.total_steps,
                   "phase_steps": module.phase_steps(), "train_seconds": round(module.elapsed, 1),
                   "test_images": images, "test_records": len(records), "eval": result.to_dict(),
@@ -80,7 +86,7 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
 
 @torch.no_grad()
 def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaSpec, images: int,
-                     top: int = SALIENCY_TOP) -> dict:
+                     top: int = SALIENCY_TOP, progress: bool = False) -> dict:
     """Is CLS attention (the pruners' stage-1 score) a saliency map? Measured on test images.
 
     mass_on_objects: share of the CLS-attention mass on object patches (>= 25% covered);
@@ -88,6 +94,7 @@ def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaS
     objects_in_top: share of objects owning at least one patch among the top-`top` scores.
     """
     from ..models.llava import LlavaAdapter
+    from ..evaluation import progress_bar
     from ..pruning import NuwaConfig
 
     adapter = LlavaAdapter(model)
@@ -97,21 +104,24 @@ def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaS
     mass, area, found, total = 0.0, 0.0, 0, 0
     was_training = model.training
     model.eval()
-    for first in range(0, images, SALIENCY_BATCH):
-        scenes = [generate_scene(config, "test", i) for i in range(first, min(images, first + SALIENCY_BATCH))]
-        pixels = torch.stack([torch.from_numpy(np.asarray(render(s, config), dtype=np.float32)).permute(2, 0, 1)
-                              for s in scenes]) / 255.0
-        pixels = (pixels - mean) / std
-        scores = adapter.encode(pixels, NuwaConfig()).segments[0].scores
-        scores = scores / scores.sum(1, keepdim=True)
-        for scene, score in zip(scenes, scores):
-            owned = targets.coverage(scene) >= COVER_THRESHOLD
-            on_object = owned.any(0)
-            mass += float(score[torch.from_numpy(on_object)].sum())
-            area += float(on_object.mean())
-            best = set(torch.topk(score, top).indices.tolist())
-            found += sum(bool(set(np.flatnonzero(row)) & best) for row in owned)
-            total += len(scene.objects)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("CLS-attention saliency", total=images)
+        for first in range(0, images, SALIENCY_BATCH):
+            scenes = [generate_scene(config, "test", i) for i in range(first, min(images, first + SALIENCY_BATCH))]
+            pixels = torch.stack([torch.from_numpy(np.asarray(render(s, config), dtype=np.float32)).permute(2, 0, 1)
+                                  for s in scenes]) / 255.0
+            pixels = (pixels - mean) / std
+            scores = adapter.encode(pixels, NuwaConfig()).segments[0].scores
+            scores = scores / scores.sum(1, keepdim=True)
+            for scene, score in zip(scenes, scores):
+                owned = targets.coverage(scene) >= COVER_THRESHOLD
+                on_object = owned.any(0)
+                mass += float(score[torch.from_numpy(on_object)].sum())
+                area += float(on_object.mean())
+                best = set(torch.topk(score, top).indices.tolist())
+                found += sum(bool(set(np.flatnonzero(row)) & best) for row in owned)
+                total += len(scene.objects)
+            bar.advance(task, len(scenes))
     model.train(was_training)
     return {"images": images, "mass_on_objects": mass / images, "area_on_objects": area / images,
             "mass_over_area": (mass / images) / max(area / images, 1e-9), f"objects_in_top{top}": found / max(total, 1)}
