@@ -66,7 +66,7 @@ def fine_tune_settings(recipe: Namespace, fine_tune: FineTune, run_dir: Path, ma
     settings.model.selection.mode = fine_tune.mode
     for key, value in fine_tune.pruning.items():
         settings[f"model.pruning.{key}"] = value  # NuwaCLI rejects a key NuwaConfig does not have
-    settings.trainer.default_root_dir = str(run_dir)
+    settings.trainer.default_root_dir, settings.run_name = str(run_dir.parent), run_dir.name  # NuwaCLI's run folder
     settings.trainer.logger = [_component(CSV_LOGGER, save_dir=str(run_dir), name="csv", version=0)]
     settings.trainer.callbacks = [_component(MODEL_CHECKPOINT, dirpath=str(run_dir / "checkpoints"), save_last=True,
                                              save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)]
@@ -83,13 +83,13 @@ def build_fine_tune(settings: Namespace):
     from .lightning import NuwaDataModule, NuwaFineTuner
     from .lightning.cli import NuwaCLI
 
-    return NuwaCLI(NuwaFineTuner, NuwaDataModule, args=settings, run=False, save_config_kwargs={"overwrite": True})
+    return NuwaCLI(NuwaFineTuner, NuwaDataModule, args=settings, run=False)
 
 
 def _fine_tune(settings: Namespace, console):
     """Fit one fine-tune (resuming its interrupted run if the settings are the same); the module and its curves."""
     cli = build_fine_tune(settings)
-    run_dir = Path(settings.trainer.default_root_dir)
+    run_dir = Path(cli.trainer.default_root_dir)
     last = _resumable_checkpoint(run_dir, cli.parser.dump(cli.config, skip_none=False), console)
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(last) if last is not None else None)
     return cli.model, Path(cli.trainer.logger.experiment.metrics_file_path)

@@ -22,6 +22,7 @@ from .io import load_checkpoint_file, recover_directory, replace_directory, stag
 from .models.loading import ModelPathError, local_model_dir
 from .models import attach_nuwa
 from .pruning import NuwaConfig, NuwaConfigError
+from .runs import checkpoint_path
 
 NUWA_CONFIG_NAME = "nuwa_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's: an adapter-only export
@@ -50,10 +51,11 @@ def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.Pat
 
 def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, merge: bool = True,
                       model_path: str | None = None) -> Path:
-    """From a Lightning checkpoint of `NuwaFineTuner` to a HF directory (merged, or adapter only)."""
+    """From a Lightning checkpoint of `NuwaFineTuner`, or a run folder of `nuwa-train fit` (nuwa_train/runs.py), to a
+    HF directory (merged, or adapter only)."""
     from .lightning.module import NuwaFineTuner
 
-    checkpoint = Path(checkpoint)
+    checkpoint = checkpoint_path(checkpoint, single_file=True)  # a run folder: its checkpoints/last.ckpt
     if not checkpoint.is_file():
         raise ExportError(f"checkpoint {checkpoint} does not exist (pass a .ckpt written by `nuwa-train fit`)")
     state = load_checkpoint_file(checkpoint)  # weights-only: a file that would run code is refused, named

@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from ..io import load_checkpoint_file, write_atomically
+from ..runs import TRAINABLE_WEIGHTS_NAME
 
 TORCH_EXTENSIONS_SUBDIR = Path("nuwa-train") / "torch_extensions"
 
@@ -142,15 +143,17 @@ def trainable_checkpoint(module) -> dict:
 
 
 class SaveTrainableWeights(Callback):
-    """At the end of fit, write the trainable weights (gathered under ZeRO-3) to one file `nuwa-train export` reads."""
+    """At the end of fit, write the trainable weights (gathered under ZeRO-3) to one file `nuwa-train export` reads:
+    `path`, else the run folder's trainable.ckpt (what `nuwa-train export <run folder>` takes for a sharded run)."""
 
-    def __init__(self, path: str):
-        self.path = Path(path)
+    def __init__(self, path: str | None = None):
+        self.path = Path(path) if path else None
 
     def on_train_end(self, trainer, module) -> None:
         checkpoint = trainable_checkpoint(module)  # every rank takes part in the gather
         if trainer.is_global_zero:
-            write_atomically(self.path, lambda staging: torch.save(checkpoint, staging))
+            target = self.path or Path(trainer.default_root_dir) / TRAINABLE_WEIGHTS_NAME
+            write_atomically(target, lambda staging: torch.save(checkpoint, staging))
         trainer.strategy.barrier("nuwa_train.save_trainable_weights")
 
 

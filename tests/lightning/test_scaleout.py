@@ -518,7 +518,9 @@ def test_llava_7b_recipe_trains_two_steps_on_the_cpu(one_rank_deepspeed, stage, 
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 2 and cli.trainer.strategy.zero_stage_3 == (stage == 3)
     assert cli.model.base_model.model.language_model.layers[0].gradient_checkpointing
-    assert (tmp_path / "runs" / f"llava15_7b_zero{stage}" / "trainable.ckpt").is_file()
+    run_dir = Path(cli.trainer.default_root_dir)  # runs/<recipe name>/<start time>: the recipe names no folder
+    assert run_dir.parent == Path("runs") / f"llava15_7b_zero{stage}" and (run_dir / "trainable.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_dir()  # sharded: `nuwa-train export <run_dir>` reads trainable.ckpt
 
 
 # ----------------------------------------------------------------------------- gradient checkpointing
