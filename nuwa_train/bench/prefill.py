@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..compare import fastv_within_budget
 from ..models import attach_nuwa
 from ..pruning import PAPER_PRESETS, NuwaConfig, NuwaConfigError
 from ..pruning.stage1 import (
@@ -63,12 +64,24 @@ class PrefillTiming:
     time_ratio: float = 1.0
     realised_saving: float | None = None  # measured LLM saving / theoretical saving
     overhead_share: float | None = None  # the selector's own time / unpruned prefill at full depth
+    note: str = ""  # a setting changed so that the budget can be met (FastV's layer)
+
+
+@dataclass
+class AbsentSetting:
+    """A selector and budget the bench could not time, and why (e.g. FastV on an LLM too shallow for the budget)."""
+
+    shape: str
+    method: str
+    budget: int
+    reason: str
 
 
 def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats: int,
                  methods: tuple[str, ...] = PREFILL_METHODS, device: str = "cpu",
-                 clock: WallClock | None = None) -> list[PrefillTiming]:
-    """Full vs pruned prefill of one image and its prompt, each selector at each budget (median of `repeats`)."""
+                 clock: WallClock | None = None) -> tuple[list[PrefillTiming], list[AbsentSetting]]:
+    """Full vs pruned prefill of one image and its prompt, each selector at each budget (median of `repeats`), and
+    the settings this shape cannot run, with the reason (reported as such, not dropped)."""
     clock = clock or WallClock()
     model, processor = build_random_model(shape, device)
     batch = prompt_batch(model, processor, shape, SYSTEM_PROMPT_WORDS, QUESTION_WORDS, device)
@@ -103,11 +116,11 @@ def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats
             handle.detach()
         return [statistics.median(s[i] for s in samples) * 1e3 for i in range(3)], plan
 
-    def timing(method, budget, times, tokens, flop_ratio=1.0, reference=None):
+    def timing(method, budget, times, tokens, flop_ratio=1.0, reference=None, note=""):
         total, llm, overhead = times
         row = PrefillTiming(method=method, budget=budget, total_ms=total, llm_ms=llm, overhead_ms=overhead,
                             vision_tokens_per_layer=tokens, full_depth_total_ms=shape.full_depth_ms(total, llm),
-                            **common)
+                            note=note, **common)
         if reference is not None:
             row.flop_ratio, row.time_ratio = flop_ratio, llm / reference.llm_ms
             row.realised_saving = (1 - row.time_ratio) / (1 - flop_ratio)
@@ -117,17 +130,19 @@ def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats
     times, _ = measure(None)
     full = timing("none", None, times, num_tokens)
     full_flops = flops([num_tokens] * text_cfg.num_hidden_layers)
-    results = [full]
+    results, absent = [full], []
     for method in methods:
         for budget in budgets:
-            try:
-                config = shape.selector_config(method, budget)
+            try:  # FastV's layer moves earlier where its own cannot meet the budget (`fastv_within_budget`)
+                config, note = fastv_within_budget(shape.selector_config(method, budget), shape.spec.grid,
+                                                   shape.measured_layers)
                 times, plan = measure(config)
-            except NuwaConfigError:  # e.g. FastV on an LLM too shallow for this budget
+            except NuwaConfigError as reason:  # e.g. FastV on an LLM too shallow for this budget at any layer
+                absent.append(AbsentSetting(shape_name, method, budget, str(reason)))
                 continue
             results.append(timing(method, budget, times, plan.average_tokens, flops(plan.tokens_per_layer) / full_flops,
-                                  full))
-    return results
+                                  full, note))
+    return results, absent
 
 
 @dataclass
@@ -175,22 +190,26 @@ def time_aggregation(grids=AGGREGATION_GRIDS, repeats: int = 3, config: NuwaConf
     return results
 
 
-def prefill_markdown(prefill: list[PrefillTiming], aggregation: list[AggregationTiming]) -> str:
+def prefill_markdown(prefill: list[PrefillTiming], aggregation: list[AggregationTiming],
+                     absent: list[AbsentSetting] = ()) -> str:
     lines = ["## Prefill: full vs pruned (median ms)", "",
              "Total and LLM ms are measured on `measured` decoder layers; `full-depth total` is the prefill with all "
              "the real model's layers (LLM ms x full/measured: each selector keeps its schedule at the same relative "
              "depth). The overhead share is the selector's own work over the full-depth unpruned prefill.", "",
              "| shape | dtype, device | layers measured / real | method | budget | avg vision tokens/layer | "
              "total ms | LLM ms | selector overhead ms | full-depth total ms | LLM FLOP ratio | LLM time ratio | "
-             "realised saving | overhead / full prefill |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "realised saving | overhead / full prefill | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in prefill:
         fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
         lines.append(f"| {r.shape} | {r.dtype}, {r.device} | {r.measured_layers} / {r.full_depth} | "
                      f"{METHOD_LABELS[r.method]} | {r.budget or 'all'} | {r.vision_tokens_per_layer:.1f} | "
                      f"{r.total_ms:.1f} | {r.llm_ms:.1f} | {r.overhead_ms:.2f} | {r.full_depth_total_ms:.0f} | "
                      f"{r.flop_ratio:.3f} | {r.time_ratio:.3f} | {fmt(r.realised_saving, '{:.0%}')} | "
-                     f"{fmt(r.overhead_share, '{:.1%}')} |")
+                     f"{fmt(r.overhead_share, '{:.1%}')} | {r.note} |")
+    for a in absent:
+        lines.append(f"| {a.shape} | - | - | {METHOD_LABELS[a.method]} | {a.budget} | - | - | - | - | - | - | - | - | - | "
+                     f"not measured: {a.reason} |")
     lines += ["", "## Stage-1 aggregation (64-token budget share, D=1024, median ms)", "",
               "| grid | tokens N | anchors K | released N x N | dense K x N | windowed |", "|---|---|---|---|---|---|"]
     for a in aggregation:

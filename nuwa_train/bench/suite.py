@@ -13,6 +13,7 @@ from .decode import decode_markdown, plot_decode, time_decode
 from .prefill import (
     AGGREGATION_GRIDS,
     PREFILL_METHODS,
+    AbsentSetting,
     PrefillTiming,
     plot_prefill,
     prefill_markdown,
@@ -70,12 +71,15 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = list(suite.budgets)
     prefill: list[PrefillTiming] = []
+    absent: list[AbsentSetting] = []
     for name in suite.shapes:
         with console.status(f"timing prefill of the {name} shape ({suite.repeats} repeats per setting)"):
-            prefill += time_prefill(name, _shape(name, suite), budgets, suite.repeats, suite.methods, suite.device,
-                                    clock)
+            rows, unmet = time_prefill(name, _shape(name, suite), budgets, suite.repeats, suite.methods,
+                                       suite.device, clock)
+        prefill += rows
+        absent += unmet
     report = {"device": suite.device, "threads": torch.get_num_threads(), "repeats": suite.repeats,
-              "prefill": [asdict(r) for r in prefill]}
+              "prefill": [asdict(r) for r in prefill], "absent": [asdict(a) for a in absent]}
     markdown = []
     aggregation = []
     if suite.aggregation_grids:
@@ -84,7 +88,7 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
         crossover = next((a.tokens for a in aggregation if a.windowed_ms < a.dense_ms), None)
         report["aggregation"] = [asdict(a) for a in aggregation]
         report["windowed_faster_from_tokens"] = crossover
-    markdown.append(prefill_markdown(prefill, aggregation))
+    markdown.append(prefill_markdown(prefill, aggregation, absent))
     if aggregation:
         markdown.append(f"Windowed aggregation is faster than dense from N = {crossover} tokens.\n" if crossover else
                         "Windowed aggregation was not faster than dense at any measured grid.\n")

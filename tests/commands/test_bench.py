@@ -19,13 +19,18 @@ def test_llm_flops_counts_tokens_per_layer():
 
 
 def test_bench_writes_its_report(tmp_path):
-    suite = BenchSuite(shapes=("tiny",), budgets=(64, 128), repeats=1, decode="tiny", aggregation_grids=(8, 12))
+    suite = BenchSuite(shapes=("tiny",), budgets=(64, 128, 192), repeats=1, decode="tiny", aggregation_grids=(8, 12))
     report = run_bench(suite, tmp_path)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["prefill"] == report["prefill"] and (tmp_path / "bench.png").stat().st_size > 0
     rows = {(r["method"], r["budget"]): r for r in report["prefill"]}
-    # FastV cannot meet these budgets after 2 of the tiny LM's 4 layers: its rows are left out, not failed.
-    assert set(rows) == {("none", None), ("nuwa", 64), ("nuwa", 128), ("visionzip", 64), ("visionzip", 128)}
+    # FastV keeps all 144 tokens in its first layers: 192 is met after layer 1 of the tiny LM's 4 (not its own 2),
+    # 64 and 128 at no layer. Those are reported as not measured, with the reason, not dropped silently.
+    assert set(rows) == {("none", None), ("fastv", 192)} | {(m, b) for m in ("nuwa", "visionzip") for b in (64, 128, 192)}
+    assert rows["fastv", 192]["note"] == "FastV after layer 1: fastv_layer=2 cannot meet budget 192 on this 4-layer LLM"
+    assert rows["fastv", 192]["vision_tokens_per_layer"] == (144 + 3 * 16) / 4 and rows["nuwa", 64]["note"] == ""
+    assert [(a["method"], a["budget"]) for a in saved["absent"]] == [("fastv", 64), ("fastv", 128)]
+    assert all("cannot be met by FastV at fastv_layer=2 of 4 layers" in a["reason"] for a in saved["absent"])
     for row in report["prefill"]:  # the schema scripts read
         assert {"shape", "budget", "realised_saving", "overhead_share"} <= set(row)
     assert 0 < rows["nuwa", 64]["flop_ratio"] < rows["nuwa", 128]["flop_ratio"] < 1
@@ -37,6 +42,7 @@ def test_bench_writes_its_report(tmp_path):
     assert pruned[0]["kv_cache_bytes"] < pruned[1]["kv_cache_bytes"] < full["kv_cache_bytes"]
     markdown = (tmp_path / "bench.md").read_text()
     assert "| tiny | float32, cpu | 4 / 4 | Nüwa | 64 |" in markdown and "## Decode" in markdown
+    assert "| tiny | - | - | FastV | 64 | - |" in markdown and "not measured: budget=64 cannot be met" in markdown
     assert (tmp_path / "decode.png").stat().st_size > 0
 
 
