@@ -94,13 +94,17 @@ class ExportBase(Callback):
     time as a snapshot (a failed snapshot never costs the run), and finally when this session ends the last phase.
 
     `test_data`: SyntheticConfig fields of the evaluation's test split (default: the defaults).
+    `conversation_turns` > 0: the same test images are also asked that many questions in one conversation each
+    (referring expressions with probability `conversation_grounding`), scored turn by turn (conversations.py).
     """
 
     def __init__(self, export_dir: str = "data/tiny_base", minutes: float = 15.0, snapshot_eval_images: int = 150,
                  final_eval_images: int = 1000, saliency_images: int = 200, eval_batch_size: int = 64,
-                 max_new_tokens: int = 8, test_data: dict | None = None):
+                 max_new_tokens: int = 8, test_data: dict | None = None, conversation_turns: int = 0,
+                 conversation_grounding: float = 0.3):
         self.settings = ExportSettings(export_dir, snapshot_eval_images, final_eval_images, saliency_images,
-                                       eval_batch_size, max_new_tokens, dict(test_data or {}))
+                                       eval_batch_size, max_new_tokens, dict(test_data or {}), conversation_turns,
+                                       conversation_grounding)
         self.minutes = minutes
         self.recipe: dict = {}  # the parsed recipe, written next to the model (set by the CLI)
         self.last_export = 0.0

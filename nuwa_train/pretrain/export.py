@@ -18,6 +18,7 @@ import yaml
 from ..data.synthetic import SyntheticConfig, generate_records, generate_scene, render
 from ..io import replace_directory, staging_directory
 from ..models.tiny import TinyLlavaSpec, save_tiny_llava
+from .conversations import conversation_markdown, evaluate_conversations
 from .targets import COVER_THRESHOLD, TargetMaker
 
 SALIENCY_TOP = 16  # objects_in_top: share of objects owning a patch among the top-16 CLS scores
@@ -34,6 +35,8 @@ class ExportSettings:
     eval_batch_size: int = 64
     max_new_tokens: int = 8
     test_data: dict = field(default_factory=dict)  # SyntheticConfig fields of the test split
+    conversation_turns: int = 0  # > 0: also score test conversations of this many turns, turn by turn
+    conversation_grounding: float = 0.3  # share of the conversations' turns that are referring expressions
 
 
 def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log_path: Path | None,
@@ -59,6 +62,10 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
                   "phase_steps": module.phase_steps(), "train_seconds": round(module.elapsed, 1),
                   "test_images": images, "test_records": len(records), "eval": result.to_dict(),
                   "saliency": saliency, "recipe": recipe}
+        if settings.conversation_turns:
+            report["conversations"] = evaluate_conversations(
+                model, processor, test, images, settings.conversation_turns, settings.conversation_grounding,
+                settings.eval_batch_size, settings.max_new_tokens)
         target = Path(settings.export_dir)
         staging = staging_directory(target)
         try:
@@ -140,6 +147,8 @@ def report_markdown(report: dict) -> str:
              f"| unparseable boxes | {ev['unparseable']} |", "",
              "| question kind | accuracy | records |", "|---|---|---|"]
     lines += [f"| {k} | {v:.3f} | {ev['per_kind_count'][k]} |" for k, v in ev["per_kind"].items()]
+    if report.get("conversations"):
+        lines += ["", *conversation_markdown(report["conversations"])]
     lines += ["", "CLS attention of the vision feature layer (the stage-1 pruning score), on "
               f"{sal['images']} test images:", "",
               f"- mass on object patches: {sal['mass_on_objects']:.3f} (object patches are "

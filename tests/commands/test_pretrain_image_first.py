@@ -34,6 +34,7 @@ def _image_first(recipe: Path, init_from: str | None = None, steps: int | None =
     model["phases"][1].update(referred_weight=0.0, **CONVERSATIONS)
     if steps is not None:
         model["phases"][1]["steps"] = steps
+    settings["trainer"]["callbacks"][3]["init_args"]["conversation_turns"] = 2
     if init_from is not None:
         model["init_from"] = init_from
         model["phases"] = model["phases"][1:]  # continue with the text phase only
@@ -199,3 +200,57 @@ def test_image_first_conversations_continue_from_a_base_and_learn(tmp_path, ques
     report = json.loads((tmp_path / "first/export/eval_report.json").read_text())
     assert report["final"] and report["step"] == 30
     assert report["recipe"]["model"]["init_from"] == str(question_first_run / "run" / STATE_NAME)
+    conversations = report["conversations"]  # the export scores test conversations turn by turn
+    assert [row["turn"] for row in conversations["per_turn"]] == [1, 2] and conversations["images"] == 2
+    assert "Multi-turn: 2 test images" in (tmp_path / "first/export/eval_report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ multi-turn evaluation
+def test_the_first_turn_of_a_test_conversation_is_scored_as_the_single_turn_evaluation():
+    """On the shipped base: turn 1 of each conversation is the image's single-turn question, and scores as
+    `evaluate` scores it; later turns see the gold turns before them."""
+    from nuwa_train.evaluation import evaluate
+    from nuwa_train.pretrain.conversations import conversation_messages, evaluate_conversations
+
+    root = Path(__file__).resolve().parents[2]
+    model, processor = load_tiny_llava(root / "data/tiny_base")
+    config, images, turns = SyntheticConfig(), 12, 3
+    report = evaluate_conversations(model, processor, config, images, turns, 0.3, batch_size=8)
+    firsts = [make_conversation(generate_scene(config, "test", i), config, turns, 0.3)[0] for i in range(images)]
+    single = evaluate(model, processor, firsts, synthetic_config=config, batch_size=8, progress=False)
+    first_turn = report["per_turn"][0]
+    assert first_turn["num_vqa"] == single.num_vqa and first_turn["num_grounding"] == single.num_grounding
+    assert first_turn["vqa"] == pytest.approx(single.vqa_exact_match)
+    assert first_turn["grounding"] == pytest.approx(single.grounding_acc50)
+    assert [row["turn"] for row in report["per_turn"]] == [1, 2, 3]
+    assert sum(row["num_vqa"] + row["num_grounding"] for row in report["per_turn"]) == images * turns
+    assert sum(sum(counts) for counts in report["per_turn_kind_count"].values()) == images * turns
+    records = make_conversation(generate_scene(config, "test", 0), config, turns, 0.3)
+    messages = conversation_messages(list(records[:2]), records[2])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert messages[1]["content"][0]["text"] == records[0].answer and messages[4]["content"][0]["text"] == \
+        records[2].prompt
+    assert [part["type"] for part in messages[0]["content"]] == ["image", "text"]
+    assert [part["type"] for part in messages[2]["content"]] == ["text"]
+
+
+def test_later_turns_are_compared_with_the_first_on_the_same_kinds():
+    from nuwa_train.pretrain.conversations import conversation_markdown, conversation_report
+
+    # turn 1: colour 1.0 (2 asked), count 0.5 (2 asked); turn 2: colour 1.0 (1), count 0.0 (3)
+    correct = {(0, "colour"): [True, True], (0, "count"): [True, False], (1, "colour"): [True],
+               (1, "count"): [False, False, False], (0, "attribute"): [True], (1, "attribute"): [True, False]}
+    tasks = {(0, "vqa"): [True, True, True, False], (1, "vqa"): [True, False, False, False],
+             (0, "grounding"): [True], (1, "grounding"): [True, False]}
+    kinds = {"colour": "vqa", "count": "vqa", "attribute": "grounding"}
+    report = conversation_report(correct, tasks, kinds, images=5, turns=2, grounding_share=0.3)
+    second = report["per_turn"][1]
+    assert second["vqa"] == 0.25 and second["num_vqa"] == 4
+    # turn 1's accuracies on turn 2's questions: (1 x 1.0 + 3 x 0.5) / 4 = 0.625; turn 2 got 0.25
+    assert second["vqa_gap_to_first_turn"] == pytest.approx(0.25 - 0.625)
+    assert second["grounding_gap_to_first_turn"] == pytest.approx(0.5 - 1.0)
+    assert "vqa_gap_to_first_turn" not in report["per_turn"][0]
+    assert report["worst_gap_to_first_turn"] == pytest.approx(-0.5)
+    assert report["per_turn_kind"]["count"] == [0.5, 0.0] and report["per_turn_kind_count"]["count"] == [2, 3]
+    text = "\n".join(conversation_markdown(report))
+    assert "| 2 | 0.250 | 4 | -0.375 | 0.500 | 2 | -0.500 |" in text and "| count | 0.500 (2) | 0.000 (3) |" in text
