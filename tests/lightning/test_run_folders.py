@@ -95,6 +95,22 @@ def test_default_root_dir_moves_every_file_of_the_run(recipe, tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "lightning_logs").exists()
 
 
+def test_a_distributed_fit_makes_one_run_folder_and_continues_in_it(recipe, tmp_path):
+    """Every rank parses the command line (Lightning's launcher re-runs it, torchrun starts them all): rank 0 alone
+    makes the folder, and the checkpoints, logs, settings and data report of every rank's run land in it."""
+    from test_scaleout import PROCESSES, launch
+
+    root = tmp_path / "ddp"  # launch.sh runs in the repository: an absolute root
+    flags = (recipe, "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(root))
+    launch("--launcher", "local", "--devices", str(PROCESSES), *flags)
+    [run_dir] = [p for p in root.iterdir() if p.name != "latest"]
+    assert_is_a_complete_run(run_dir)
+    launch("--launcher", "torchrun", "--devices", str(PROCESSES), *flags, "--ckpt_path", "last",
+           "--trainer.max_steps", str(STEPS + 1))
+    assert sorted(p.name for p in root.iterdir()) == [run_dir.name, "latest"] and step_of(run_dir) == STEPS + 1
+    assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["version_0", "version_1"]
+
+
 def test_command_line_model_flags_win_over_the_checkpoint_in_test_and_fit_refuses_a_contradiction(recipe, tmp_path):
     run_dir = fit(recipe, "--run_name", "trained", "--model.test_records", str(RECORDED_TEST_RECORDS))
 
