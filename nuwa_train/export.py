@@ -2,8 +2,9 @@
 
 `export_checkpoint` merges LoRA into the base weights (or keeps the adapter only) and writes
 `save_pretrained` output, the processor (tokenizer, chat template), the generation config and
-`nuwa_config.json`. Everything is written to a staging directory that is renamed into place at the
-end, so a crash never leaves a half-written directory that loads. `load_pruned(path)` is
+`nuwa_config.json`. Everything is written to a staging directory next to the target that is swapped
+into place at the end, so a full disk or a kill never leaves a half-written directory that loads; a
+model with NaN or Inf weights is refused before anything is written. `load_pruned(path)` is
 `from_pretrained` plus one `attach_nuwa` call.
 """
 
@@ -12,13 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-from .io import load_checkpoint_file, recover_directory, replace_directory, staging_directory
+from .io import load_checkpoint_file, recover_directory, write_directory_atomically
 from .models.loading import ModelPathError, local_model_dir
 from .models import attach_nuwa
 from .pruning import NuwaConfig, NuwaConfigError
@@ -28,6 +28,7 @@ NUWA_CONFIG_NAME = "nuwa_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's: an adapter-only export
 TRAINED_BUDGETS_KEY = "trained_budgets"
 EXPORT_RECORD_KEYS = ("exported_from", TRAINED_BUDGETS_KEY)  # what nuwa_config.json records besides NuwaConfig
+NON_FINITE_SHOWN = 5  # tensors named in the refusal of a model with NaN / Inf weights
 
 
 class ExportError(RuntimeError):
@@ -35,18 +36,37 @@ class ExportError(RuntimeError):
 
 
 def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Atomically write model + processor + nuwa_config.json to `target`."""
+    """Atomically write model + processor + nuwa_config.json to `target` (refused, nothing written, when a weight
+    is NaN or Inf). The directory and its files get the modes the umask gives (0755 / 0644 under umask 022)."""
     target = Path(target).resolve()
-    staging = staging_directory(target)
-    try:
+    refuse_non_finite(model.state_dict(), f"the model to export to {target}")
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / NUWA_CONFIG_NAME).write_text(json.dumps({**pruning.to_dict(), **(extra or {})}, indent=2))
-        replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return write_directory_atomically(target, write)
+
+
+def refuse_non_finite(tensors: dict, source: str) -> None:
+    """`ExportError` naming the tensors that hold NaN or Inf (how many, and the first few by name with their counts).
+
+    A diverged run's weights load and run without an error, answering garbage; an export is refused instead.
+    """
+    found = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            if nan or inf:
+                found[name] = f"{name} ({nan} NaN, {inf} Inf of {tensor.numel()} values)"
+    if not found:
+        return
+    shown = list(found.values())[:NON_FINITE_SHOWN]
+    more = f"; {len(found) - len(shown)} more" if len(found) > len(shown) else ""
+    raise ExportError(f"refused to export {source}: {len(found)} of {len(tensors)} tensors hold NaN or Inf values "
+                      f"({'; '.join(shown)}{more}). Nothing was written. Training diverged (look for the step where "
+                      f"the loss became NaN in the training log); export a checkpoint saved before it")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, merge: bool = True,
@@ -60,6 +80,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, 
         raise ExportError(f"checkpoint {checkpoint} does not exist (pass a .ckpt written by `nuwa-train fit`)")
     state = load_checkpoint_file(checkpoint)  # weights-only: a file that would run code is refused, named
     describe_checkpoint_step(checkpoint, state)
+    refuse_non_finite(state.get("state_dict", {}), f"the checkpoint {checkpoint}")  # before the model loads
     base = model_path or checkpoint_base_model(checkpoint, state)
     overrides = {"model_path": base} if base else {}
     try:

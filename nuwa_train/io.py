@@ -6,8 +6,8 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,12 +16,52 @@ logger = logging.getLogger(__name__)
 
 STAGING_MARK, BACKUP_MARK = "staging", "old"  # .<name>.staging-<pid>-<random>, .<name>.old-<pid>
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # Linux renameat2(2)
+# Modes before the umask, as open() and mkdir() use: what is written is as readable as any file the user makes
+# (0644 / 0755 under umask 022), not private like tempfile's 0600 / 0700.
+FILE_MODE, DIRECTORY_MODE = 0o666, 0o777
+STAGING_NAME_BYTES, STAGING_NAME_ATTEMPTS = 4, 100
+
+
+def _staging_sibling(target: Path, create: Callable[[Path], object]) -> Path:
+    """A new hidden name next to `target` (same file system: the final rename moves no data), made by `create`.
+
+    The name carries this process's id, so that `recover_directory` can remove what a killed writer left.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(STAGING_NAME_ATTEMPTS):
+        candidate = target.with_name(
+            f".{target.name}.{STAGING_MARK}-{os.getpid()}-{secrets.token_hex(STAGING_NAME_BYTES)}")
+        try:
+            create(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free staging name next to {target}", str(target.parent))
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
 
 
 def staging_directory(target: Path) -> Path:
-    """A fresh directory next to `target` to write into; its name carries this process's id (see recover)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}-{os.getpid()}-", dir=target.parent))
+    """A fresh directory next to `target` to write into (see `replace_directory`), with the umask's usual mode."""
+    return _staging_sibling(Path(target), lambda path: os.mkdir(path, DIRECTORY_MODE))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename is durable once its directory is), to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -48,11 +88,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def recover_directory(target: Path) -> list[str]:
-    """Repair what a killed `replace_directory` left next to `target`; returns what was done (also logged).
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
-    A missing target with a backup beside it gets the backup back (a kill between the fallback's two renames);
-    backups next to a present target and staging folders of processes that no longer run are removed.
+
+def recover_directory(target: Path) -> list[str]:
+    """Repair what a killed write left next to `target` (a directory or a file); returns what was done (logged).
+
+    A missing target with a backup beside it gets the backup back (a kill between the fallback's two renames of
+    `replace_directory`); backups next to a present target and staging files and folders of processes that no
+    longer run are removed.
     """
     target = Path(target)
     done = []
@@ -68,8 +116,8 @@ def recover_directory(target: Path) -> list[str]:
     for staging in target.parent.glob(f".{target.name}.{STAGING_MARK}-*"):
         pid = staging.name.split(f".{STAGING_MARK}-", 1)[1].split("-", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-            done.append(f"removed the unfinished staging folder {staging}")
+            _remove(staging)
+            done.append(f"removed the unfinished {staging} a killed write left")
     for line in done:
         logger.warning("%s", line)
     return done
@@ -78,29 +126,57 @@ def recover_directory(target: Path) -> list[str]:
 def replace_directory(staging: Path, target: Path) -> None:
     """Move a finished `staging` directory to `target`: at every moment `target` is the whole old or new one.
 
-    An existing target is swapped with the staging folder in one atomic exchange, then the old one is removed.
-    Where the system cannot exchange, the old target is renamed aside first and removed last; a kill between
-    those two renames is repaired by `recover_directory`, which every write and `load_pruned` call first.
+    The staging tree is flushed to the disk first (a crash after the swap cannot leave empty files). An existing
+    target is swapped with the staging folder in one atomic exchange, then the old one is removed. Where the
+    system cannot exchange, the old target is renamed aside first and removed last; a kill between those two
+    renames is repaired by `recover_directory`, which every write and `load_pruned` call first.
     """
+    _fsync_tree(staging)
     recover_directory(target)
     if not target.exists():
         os.replace(staging, target)
-        return
-    if _exchange(staging, target):
+    elif _exchange(staging, target):
         shutil.rmtree(staging, ignore_errors=True)  # it now holds the old directory
-        return
-    backup = target.with_name(f".{target.name}.{BACKUP_MARK}-{os.getpid()}")
-    os.replace(target, backup)
-    os.replace(staging, target)
-    shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup = target.with_name(f".{target.name}.{BACKUP_MARK}-{os.getpid()}")
+        os.replace(target, backup)
+        os.replace(staging, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    _fsync(target.parent)
+
+
+def write_directory_atomically(target: Path, write: Callable[[Path], object]) -> Path:
+    """`write(staging)` into a folder next to `target`, then `replace_directory`; a failed write leaves nothing."""
+    target = Path(target)
+    staging = staging_directory(target)
+    try:
+        write(staging)
+        replace_directory(staging, target)
+    finally:
+        if staging.exists():  # the write failed (the swap leaves nothing there)
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """`write(staging)` next to `path`, then one rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    write(staging)
-    os.replace(staging, path)
+    """`write(staging)` to a hidden file next to `path`, flushed to the disk, then renamed onto `path`.
+
+    At every moment -- a full disk, a kill, a power cut -- `path` is the whole old file or the whole new one: the
+    bytes are never copied onto it (as a move from another file system, e.g. $TMPDIR, would). A failed write
+    removes its staging file; one a killed process left is removed by the next write. The file gets the mode the
+    umask gives new files.
+    """
+    path = Path(path)
+    recover_directory(path)
+    staging = _staging_sibling(path, _create_file)
+    try:
+        write(staging)
+        _fsync(staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
     return path
 
 

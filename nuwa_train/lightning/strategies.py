@@ -1,7 +1,8 @@
 """Scale-out: DeepSpeed ZeRO for pruning-aware LoRA, its CPU support, and single-file trainable checkpoints.
 
 - `NuwaDeepSpeedStrategy` (GPUs): DeepSpeed's checkpoints hold only the trainable weights, because the frozen
-  base is re-read from `model.model_path`; resuming therefore loads the module non-strictly.
+  base is re-read from `model.model_path`; resuming therefore loads the module non-strictly. A checkpoint
+  directory is written next to its target and swapped in whole: a full disk or a kill mid-save keeps the last one.
 - `CPUDeepSpeedStrategy` (CPU SUPPORT, for tests, CI and CPU-only machines): the same, with Lightning's CUDA-only
   checks skipped so ZeRO-2/3 run on the CPU with gloo.
 - `DeepSpeedLauncherEnvironment`: tells Lightning the node rank under DeepSpeed's own `deepspeed` launcher.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -26,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from ..io import load_checkpoint_file, write_atomically
+from ..io import load_checkpoint_file, replace_directory, staging_directory, write_atomically
 from ..runs import TRAINABLE_WEIGHTS_NAME
 
 TORCH_EXTENSIONS_SUBDIR = Path("nuwa-train") / "torch_extensions"
@@ -51,6 +53,27 @@ class NuwaDeepSpeedStrategy(DeepSpeedStrategy):
         host memory until the engine starts (about 14 GB for a 7B model in bf16), never on the GPU.
         """
         yield
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Every rank writes its shards into one staging directory next to `filepath`, which then replaces it.
+
+        DeepSpeed itself writes into `filepath` in place: a save that fails or is killed half-way leaves the
+        previous checkpoint's shards partly overwritten. Every rank must call this (DeepSpeed's save is collective).
+        """
+        engine = self.deepspeed_engine
+        # The rank that creates DeepSpeed's directories: one per node with node-local storage, else global rank 0.
+        swaps = (engine.local_rank if engine.use_node_local_storage() else engine.global_rank) == 0
+        target = Path(self.broadcast(str(filepath)))
+        staging = Path(self.broadcast(str(staging_directory(target)) if self.is_global_zero else None))
+        try:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+            self.barrier("nuwa_train.deepspeed_checkpoint_written")  # every shard is in the staging directory
+            if swaps:
+                replace_directory(staging, target)
+        finally:
+            if swaps and staging.exists():  # the save failed: the previous checkpoint stays
+                shutil.rmtree(staging, ignore_errors=True)
+        self.barrier("nuwa_train.deepspeed_checkpoint_replaced")
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         check_deepspeed_checkpoint(checkpoint_path)

@@ -16,14 +16,13 @@ import torch
 import yaml
 
 from ..data.synthetic import SyntheticConfig, generate_records, generate_scene, render
-from ..io import replace_directory, staging_directory
+from ..io import write_directory_atomically
 from ..models.tiny import TinyLlavaSpec, save_tiny_llava
 from .conversations import conversation_markdown, evaluate_conversations
 from .targets import COVER_THRESHOLD, TargetMaker
 
 SALIENCY_TOP = 16  # objects_in_top: share of objects owning a patch among the top-16 CLS scores
 SALIENCY_BATCH = 64  # images per forward when measuring saliency
-PUBLIC_DIR_MODE, PUBLIC_FILE_MODE = 0o755, 0o644  # the export is for everyone (mkdtemp makes private files)
 
 
 @dataclass
@@ -67,9 +66,9 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
                 model, processor, test, images, settings.conversation_turns, settings.conversation_grounding,
                 settings.eval_batch_size, settings.max_new_tokens)
         target = Path(settings.export_dir)
-        staging = staging_directory(target)
-        try:
-            model.eval()
+        model.eval()
+
+        def write(staging: Path) -> None:
             save_tiny_llava(model, processor, staging)
             if log_path is not None and log_path.exists():
                 shutil.copyfile(log_path, staging / "training_log.csv")
@@ -77,13 +76,8 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
             (staging / "eval_report.md").write_text(report_markdown(report), encoding="utf-8")
             (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
             (staging / "README.md").write_text(readme_text(report), encoding="utf-8")
-            staging.chmod(PUBLIC_DIR_MODE)
-            for item in staging.iterdir():
-                item.chmod(PUBLIC_FILE_MODE)
-            replace_directory(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+
+        write_directory_atomically(target, write)
     finally:
         model.train(was_training)
     print(f"exported step {module.position.step} to {target}: vqa {result.vqa_exact_match:.3f} "
@@ -100,8 +94,8 @@ def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaS
     area_on_objects: share of patches that are object patches (what uniform attention would give);
     objects_in_top: share of objects owning at least one patch among the top-`top` scores.
     """
-    from ..models.llava import LlavaAdapter
     from ..evaluation import progress_bar
+    from ..models.llava import LlavaAdapter
     from ..pruning import NuwaConfig
 
     adapter = LlavaAdapter(model)
