@@ -186,6 +186,23 @@ class NuwaFineTuner(L.LightningModule):
             base.activation_checkpointing_enable({"use_reentrant": False})
         self.model = get_peft_model(base.train(), lora_config(base, self.lora))
         self.nuwa = attach_nuwa(self.model, self.pruning)
+        self._check_training_budgets()
+
+    def _check_training_budgets(self) -> None:
+        """Every model.train_budgets entry must plan on this model's image grid; checked when the model is built,
+        since a step that drew an impossible budget would otherwise fail mid-run, long after start."""
+        adapter = self.nuwa.adapter
+        for budget, settings in self.training_settings.items():
+            grid = adapter.grid or settings.reference_grid  # dynamic-resolution models: the reference grid
+            try:
+                settings.plan(grid, self.nuwa.num_layers)
+            except NuwaConfigError as error:
+                reference = settings.reference_grid
+                raise NuwaConfigError(
+                    f"model.train_budgets: {budget} cannot be trained on this model's {grid[0]}x{grid[1]} grid "
+                    f"({grid[0] * grid[1]} vision tokens per image; budgets count tokens per image on the "
+                    f"{reference[0]}x{reference[1]} reference grid): {error}. Lower it, or use {ALL_TOKENS!r} to "
+                    f"train with every token") from None
 
     @property
     def base_model(self):
