@@ -50,6 +50,9 @@ def create_run_folder(root: Path, name: str | None, prefix: str = "") -> Path:
     """A new, empty run folder under `root`: `name`, else the start time (with -2, -3 ... if a run started in the
     same second). A taken `name` is an error: a second fit would mix its checkpoints and logs with the first's."""
     if name is not None:
+        if name == LATEST_NAME or Path(name).name != name:
+            raise RunFolderError(f"--run_name {name!r}: a run's name must be a single folder name other than "
+                                 f"{LATEST_NAME!r} (the link to the newest run)")
         run_dir = root / name
         if run_dir.exists():
             raise RunFolderError(f"run folder {run_dir} already exists: continue that run with --ckpt_path {run_dir}, "

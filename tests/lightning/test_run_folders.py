@@ -78,6 +78,9 @@ def test_a_fit_continues_in_its_run_folder_given_the_folder_or_last(recipe, tmp_
     assert run_dir == tmp_path / "runs" / RECIPE_NAME / "first" and step_of(run_dir) == STEPS
     with pytest.raises(RunFolderError, match="first already exists: continue that run with --ckpt_path"):
         fit(recipe, "--run_name", "first")
+    for taken in ("latest", "a/b"):
+        with pytest.raises(RunFolderError, match="a single folder name other than 'latest'"):
+            fit(recipe, "--run_name", taken)
 
     assert fit(recipe, "--ckpt_path", str(run_dir), "--trainer.max_steps", str(STEPS + 1)) == run_dir
     assert step_of(run_dir) == STEPS + 1
