@@ -4,7 +4,9 @@
 #   ./launch.sh demo                the main job (`nuwa-train demo`)
 #   ./launch.sh test [PYTEST...]    the test suite
 #   ./launch.sh lmms-eval ARGS...   `python -m lmms_eval ARGS` with `--model nuwa` and the nuwa_* tasks
-#                                   (installs lmms-eval once, without its CUDA torch: requirements/lmms-eval.txt)
+#                                   (installs lmms-eval once, without its CUDA torch: requirements/lmms-eval.txt);
+#                                   results go to --output_path (default outputs/lmms_eval), and the command fails
+#                                   when lmms-eval wrote none (it exits 0 when a task's data cannot be loaded)
 #   ./launch.sh COMMAND [ARGS...]   any `nuwa-train` command, e.g. `./launch.sh bench --shapes tiny`
 #   ./launch.sh [LAUNCH OPTIONS] RECIPE.yaml [OVERRIDES...]
 #                                   `nuwa-train fit --config RECIPE.yaml [OVERRIDES...]` on one or more processes
@@ -31,7 +33,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$root"
 
-HELP_LINES='2,28p'
+HELP_LINES='2,30p'
+LMMS_EVAL_OUTPUT=outputs/lmms_eval  # lmms-eval's --output_path unless given: the results file is how success shows
 LAUNCHERS="local torchrun fabric deepspeed"
 LAUNCH_OPTIONS="--launcher --devices --nodes --node-rank --master-addr --master-port --hostfile --dry-run"
 MAX_PORT=65535
@@ -62,6 +65,36 @@ ensure_environment() {  # $1: the project's extras to install, e.g. "dev" or "de
         python -m pip install --quiet -e ".[$extras]"
         echo "$digest" > "$stamp"
     fi
+}
+
+output_path_of() {  # lmms-eval's --output_path among the arguments ("" if none)
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --output_path=*) echo "${1#--output_path=}"; return ;;
+            --output_path) echo "${2:-}"; return ;;
+        esac
+        shift
+    done
+}
+
+run_lmms_eval() {  # $1: its --output_path; the rest: the command. Exits with lmms-eval's status, or 1 when it
+    local output=$1 started status=0  # exited 0 without a results file (a task it could not load)
+    shift
+    mkdir -p "$output"
+    started=$(mktemp "$output/.launch-started-XXXXXX")
+    "$@" || status=$?
+    if [ "$status" -eq 0 ] && [ -z "$(find "$output" -name '*_results.json' -newer "$started" -print -quit)" ]; then
+        status=1
+        log "error: lmms-eval wrote no results file under $output (its error is above: typically a task whose data"
+        log "  file is missing). The nuwa_* tasks read their files from environment variables:"
+        log "  nuwa_synthetic_vqa, nuwa_synthetic_grounding: NUWA_SYNTHETIC_DIR (now: ${NUWA_SYNTHETIC_DIR:-unset,"
+        log "    default outputs/lmms_synthetic}); write it with"
+        log "    nuwa-train export-data ${NUWA_SYNTHETIC_DIR:-outputs/lmms_synthetic} --format llava-refcoco"
+        log "  nuwa_refcoco: NUWA_REFCOCO_FILE (now: ${NUWA_REFCOCO_FILE:-unset}), a RefCOCO-style JSON"
+        log "  nuwa_refcoco_bbox_rec: NUWA_REFCOCO_REC_FILE (now: ${NUWA_REFCOCO_REC_FILE:-unset}), lmms-eval's RefCOCO fields"
+    fi
+    rm -f "$started"
+    exit "$status"
 }
 
 ensure_lmms_eval() {  # lmms-eval's own requirements would replace the CPU torch with a CUDA build
@@ -174,7 +207,9 @@ if [ "$is_recipe" -eq 0 ]; then
         lmms-eval)
             command_line=(python -m lmms_eval "$@")
             # the package's nuwa_* tasks, unless you index your own (lmms-eval takes one --include_path)
-            [[ " $* " == *" --include_path"* ]] || command_line+=(--include_path "$root/nuwa_train/harness/tasks") ;;
+            [[ " $* " == *" --include_path"* ]] || command_line+=(--include_path "$root/nuwa_train/harness/tasks")
+            lmms_output=$(output_path_of "$@")
+            [ -n "$lmms_output" ] || { lmms_output=$LMMS_EVAL_OUTPUT; command_line+=(--output_path "$lmms_output"); } ;;
         *) command_line=(nuwa-train "$target" "$@") ;;
     esac
 else
@@ -228,4 +263,5 @@ if [ "$dry_run" -eq 1 ]; then
     exit 0
 fi
 log "running: ${printed% }"
+[ "$target" != lmms-eval ] || run_lmms_eval "$lmms_output" "${command_line[@]}"
 exec "${command_line[@]}"

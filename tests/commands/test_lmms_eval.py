@@ -188,3 +188,18 @@ def test_the_plugin_answers_every_family_as_evaluate_does(family, tiny_base_dir,
     answers = lm.generate_until(requests)
     assert [a.strip() for a in answers] == [p.prediction for p in expected.predictions]
     assert lm.model._nuwa.config.budget == 64
+
+
+def test_the_launcher_fails_when_lmms_eval_writes_no_results_and_says_what_the_tasks_need(tmp_path):
+    """lmms-eval itself exits 0 when a task's data folder is missing (a RetryError deep in `datasets`)."""
+    missing = tmp_path / "never_exported"
+    environment = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "NUWA_SYNTHETIC_DIR": str(missing)}
+    done = subprocess.run([str(ROOT / "launch.sh"), "lmms-eval", "--model", "nuwa", "--model_args",
+                           f"pretrained={SHIPPED_BASE}", "--tasks", "nuwa_synthetic_vqa", "--output_path",
+                           str(tmp_path / "out"), "--limit", "2"], env=environment, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"wrote no results file under {tmp_path / 'out'}" in done.stderr
+    assert f"NUWA_SYNTHETIC_DIR (now: {missing}" in done.stderr
+    assert f"nuwa-train export-data {missing} --format llava-refcoco" in done.stderr
+    assert not list((tmp_path / "out").glob(".launch-started-*"))  # the wrapper's marker is gone
