@@ -20,6 +20,7 @@ import torch
 
 from .io import load_checkpoint_file, recover_directory, write_directory_atomically
 from .models.loading import ModelPathError, local_model_dir
+from .model_card import TRAINING_KEY, training_record, write_model_card
 from .models import attach_nuwa
 from .pruning import NuwaConfig, NuwaConfigError
 from .runs import checkpoint_path
@@ -45,6 +46,7 @@ def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.Pat
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / NUWA_CONFIG_NAME).write_text(json.dumps({**pruning.to_dict(), **(extra or {})}, indent=2))
+        write_model_card(staging, name=target.name)  # README.md: what it is, how it was trained, how to load and evaluate it
 
     return write_directory_atomically(target, write)
 
@@ -123,7 +125,8 @@ def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path
     """Export a (trained) `NuwaFineTuner`: merge_and_unload for a plain model, or the adapter alone."""
     module.configure_model()  # the Nüwa hooks stay attached: saving does not run the model
     base = Path(module.hparams.model_path)  # a local base is recorded absolute: evaluation finds it from anywhere
-    extra = {"exported_from": {"base_model": str(base.resolve() if base.is_dir() else base), "merged": merge}}
+    extra = {"exported_from": {"base_model": str(base.resolve() if base.is_dir() else base), "merged": merge,
+                               TRAINING_KEY: training_record(module)}}
     if module.hparams.get("train_budgets"):  # budget-robust: the budgets it serves without a warning
         extra[TRAINED_BUDGETS_KEY] = list(module.hparams.train_budgets)
     if merge:

@@ -24,6 +24,10 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+OVERLAY_IMAGE_WIDTH, OVERLAY_ROW_HEIGHT = 2.2, 2.3  # inches per image column / per pruner row
+OVERLAY_MIN_WIDTH = 5.0  # inches: the one-line legend above the images
+
+
 def plot_kept_tokens(images: list, rows: list[tuple[str, list[KeptTokens]]], grid: tuple[int, int],
                      path: str | Path) -> Path:
     """One row per pruner, one column per image: kept tokens outlined, pillars filled, stage-2 survivors red."""
@@ -34,7 +38,8 @@ def plot_kept_tokens(images: list, rows: list[tuple[str, list[KeptTokens]]], gri
     from matplotlib.patches import Rectangle
 
     height, width = grid
-    fig, axes = plt.subplots(len(rows), len(images), figsize=(2.2 * len(images), 2.3 * len(rows)), squeeze=False)
+    width = max(OVERLAY_MIN_WIDTH, OVERLAY_IMAGE_WIDTH * len(images))  # one image: the legend still fits
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(width, OVERLAY_ROW_HEIGHT * len(rows)), squeeze=False)
     for r, (name, kept_per_image) in enumerate(rows):
         for c, (image, kept) in enumerate(zip(images, kept_per_image)):
             ax = axes[r][c]

@@ -168,6 +168,7 @@ class NuwaFineTuner(L.LightningModule):
         self.nuwa = None
         self.samples_seen = 0  # data position, saved in checkpoints for exact resume
         self.full_token_reference: dict | None = None  # base model, all tokens, on the validation subset
+        self.checkpoint_progress: tuple | None = None  # (step, max_steps) of the checkpoint loaded: what exports record
 
     # ------------------------------------------------------------------------------- model
     def setup(self, stage: str) -> None:
@@ -400,6 +401,7 @@ class NuwaFineTuner(L.LightningModule):
         state = checkpoint.get("nuwa_train", {})
         self.samples_seen = state.get("samples_seen", 0)
         self.full_token_reference = state.get("full_token_reference")
+        self.checkpoint_progress = (checkpoint.get("global_step"), state.get("max_steps"))
         if "torch_rng" in state:  # dropout / Gumbel draws continue as in an uninterrupted run
             torch.set_rng_state(state["torch_rng"])
         if "state_dict" not in checkpoint:  # a DeepSpeed checkpoint: the engine has restored the weights itself

@@ -1,0 +1,182 @@
+"""The model card of an export: README.md with Hugging Face model-card front matter, written into every export.
+
+An export is a model a person can pick up: the card says what it was fine-tuned from, for how many steps, at
+which budgets and with which recipe settings, how it prunes, how well it did (when an evaluation was run) and how
+to load, ask, evaluate and publish it. Everything in it is read from the export itself (nuwa_config.json, which
+records the training, and config.json), so `write_model_card(directory)` can rewrite it at any time, e.g. with
+an evaluation table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from .io import write_atomically
+
+CARD_NAME = "README.md"
+TRAINING_KEY = "training"  # nuwa_config.json's exported_from.training: what `training_record` returns
+HUB_CACHE_PREFIX = "models--"  # a Hugging Face cache snapshot: .../models--owner--name/snapshots/<sha>
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+CARD_TAGS = ("nuwa-train", "vision-token-pruning", "nuwa")
+PIPELINE_TAG = "image-text-to-text"
+NOT_PUBLISHABLE = ("transformers cannot load it without its base model: publish the base too, or export it merged "
+                   "(without --adapter-only)")
+
+
+def training_record(module) -> dict:
+    """What the export records of a `NuwaFineTuner`'s training: steps (of max_steps), budgets and recipe settings.
+
+    Steps come from the trainer when the module was just trained, else from the checkpoint it was loaded from.
+    """
+    trainer = module._trainer  # None for a module loaded from a checkpoint (LightningModule.trainer would raise)
+    if trainer is not None:
+        step, max_steps = trainer.global_step, trainer.max_steps
+    else:
+        step, max_steps = module.checkpoint_progress or (None, None)
+    hparams = module.hparams
+    return {"steps": step, "max_steps": max_steps if max_steps and max_steps > 0 else None,
+            "train_budgets": list(hparams.get("train_budgets") or []) or None,
+            "train_budget_weights": hparams.get("train_budget_weights"),
+            "lora": asdict(module.lora), "selection": asdict(module.selection), "optimizer": asdict(module.optim),
+            "loss_reduction": hparams.get("loss_reduction"), "distill_weight": hparams.get("distill_weight"),
+            "dtype": hparams.get("dtype")}
+
+
+def hub_id(base: str | None) -> str | None:
+    """The Hugging Face Hub id of a base model when it can be told: a cache snapshot's folder, or an id itself."""
+    if not base:
+        return None
+    for part in Path(base).parts:
+        if part.startswith(HUB_CACHE_PREFIX):
+            return part[len(HUB_CACHE_PREFIX):].replace("--", "/", 1)
+    return base if HUB_ID.match(base) and not Path(base).exists() else None
+
+
+def _front_matter(path: Path) -> dict:
+    """A README's YAML front matter ({} without one)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        return {}
+    block = text[4:].split("\n---", 1)[0]
+    data = yaml.safe_load(block)
+    return data if isinstance(data, dict) else {}
+
+
+def _budgets(settings: dict) -> list:
+    training = (settings.get("exported_from") or {}).get(TRAINING_KEY) or {}
+    return settings.get("trained_budgets") or training.get("train_budgets") or [settings.get("budget")]
+
+
+def _settings_table(values: dict) -> str:
+    rows = [f"| `{key}` | {json.dumps(value) if isinstance(value, (list, dict)) else value} |"
+            for key, value in values.items()]
+    return "\n".join(["| setting | value |", "|---|---|", *rows])
+
+
+def model_card(directory: str | Path, evaluation: str | None = None, name: str | None = None) -> str:
+    """The README.md text of the export in `directory` (`evaluation`: a results table in Markdown; `name`: the
+    folder's name where it will be, default its own, as the commands in the card refer to it)."""
+    from .export import EXPORT_RECORD_KEYS, NUWA_CONFIG_NAME  # export.py writes the card: imported when called
+
+    directory = Path(directory)
+    settings = json.loads((directory / NUWA_CONFIG_NAME).read_text(encoding="utf-8"))
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8")) \
+        if (directory / "config.json").is_file() else {}
+    origin = settings.get("exported_from") or {}
+    training = origin.get(TRAINING_KEY) or {}
+    base = origin.get("base_model")
+    merged = origin.get("merged", True)
+    model_type = config.get("model_type") or "adapter"
+    base_id = hub_id(base)
+    license_name = _front_matter(Path(base) / CARD_NAME).get("license") if base and Path(base).is_dir() else None
+    pruning = {key: value for key, value in settings.items() if key not in EXPORT_RECORD_KEYS}
+    budgets = _budgets(settings)
+    name = name or directory.name
+
+    front = {"library_name": "transformers" if merged else "peft", "pipeline_tag": PIPELINE_TAG,
+             "tags": [*CARD_TAGS, model_type, "lora"]}
+    if base_id:
+        front["base_model"] = base_id
+    if license_name:
+        front["license"] = license_name
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip()]
+    if not base_id:
+        lines.append(f"# base model: {base} (a local directory, no Hugging Face Hub id known); set base_model to its "
+                     f"Hub id before publishing")
+    if not license_name:
+        lines.append("# license: not known from the base model; set the base model's license before publishing")
+    lines += ["---", ""]
+
+    steps = training.get("steps")
+    of = f" of {training['max_steps']}" if training.get("max_steps") else ""
+    kind = "merged model (LoRA folded into the base weights)" if merged else "LoRA adapter (loaded onto its base)"
+    lines += [f"# {name}", "",
+              f"A {model_type} vision-language model fine-tuned with pruning-aware LoRA by nuwa-train, so that it "
+              f"answers well from few vision tokens: it runs "
+              f"{pruning.get('method')} pruning at {', '.join(map(str, budgets))} vision tokens per image (average "
+              f"over decoder layers, on the {'x'.join(map(str, pruning.get('reference_grid', [24, 24])))} reference "
+              f"grid). This folder is a {kind}.", "",
+              "## Training", "",
+              f"- Base model: `{base}`" + (f" (Hub: `{base_id}`)" if base_id else ""),
+              f"- Steps trained: {steps if steps is not None else 'not recorded'}{of}",
+              f"- Budgets trained: {', '.join(map(str, budgets))}" + (" ('all' = every vision token)"
+                                                                     if "all" in budgets else ""),
+              ]
+    if training:
+        lora, selection, optimizer = training.get("lora", {}), training.get("selection", {}), training.get(
+            "optimizer", {})
+        lines += [f"- LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
+                  f"targets {lora.get('targets')}, projector trained: {lora.get('train_projector')}",
+                  f"- Selection while training: {selection.get('mode')}, temperature {selection.get('temperature_start')}"
+                  f" -> {selection.get('temperature_end')} over {selection.get('anneal_steps')} steps "
+                  f"({selection.get('schedule')}), last {selection.get('hard_final_fraction')} of the steps hard",
+                  f"- Optimizer: lr {optimizer.get('lr')}, warm-up {optimizer.get('warmup_steps')} steps, weight "
+                  f"decay {optimizer.get('weight_decay')}, cosine to {optimizer.get('min_lr_ratio')} x lr",
+                  f"- Loss: {training.get('loss_reduction')} mean, distillation weight {training.get('distill_weight')}"
+                  f", dtype {training.get('dtype')}"]
+        if training.get("train_budget_weights"):
+            lines.append(f"- Budget weights: {training['train_budget_weights']}")
+    lines += ["", "The full settings of the run are in its run folder's `config.yaml` (`nuwa-train fit`).", "",
+              "## Pruning (`nuwa_config.json`)", "", _settings_table(pruning), "", "## Evaluation", ""]
+    if evaluation:  # its own "## title" becomes a subsection of this one
+        lines += [re.sub(r"^## ", "### ", evaluation.strip(), flags=re.MULTILINE), ""]
+    else:
+        lines += ["No evaluation was recorded with this export. Measure it (VQA exact match, grounding Acc@0.5, and "
+                  "retention against the base model with all vision tokens) with:", "", "```",
+                  f"nuwa-train eval --model {name} --out {name}-eval            # its own pruning",
+                  f"nuwa-train eval --model {name} --compare --out {name}-eval  # every pruner at 64/128/192",
+                  "```", ""]
+    lines += ["## Use", "", "```python", "from nuwa_train import load_pruned", "",
+              f"model, processor = load_pruned({name!r}, return_processor=True)  # pruning attached from "
+              f"nuwa_config.json",
+              f"# another budget: load_pruned({name!r}, budget=128)", "```", "",
+              "From the command line:", "", "```",
+              f"nuwa-train chat {name} --image photo.png --prompt \"what colour is the circle?\"",
+              "```", "",
+              "Loaded with plain `transformers` (`AutoModelForImageTextToText.from_pretrained`) the model runs all "
+              "vision tokens: the pruning is attached by nuwa-train." if merged else
+              f"An adapter-only export: {NOT_PUBLISHABLE}.", "",
+              "## Evaluate", "",
+              f"`nuwa-train eval --model {name}` (synthetic test split, or your files with `--data FORMAT=PATH`); "
+              f"with lmms-eval: `./launch.sh lmms-eval --model nuwa --model_args pretrained={name} ...`.", "",
+              "## Serve", "",
+              "Serving with pruning (vLLM, SGLang, TGI) is not supported by nuwa-train yet; `load_pruned` + "
+              "`generate` is the supported path.", "",
+              "## Publish", "",
+              f"`huggingface-cli upload OWNER/{name} {name}` uploads the whole folder: weights, processor, chat "
+              f"template, `nuwa_config.json` and this card (`model.push_to_hub` alone would leave out "
+              f"`nuwa_config.json` and the card).", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(directory: str | Path, evaluation: str | None = None, name: str | None = None) -> Path:
+    """Write (or rewrite) README.md of the export in `directory`, atomically (see `model_card`)."""
+    text = model_card(directory, evaluation, name)
+    return write_atomically(Path(directory) / CARD_NAME, lambda staging: staging.write_text(text, encoding="utf-8"))
