@@ -1,10 +1,10 @@
 """`nuwa-train fit|validate|test --config recipes/<name>.yaml [--section.key value ...]` (LightningCLI).
 
 Each command runs in a run folder of its own (nuwa_train/runs.py): `<trainer.default_root_dir>/<--run_name or the
-start time>`, the root defaulting to runs/<recipe name>. Recipes name no folders: the CLI puts the checkpoints
-(a ModelCheckpoint without dirpath), the CSV and TensorBoard logs (when the recipe sets no logger), config.yaml and
-data_report.json in it. `--ckpt_path` takes a checkpoint, a run folder or a root (its newest run); `fit` given a
-run's checkpoint continues in that run's folder.
+start time>`, the root defaulting to runs/<name of the last --config>. Recipes name no folders: the CLI puts the
+checkpoints (a ModelCheckpoint without dirpath), the CSV and TensorBoard logs (when the recipe sets no logger),
+config.yaml and data_report.json in it. `--ckpt_path` takes a checkpoint, a run folder or a root (its newest
+run); `fit` given a run's checkpoint continues in that run's folder.
 
 Settings precedence with `--ckpt_path`: the checkpoint's model settings replace the recipe's (the weights need
 them). An explicit `--model.*` flag wins over the checkpoint for `validate` and `test` (e.g. `--model.test_records
@@ -139,8 +139,8 @@ class NuwaCLI(LightningCLI):
         checkpoint folder and only rank 0 writes logs, settings and the data report.
         """
         settings = self.config[subcommand] if subcommand else self.config
-        recipes = settings.get("config") or [None]
-        root = Path(settings.trainer.default_root_dir or default_root(recipes[0]))
+        recipes = settings.get("config") or [None]  # the last one named is the most specific (e.g. the user's own)
+        root = Path(settings.trainer.default_root_dir or default_root(recipes[-1]))
         name = settings.get("run_name")
         if subcommand is None:  # built by a program (the demo, tests), which looks after its folders itself
             return root / (name or started_now())

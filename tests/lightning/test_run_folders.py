@@ -98,6 +98,13 @@ def test_default_root_dir_moves_every_file_of_the_run(recipe, tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "lightning_logs").exists()
 
 
+def test_the_root_is_named_after_the_last_recipe_given(recipe, tmp_path):
+    """`--config recipes/default.yaml --config my_data.yaml`: the user's own recipe names the runs."""
+    (tmp_path / "my_data.yaml").write_text(yaml.safe_dump({"data": {"train_images": 2}}))
+    run_dir = fit(recipe, "--config", str(tmp_path / "my_data.yaml"))
+    assert run_dir.parent == tmp_path / "runs" / "my_data" and step_of(run_dir) == STEPS
+
+
 def test_a_distributed_fit_makes_one_run_folder_and_continues_in_it(recipe, tmp_path):
     """Every rank parses the command line (Lightning's launcher re-runs it, torchrun starts them all): rank 0 alone
     makes the folder, and the checkpoints, logs, settings and data report of every rank's run land in it."""
