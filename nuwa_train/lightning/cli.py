@@ -48,15 +48,18 @@ class CheckpointSettingsError(UsageError):
 
 class RunSettings(SaveConfigCallback):
     """`config.yaml` in the run folder (Lightning's goes to the first logger's version folder), written once by
-    global rank 0: the settings as given (recipe + command line), without the folders the CLI fills in, so
-    `--config <run>/config.yaml` starts a new run instead of writing into this one. A continued run rewrites it."""
+    global rank 0: the settings as given (recipe + command line) with the root the run is in as
+    trainer.default_root_dir, and none of the folders the CLI fills in, so `--config <run>/config.yaml` repeats the
+    run as a new one beside it instead of writing into it. A continued run rewrites it."""
 
     def __init__(self, parser, config, **kwargs) -> None:
         super().__init__(parser, config, **{**kwargs, "save_to_log_dir": False})
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        self.parser.save(self.config, Path(trainer.default_root_dir) / SETTINGS_NAME, skip_none=False, overwrite=True,
-                         multifile=self.multifile)
+        run_dir = Path(trainer.default_root_dir)
+        settings = self.config.clone()
+        settings.trainer.default_root_dir = str(run_dir.parent)
+        self.parser.save(settings, run_dir / SETTINGS_NAME, skip_none=False, overwrite=True, multifile=self.multifile)
 
 
 def command_line_model_keys(argv: list[str]) -> set[str]:

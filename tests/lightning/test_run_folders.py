@@ -72,6 +72,9 @@ def test_two_fits_of_a_recipe_make_two_run_folders_and_export_takes_either(recip
         export_checkpoint(given, tmp_path / "export")
         assert f"{run_dir.name}/checkpoints/last.ckpt: step {step_of(run_dir)} of" in capsys.readouterr().out
 
+    repeated = fit(str(first / "config.yaml"))  # the recorded settings repeat the run beside it
+    assert repeated.parent == root and repeated not in (first, second) and step_of(repeated) == STEPS
+
 
 def test_a_fit_continues_in_its_run_folder_given_the_folder_or_last(recipe, tmp_path):
     run_dir = fit(recipe, "--run_name", "first")
