@@ -24,6 +24,7 @@ from .compare import Row, overlay, synthetic_config_for, write_table
 from .errors import UsageError
 from .evaluation import evaluate
 from .export import export_module, load_pruned
+from .model_card import write_model_card
 from .io import write_atomically
 from .models import detach_nuwa
 from .models.loading import ModelPathError
@@ -190,6 +191,7 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
              f"(of {grid_height * grid_width} on the {grid_height}x{grid_width} reference grid)")
     text = write_table(table, out_dir, "results", title, {"recipe": str(recipe_path), "test_records": len(records),
                                                            "minutes": (time.perf_counter() - start) / 60})
+    write_model_card(export_dir, evaluation=text)  # the export's README.md carries the table it was measured in
     curves_png = plot_training_curves(curves, out_dir / "training_curves.png")
     exported = load_pruned(export_dir)
     detach_nuwa(exported)

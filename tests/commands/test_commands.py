@@ -173,6 +173,8 @@ def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
     for picture in ("training_curves.png", "kept_tokens_base.png", "kept_tokens_fine_tuned.png"):
         assert (tmp_path / "demo" / picture).stat().st_size > 0
     assert (tmp_path / "demo" / "export" / "nuwa_config.json").is_file()
+    card = (tmp_path / "demo" / "export" / "README.md").read_text()  # the model card carries the demo's table
+    assert "### Main job:" in card and "| Nüwa, fine-tuned | 64 |" in card and "Steps trained: 2 of 2" in card
 
 
 def test_demo_resumes_only_a_run_with_the_same_settings(tmp_path):
