@@ -118,7 +118,7 @@ def checkpoint_path(path: str | os.PathLike, single_file: bool = False) -> Path:
                              f"write one with `python -m nuwa_train.lightning.strategies {last} {trainable}`")
     if not last.exists():
         found = sorted(p.name for p in (run_dir / CHECKPOINTS_NAME).glob("*"))
-        raise RunFolderError(f"run folder {run_dir} has no {CHECKPOINTS_NAME}/{LAST_CHECKPOINT_NAME} (its checkpoints: "
-                             f"{', '.join(found) or 'none'}); pass one of them, or the run was stopped before its "
-                             f"first checkpoint")
+        what = (f"pass one of its checkpoints: {', '.join(found)}" if found
+                else "it has no checkpoint at all (stopped before its first save)")
+        raise RunFolderError(f"run folder {run_dir} has no {CHECKPOINTS_NAME}/{LAST_CHECKPOINT_NAME}; {what}")
     return last

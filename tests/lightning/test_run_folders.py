@@ -152,9 +152,11 @@ def test_command_line_model_flags_win_over_the_checkpoint_in_test_and_fit_refuse
 
 def test_a_command_given_a_folder_reads_its_runs_last_checkpoint(tmp_path):
     run_dir = tmp_path / "runs" / "r" / "20261208-010000"
-    with pytest.raises(RunFolderError, match="has no checkpoints/last.ckpt \\(its checkpoints: best-5.ckpt\\)"):
-        (run_dir / "checkpoints").mkdir(parents=True)
-        (run_dir / "checkpoints" / "best-5.ckpt").write_bytes(b"")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(RunFolderError, match="has no checkpoints/last.ckpt; it has no checkpoint at all"):
+        checkpoint_path(run_dir)
+    (run_dir / "checkpoints" / "best-5.ckpt").write_bytes(b"")
+    with pytest.raises(RunFolderError, match="has no checkpoints/last.ckpt; pass one of its checkpoints: best-5.ckpt"):
         checkpoint_path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     last.write_bytes(b"")
