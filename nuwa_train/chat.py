@@ -225,7 +225,7 @@ def add_chat_arguments(chat: argparse.ArgumentParser) -> None:
     chat.add_argument("model", help="an export (runs its nuwa_config.json) or a HF model directory, e.g. "
                                     "data/tiny_base")
     chat.add_argument("--image", required=True, help="the image to ask about (PNG, JPEG, ...)")
-    chat.add_argument("--prompt", help="one question; its answer is the last line of stdout (without it: questions "
+    chat.add_argument("--prompt", help="one question; its answer is the last line of stdout (default: questions "
                                        "from stdin, one per line, until EOF or 'exit')")
     chat.add_argument("--method", choices=METHODS, help="pruner (default: the export's, else NuwaConfig's)")
     chat.add_argument("--budget", type=int, help="average vision tokens per image on the 24x24 grid (default: the "

@@ -108,7 +108,7 @@ def test_every_flag_of_every_command_has_help_that_shows_its_default():
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest}: no help"
-            if not action.option_strings or action.nargs == 0:  # positionals and switches have no default
+            if not action.option_strings or action.nargs == 0 or action.required:  # these have no default
                 continue
             shown = command._get_formatter()._get_help_string(action) % {**vars(action), "default": action.default}
             assert "default" in shown, f"{name} {action.option_strings[0]}: its help does not show the default"
