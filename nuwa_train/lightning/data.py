@@ -17,11 +17,13 @@ from typing import Literal, get_args
 import lightning as L
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.collate import VisionLanguageCollator, needed_image_side
 from ..data.records import FileRecords, SyntheticRecords
 from ..data.synthetic import SyntheticConfig
+from ..errors import UsageError
 from ..io import write_atomically
 from ..data.boxes import BOX_FORMATS
 from ..models.families import box_format_for
@@ -60,21 +62,21 @@ def as_synthetic_config(value: SyntheticConfig | dict) -> SyntheticConfig:
 class ResumableSampler(Sampler[int]):
     """Global sample k -> dataset index via a per-pass permutation; rank r takes its share of each step.
 
-    Starts at `start` (samples already seen by all ranks), so a resumed run sees the same batches. Its
-    length is always the whole run's share of this rank, the skipped part included: Lightning counts the
-    batches of a resumed epoch from the restored batch index, so a loader that reported only the remaining
-    batches would end the epoch early and replay the stream from `start` (seen: steps 35-59 re-trained on
-    25-49 after a resume from step 25 of 60).
+    Yields samples `start` (already seen by all ranks) to `total`, so a resumed run sees the same batches. Its
+    length adds `counted`, the samples of this rank that Lightning counts as drawn in the resumed epoch: Lightning
+    counts the batches of a resumed epoch from the restored batch index, so a loader that reported only the
+    remaining batches would end the epoch early and replay the stream from `start` (seen: steps 35-59 re-trained
+    on 25-49 after a resume from step 25 of 60).
     `group` > 1 permutes blocks of that many consecutive indices and keeps each block together (the
     records of one image, so that they share the vision tower's pass).
     """
 
     def __init__(self, size: int, batch_size: int, start: int, total: int, seed: int, rank: int = 0, world: int = 1,
-                 group: int = 1):
+                 group: int = 1, counted: int = 0):
         if size % group:
             raise ValueError(f"a dataset of {size} records does not split into groups of {group}")
         self.size, self.batch_size, self.start, self.total = size, batch_size, start, total
-        self.seed, self.rank, self.world, self.group = seed, rank, world, group
+        self.seed, self.rank, self.world, self.group, self.counted = seed, rank, world, group, counted
 
     def __iter__(self):
         step = self.batch_size * self.world
@@ -89,7 +91,35 @@ class ResumableSampler(Sampler[int]):
                 yield permutation[block] * self.group + member
 
     def __len__(self) -> int:
-        return self.total // self.world
+        return self.counted + (self.total - self.start) // self.world
+
+
+@dataclass(frozen=True)
+class TrainingStream:
+    """The part of the global sample stream that the remaining steps of a fit take (`plan_training_stream`)."""
+
+    start: int  # samples all ranks have seen (the checkpoint's samples_seen)
+    total: int  # where the stream ends: after the last sample of step max_steps
+    counted_batches: int  # batches of this rank that Lightning counts as drawn in the epoch it resumes
+    first_step_batches: int  # batches the first step accumulates (fewer than accumulation: see below)
+
+
+def plan_training_stream(samples_seen: int, global_step: int, max_steps: int, batch_size: int, accumulation: int,
+                         world_size: int, counted_batches: int) -> TrainingStream:
+    """A fit resumes by step (Lightning trains steps global_step + 1 ... max_steps) and by sample (the stream goes on
+    at samples_seen): each remaining step takes the next batch_size x accumulation x world_size samples, whatever
+    they were before. A resume with a smaller batch, fewer ranks or another accumulation therefore trains exactly
+    the steps left, on samples no step has seen, instead of an empty or replayed stream.
+
+    Lightning goes on counting the batches of its epoch from `counted_batches` and steps the optimizer whenever
+    that count is a multiple of the accumulation: if the accumulation changed and it is not, the first step takes
+    only the batches up to the next multiple, and the stream ends with the last step.
+    """
+    remaining_steps = max(0, max_steps - global_step)
+    first_step_batches = accumulation - counted_batches % accumulation
+    batches = max(0, remaining_steps * accumulation - (accumulation - first_step_batches))
+    return TrainingStream(samples_seen, samples_seen + batches * batch_size * world_size, counted_batches,
+                          first_step_batches if remaining_steps else 0)
 
 
 @dataclass(frozen=True)
@@ -217,12 +247,19 @@ class NuwaDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer, module = self.trainer, self.trainer.lightning_module
         batch = self.hparams.batch_size
-        steps = trainer.max_steps if trainer.max_steps > 0 else 1
-        total = steps * batch * trainer.accumulate_grad_batches * trainer.world_size
+        if trainer.max_steps <= 0:
+            raise UsageError(f"trainer.max_steps={trainer.max_steps}: fine-tuning needs a step count (the training "
+                             f"stream is sized by it); set --trainer.max_steps")
+        # The batches Lightning counts as drawn in the epoch it resumes (it goes on from the restored batch index).
+        counted_batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        stream = plan_training_stream(module.samples_seen, trainer.global_step, trainer.max_steps, batch,
+                                      trainer.accumulate_grad_batches, trainer.world_size, counted_batches)
+        if trainer.global_step:
+            self._report_resume(stream)
         data = self.dataset("train")
         group = data.records_per_image if self.hparams.group_by_image else 1
-        sampler = ResumableSampler(len(data), batch, module.samples_seen, total, self.hparams.seed,
-                                   trainer.global_rank, trainer.world_size, group)
+        sampler = ResumableSampler(len(data), batch, stream.start, stream.total, self.hparams.seed,
+                                   trainer.global_rank, trainer.world_size, group, counted_batches * batch)
         self.write_data_report()
         # The sampler resumes mid-epoch by itself (module.samples_seen); Lightning cannot know and warns.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
@@ -231,6 +268,20 @@ class NuwaDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=batch, sampler=sampler, collate_fn=self.collator(),
                           num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.hparams.seed))
+
+    def _report_resume(self, stream: TrainingStream) -> None:
+        """Says where a resumed fit goes on, in steps and in samples (the batch settings may have changed)."""
+        trainer = self.trainer
+        per_step = self.hparams.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        rank_zero_info(f"resuming at step {trainer.global_step} with {stream.start} samples seen: steps "
+                       f"{trainer.global_step + 1}-{trainer.max_steps} take samples {stream.start}-{stream.total} "
+                       f"of the stream ({per_step} per step: data.batch_size {self.hparams.batch_size} x "
+                       f"accumulate_grad_batches {trainer.accumulate_grad_batches} x {trainer.world_size} ranks)")
+        if stream.first_step_batches not in (0, trainer.accumulate_grad_batches):
+            rank_zero_warn(f"the checkpoint ends {stream.counted_batches} batches into Lightning's epoch, not a "
+                           f"multiple of accumulate_grad_batches={trainer.accumulate_grad_batches}: step "
+                           f"{trainer.global_step + 1} accumulates {stream.first_step_batches} batches, the later "
+                           f"steps {trainer.accumulate_grad_batches}")
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=self.hparams.eval_batch_size, shuffle=False,

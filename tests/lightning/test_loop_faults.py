@@ -3,9 +3,13 @@ training budgets the model's grid cannot hold (issues 27 and 31)."""
 
 import lightning as L
 import pytest
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from nuwa_train.errors import UsageError
+from nuwa_train.io import load_checkpoint_file
 from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
+from nuwa_train.lightning.data import ResumableSampler, TrainingStream, plan_training_stream
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
 
 TINY_GRID_TOKENS = 144  # the tiny base's 12x12 patch grid
@@ -30,13 +34,25 @@ def trainer(directory, steps, callbacks=(), **settings):
 
 
 class StepsRun(Callback):
-    """The global step and the sample rows of every training batch."""
+    """The global step and the token rows of every training batch (which samples it trained on)."""
 
     def __init__(self):
         self.batches = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_index):
-        self.batches.append((trainer.global_step, batch["input_ids"].shape[0]))
+        self.batches.append((trainer.global_step, batch["input_ids"].clone()))
+
+    @property
+    def steps(self) -> list[int]:
+        return [step for step, _ in self.batches]
+
+    def rows(self) -> list[torch.Tensor]:
+        """Every training sample's tokens, in the order trained, padding cut (batches pad to their longest)."""
+        return [row[row != PAD].tolist() for _, rows in self.batches for row in rows]
+
+
+PAD = 0  # the tiny tokenizer's pad id
+NO_PERIODIC = 1000  # every_n_train_steps of a ModelCheckpoint that only FinalCheckpoint's final save writes
 
 
 # ----------------------------------------------------------------------------- train_budgets beyond the grid
@@ -48,3 +64,80 @@ def test_a_training_budget_the_grid_cannot_hold_is_an_error_at_start_naming_the_
                                               f"vision tokens per image.*24x24 reference grid"):
         trainer(tmp_path, 4, [steps]).fit(module, make_data(tiny_base_dir))
     assert steps.batches == []  # before the first step, not when a step draws it
+
+
+# ----------------------------------------------------------------------------- a resume under other batch settings
+@pytest.mark.parametrize("seen, step, max_steps, batch, accumulation, world, counted, expected", [
+    (32, 8, 12, 2, 1, 1, 8, TrainingStream(32, 40, 8, 1)),  # issue 31: batch 4 -> 2 (was an empty, endless stream)
+    (32, 8, 12, 4, 1, 1, 8, TrainingStream(32, 48, 8, 1)),  # unchanged: where an uninterrupted run goes on
+    (32, 8, 12, 1, 1, 2, 8, TrainingStream(32, 40, 8, 1)),  # 4 ranks -> 2 ranks of batch 1
+    (32, 8, 12, 2, 2, 1, 8, TrainingStream(32, 48, 8, 2)),  # accumulation 1 -> 2 on a step Lightning's count fits
+    (28, 7, 10, 2, 2, 1, 7, TrainingStream(28, 38, 7, 1)),  # ... and on one it does not: the first step takes 1
+    (48, 6, 9, 2, 4, 2, 6, TrainingStream(48, 88, 6, 2)),   # 6 batches into accumulation 4: first step 2 of 4
+    (32, 8, 8, 2, 1, 1, 8, TrainingStream(32, 32, 8, 0)),   # nothing left: an empty stream, fit ends at once
+    (32, 8, 6, 2, 1, 1, 8, TrainingStream(32, 32, 8, 0)),   # max_steps below the checkpoint's step: the same
+])
+def test_a_resume_trains_the_steps_left_on_the_samples_after_those_seen(seen, step, max_steps, batch, accumulation,
+                                                                       world, counted, expected):
+    stream = plan_training_stream(seen, step, max_steps, batch, accumulation, world, counted)
+    assert stream == expected
+    steps_left = max(0, max_steps - step)
+    trained = (stream.first_step_batches + (steps_left - 1) * accumulation) * batch * world if steps_left else 0
+    assert stream.total - stream.start == trained  # every sample of the stream is trained once, none replayed
+    for rank in range(world):  # Lightning's epoch ends with the stream: counted + the stream's batches
+        sampler = ResumableSampler(10, batch, stream.start, stream.total, seed=0, rank=rank, world=world,
+                                   counted=counted * batch)
+        assert len(sampler) == (counted + (stream.total - stream.start) // (batch * world)) * batch
+        assert len(list(sampler)) == (stream.total - stream.start) // world
+
+
+def fit_saving_last(directory, base_dir, steps, batch_size, callbacks=(), ckpt_path=None, **settings):
+    """A fit whose last.ckpt holds its final step (FinalCheckpoint writes it; no periodic saves)."""
+    checkpoints = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_train_steps=NO_PERIODIC)
+    run = trainer(directory, steps, [checkpoints, *callbacks], enable_checkpointing=True, **settings)
+    module = make_module(base_dir)
+    run.fit(module, make_data(base_dir, batch_size), ckpt_path=ckpt_path)
+    return run, module
+
+
+@pytest.fixture(scope="module")
+def stream_at_batch_2(tiny_base_dir, tmp_path_factory):
+    """The samples of a 24-step run at batch 2, in order: the stream every run of this data and seed reads."""
+    steps = StepsRun()
+    trainer(tmp_path_factory.mktemp("batch2"), 24, [steps]).fit(make_module(tiny_base_dir),
+                                                                make_data(tiny_base_dir, 2))
+    return steps.rows()
+
+
+@pytest.mark.parametrize("batch_size, accumulation, steps_run", [(2, 1, list(range(8, 12))),
+                                                                 (2, 2, [8, 8, 9, 9, 10, 10, 11, 11]),
+                                                                 (4, 1, list(range(8, 12)))])
+def test_a_resume_with_other_batch_settings_trains_the_steps_left_on_the_next_samples(
+        stream_at_batch_2, tiny_base_dir, tmp_path, batch_size, accumulation, steps_run):
+    """8 steps at batch 4 (32 samples), then 12 steps at another batch (issue 31: batch 2 looped forever)."""
+    fit_saving_last(tmp_path, tiny_base_dir, 8, 4)
+    resumed = StepsRun()
+    run, module = fit_saving_last(tmp_path, tiny_base_dir, 12, batch_size, [resumed],
+                                  ckpt_path=str(tmp_path / "last.ckpt"), accumulate_grad_batches=accumulation)
+    assert run.global_step == 12 and resumed.steps == steps_run
+    samples = len(steps_run) * batch_size
+    assert module.samples_seen == 32 + samples
+    assert resumed.rows() == stream_at_batch_2[32:32 + samples]  # the stream goes on: nothing replayed or skipped
+
+
+def test_a_resume_whose_step_count_does_not_fit_the_new_accumulation_shortens_only_its_first_step(
+        stream_at_batch_2, tiny_base_dir, tmp_path):
+    fit_saving_last(tmp_path, tiny_base_dir, 7, 4)
+    resumed = StepsRun()
+    with pytest.warns(UserWarning, match="7 batches into Lightning's epoch.*step 8 accumulates 1 batches"):
+        run, module = fit_saving_last(tmp_path, tiny_base_dir, 10, 2, [resumed], ckpt_path=str(tmp_path / "last.ckpt"),
+                                      accumulate_grad_batches=2)
+    assert run.global_step == 10 and resumed.steps == [7, 8, 8, 9, 9]
+    assert module.samples_seen == 38 and resumed.rows() == stream_at_batch_2[28:38]
+    assert load_checkpoint_file(tmp_path / "last.ckpt")["global_step"] == 10
+
+
+def test_a_fit_without_max_steps_is_an_error_naming_the_key(tiny_base_dir, tmp_path):
+    """The stream is sized in steps (before: one step per epoch, the same samples every epoch)."""
+    with pytest.raises(UsageError, match="trainer.max_steps=-1: fine-tuning needs a step count"):
+        trainer(tmp_path, -1, max_epochs=2).fit(make_module(tiny_base_dir), make_data(tiny_base_dir))
