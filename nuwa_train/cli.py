@@ -341,12 +341,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
+            from .lightning.checkpoints import TrainingStopped
             from .lightning.cli import run
 
             # The arguments are the command line's (less --debug): LightningCLI's warning about getting both
             # does not apply.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            run(argv)
+            try:
+                run(argv)
+            except TrainingStopped as stopped:  # Ctrl-C / SIGTERM during a validation: saved, a clean stop
+                print(f"nuwa-train {argv[0]}: {stopped}; last.ckpt holds that step (resume: --ckpt_path last)")
             return
         args = build_parser().parse_args(argv)
         args.handler(args)

@@ -1,6 +1,12 @@
 """The training loop's faults: a resume under other batch settings, stops requested in any state, non-finite losses,
 training budgets the model's grid cannot hold (issues 27 and 31)."""
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from nuwa_train.errors import UsageError
 from nuwa_train.io import load_checkpoint_file
+from nuwa_train.lightning.checkpoints import TrainingStopped
 from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
 from nuwa_train.lightning.data import ResumableSampler, TrainingStream, plan_training_stream
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
@@ -141,3 +148,121 @@ def test_a_fit_without_max_steps_is_an_error_naming_the_key(tiny_base_dir, tmp_p
     """The stream is sized in steps (before: one step per epoch, the same samples every epoch)."""
     with pytest.raises(UsageError, match="trainer.max_steps=-1: fine-tuning needs a step count"):
         trainer(tmp_path, -1, max_epochs=2).fit(make_module(tiny_base_dir), make_data(tiny_base_dir))
+
+
+# ----------------------------------------------------------------------------- stops requested in any state
+VALIDATE_EVERY = 2  # training batches between validations
+VAL_BATCHES = 2
+
+
+class SignalWhen(Callback):
+    """Sends this process `number` (as `kill` or Ctrl-C would) at the hook `hook` when `when(trainer)` holds, once;
+    then counts what ran after it: training steps, validation batches."""
+
+    def __init__(self, hook: str, when, number=signal.SIGTERM):
+        self.number, self.when, self.sent = number, when, False
+        self.steps_after = self.validation_batches_after = self.validation_batches = 0
+        setattr(self, hook, self._maybe_send)
+
+    def _maybe_send(self, trainer, *args):
+        if not self.sent and self.when(trainer):
+            self.sent = True
+            os.kill(os.getpid(), self.number)
+
+    def on_train_batch_end(self, trainer, *args):
+        self.steps_after += self.sent
+
+    def on_validation_batch_end(self, trainer, *args):
+        self.validation_batches += 1
+        self.validation_batches_after += self.sent
+
+
+def validating_fit(directory, base_dir, callbacks, steps=6):
+    """A fit that validates every VALIDATE_EVERY steps (VAL_BATCHES batches, then generate-based metrics)."""
+    checkpoints = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_train_steps=NO_PERIODIC)
+    run = trainer(directory, steps, [checkpoints, *callbacks], enable_checkpointing=True,
+                  limit_val_batches=VAL_BATCHES, val_check_interval=VALIDATE_EVERY)
+    module = make_module(base_dir, eval_records=2)
+    return run, module, make_data(base_dir, eval_batch_size=1)
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_requested_just_before_a_validation_saves_the_step_without_validating(tiny_base_dir, tmp_path, number):
+    """Issue 27: Lightning runs a validation (with generate) before it honours should_stop."""
+    handler = signal.getsignal(number)
+    signalled = SignalWhen("on_train_batch_start", lambda trainer: trainer.global_step == 3, number)  # step 4
+    run, module, data = validating_fit(tmp_path, tiny_base_dir, [signalled])
+    run.fit(module, data)  # returns normally: a clean stop
+    assert run.global_step == 4 and signalled.steps_after == 1  # the step in flight finished
+    assert signalled.validation_batches == VAL_BATCHES  # the validation after step 2 ran; none after the request
+    assert signalled.validation_batches_after == 0
+    assert load_checkpoint_file(tmp_path / "last.ckpt")["global_step"] == 4
+    assert run.limit_val_batches == VAL_BATCHES and signal.getsignal(number) is handler
+
+
+@pytest.mark.parametrize("hook, when", [
+    ("on_validation_batch_start", lambda trainer: True),  # as the validation starts
+    ("on_validation_batch_end", lambda trainer: trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch),
+])  # ... and after its last batch, before the generate-based metrics
+def test_a_stop_requested_during_a_validation_ends_it_at_once_and_saves_the_step(tiny_base_dir, tmp_path, hook, when):
+    signalled = SignalWhen(hook, when)
+    run, module, data = validating_fit(tmp_path, tiny_base_dir, [signalled])
+    with pytest.raises(TrainingStopped, match="SIGTERM stopped fit during the validation after step 2"):
+        run.fit(module, data)
+    assert signalled.steps_after == 0 and signalled.validation_batches_after == 0
+    assert "val/vqa_em" not in run.callback_metrics  # the generate-based metrics did not run
+    assert load_checkpoint_file(tmp_path / "last.ckpt")["global_step"] == 2
+
+
+class NoBatches(NuwaDataModule):
+    """A training loader that reports batches and yields none: every epoch ends at once (issue 31's endless loop)."""
+
+    def train_dataloader(self):
+        empty = ResumableSampler(len(self.dataset("train")), 4, start=0, total=0, seed=0, counted=32)
+        return torch.utils.data.DataLoader(self.dataset("train"), batch_size=4, sampler=empty,
+                                           collate_fn=self.collator())
+
+
+class EpochLimit(Callback):
+    RUNAWAY = 50
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch > self.RUNAWAY:
+            raise RuntimeError(f"still running at epoch {trainer.current_epoch}")
+
+
+def test_a_stop_requested_during_epochs_without_batches_ends_fit(tiny_base_dir, tmp_path):
+    signalled = SignalWhen("on_train_epoch_start", lambda trainer: trainer.current_epoch == 3)
+    run = trainer(tmp_path, 4, [signalled, EpochLimit()])
+    run.fit(make_module(tiny_base_dir), NoBatches(processor_path=tiny_base_dir, train_images=12, val_images=2))
+    assert run.current_epoch == 4 and run.global_step == 0
+
+
+STOPPED_WHILE_READING_DATA = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from lightning.pytorch.callbacks import Callback
+from test_loop_faults import NuwaDataModule, make_module, trainer
+
+class SignalledWhileReading(NuwaDataModule):
+    def train_dataloader(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still reading", flush=True)
+        return super().train_dataloader()
+
+class Steps(Callback):
+    def on_train_batch_start(self, *args):
+        print("a step started", flush=True)
+
+trainer({directory!r}, 4, [Steps()]).fit(make_module({base!r}), SignalledWhileReading(processor_path={base!r}))
+"""
+
+
+def test_sigterm_before_the_first_step_ends_the_process_at_once(tiny_base_dir, tmp_path):
+    """Nothing is trained yet: SIGTERM acts as without fit (before: Lightning noted it and ran a step first)."""
+    script = STOPPED_WHILE_READING_DATA.format(tests=os.path.dirname(__file__), directory=str(tmp_path),
+                                               base=tiny_base_dir)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert "still reading" not in done.stdout and "a step started" not in done.stdout
