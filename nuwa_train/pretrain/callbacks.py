@@ -107,6 +107,7 @@ class ExportBase(Callback):
                                        conversation_grounding)
         self.minutes = minutes
         self.recipe: dict = {}  # the parsed recipe, written next to the model (set by the CLI)
+        self.recipe_file: str | None = None  # the recipe's path, for the README's commands (set by the CLI)
         self.last_export = 0.0
         self.start_step = 0
 
@@ -129,4 +130,5 @@ class ExportBase(Callback):
 
     def export(self, trainer, module, final: bool, progress: bool = False):
         """`progress`: bars for the evaluation (off while training: they would interleave with the trainer's)."""
-        return export_base(module, self.settings, final, self.recipe, training_log(trainer), progress)
+        return export_base(module, self.settings, final, self.recipe, training_log(trainer), progress,
+                           self.recipe_file)

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     export = _callback(trainer, ExportBase)
     if export is not None:
         export.recipe = _recipe_dict(cli)
+        export.recipe_file = str(cli.config.config[0]) if cli.config.get("config") else None
     run_dir = Path(checkpoint.dirpath)
     state, step = (None, 0) if cli.config.fresh else prepared_state(run_dir)
     if cli.config.export_only:

@@ -39,7 +39,7 @@ class ExportSettings:
 
 
 def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log_path: Path | None,
-                progress: bool = False) -> Path:
+                progress: bool = False, recipe_file: str | None = None) -> Path:
     """Evaluate the module's model on the test split, then write the export directory (see the module docstring).
 
     `progress`: a bar per measurement (an export on its own takes minutes; during training it would interleave
@@ -60,7 +60,7 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
         report = {"final": final, "step": module.position.step, "total_steps": module.total_steps,
                   "phase_steps": module.phase_steps(), "train_seconds": round(module.elapsed, 1),
                   "test_images": images, "test_records": len(records), "eval": result.to_dict(),
-                  "saliency": saliency, "recipe": recipe}
+                  "saliency": saliency, "recipe": recipe, "recipe_file": recipe_file}
         if settings.conversation_turns:
             report["conversations"] = evaluate_conversations(
                 model, processor, test, images, settings.conversation_turns, settings.conversation_grounding,
@@ -153,21 +153,42 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_dir(recipe: dict) -> str:
+    """Where the recipe's StateCheckpoint keeps the resume state."""
+    for callback in recipe.get("trainer", {}).get("callbacks") or []:
+        if str(callback.get("class_path", "")).endswith("StateCheckpoint"):
+            return str(callback.get("init_args", {}).get("dirpath", "runs/tiny_base"))
+    return "runs/tiny_base"
+
+
 def readme_text(report: dict) -> str:
+    recipe = report.get("recipe") or {}
+    model = recipe.get("model", {})
+    recipe_file = report.get("recipe_file") or "recipes/tiny_base.yaml"
+    run_dir = _run_dir(recipe)
+    export_dir = next((str(c["init_args"]["export_dir"]) for c in recipe.get("trainer", {}).get("callbacks") or []
+                       if str(c.get("class_path", "")).endswith("ExportBase") and "export_dir" in c.get("init_args", {})),
+                      "data/tiny_base")
+    origin = (f"continued from `{model['init_from']}` (see `recipe.yaml`)" if model.get("init_from")
+              else "trained from scratch")
+    layout = ("the question before the image (`user : question <image> assistant :`)"
+              if model.get("spec", {}).get("image_after_text") else
+              "the image first (`user : <image> question assistant :`), as LLaVA and Qwen-VL lay out a turn")
     return f"""# Tiny base VLM (nuwa-train's stand-in for a pretrained VLM)
 
 A tiny `LlavaForConditionalGeneration` (CLIP vision tower + Llama LM, word-level tokenizer with
-`<loc_k>` coordinate tokens) trained from scratch on the synthetic shapes benchmark with all vision
-tokens (no pruning). Load it with
+`<loc_k>` coordinate tokens) {origin} on the synthetic shapes benchmark with all vision
+tokens (no pruning). Its chat template puts {layout}. Load it with
 
 ```python
 from nuwa_train.models.tiny import load_tiny_llava
-model, processor = load_tiny_llava("data/tiny_base")
+model, processor = load_tiny_llava("{export_dir}")
 ```
 
 Files: `model.safetensors` + `config.json` (weights), processor/tokenizer files, `recipe.yaml` (the
 exact recipe), `training_log.csv` (losses), `eval_report.json` / `eval_report.md` (test-split metrics,
-per question kind, and whether CLS attention is a saliency map). This export is
+per question kind{", per conversation turn" if report.get("conversations") else ""}, and whether CLS attention is a
+saliency map). This export is
 {"final" if report["final"] else f"a snapshot at step {report['step']} (training in progress)"}.
 
 ## Reproduce
@@ -175,18 +196,16 @@ per question kind, and whether CLS attention is a saliency map). This export is
 From the repository root (2 CPU cores, about {report['train_seconds'] / 60:.0f} minutes of training here):
 
 ```
-OMP_NUM_THREADS=2 python -m nuwa_train.pretrain recipes/tiny_base.yaml    # or: nuwa-train pretrain-base recipes/tiny_base.yaml
+OMP_NUM_THREADS=2 python -m nuwa_train.pretrain {recipe_file}    # or: nuwa-train pretrain-base {recipe_file}
 ```
 
-The phases are time-budgeted (`minutes` in the recipe: the schedule follows training seconds, so a
-slower or shared machine takes fewer steps). For a machine-independent re-run, pin the phase
-lengths realised here (`phase_steps` in `eval_report.json`) and drop the budgets (the schedule then
+Phases with `minutes` are time-budgeted (the schedule follows training seconds, or steps when those run
+out first, so a slower or shared machine takes fewer steps). For a machine-independent re-run, pin the
+phase lengths realised here (`phase_steps` in `eval_report.json`) and drop the budgets (the schedule then
 follows steps, which matches this run up to the speed variations of a shared CPU): in a copy of the
 recipe set each phase's `steps` to its realised length and `minutes: null`.
 
 It writes its resume state (`last.safetensors`, a Lightning checkpoint stored as safetensors + JSON) and
-`log.csv` to `runs/tiny_base/` and exports here every few minutes and at the end; re-running the same
-command resumes from `runs/tiny_base/last.safetensors`. Add `--export-only` to re-export from it.
+`log.csv` to `{run_dir}/` and exports here every few minutes and at the end; re-running the same
+command resumes from `{run_dir}/last.safetensors`. Add `--export-only` to re-export from it.
 """
-
-

@@ -203,6 +203,11 @@ def test_image_first_conversations_continue_from_a_base_and_learn(tmp_path, ques
     conversations = report["conversations"]  # the export scores test conversations turn by turn
     assert [row["turn"] for row in conversations["per_turn"]] == [1, 2] and conversations["images"] == 2
     assert "Multi-turn: 2 test images" in (tmp_path / "first/export/eval_report.md").read_text()
+    readme = (tmp_path / "first/export/README.md").read_text()  # says what this base is and how to resume it
+    assert f"continued from `{question_first_run / 'run' / STATE_NAME}`" in readme and "the image first" in readme
+    assert f"pretrain {recipe}" in readme and f"resumes from `{tmp_path / 'first/run'}/last.safetensors`" in readme
+    source_readme = (question_first_run / "export/README.md").read_text()
+    assert "trained from scratch" in source_readme and "the question before the image" in source_readme
 
 
 # ------------------------------------------------------------------------------------------ multi-turn evaluation
