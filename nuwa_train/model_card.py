@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -69,111 +69,129 @@ def _front_matter(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _budgets(settings: dict) -> list:
-    training = (settings.get("exported_from") or {}).get(TRAINING_KEY) or {}
-    return settings.get("trained_budgets") or training.get("train_budgets") or [settings.get("budget")]
-
-
 def _settings_table(values: dict) -> str:
-    rows = [f"| `{key}` | {json.dumps(value) if isinstance(value, (list, dict)) else value} |"
-            for key, value in values.items()]
+    rows = [f"| `{key}` | {value if isinstance(value, str) else json.dumps(value)} |" for key, value in values.items()]
     return "\n".join(["| setting | value |", "|---|---|", *rows])
 
 
-def model_card(directory: str | Path, evaluation: str | None = None, name: str | None = None) -> str:
-    """The README.md text of the export in `directory` (`evaluation`: a results table in Markdown; `name`: the
-    folder's name where it will be, default its own, as the commands in the card refer to it)."""
-    from .export import EXPORT_RECORD_KEYS, NUWA_CONFIG_NAME  # export.py writes the card: imported when called
+@dataclass(frozen=True)
+class ExportFacts:
+    """What the card says, read from an export's nuwa_config.json and config.json."""
 
-    directory = Path(directory)
-    settings = json.loads((directory / NUWA_CONFIG_NAME).read_text(encoding="utf-8"))
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8")) \
-        if (directory / "config.json").is_file() else {}
-    origin = settings.get("exported_from") or {}
-    training = origin.get(TRAINING_KEY) or {}
-    base = origin.get("base_model")
-    merged = origin.get("merged", True)
-    model_type = config.get("model_type") or "adapter"
-    base_id = hub_id(base)
-    license_name = _front_matter(Path(base) / CARD_NAME).get("license") if base and Path(base).is_dir() else None
-    pruning = {key: value for key, value in settings.items() if key not in EXPORT_RECORD_KEYS}
-    budgets = _budgets(settings)
-    name = name or directory.name
+    name: str  # the folder's name, as the card's commands refer to it
+    model_type: str
+    base: str | None
+    merged: bool
+    pruning: dict  # the NuwaConfig settings
+    budgets: list  # trained at ("all" = every vision token)
+    training: dict  # `training_record`, {} for an export that predates it
 
-    front = {"library_name": "transformers" if merged else "peft", "pipeline_tag": PIPELINE_TAG,
-             "tags": [*CARD_TAGS, model_type, "lora"]}
+    @classmethod
+    def read(cls, directory: Path, name: str) -> ExportFacts:
+        from .export import EXPORT_RECORD_KEYS, NUWA_CONFIG_NAME, TRAINED_BUDGETS_KEY  # export.py writes the card
+
+        settings = json.loads((directory / NUWA_CONFIG_NAME).read_text(encoding="utf-8"))
+        config_file = directory / "config.json"  # absent from an adapter-only export
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        origin = settings.get("exported_from") or {}
+        training = origin.get(TRAINING_KEY) or {}
+        pruning = {key: value for key, value in settings.items() if key not in EXPORT_RECORD_KEYS}
+        budgets = settings.get(TRAINED_BUDGETS_KEY) or training.get("train_budgets") or [pruning.get("budget")]
+        return cls(name, config.get("model_type") or "adapter", origin.get("base_model"), origin.get("merged", True),
+                   pruning, budgets, training)
+
+
+def _front_matter_lines(facts: ExportFacts) -> list[str]:
+    """Hugging Face model-card metadata; a local base and an unknown license are said in comments, as an invalid
+    `base_model` id would make the Hub refuse the card."""
+    base_id = hub_id(facts.base)
+    base_dir = Path(facts.base) if facts.base and Path(facts.base).is_dir() else None
+    license_name = _front_matter(base_dir / CARD_NAME).get("license") if base_dir else None
+    front = {"library_name": "transformers" if facts.merged else "peft", "pipeline_tag": PIPELINE_TAG,
+             "tags": [*CARD_TAGS, facts.model_type, "lora"]}
     if base_id:
         front["base_model"] = base_id
     if license_name:
         front["license"] = license_name
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip()]
     if not base_id:
-        lines.append(f"# base model: {base} (a local directory, no Hugging Face Hub id known); set base_model to its "
-                     f"Hub id before publishing")
+        lines.append(f"# base model: {facts.base} (a local directory, no Hugging Face Hub id known); set base_model "
+                     f"to its Hub id before publishing")
     if not license_name:
         lines.append("# license: not known from the base model; set the base model's license before publishing")
-    lines += ["---", ""]
+    return [*lines, "---", ""]
 
+
+def _training_lines(facts: ExportFacts) -> list[str]:
+    training, budgets = facts.training, facts.budgets
+    base_id = hub_id(facts.base)
     steps = training.get("steps")
     of = f" of {training['max_steps']}" if training.get("max_steps") else ""
-    kind = "merged model (LoRA folded into the base weights)" if merged else "LoRA adapter (loaded onto its base)"
-    lines += [f"# {name}", "",
-              f"A {model_type} vision-language model fine-tuned with pruning-aware LoRA by nuwa-train, so that it "
-              f"answers well from few vision tokens: it runs "
-              f"{pruning.get('method')} pruning at {', '.join(map(str, budgets))} vision tokens per image (average "
-              f"over decoder layers, on the {'x'.join(map(str, pruning.get('reference_grid', [24, 24])))} reference "
-              f"grid). This folder is a {kind}.", "",
-              "## Training", "",
-              f"- Base model: `{base}`" + (f" (Hub: `{base_id}`)" if base_id else ""),
-              f"- Steps trained: {steps if steps is not None else 'not recorded'}{of}",
-              f"- Budgets trained: {', '.join(map(str, budgets))}" + (" ('all' = every vision token)"
-                                                                     if "all" in budgets else ""),
-              ]
+    lines = ["## Training", "", f"- Base model: `{facts.base}`" + (f" (Hub: `{base_id}`)" if base_id else ""),
+             f"- Steps trained: {'not recorded' if steps is None else steps}{of}",
+             f"- Budgets trained: {', '.join(map(str, budgets))}" + (" ('all': every vision token)"
+                                                                    if "all" in budgets else "")]
     if training:
-        lora, selection, optimizer = training.get("lora", {}), training.get("selection", {}), training.get(
-            "optimizer", {})
+        lora, selection, optimizer = (training.get(key, {}) for key in ("lora", "selection", "optimizer"))
         lines += [f"- LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, "
                   f"targets {lora.get('targets')}, projector trained: {lora.get('train_projector')}",
-                  f"- Selection while training: {selection.get('mode')}, temperature {selection.get('temperature_start')}"
-                  f" -> {selection.get('temperature_end')} over {selection.get('anneal_steps')} steps "
-                  f"({selection.get('schedule')}), last {selection.get('hard_final_fraction')} of the steps hard",
+                  f"- Selection while training: {selection.get('mode')}, temperature "
+                  f"{selection.get('temperature_start')} -> {selection.get('temperature_end')} over "
+                  f"{selection.get('anneal_steps')} steps ({selection.get('schedule')}), the last "
+                  f"{selection.get('hard_final_fraction')} of the steps hard",
                   f"- Optimizer: lr {optimizer.get('lr')}, warm-up {optimizer.get('warmup_steps')} steps, weight "
                   f"decay {optimizer.get('weight_decay')}, cosine to {optimizer.get('min_lr_ratio')} x lr",
-                  f"- Loss: {training.get('loss_reduction')} mean, distillation weight {training.get('distill_weight')}"
-                  f", dtype {training.get('dtype')}"]
+                  f"- Loss: {training.get('loss_reduction')} mean, distillation weight "
+                  f"{training.get('distill_weight')}, dtype {training.get('dtype')}"]
         if training.get("train_budget_weights"):
             lines.append(f"- Budget weights: {training['train_budget_weights']}")
-    lines += ["", "The full settings of the run are in its run folder's `config.yaml` (`nuwa-train fit`).", "",
-              "## Pruning (`nuwa_config.json`)", "", _settings_table(pruning), "", "## Evaluation", ""]
+    return [*lines, "", "The full settings of the run are in its run folder's `config.yaml` (`nuwa-train fit`).", ""]
+
+
+def _evaluation_lines(name: str, evaluation: str | None) -> list[str]:
     if evaluation:  # its own "## title" becomes a subsection of this one
-        lines += [re.sub(r"^## ", "### ", evaluation.strip(), flags=re.MULTILINE), ""]
-    else:
-        lines += ["No evaluation was recorded with this export. Measure it (VQA exact match, grounding Acc@0.5, and "
-                  "retention against the base model with all vision tokens) with:", "", "```",
-                  f"nuwa-train eval --model {name} --out {name}-eval            # its own pruning",
-                  f"nuwa-train eval --model {name} --compare --out {name}-eval  # every pruner at 64/128/192",
-                  "```", ""]
-    lines += ["## Use", "", "```python", "from nuwa_train import load_pruned", "",
-              f"model, processor = load_pruned({name!r}, return_processor=True)  # pruning attached from "
-              f"nuwa_config.json",
-              f"# another budget: load_pruned({name!r}, budget=128)", "```", "",
-              "From the command line:", "", "```",
-              f"nuwa-train chat {name} --image photo.png --prompt \"what colour is the circle?\"",
-              "```", "",
-              "Loaded with plain `transformers` (`AutoModelForImageTextToText.from_pretrained`) the model runs all "
-              "vision tokens: the pruning is attached by nuwa-train." if merged else
-              f"An adapter-only export: {NOT_PUBLISHABLE}.", "",
-              "## Evaluate", "",
-              f"`nuwa-train eval --model {name}` (synthetic test split, or your files with `--data FORMAT=PATH`); "
-              f"with lmms-eval: `./launch.sh lmms-eval --model nuwa --model_args pretrained={name} ...`.", "",
-              "## Serve", "",
-              "Serving with pruning (vLLM, SGLang, TGI) is not supported by nuwa-train yet; `load_pruned` + "
-              "`generate` is the supported path.", "",
-              "## Publish", "",
-              f"`huggingface-cli upload OWNER/{name} {name}` uploads the whole folder: weights, processor, chat "
-              f"template, `nuwa_config.json` and this card (`model.push_to_hub` alone would leave out "
-              f"`nuwa_config.json` and the card).", ""]
-    return "\n".join(lines)
+        return ["## Evaluation", "", re.sub(r"^## ", "### ", evaluation.strip(), flags=re.MULTILINE), ""]
+    return ["## Evaluation", "", "No evaluation was recorded with this export. Measure it (VQA exact match, grounding "
+            "Acc@0.5, and retention against the base model with all vision tokens) with:", "", "```",
+            f"nuwa-train eval --model {name} --out {name}-eval            # its own pruning",
+            f"nuwa-train eval --model {name} --compare --out {name}-eval  # every pruner at 64/128/192", "```", ""]
+
+
+def _usage_lines(facts: ExportFacts) -> list[str]:
+    name = facts.name
+    plain = ("Loaded with plain `transformers` (`AutoModelForImageTextToText.from_pretrained`) the model runs all "
+             "vision tokens: the pruning is attached by nuwa-train." if facts.merged else
+             f"An adapter-only export: {NOT_PUBLISHABLE}.")
+    return ["## Use", "", "```python", "from nuwa_train import load_pruned", "",
+            f"model, processor = load_pruned({name!r}, return_processor=True)  # pruning from nuwa_config.json",
+            f"# another budget: load_pruned({name!r}, budget=128)", "```", "", "From the command line:", "", "```",
+            f"nuwa-train chat {name} --image photo.png --prompt \"what colour is the circle?\"", "```", "", plain, "",
+            "## Evaluate", "",
+            f"`nuwa-train eval --model {name}` (synthetic test split, or your files with `--data FORMAT=PATH`); "
+            f"with lmms-eval: `./launch.sh lmms-eval --model nuwa --model_args pretrained={name} ...`.", "",
+            "## Serve", "",
+            "Serving with pruning (vLLM, SGLang, TGI) is not supported by nuwa-train yet; `load_pruned` + `generate` "
+            "is the supported path.", "",
+            "## Publish", "",
+            f"`hf upload OWNER/{name} {name}` (huggingface_hub's CLI) uploads the whole folder: weights, processor, "
+            f"chat template, `nuwa_config.json` and this card (`model.push_to_hub` alone would leave out "
+            f"`nuwa_config.json` and the card).", ""]
+
+
+def model_card(directory: str | Path, evaluation: str | None = None, name: str | None = None) -> str:
+    """The README.md text of the export in `directory` (`evaluation`: a results table in Markdown; `name`: the
+    folder's name where it will be, default its own, as the commands in the card refer to it)."""
+    directory = Path(directory)
+    facts = ExportFacts.read(directory, name or directory.name)
+    kind = "merged model (LoRA folded into the base weights)" if facts.merged else "LoRA adapter (loaded onto its base)"
+    grid = "x".join(map(str, facts.pruning.get("reference_grid", ())))
+    summary = (f"A {facts.model_type} vision-language model fine-tuned with pruning-aware LoRA by nuwa-train, so that "
+               f"it answers well from few vision tokens: it runs {facts.pruning.get('method')} pruning at "
+               f"{', '.join(map(str, facts.budgets))} vision tokens per image (average over decoder layers, on the "
+               f"{grid} reference grid). This folder is a {kind}.")
+    return "\n".join([*_front_matter_lines(facts), f"# {facts.name}", "", summary, "", *_training_lines(facts),
+                      "## Pruning (`nuwa_config.json`)", "", _settings_table(facts.pruning), "",
+                      *_evaluation_lines(facts.name, evaluation), *_usage_lines(facts)])
 
 
 def write_model_card(directory: str | Path, evaluation: str | None = None, name: str | None = None) -> Path:
