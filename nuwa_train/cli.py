@@ -310,13 +310,14 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .errors import UsageError
     from .export import ExportError
     from .io import UnsafeCheckpointError
+    from .lightning.module import NonFiniteTrainingError
     from .models.base import NuwaInputError, UnsupportedModelError
     from .models.loading import ModelPathError
     from .pruning import NuwaConfigError
     from .timing import DeviceUnavailable
 
     return (UsageError, ModelPathError, NuwaConfigError, ExportError, DatasetFormatError, CollateError,
-            UnsafeCheckpointError, NuwaInputError, UnsupportedModelError, DeviceUnavailable)
+            UnsafeCheckpointError, NuwaInputError, UnsupportedModelError, DeviceUnavailable, NonFiniteTrainingError)
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:

@@ -37,6 +37,13 @@ TrainBudget = int | Literal["all"]
 LOSS_REDUCTIONS = get_args(LossReduction)
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training reached a NaN / inf loss or weights: fit stops (a non-zero exit) before a checkpoint keeps them."""
+
+
+NON_FINITE_ADVICE = "lower model.optimizer.lr, raise model.optimizer.warmup_steps or train in float32 (model.dtype)"
+
+
 def check_choice(key: str, value: object, allowed: type) -> None:
     """`key=value` must be one of the Literal type's values; the error names the recipe key."""
     choices = get_args(allowed)
@@ -249,6 +256,7 @@ class NuwaFineTuner(L.LightningModule):
             distill = self._distillation(batch, output.logits)
             loss = lm_loss + self.hparams.distill_weight * distill
             self.log("train/distill_loss", distill, batch_size=size)
+        self._stop_on_non_finite(loss)
         self.samples_seen += size * self.trainer.world_size
         # The losses are averaged over ranks, so rank 0's logs describe the whole global batch.
         self.log_dict({"train/loss": loss, "train/lm_loss": lm_loss}, prog_bar=True, batch_size=size, sync_dist=True)
@@ -256,6 +264,17 @@ class NuwaFineTuner(L.LightningModule):
         if has_images:
             self.log_dict(self._kept_tokens(), batch_size=size)
         return loss
+
+    def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        """A NaN / inf loss stops fit before its backward pass: its update would make the weights non-finite and the
+        next save would keep them. Every rank decides together (stop if any rank's loss is), so DDP ranks stop at the
+        same step instead of one waiting for the others forever."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            raise NonFiniteTrainingError(
+                f"the training loss is not finite at step {self.global_step + 1} (train/loss {float(loss):g} on "
+                f"global rank {self.global_rank}): fit stopped before that step's update and saved nothing after it, "
+                f"so last.ckpt holds the last saved step; {NON_FINITE_ADVICE}")
 
     def _lm_loss(self, output) -> torch.Tensor:
         """The answer loss of the last forward, reduced as `loss_reduction` says."""
@@ -396,6 +415,18 @@ class NuwaFineTuner(L.LightningModule):
         # Only trainable weights go into the checkpoint: the base model is read from model_path.
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        self._refuse_non_finite_weights(checkpoint["state_dict"])
+
+    def _refuse_non_finite_weights(self, state_dict: dict) -> None:
+        """An update can overflow while its loss was finite: such weights are not saved (the save fails, last.ckpt
+        keeps the previous state). Every rank holds the same weights under DDP, so all of them refuse alike."""
+        non_finite = [name for name, value in state_dict.items()
+                      if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if non_finite:
+            raise NonFiniteTrainingError(
+                f"the weights after step {self.global_step} are not finite ({len(non_finite)} of {len(state_dict)} "
+                f"tensors, e.g. {non_finite[0]}): not saved, so last.ckpt holds the last saved step; "
+                f"{NON_FINITE_ADVICE}")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("nuwa_train", {})

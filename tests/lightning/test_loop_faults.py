@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from nuwa_train.errors import UsageError
 from nuwa_train.io import load_checkpoint_file
 from nuwa_train.lightning.checkpoints import TrainingStopped
+from nuwa_train.lightning.module import NonFiniteTrainingError
 from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
 from nuwa_train.lightning.data import ResumableSampler, TrainingStream, plan_training_stream
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
@@ -266,3 +267,46 @@ def test_sigterm_before_the_first_step_ends_the_process_at_once(tiny_base_dir, t
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
     assert "still reading" not in done.stdout and "a step started" not in done.stdout
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+NAN_STEP, SAVE_EVERY = 5, 2
+
+
+class NaNLossAt(NuwaFineTuner):
+    """The loss of step NAN_STEP (1-based) is NaN, as a diverging run's would be."""
+
+    def _lm_loss(self, output):
+        loss = super()._lm_loss(output)
+        return loss * float("nan") if self.global_step + 1 == NAN_STEP else loss
+
+
+def finite_checkpoint(path) -> dict:
+    state = load_checkpoint_file(path)
+    assert state["state_dict"] and all(bool(torch.isfinite(value).all()) for value in state["state_dict"].values())
+    return state
+
+
+def test_a_nan_loss_stops_fit_naming_the_step_and_last_ckpt_keeps_the_finite_state_before(tiny_base_dir, tmp_path):
+    """Issue 31: a NaN run exited 0 and its last.ckpt held only non-finite tensors."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=SAVE_EVERY)
+    steps = StepsRun()
+    module = make_module(tiny_base_dir, module_class=NaNLossAt)
+    with pytest.raises(NonFiniteTrainingError, match=f"loss is not finite at step {NAN_STEP} \\(train/loss nan"):
+        trainer(tmp_path, 8, [checkpoints, steps], enable_checkpointing=True).fit(module, make_data(tiny_base_dir))
+    assert steps.steps == list(range(NAN_STEP))  # nothing ran after the NaN step
+    saved = finite_checkpoint(tmp_path / "last.ckpt")
+    assert saved["global_step"] == NAN_STEP - 1  # the last save, and the state the NaN step started from
+    for name, value in saved["state_dict"].items():
+        assert torch.equal(value, module.state_dict()[name]), f"{name}: the NaN step changed the weights"
+
+
+def test_a_diverging_learning_rate_stops_fit_before_a_non_finite_state_is_saved(tiny_base_dir, tmp_path):
+    """The issue's command: --model.optimizer.lr 1e6 --model.optimizer.warmup_steps 0, saving every step."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+    module = make_module(tiny_base_dir, optimizer=OptimizerSettings(lr=1e6, warmup_steps=0))
+    with pytest.raises(NonFiniteTrainingError, match="not finite") as stopped:
+        trainer(tmp_path, 12, [checkpoints], enable_checkpointing=True).fit(module, make_data(tiny_base_dir))
+    saved = finite_checkpoint(tmp_path / "last.ckpt")
+    step = int(str(stopped.value).split("step ")[1].split()[0])
+    assert saved["global_step"] == step - 1  # the state before the non-finite one
