@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,27 @@ def staging_directory(target: Path) -> Path:
     return _staging_sibling(Path(target), lambda path: os.mkdir(path, DIRECTORY_MODE))
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it, else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _give_usual_mode(path: Path, umask: int) -> None:
+    """The mode the umask gives a new file or folder (an executable keeps its x bits): writers such as
+    transformers' save_pretrained leave some files private (model.safetensors 0600)."""
+    executable = path.is_dir() or path.stat().st_mode & stat.S_IXUSR
+    os.chmod(path, (DIRECTORY_MODE if executable else FILE_MODE) & ~umask)
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's data, or a directory's entries (a rename is durable once its directory is), to the disk."""
     descriptor = os.open(path, os.O_RDONLY)
@@ -57,10 +79,14 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _fsync_tree(root: Path) -> None:
+def _finish_tree(root: Path) -> None:
+    """Every file and folder under `root` with its usual mode, and on the disk."""
+    umask = _umask()
     for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(folder) / name)
+        for path in [Path(folder) / name for name in files if not (Path(folder) / name).is_symlink()]:
+            _give_usual_mode(path, umask)
+            _fsync(path)
+        _give_usual_mode(Path(folder), umask)
         _fsync(Path(folder))
 
 
@@ -126,12 +152,13 @@ def recover_directory(target: Path) -> list[str]:
 def replace_directory(staging: Path, target: Path) -> None:
     """Move a finished `staging` directory to `target`: at every moment `target` is the whole old or new one.
 
-    The staging tree is flushed to the disk first (a crash after the swap cannot leave empty files). An existing
-    target is swapped with the staging folder in one atomic exchange, then the old one is removed. Where the
-    system cannot exchange, the old target is renamed aside first and removed last; a kill between those two
-    renames is repaired by `recover_directory`, which every write and `load_pruned` call first.
+    The staging tree gets the modes the umask gives and is flushed to the disk first (a crash after the swap
+    cannot leave empty files). An existing target is swapped with the staging folder in one atomic exchange,
+    then the old one is removed. Where the system cannot exchange, the old target is renamed aside first and
+    removed last; a kill between those two renames is repaired by `recover_directory`, which every write and
+    `load_pruned` call first.
     """
-    _fsync_tree(staging)
+    _finish_tree(staging)
     recover_directory(target)
     if not target.exists():
         os.replace(staging, target)
@@ -163,21 +190,40 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
 
     At every moment -- a full disk, a kill, a power cut -- `path` is the whole old file or the whole new one: the
     bytes are never copied onto it (as a move from another file system, e.g. $TMPDIR, would). A failed write
-    removes its staging file; one a killed process left is removed by the next write. The file gets the mode the
-    umask gives new files.
+    removes its staging file (its error gets a note saying `path` is unchanged); one a killed process left is
+    removed by the next write. The file gets the mode the umask gives new files.
     """
     path = Path(path)
     recover_directory(path)
     staging = _staging_sibling(path, _create_file)
     try:
         write(staging)
+        _give_usual_mode(staging, _umask())
         _fsync(staging)
         os.replace(staging, path)
-    except BaseException:
+    except BaseException as error:
         staging.unlink(missing_ok=True)
+        if isinstance(error, Exception):
+            error.add_note(f"{path} was left as it was: the new file was written beside it and removed")
         raise
     _fsync(path.parent)
     return path
+
+
+def write_bytes_atomically(path: Path, data: bytes | memoryview) -> Path:
+    """`data` as the new content of `path` (`write_atomically`). A full disk raises OSError ENOSPC, where torch's
+    own writer reports it as "unexpected pos N vs M"."""
+
+    def write(staging: Path) -> None:
+        descriptor = os.open(staging, os.O_WRONLY | os.O_TRUNC)
+        try:
+            remaining = memoryview(data)
+            while remaining:
+                remaining = remaining[os.write(descriptor, remaining):]
+        finally:
+            os.close(descriptor)
+
+    return write_atomically(path, write)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

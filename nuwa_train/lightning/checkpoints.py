@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
@@ -24,7 +25,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..io import load_checkpoint_file, write_atomically
+from ..io import load_checkpoint_file, write_bytes_atomically
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -45,7 +46,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(file_system, LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)  # Lightning's refusal, or a remote save
             return
-        write_atomically(Path(local_path), lambda staging: torch.save(checkpoint, staging))
+        serialized = io.BytesIO()  # in memory first, as Lightning does: torch reports a full disk unreadably
+        torch.save(checkpoint, serialized)
+        write_bytes_atomically(Path(local_path), serialized.getbuffer())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return load_checkpoint_file(path, map_location=map_location or "cpu")

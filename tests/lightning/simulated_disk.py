@@ -3,9 +3,10 @@ moment of a save so that a test can SIGKILL it there.
 
 - Everything outside `root` is another file system: a rename from there into `root` fails with EXDEV, as the
   kernel answers, so a move falls back to copying the bytes (what `shutil.move` from $TMPDIR does).
-- Tensor files written into `root` (torch.save, safetensors) and copies into it (os.sendfile, which shutil's
-  copies use) are written in two halves; after `free_bytes` bytes a write fails with ENOSPC, after writing what
-  still fitted (as a full disk does). Small files Python writes itself (JSON, tokenizer) are not counted.
+- Tensor files written into `root` (torch.save, safetensors, os.write) and copies into it (os.sendfile, which
+  shutil's copies use) are written in two halves; after `free_bytes` bytes a write fails with ENOSPC, after
+  writing what still fitted (as a full disk does). Small files written through Python's file objects (JSON,
+  tokenizer) are not counted.
 - Every half written, every fsync and every rename into `root` is a numbered point; with `pause_at=k` the process
   writes the points so far to `ready` (JSON) at point k and sleeps there, for the test to kill it.
 """
@@ -38,6 +39,7 @@ class SimulatedDisk:
         """Patch the writers through `patches` (a `pytest.MonkeyPatch`); undone when it is."""
         originals = {"save": torch.save, "sendfile": os.sendfile, "rename": os.rename, "replace": os.replace,
                      "fsync": os.fsync, "exchange": nuwa_train.io._exchange}
+        self._os_write = os.write
         patches.setattr(torch, "save", lambda obj, f, *args, **kwargs: self._save(originals["save"], obj, f,
                                                                                    *args, **kwargs))
         save_file = safetensors.torch.save_file
@@ -45,6 +47,7 @@ class SimulatedDisk:
             save_file, tensors, filename, metadata))
         for module in ("transformers.modeling_utils", "peft.peft_model"):  # their own `safe_save_file` name
             patches.setattr(f"{module}.safe_save_file", safetensors.torch.save_file, raising=False)
+        patches.setattr(os, "write", self._write_descriptor)
         patches.setattr(os, "sendfile", lambda out, source, offset, count: self._sendfile(
             originals["sendfile"], out, source, offset, count))
         for name in ("rename", "replace"):
@@ -58,6 +61,11 @@ class SimulatedDisk:
     # ------------------------------------------------------------------------------------------- points
     def _inside(self, path) -> bool:
         return Path(os.path.abspath(path)).resolve().is_relative_to(self.root)
+
+    def _path_inside(self, descriptor: int) -> str | None:
+        """The file behind a descriptor when it is in `root` (not a pipe, socket or file elsewhere), else None."""
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        return path if path.startswith(os.sep) and self._inside(path) else None
 
     def _name(self, path) -> str:
         return str(Path(os.path.abspath(path)).resolve().relative_to(self.root))
@@ -75,12 +83,19 @@ class SimulatedDisk:
             room = len(part) if self.free_bytes is None else min(len(part), self.free_bytes)
             view = memoryview(part)[:room]
             while view:
-                view = view[os.write(descriptor, view):]
+                view = view[self._os_write(descriptor, view):]
             if self.free_bytes is not None:
                 self.free_bytes -= room
             if room < len(part):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             self._point(f"wrote half {number} of {self._name(path)}")
+
+    def _write_descriptor(self, descriptor: int, data) -> int:
+        path = self._path_inside(descriptor)
+        if path is None:
+            return self._os_write(descriptor, data)
+        self._write(descriptor, bytes(data), path)
+        return len(data)
 
     def _write_file(self, path, data: bytes) -> None:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -102,8 +117,8 @@ class SimulatedDisk:
         self._write_file(filename, safetensors.torch.save(tensors, metadata=metadata))
 
     def _sendfile(self, original, out: int, source: int, offset, count: int) -> int:
-        path = os.readlink(f"/proc/self/fd/{out}")
-        if not self._inside(path):
+        path = self._path_inside(out)
+        if path is None:
             return original(out, source, offset, count)
         data = os.pread(source, count, offset)
         if data:
@@ -124,7 +139,7 @@ class SimulatedDisk:
         return original(first, second)
 
     def _fsync(self, original, descriptor: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{descriptor}")
-        if self._inside(path):
+        path = self._path_inside(descriptor)
+        if path is not None:
             self._point(f"fsync {self._name(path)}")
         return original(descriptor)

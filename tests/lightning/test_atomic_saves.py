@@ -174,7 +174,8 @@ def test_an_export_of_nan_or_inf_weights_is_refused_naming_them_and_writes_nothi
     assert not (tmp_path / "new").exists()
 
 
-def test_nuwa_train_export_refuses_a_checkpoint_with_nan_weights_before_loading_the_model(tiny_base_dir, tmp_path):
+def test_nuwa_train_export_refuses_a_checkpoint_with_nan_weights_before_loading_the_model(tiny_base_dir, tmp_path,
+                                                                                         monkeypatch):
     from nuwa_train.lightning import LoraSettings, NuwaFineTuner
     from nuwa_train.lightning.strategies import trainable_checkpoint
 
@@ -187,9 +188,13 @@ def test_nuwa_train_export_refuses_a_checkpoint_with_nan_weights_before_loading_
     for name in lora[:2]:
         checkpoint["state_dict"][name][0, 0] = float("nan")
     torch.save(checkpoint, tmp_path / "diverged.ckpt")
-    with pytest.raises(ExportError, match=rf"the checkpoint {tmp_path / 'diverged.ckpt'}: 2 of \d+ tensors") as refused:
+    with monkeypatch.context() as patches, pytest.raises(
+            SystemExit, match=rf"nuwa-train export: error: refused to export the checkpoint "
+                              rf"{tmp_path / 'diverged.ckpt'}: 2 of \d+ tensors hold NaN") as refused:
+        patches.setattr(NuwaFineTuner, "load_from_checkpoint", lambda *args, **kwargs: pytest.fail("model loaded"))
         main(["export", str(tmp_path / "diverged.ckpt"), str(tmp_path / "export")])
     assert all(f"{name} (1 NaN, 0 Inf" in str(refused.value) for name in lora[:2])
+    assert "Nothing was written" in str(refused.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged.ckpt", "finite.ckpt"]
     main(["export", str(tmp_path / "finite.ckpt"), str(tmp_path / "export")])  # the same checkpoint, finite
     assert load_pruned(tmp_path / "export") is not None
