@@ -333,6 +333,9 @@ def _is_model_dir(path: str) -> bool:
 
 def resolve_model_path(model: str) -> str:
     """`model` if it is a HF model directory or an export, else an error saying what `--model` accepts."""
+    if not Path(model).exists():
+        raise ModelPathError(f"model {model!r} does not exist (tried {Path(model).resolve()}); pass a HF model "
+                             f"directory, an export or a fine-tuning recipe (.yaml): nuwa-train never downloads")
     if not _is_model_dir(model):
         raise ModelPathError(f"{model} is neither a HF model directory (no config.json), an adapter-only export "
                              f"(no adapter_config.json) nor a recipe (.yaml)")

@@ -84,8 +84,11 @@ def test_library_errors_are_exceptions_and_the_command_turns_them_into_one_line(
     with pytest.raises(UsageError):
         main(["eval", "--data", "coco=x"])
     monkeypatch.setenv(DEBUG_ENV, "0")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=f"recipe {tmp_path / 'recipe.yaml'} does not exist"):
         main(["eval", "--model", str(tmp_path / "recipe.yaml")])  # a missing recipe: named, not a traceback
+    with pytest.raises(SystemExit, match=f"{tmp_path} is neither a HF model directory .no config.json., an "
+                                         f"adapter-only export"):
+        main(["eval", "--model", str(tmp_path)])  # a folder, but not a model
     library = [path for path in (ROOT / "nuwa_train").rglob("*.py") if path != ROOT / "nuwa_train/cli.py"]
     exits = [str(path) for path in library if "SystemExit" in path.read_text()]
     assert not exits, f"library code exits instead of raising: {exits}"

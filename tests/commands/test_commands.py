@@ -149,7 +149,7 @@ def test_eval_measures_retention_against_the_exports_base_model_or_the_given_ref
     (export / "nuwa_config.json").write_text(json.dumps({**NuwaConfig().to_dict(), "exported_from": origin}))
     main(["eval", "--model", str(export), "--images", "3", "--out", str(tmp_path / "c")])
     assert "is not on this machine" in json.loads((tmp_path / "c" / "results.json").read_text())["reference"]
-    with pytest.raises(SystemExit, match="neither a HF model directory"):
+    with pytest.raises(SystemExit, match=f"model .{tmp_path / 'moved'}. does not exist"):
         main(["eval", "--model", str(export), "--reference", str(tmp_path / "moved"), "--out", str(tmp_path / "d")])
 
 
