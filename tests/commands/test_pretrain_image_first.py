@@ -259,3 +259,26 @@ def test_later_turns_are_compared_with_the_first_on_the_same_kinds():
     assert report["per_turn_kind"]["count"] == [0.5, 0.0] and report["per_turn_kind_count"]["count"] == [2, 3]
     text = "\n".join(conversation_markdown(report))
     assert "| 2 | 0.250 | 4 | -0.375 | 0.500 | 2 | -0.500 |" in text and "| count | 0.500 (2) | 0.000 (3) |" in text
+
+
+def test_the_image_first_recipe_resumes_its_committed_state():
+    """recipes/tiny_base_image_first.yaml builds the model its committed run state (runs/tiny_base_image_first,
+    trained in the background over sessions) was saved from, image first, and the run's log reaches its step."""
+    root = Path(__file__).resolve().parents[2]
+    recipe = yaml.safe_load((root / "recipes/tiny_base_image_first.yaml").read_text())
+    model = recipe["model"]
+    assert model["init_from"] == "runs/tiny_base/last.safetensors" and not model["spec"]["image_after_text"]
+    module = TinyBasePretrainer(**{**model, "init_from": str(root / model["init_from"])})
+    state = load_tensor_tree(root / "runs/tiny_base_image_first" / STATE_NAME)
+    module.load_state_dict(state["state_dict"])  # strict: every weight fits
+    module.on_load_checkpoint(state)
+    assert module.position.step == state["global_step"] > 0
+    assert module.phase.name in [phase["name"] for phase in model["phases"]]
+    log = _log(root / "runs/tiny_base_image_first" / LOG_NAME)
+    # the log may run ahead of the state (a resume drops those rows), never behind it by more than a row
+    logged = [int(row["step"]) for row in log]
+    assert logged == sorted(logged) and logged[-1] > module.position.step - recipe["trainer"]["log_every_n_steps"]
+    text = module.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert text.startswith("user : <image> hi")
