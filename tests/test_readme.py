@@ -14,6 +14,8 @@ How the README is run:
   them to a few steps or records; those in NOT_RUN (with the reason) are checked with `--help` instead.
   `./launch.sh` commands run with `--dry-run`: it checks the options and prints the command without setting up
   or running anything, so the demo, the test suite, lmms-eval and multi-node launches are checked, not run.
+- A ```text block of `$ nuwa-train ...` lines is a transcript: each command runs as it is (these show errors, which
+  come fast), and what it prints must be the lines that follow it.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ ENTRY_POINT = "nuwa-train"
 MODULE_ENTRY = ["python", "-m", "nuwa_train"]
 LAUNCHER = "./launch.sh"
 FILE_MARKER = re.compile(r"^#\s*file:\s*(\S+)\s*$")
+TRANSCRIPT_PROMPT = "$ "
 
 
 @dataclass
 class Step:
-    kind: str  # "python", "commands" or "file"
+    kind: str  # "python", "commands", "file" or "transcript"
     lines: list[str] = field(default_factory=list)  # python source lines, command lines, or file lines
     name: str = ""  # the file a "file" step writes
 
@@ -117,9 +120,11 @@ def readme_sections(text: str) -> list[Section]:
             kind, content, name = "commands", command_lines(lines), ""
         elif language in ("yaml", "yml") and lines and FILE_MARKER.match(lines[0]):
             kind, content, name = "file", lines[1:], FILE_MARKER.match(lines[0]).group(1)
+        elif language == "text" and lines and lines[0].startswith(TRANSCRIPT_PROMPT):
+            kind, content, name = "transcript", lines, ""
         else:
             continue  # text, json, a yaml excerpt: shown, not run
-        if steps and steps[-1].kind == kind and kind != "file":
+        if steps and steps[-1].kind == kind and kind in ("python", "commands"):
             steps[-1].lines += content
         else:
             steps.append(Step(kind, list(content), name))
@@ -204,6 +209,28 @@ def run_commands(lines: list[str], cwd: Path, title: str) -> None:
         assert printed.strip(), f"{command.line!r}: the dry run printed no command"
 
 
+def transcript(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """(command, the lines it prints) of a `$ command` transcript."""
+    shown: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if line.startswith(TRANSCRIPT_PROMPT):
+            shown.append((line.removeprefix(TRANSCRIPT_PROMPT), []))
+        else:
+            shown[-1][1].append(line)
+    return shown
+
+
+def run_transcript(lines: list[str], cwd: Path) -> None:
+    for line, expected in transcript(lines):
+        command = parse_command(line)
+        assert not command.launcher, f"{line!r}: transcripts show nuwa-train commands"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "nuwa_train", *command.argv], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        printed = (done.stdout + done.stderr).splitlines()
+        assert printed == expected, f"README transcript {line!r} prints, now:\n" + "\n".join(printed)
+
+
 @pytest.fixture(scope="module")
 def working_copy(tmp_path_factory) -> Path:
     """Where the README's commands run: what they read from the repository, copied, and room for what they write."""
@@ -224,6 +251,8 @@ def test_readme_section_runs_as_written(section: Section, working_copy: Path):
     for step in section.steps:
         if step.kind == "file":
             (working_copy / step.name).write_text("\n".join(step.lines) + "\n")
+        elif step.kind == "transcript":
+            run_transcript(step.lines, working_copy)
         elif step.kind == "python":
             run_process([sys.executable, "-c", "\n".join(step.lines)], working_copy,
                         f"README section {section.title!r}, its Python blocks")
@@ -268,6 +297,9 @@ def test_the_readme_is_parsed_into_runnable_sections():
     assert parse_command(first.steps[1].lines[0]).argv == ["eval", "--model", "m", "--limit", "2"]
     assert [(s.kind, s.name, s.lines) for s in second.steps] == [("file", "my.yaml", ["data: {}"])]
     assert parse_command("NUWA_X=1 ./launch.sh lmms-eval --model nuwa").environment == {"NUWA_X": "1"}
+    shown = readme_sections("\n".join(["## C", "```text", "$ nuwa-train eval --x", "usage", "error", "$ nuwa-train b",
+                                        "```"]))
+    assert transcript(shown[0].steps[0].lines) == [("nuwa-train eval --x", ["usage", "error"]), ("nuwa-train b", [])]
 
 
 def test_every_relative_link_of_the_readme_and_its_docs_resolves():
