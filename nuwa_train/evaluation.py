@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -238,13 +238,19 @@ def _score(row: dict, text: str, bins: int, collator: VisionLanguageCollator | N
         else:
             box = codec.parse(text, collator.image_frame(as_image(row["image"], f"record {row['id']!r}")))
             overlap = box_iou(box, to_box01(truth)) if box is not None else 0.0
-        return Prediction(str(row["id"]), "grounding", row["kind"], row["answer"], text, overlap >= IOU_THRESHOLD,
-                          overlap if box is not None else None)
-    expected = row["answer"]
-    if row.get("objects") and collator is not None:  # <ref-object>/<bbox> placeholders, as the model spells them
-        expected = replace(collator, with_answer=True).validate(row, 0).answer
+        return Prediction(str(row["id"]), "grounding", row["kind"], _expected(row, collator), text,
+                          overlap >= IOU_THRESHOLD, overlap if box is not None else None)
+    expected = _expected(row, collator)
     return Prediction(str(row["id"]), "vqa", row["kind"], expected, text,
                       normalise_answer(text) == normalise_answer(expected))
+
+
+def _expected(row: dict, collator: VisionLanguageCollator | None) -> str:
+    """The answer the model is trained to give (what predictions.jsonl shows): `<ref-object>` / `<bbox>`
+    placeholders and grounding boxes written in the collator's box format, else the record's own answer."""
+    if collator is None or (not row.get("objects") and (collator.box_format is None or row["task"] != "grounding")):
+        return row["answer"]
+    return replace(collator, with_answer=True, counts=Counter()).validate(row, 0).answer
 
 
 def _summarise(predictions: list[Prediction], pruning: NuwaConfig | None, vision_total: int, average: float,

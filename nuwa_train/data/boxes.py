@@ -269,17 +269,59 @@ def to_box01(box: tuple[int, int, int, int]) -> Box01:
 
 # ms-swift's `objects.bbox_type`: what a ShareGPT grounding record's numbers are (default "real")
 BBOX_TYPES = {"real": None, "norm_1000": COORD_RANGE, "norm_1": 1}  # name -> scale (None: the image's pixels)
+# A pixel box may overhang its image by this much and is clamped to it: the rounding of x + w in COCO-style
+# boxes. A box further out is an error: its numbers are not pixels of this image (0-1000 boxes need "norm_1000").
+PIXEL_SLACK = 1.0
+
+
+class BoxError(ValueError):
+    """A box that is not a box of its image; the message says why, the caller says where (file, record, field)."""
+
+    def __init__(self, reason: str, kind: str):
+        super().__init__(reason)
+        self.kind = kind  # the reason without the box's own numbers, for counting
+
+
+def check_numbers(bbox) -> list[float]:
+    """[x1, y1, x2, y2] as floats: four finite numbers (JSON readers accept NaN and Infinity) with x1 < x2, y1 < y2,
+    none negative."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        raise BoxError(f"expected [x1, y1, x2, y2] numbers, got {bbox!r}", "not four numbers")
+    if not all(math.isfinite(v) for v in bbox):
+        raise BoxError(f"box {list(bbox)} holds a value that is not a finite number", "not a finite number")
+    if bbox[0] >= bbox[2] or bbox[1] >= bbox[3]:
+        raise BoxError(f"box {list(bbox)} needs x1 < x2 and y1 < y2", "x1 >= x2 or y1 >= y2")
+    if min(bbox) < 0:
+        raise BoxError(f"box {list(bbox)} has a negative coordinate", "negative coordinate")
+    return [float(v) for v in bbox]
 
 
 def object_box01(bbox, bbox_type: str, size: tuple[int, int] | None) -> Box01:
-    """An `objects.bbox` entry as fractions of its image; "real" boxes need the ORIGINAL image's (width, height)."""
+    """An `objects.bbox` entry as fractions of its image, checked (`BoxError`); "real" boxes need the displayed
+    image's full (width, height) and must lie in it (within `PIXEL_SLACK`, clamped)."""
+    x1, y1, x2, y2 = check_numbers(bbox)
     scale = BBOX_TYPES[bbox_type]
-    if scale is None:
-        if size is None:
-            raise ValueError("bbox_type 'real' boxes are pixels: the image's size is needed")
-        width, height = size
-        return (bbox[0] / width, bbox[1] / height, bbox[2] / width, bbox[3] / height)
-    return tuple(v / scale for v in bbox)
+    if scale is not None:
+        if x2 > scale or y2 > scale:
+            raise BoxError(f"box {[x1, y1, x2, y2]} is outside [0, {scale}] (bbox_type {bbox_type!r})",
+                           f"outside [0, {scale}]")
+        return (x1 / scale, y1 / scale, x2 / scale, y2 / scale)
+    if size is None:
+        raise ValueError("bbox_type 'real' boxes are pixels: the image's size is needed")
+    width, height = size
+    if x1 >= width or y1 >= height or x2 > width + PIXEL_SLACK or y2 > height + PIXEL_SLACK:
+        hint = " (0-1000 boxes need bbox_type 'norm_1000')" if max(x2, y2) <= COORD_RANGE else ""
+        raise BoxError(f"box {[x1, y1, x2, y2]} is outside the {width}x{height} image (bbox_type 'real': pixels of "
+                       f"the image as shown){hint}", "outside the image (bbox_type 'real')")
+    return (x1 / width, y1 / height, min(x2, width) / width, min(y2, height) / height)
+
+
+def below_grid(codec: BoxFormat, box: Box01, frame: ImageFrame) -> bool:
+    """Whether `box` is smaller than one cell of `codec`'s grid or of the records' 0-1000 grid: its answer, or the
+    0-1000 box it is scored against, has no area (the model would learn a box that reads back as none)."""
+    x1, y1, x2, y2 = to_grid(box)
+    return x1 >= x2 or y1 >= y2 or codec.parse(codec.render_coordinates(box, frame), frame) is None
 
 
 def to_grid(box: Box01) -> tuple[int, int, int, int]:

@@ -26,15 +26,19 @@ import torch
 from PIL import Image
 
 from .boxes import (
+    Box01,
+    BoxError,
     BoxFormat,
     ImageFrame,
     LlavaBox,
     Qwen25VLBox,
+    below_grid,
     object_box01,
     pad_to_square,
     qwen_model_size,
     to_box01,
 )
+from .images import to_rgb, upright
 
 IGNORE_INDEX = -100
 TEXT_TASK = "text"  # the task of a record without an image (it trains; evaluation does not score it)
@@ -48,6 +52,7 @@ PROMPT_TOO_LONG = "prompt longer than max_length (record refused)"
 PROMPT_UNKNOWN_TOKENS = "prompt has text the tokenizer maps to <unk>"
 ANSWER_UNKNOWN_TOKENS = "answer has text the tokenizer maps to <unk> (record refused)"
 TURNS_DROPPED = "conversation cut to whole turns within max_length (later turns dropped)"
+BOX_BELOW_GRID = "box smaller than one cell of its answer's grid (trains a box with no area; kept)"
 REF_PLACEHOLDER, BOX_PLACEHOLDER = "<ref-object>", "<bbox>"  # ms-swift's grounding placeholders (data/sharegpt.py)
 _PLACEHOLDER = re.compile(f"{re.escape(REF_PLACEHOLDER)}|{re.escape(BOX_PLACEHOLDER)}")
 
@@ -107,9 +112,10 @@ def _field(record: object, key: str):
 
 
 def as_image(value: object, where: str) -> Image.Image:
-    """A PIL RGB image from a PIL image, an HxWx3 uint8 array or a file path."""
+    """A PIL RGB image, upright (EXIF orientation applied), from a PIL image of any mode, an HxWx3 uint8 array or
+    a file path (data/images.py: the frame boxes are drawn in, 16-bit and palette images decoded right)."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB") if value.mode != "RGB" else value
+        return to_rgb(upright(value))
     if isinstance(value, np.ndarray):
         if value.ndim != 3 or value.shape[2] != 3:
             raise CollateError(f"{where}: field 'image' array must be HxWx3, got shape {value.shape}")
@@ -117,8 +123,10 @@ def as_image(value: object, where: str) -> Image.Image:
     if isinstance(value, (str, os.PathLike)):
         try:
             with Image.open(value) as image:
-                return image.convert("RGB")
-        except OSError as error:
+                image.load()
+                converted = to_rgb(upright(image))
+                return converted.copy() if converted is image else converted  # detached from the closed file
+        except (OSError, ValueError) as error:
             raise CollateError(f"{where}: field 'image' cannot be read: {error}") from None
     raise CollateError(f"{where}: field 'image' must be a PIL image, an array or a path, got "
                        f"{type(value).__name__}")
@@ -265,7 +273,7 @@ class VisionLanguageCollator:
         objects = _field(record, "objects")
         if (not objects and self.box_format is not None and _field(record, "task") == "grounding"
                 and (_field(record, "box") is not None or _field(record, "expression"))):
-            image, prompt, answer = self._in_box_format(record, image, prompt, answer)
+            image, prompt, answer = self._in_box_format(record, image, prompt, answer, where)
         turns = self.turns(record, prompt, answer, where) if self.with_answer else [(prompt, None)]
         if objects:
             image, turns = self._with_objects(image, turns, objects, where)
@@ -289,7 +297,13 @@ class VisionLanguageCollator:
             raise CollateError(f"{where}: field 'objects' (<ref-object>/<bbox> placeholders) needs a box format "
                                f"(data.box_format, or the collator's box_format)")
         frame = self.image_frame(image)
-        boxes = [object_box01(box, objects["bbox_type"], image.size) for box in objects["bbox"]]
+        boxes = []
+        for number, box in enumerate(objects["bbox"]):
+            try:
+                boxes.append(object_box01(box, objects["bbox_type"], image.size))
+            except BoxError as error:
+                raise CollateError(f"{where}: field 'objects.bbox[{number}]': {error}") from None
+            self._check_box_size(boxes[-1], frame, where)
         values = {REF_PLACEHOLDER: iter(objects["ref"]), BOX_PLACEHOLDER: iter(boxes)}
         counts = {REF_PLACEHOLDER: len(objects["ref"]), BOX_PLACEHOLDER: len(objects["bbox"])}
 
@@ -319,15 +333,21 @@ class VisionLanguageCollator:
             model_size = qwen_model_size(self.processor.image_processor, width, height)
         return ImageFrame(width, height, model_size)
 
-    def _in_box_format(self, record: object, image: Image.Image, prompt: str,
-                       answer: str | None) -> tuple[Image.Image, str, str | None]:
+    def _in_box_format(self, record: object, image: Image.Image, prompt: str, answer: str | None,
+                       where: str) -> tuple[Image.Image, str, str | None]:
         """A grounding record asked (and, when it has a box, answered) in `box_format`, on the image its boxes
         refer to. A record with an expression and no box is a question only (e.g. from an lmms-eval task)."""
         codec, frame = self.box_format, self.image_frame(image)
         expression, box = _field(record, "expression"), _field(record, "box")
         if box is not None:
+            self._check_box_size(to_box01(tuple(box)), frame, where)
             answer = codec.render(to_box01(tuple(box)), frame, label=expression or "")
         return self.native_image(image), codec.prompt(expression) if expression else prompt, answer
+
+    def _check_box_size(self, box: Box01, frame: ImageFrame, where: str) -> None:
+        """A box below one cell of the answer's grid trains an answer that reads back as no box: counted."""
+        if below_grid(self.box_format, box, frame):
+            self._count(BOX_BELOW_GRID, f"{where}: box {tuple(round(v, 4) for v in box)}")
 
     def native_image(self, image: Image.Image) -> Image.Image:
         """The image as the box format's frame has it: LLaVA's padded square, else the image itself."""

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageFile
 
 from .collate import TEXT_TASK
+from .images import displayed_size, orientation, to_rgb, upright
 from .synthetic import (
     COORD_RANGE,
     LOC_PATTERN,
@@ -160,20 +161,41 @@ class ImageIndex:
     """Which image files exist, from one directory listing per folder instead of one lookup per record.
 
     Start-up then costs a listing of each image folder (COCO's 83K training images: one folder), not 665K file
-    opens on every rank; the images themselves are read, and checked, when a record is first used.
+    opens on every rank; the images themselves are read, and checked, when a record is first used. The listing
+    also says which entries are symbolic links (no extra system call), so only those are resolved one by one.
     """
 
     def __init__(self):
-        self._folders: dict[str, frozenset[str]] = {}
+        self._folders: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # folder -> (names, link names)
+        self._real_folders: dict[str, str] = {}
+
+    def _listing(self, folder: str) -> tuple[frozenset[str], frozenset[str]]:
+        if folder not in self._folders:
+            try:
+                with os.scandir(folder) as entries:
+                    listed = [(entry.name, entry.is_symlink()) for entry in entries]
+            except OSError:
+                listed = []
+            self._folders[folder] = (frozenset(name for name, _ in listed),
+                                     frozenset(name for name, link in listed if link))
+        return self._folders[folder]
 
     def exists(self, path: str) -> bool:
         folder, name = os.path.split(path)
-        if folder not in self._folders:
-            try:
-                self._folders[folder] = frozenset(os.listdir(folder))
-            except OSError:
-                self._folders[folder] = frozenset()
-        return name in self._folders[folder]
+        return name in self._listing(folder)[0]
+
+    def real_folder(self, folder: str) -> str:
+        """`folder` with every symbolic link on its way resolved (once per folder)."""
+        if folder not in self._real_folders:
+            self._real_folders[folder] = os.path.realpath(folder)
+        return self._real_folders[folder]
+
+    def real_path(self, path: str) -> str:
+        """`path` with every symbolic link resolved (its folder once per folder, the file only if it is a link)."""
+        folder, name = os.path.split(path)
+        if name in self._listing(folder)[1]:
+            return os.path.realpath(path)
+        return os.path.join(self.real_folder(folder), name)
 
 
 class EmbeddedImage:
@@ -209,27 +231,39 @@ class EmbeddedImage:
 def _image_path(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
                 key: str = "image") -> str | EmbeddedImage:
     """The record's image as an absolute path inside `root` (unless allowed outside) that exists, or the image a
-    `save_to_disk` folder embeds."""
+    `save_to_disk` folder embeds. Inside means after symbolic links are resolved: a link in the root that points
+    elsewhere leaves it."""
     if isinstance(record, dict) and isinstance(record.get(key), EmbeddedImage):
         return record[key]
     given = _text(record, key)
-    path = os.path.normpath(os.path.join(os.path.abspath(root), given))
-    if not allow_outside_root and (os.path.isabs(given) or os.path.commonpath([path, os.path.abspath(root)])
-                                   != os.path.abspath(root)):
-        raise FieldError(key, f"path {given!r} leaves the dataset root {os.path.abspath(root)} (set "
-                                   f"data.allow_outside_root: true to allow it)", kind="image: path outside the root")
+    root = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root, given))
+    if not allow_outside_root and (os.path.isabs(given) or not _inside(path, root)):
+        raise FieldError(key, f"path {given!r} leaves the dataset root {root} (set data.allow_outside_root: true "
+                              f"to allow it)", kind="image: path outside the root")
     if not index.exists(path):
         raise FieldError(key, f"file not found: {path}")
+    if not allow_outside_root:
+        real, real_root = index.real_path(path), index.real_folder(root)
+        if not _inside(real, real_root):
+            raise FieldError(key, f"path {given!r} is a symbolic link (or lies in a linked folder) to {real}, outside "
+                                  f"the dataset root {real_root} (set data.allow_outside_root: true to allow it)",
+                             kind="image: link outside the root")
     return path
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
 
 
 def read_image(path: str | EmbeddedImage, min_side: int | None = None,
                declared_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an image fully (a truncated or corrupt file fails here, not in the processor), as RGB.
+    """Decode an image fully (a truncated or corrupt file fails here, not in the processor), upright and RGB.
 
     `min_side`: the short side the processor needs at most; a larger image is decoded reduced by a whole factor
     (JPEG's DCT scaling via `draft`, else `reduce`), so an 8000x8000 photo does not cost a full-size decode and
-    resize on every access. `declared_size`: (width, height) the record states, checked against the file.
+    resize on every access. `declared_size`: (width, height) the record states, checked against the displayed
+    image (EXIF orientation applied, see data/images.py). Any mode PIL reads becomes 8-bit RGB (`to_rgb`).
     `path` may also be an image a `save_to_disk` folder embeds.
     Raises `FieldError("image", ...)`; the caller names the file and record.
     """
@@ -255,20 +289,25 @@ def reduced(image: Image.Image, min_side: int | None) -> Image.Image:
 
 def read_image_sized(path: str | EmbeddedImage, min_side: int | None = None,
                      declared_size: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """`read_image` and the file's own (width, height): pixel boxes refer to it, not to a reduced decode."""
+    """`read_image` and the displayed image's full (width, height): pixel boxes refer to it, not to a reduced
+    decode, and to the photo as shown (a JPEG stored sideways with EXIF orientation 6 swaps the two)."""
     name = repr(path) if isinstance(path, EmbeddedImage) else path
     try:
         with _strict_decoding(), Image.open(io.BytesIO(path.read()) if isinstance(path, EmbeddedImage) else path) as image:
-            if declared_size is not None and tuple(declared_size) != image.size:
-                raise FieldError("image", f"{name} is {image.size[0]}x{image.size[1]}, but the record declares "
-                                           f"width {declared_size[0]}, height {declared_size[1]}",
-                                  kind="width/height: do not match the image")
-            size = image.size
+            turned = orientation(image)
+            size = displayed_size(image.size, turned)
+            if declared_size is not None and tuple(declared_size) != size:
+                stored = (f" (stored {image.size[0]}x{image.size[1]}, shown turned by its EXIF orientation "
+                          f"{turned}: boxes and sizes refer to the image as shown)" if size != image.size else "")
+                raise FieldError("image", f"{name} is {size[0]}x{size[1]}{stored}, but the record declares "
+                                          f"width {declared_size[0]}, height {declared_size[1]}",
+                                 kind="width/height: do not match the image")
             factor = min(size) // min_side if min_side else 1
             if factor >= 2 and image.format == "JPEG":
-                image.draft("RGB", (size[0] // factor, size[1] // factor))
+                image.draft("RGB", (image.size[0] // factor, image.size[1] // factor))
             image.load()
-            return reduced(image, min_side).convert("RGB"), size
+            decoded = reduced(to_rgb(upright(image)), min_side)
+            return (decoded.copy() if decoded is image else decoded), size  # detached from the closed file
     except FieldError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

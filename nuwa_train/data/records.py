@@ -17,7 +17,7 @@ from .formats import (
     parse_refcoco_json,
     read_image_sized,
 )
-from .sharegpt import conversation_row, parse_sharegpt_json, resolve_objects, sharegpt_source
+from .sharegpt import conversation_row, parse_sharegpt_json, resolve_objects
 from .synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
 
 logger = logging.getLogger(__name__)
@@ -90,15 +90,15 @@ class FileRecords(Dataset):
     A file that yields no record at all is an error that lists why its records were skipped.
     """
 
+    records_per_image = 1  # each record its own (data.group_by_image groups the synthetic records only)
+
     def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str,
                  allow_outside_root: bool = False, min_image_side: int | None = None, text_only: str = "keep",
                  sharegpt_files: list[str] = ()):
         options = dict(on_error=on_error, allow_outside_root=allow_outside_root, check_images=False)
         parsed = [parse_llava_json(path, **options, text_only=text_only) for path in llava_files]
         parsed += [parse_refcoco_json(path, **options) for path in refcoco_files]
-        for spec in sharegpt_files:
-            path, layout = sharegpt_source(spec)
-            parsed.append(parse_sharegpt_json(path, layout=layout, **options, text_only=text_only))
+        parsed += [parse_sharegpt_json(spec, **options, text_only=text_only) for spec in sharegpt_files]
         self.parts = [rows for rows, _ in parsed]
         self.load_reports = [report for _, report in parsed]
         empty = [report for report in self.load_reports if report.loaded == 0]
@@ -136,6 +136,7 @@ class FileRecords(Dataset):
             row = self._row(candidate)
             try:
                 image, size = self._image(row)
+                row = resolve_objects(row, size) if size else row  # pixel boxes checked against the image
             except FieldError as error:
                 problem = DatasetFormatError(row["source"], error.reason, row["index"], row["id"], error.field)
                 if self.on_error == "raise":
@@ -144,5 +145,5 @@ class FileRecords(Dataset):
                 self.access_reports[row["source"]].add_skip(problem, error.kind)
                 logger.warning("skipped (data.on_error: skip): %s", problem)
                 continue
-            return {**(resolve_objects(row, size) if size else row), "image": image}
+            return {**row, "image": image}
         raise DatasetFormatError(", ".join(self.access_reports), "no record has a readable image")

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .boxes import BBOX_TYPES, object_box01, to_grid
+from .boxes import BBOX_TYPES, BoxError, check_numbers, object_box01, to_grid
 from .collate import BOX_PLACEHOLDER, REF_PLACEHOLDER, TEXT_TASK
 from .synthetic import Record, SyntheticConfig, generate_scene
 from .formats import (
@@ -29,6 +30,7 @@ from .formats import (
     IMAGE_TOKEN,
     TEXT_ONLY,
     TEXT_ONLY_SKIPPED,
+    _LIST_INDEX,
     DatasetFormatError,
     FieldError,
     ImageIndex,
@@ -131,19 +133,22 @@ def _objects(record: dict, layout: ShareGPTLayout) -> dict | None:
         raise FieldError(f"{layout.objects}.ref", f"expected a list of non-empty strings, got {refs!r}")
     if not isinstance(boxes, list):
         raise FieldError(f"{layout.objects}.bbox", f"expected a list of [x1, y1, x2, y2] boxes, got {boxes!r}")
-    limit = BBOX_TYPES[bbox_type]
+    checked = []
     for number, box in enumerate(boxes):
-        where = f"{layout.objects}.bbox[{number}]"
-        if not isinstance(box, list) or len(box) != 4 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-            raise FieldError(where, f"expected [x1, y1, x2, y2] numbers, got {box!r}")
-        if box[0] >= box[2] or box[1] >= box[3]:
-            raise FieldError(where, f"box {box} needs x1 < x2 and y1 < y2")
-        if min(box) < 0 or (limit is not None and max(box) > limit):
-            raise FieldError(where, f"box {box} is outside [0, {limit if limit is not None else 'the image'}] "
-                                    f"(bbox_type {bbox_type!r})")
-    return {"ref": [r.strip() for r in refs], "bbox": [[float(v) for v in box] for box in boxes],
-            "bbox_type": bbox_type}
+        with _box_field(f"{layout.objects}.bbox[{number}]"):
+            checked.append(check_numbers(box))
+            if BBOX_TYPES[bbox_type] is not None:  # in range; pixel boxes are checked once the image's size is known
+                object_box01(box, bbox_type, None)
+    return {"ref": [r.strip() for r in refs], "bbox": checked, "bbox_type": bbox_type}
+
+
+@contextmanager
+def _box_field(where: str):
+    """A `BoxError` raised inside as the `FieldError` of field `where` (skippable, counted by its kind)."""
+    try:
+        yield
+    except BoxError as error:
+        raise FieldError(where, str(error), kind=f"{_LIST_INDEX.sub('[]', where)}: {error.kind}") from None
 
 
 def resolve_objects(row: dict, size: tuple[int, int]) -> dict:
@@ -153,7 +158,10 @@ def resolve_objects(row: dict, size: tuple[int, int]) -> dict:
     if not objects:
         return row
     if objects["bbox_type"] != "norm_1":
-        boxes = [list(object_box01(box, objects["bbox_type"], size)) for box in objects["bbox"]]
+        boxes = []
+        for number, box in enumerate(objects["bbox"]):
+            with _box_field(f"{OPENAI_LAYOUT.objects}.bbox[{number}]"):
+                boxes.append(list(object_box01(box, objects["bbox_type"], size)))
         row = {**row, "objects": {**objects, "bbox": boxes, "bbox_type": "norm_1"}}
     if row["task"] == "grounding" and row["box"] is None:
         first_box = row["messages"][0]["content"].count(BOX_PLACEHOLDER)  # boxes the question itself holds
@@ -166,13 +174,16 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
                         check_images: bool = True, text_only: str = "keep") -> tuple[list[dict], LoadReport]:
     """Validate a ShareGPT-style JSON / JSONL file or `save_to_disk` folder into rows of FEATURES and a LoadReport.
 
-    `layout`: the record's column and tag names (default: `messages`/role/content records, or LLaMA-Factory's
-    `conversations`/from/value ones, whichever the record has). A leading system message (or the `system` column)
+    `path` may also be `PATH/dataset_info.json:NAME`, a LLaMA-Factory registration (`sharegpt_source`).
+    `layout`: the record's column and tag names (default: the registration's, else `messages`/role/content records,
+    or LLaMA-Factory's `conversations`/from/value ones, whichever the record has). A leading system message (or the `system` column)
     becomes the row's `system` prompt. A record is grounding when its first answer is one `<bbox>` (it is then
     scored like a RefCOCO record); other answers with placeholders train and are scored as text.
     """
     if text_only not in TEXT_ONLY:
         raise ValueError(f"data.text_only={text_only!r} must be one of {', '.join(TEXT_ONLY)}")
+    path, registered = sharegpt_source(str(path))
+    layout = layout or registered
     index = ImageIndex()
 
     def parse_record(record: object, root: Path, position: int) -> dict:
@@ -278,6 +289,7 @@ def export_conversations(out_dir: PathLike, config: SyntheticConfig, split: str,
 def load_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
                        layout: ShareGPTLayout | None = None, allow_outside_root: bool = False,
                        text_only: str = "keep"):
-    """A ShareGPT-style file or folder as a Dataset (images resolve against its folder unless `image_root`)."""
+    """A ShareGPT-style file or folder (or `PATH/dataset_info.json:NAME`) as a Dataset (images resolve against its
+    folder unless `image_root`)."""
     return _to_dataset(*parse_sharegpt_json(path, image_root, on_error, layout, allow_outside_root,
                                             text_only=text_only))
