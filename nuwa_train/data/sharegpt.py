@@ -176,8 +176,8 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
 
     `path` may also be `PATH/dataset_info.json:NAME`, a LLaMA-Factory registration (`sharegpt_source`).
     `layout`: the record's column and tag names (default: the registration's, else `messages`/role/content records,
-    or LLaMA-Factory's `conversations`/from/value ones, whichever the record has). A leading system message (or the `system` column)
-    becomes the row's `system` prompt. A record is grounding when its first answer is one `<bbox>` (it is then
+    or LLaMA-Factory's `conversations`/from/value ones, whichever the record has). A leading system message (or the
+    `system` column) becomes the row's `system` prompt. A record is grounding when its first answer is one `<bbox>` (it is then
     scored like a RefCOCO record); other answers with placeholders train and are scored as text.
     """
     if text_only not in TEXT_ONLY:
