@@ -302,9 +302,24 @@ def test_the_readme_is_parsed_into_runnable_sections():
     assert transcript(shown[0].steps[0].lines) == [("nuwa-train eval --x", ["usage", "error"]), ("nuwa-train b", [])]
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and re.match(r"#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
 def test_every_relative_link_of_the_readme_and_its_docs_resolves():
     for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
             if "://" in target:
                 continue
-            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            linked = (page.parent / target) if target else page
+            assert linked.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            if anchor and linked.suffix == ".md":
+                assert anchor in heading_anchors(linked.read_text()), \
+                    f"{page.relative_to(ROOT)} links to {target}#{anchor}: no such heading"
