@@ -87,11 +87,12 @@ run_lmms_eval() {  # $1: its --output_path; the rest: the command. Exits with lm
         status=1
         log "error: lmms-eval wrote no results file under $output (its error is above: typically a task whose data"
         log "  file is missing). The nuwa_* tasks read their files from environment variables:"
-        log "  nuwa_synthetic_vqa, nuwa_synthetic_grounding: NUWA_SYNTHETIC_DIR (now: ${NUWA_SYNTHETIC_DIR:-unset,"
-        log "    default outputs/lmms_synthetic}); write it with"
+        log "  nuwa_synthetic_vqa, nuwa_synthetic_grounding: NUWA_SYNTHETIC_DIR"
+        log "    (now: ${NUWA_SYNTHETIC_DIR:-unset, default outputs/lmms_synthetic}); write it with"
         log "    nuwa-train export-data ${NUWA_SYNTHETIC_DIR:-outputs/lmms_synthetic} --format llava-refcoco"
         log "  nuwa_refcoco: NUWA_REFCOCO_FILE (now: ${NUWA_REFCOCO_FILE:-unset}), a RefCOCO-style JSON"
-        log "  nuwa_refcoco_bbox_rec: NUWA_REFCOCO_REC_FILE (now: ${NUWA_REFCOCO_REC_FILE:-unset}), lmms-eval's RefCOCO fields"
+        log "  nuwa_refcoco_bbox_rec: NUWA_REFCOCO_REC_FILE (now: ${NUWA_REFCOCO_REC_FILE:-unset}), a JSON with"
+        log "    lmms-eval's RefCOCO fields (image, bbox, answer, question_id)"
     fi
     rm -f "$started"
     exit "$status"

@@ -207,8 +207,9 @@ def prefill_markdown(prefill: list[PrefillTiming], aggregation: list[Aggregation
                      f"{r.total_ms:.1f} | {r.llm_ms:.1f} | {r.overhead_ms:.2f} | {r.full_depth_total_ms:.0f} | "
                      f"{r.flop_ratio:.3f} | {r.time_ratio:.3f} | {fmt(r.realised_saving, '{:.0%}')} | "
                      f"{fmt(r.overhead_share, '{:.1%}')} | {r.note} |")
+    unmeasured = " | ".join(["-"] * 9)  # from the vision tokens to the overhead share
     for a in absent:
-        lines.append(f"| {a.shape} | - | - | {METHOD_LABELS[a.method]} | {a.budget} | - | - | - | - | - | - | - | - | - | "
+        lines.append(f"| {a.shape} | - | - | {METHOD_LABELS[a.method]} | {a.budget} | {unmeasured} | "
                      f"not measured: {a.reason} |")
     lines += ["", "## Stage-1 aggregation (64-token budget share, D=1024, median ms)", "",
               "| grid | tokens N | anchors K | released N x N | dense K x N | windowed |", "|---|---|---|---|---|---|"]
