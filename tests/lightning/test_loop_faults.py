@@ -35,8 +35,9 @@ def make_data(base_dir, batch_size=4, **settings):
 
 
 def trainer(directory, steps, callbacks=(), **settings):
-    settings = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False, **settings}
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+    settings = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False, "devices": 1,
+                **settings}
+    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, use_distributed_sampler=False, default_root_dir=directory,
                      callbacks=list(callbacks), **settings)
 
@@ -310,3 +311,54 @@ def test_a_diverging_learning_rate_stops_fit_before_a_non_finite_state_is_saved(
     saved = finite_checkpoint(tmp_path / "last.ckpt")
     step = int(str(stopped.value).split("step ")[1].split()[0])
     assert saved["global_step"] == step - 1  # the state before the non-finite one
+
+
+# ----------------------------------------------------------------------------- under DDP: every rank stops alike
+DDP_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from nuwa_train.lightning.module import NonFiniteTrainingError
+from test_loop_faults import NaNLossAt, NuwaFineTuner, make_data, make_module, trainer
+
+class OnRankOne(Callback):
+    '''Rank 1 alone: a SIGTERM as step 3 starts (or, in RankOneNaN, the NaN loss of step NAN_STEP).'''
+    def on_train_batch_start(self, trainer, module, batch, batch_index):
+        if {fault!r} == "sigterm" and trainer.global_rank == 1 and trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+class RankOneNaN(NaNLossAt):
+    def _lm_loss(self, output):
+        return super()._lm_loss(output) if self.global_rank == 1 else NuwaFineTuner._lm_loss(self, output)
+
+checkpoints = ModelCheckpoint(dirpath={directory!r}, save_last=True, save_top_k=0, every_n_train_steps=2)
+run = trainer({directory!r}, 6, [checkpoints, OnRankOne()], enable_checkpointing=True, devices=2, strategy="ddp")
+module = make_module({base!r}, module_class=RankOneNaN if {fault!r} == "nan" else NuwaFineTuner)
+try:
+    run.fit(module, make_data({base!r}, 2))
+    print(f"rank {{run.global_rank}} stopped at step {{run.global_step}}", flush=True)
+except NonFiniteTrainingError as error:
+    print(f"rank {{run.global_rank}} error: {{error}}", flush=True)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("fault", ["nan", "sigterm"])
+def test_under_ddp_a_fault_on_one_rank_stops_every_rank_at_the_same_step(tiny_base_dir, tmp_path, fault):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), directory=str(tmp_path / "run"),
+                                        base=tiny_base_dir, fault=fault))
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    saved = load_checkpoint_file(tmp_path / "run" / "last.ckpt")
+    if fault == "nan":  # NaN on rank 1 only: both ranks raise at its step, before the update; the save before stays
+        assert done.returncode != 0
+        assert f"rank 0 error: the training loss is not finite at step {NAN_STEP} (on another rank)" in done.stdout
+        assert f"rank 1 error: the training loss is not finite at step {NAN_STEP} (train/loss nan on global rank 1)" \
+            in done.stdout, done.stdout[-3000:]
+        assert saved["global_step"] == NAN_STEP - 1
+    else:  # SIGTERM on rank 1 only: both ranks finish step 3 and stop; the final save holds it
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert "rank 0 stopped at step 3" in done.stdout and "rank 1 stopped at step 3" in done.stdout
+        assert saved["global_step"] == 3
