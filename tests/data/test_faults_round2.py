@@ -354,6 +354,22 @@ def test_a_prediction_shows_the_expected_box_as_the_model_is_trained_to_answer(f
     assert codec.parse(expected, frame) == pytest.approx(to_box01((125, 250, 625, 750)), abs=1 / 32)
 
 
+def test_eval_writes_the_expected_box_into_predictions_jsonl(tiny_base_dir, tmp_path):
+    from nuwa_train.cli import main
+    from nuwa_train.data.sharegpt import export_conversations
+    from nuwa_train.data.synthetic import SyntheticConfig
+
+    conversations = export_conversations(tmp_path / "swift", SyntheticConfig(), "val", 2, 0, 1)  # 2 grounding
+    main(["eval", "--model", tiny_base_dir, "--method", "none", "--out", str(tmp_path / "out"),
+          "--data", f"sharegpt={conversations}"])
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    boxes = [json.loads(line)["objects"]["bbox"][0] for line in conversations.read_text().splitlines()]
+    assert [p["task"] for p in predictions] == ["grounding", "grounding"]
+    codec = box_format("loc_tokens", bins=SyntheticConfig().coordinate_bins)  # the tiny base's format
+    for prediction, box in zip(predictions, boxes):
+        assert prediction["answer"] == codec.render(to_box01(tuple(box)), None)  # not "<bbox>"
+
+
 # ----------------------------------------------------------------------------- 8. the default recipe takes files
 def test_the_default_recipe_trains_on_files_with_the_documented_flags_alone(tiny_base_dir, tmp_path, monkeypatch):
     from nuwa_train.data.sharegpt import export_conversations
