@@ -226,6 +226,18 @@ def write_bytes_atomically(path: Path, data: bytes | memoryview) -> Path:
     return write_atomically(path, write)
 
 
+def torch_save_atomically(path: Path, obj) -> Path:
+    """`torch.save(obj)` as the new content of `path`, serialised in memory first (as Lightning's save does) so
+    that a full disk is an OSError, not torch's "unexpected pos N vs M"."""
+    import io
+
+    import torch
+
+    serialized = io.BytesIO()
+    torch.save(obj, serialized)
+    return write_bytes_atomically(path, serialized.getbuffer())
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint that holds Python objects beyond tensors and plain data: loading it could run code."""

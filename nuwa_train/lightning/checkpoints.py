@@ -18,14 +18,13 @@ import signal
 import threading
 from pathlib import Path
 
-import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..io import load_checkpoint_file, write_bytes_atomically
+from ..io import load_checkpoint_file, torch_save_atomically
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -37,8 +36,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
     Lightning writes a local checkpoint to a temporary file in $TMPDIR and moves it onto the target; across file
     systems that move copies the bytes onto the target in place, so a full disk or a kill during the copy
     truncates the previous checkpoint (issue 31: last.ckpt 6,189,369 -> 4,349,952 bytes, then "failed finding
-    central directory" on resume). Here the file is written next to the target and renamed onto it (`write_atomically`).
-    Remote paths (s3://, ...) keep Lightning's save: an object store replaces an object whole.
+    central directory" on resume). Here the file is written next to the target and renamed onto it
+    (`torch_save_atomically`). Remote paths (s3://, ...) keep Lightning's save: an object store replaces an
+    object whole.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -46,9 +46,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(file_system, LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)  # Lightning's refusal, or a remote save
             return
-        serialized = io.BytesIO()  # in memory first, as Lightning does: torch reports a full disk unreadably
-        torch.save(checkpoint, serialized)
-        write_bytes_atomically(Path(local_path), serialized.getbuffer())
+        torch_save_atomically(Path(local_path), checkpoint)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return load_checkpoint_file(path, map_location=map_location or "cpu")

@@ -28,7 +28,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from ..io import load_checkpoint_file, replace_directory, staging_directory, write_atomically
+from ..io import (load_checkpoint_file, replace_directory, staging_directory, torch_save_atomically,
+                  write_atomically)
 from ..runs import TRAINABLE_WEIGHTS_NAME
 
 TORCH_EXTENSIONS_SUBDIR = Path("nuwa-train") / "torch_extensions"
@@ -176,7 +177,7 @@ class SaveTrainableWeights(Callback):
         checkpoint = trainable_checkpoint(module)  # every rank takes part in the gather
         if trainer.is_global_zero:
             target = self.path or Path(trainer.default_root_dir) / TRAINABLE_WEIGHTS_NAME
-            write_atomically(target, lambda staging: torch.save(checkpoint, staging))
+            torch_save_atomically(target, checkpoint)
         trainer.strategy.barrier("nuwa_train.save_trainable_weights")
 
 
