@@ -91,9 +91,11 @@ class ExportFacts:
         from .export import EXPORT_RECORD_KEYS, NUWA_CONFIG_NAME, TRAINED_BUDGETS_KEY  # export.py writes the card
 
         settings = json.loads((directory / NUWA_CONFIG_NAME).read_text(encoding="utf-8"))
-        config_file = directory / "config.json"  # absent from an adapter-only export
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         origin = settings.get("exported_from") or {}
+        config_file = directory / "config.json"
+        if not config_file.is_file() and origin.get("base_model"):  # an adapter-only export: its base's family
+            config_file = Path(origin["base_model"]) / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         training = origin.get(TRAINING_KEY) or {}
         pruning = {key: value for key, value in settings.items() if key not in EXPORT_RECORD_KEYS}
         budgets = settings.get(TRAINED_BUDGETS_KEY) or training.get("train_budgets") or [pruning.get("budget")]

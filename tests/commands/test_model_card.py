@@ -114,3 +114,16 @@ def test_chat_runs_the_export_with_its_trained_pruning(exported, tmp_path, capsy
     captured = capsys.readouterr()
     assert "nuwa at budget 64 (nuwa_config.json of the export)" in captured.err
     assert captured.out.count("\n") == 1  # one answer line, whatever 3 steps of training taught
+
+
+def test_an_adapter_only_card_names_its_library_and_its_base_family(exported, tmp_path):
+    export, _ = exported
+    copy = shutil.copytree(export, tmp_path / "adapter")
+    (copy / "config.json").unlink()  # an adapter-only export holds no model config: the family is its base's
+    settings = json.loads((copy / NUWA_CONFIG_NAME).read_text())
+    settings["exported_from"]["merged"] = False
+    (copy / NUWA_CONFIG_NAME).write_text(json.dumps(settings))
+    text = write_model_card(copy).read_text()
+    front = front_matter(text)
+    assert front["library_name"] == "peft" and "llava" in front["tags"]
+    assert "This folder is a LoRA adapter" in text and "cannot load it without its base model" in text
