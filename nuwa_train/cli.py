@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .chat import CHAT_SUMMARY, add_chat_arguments
 
     add_chat_arguments(command("chat", CHAT_SUMMARY))
+    from .serving.server import SERVE_SUMMARY, add_serve_arguments
+
+    add_serve_arguments(command("serve", SERVE_SUMMARY))
     for name in LIGHTNING_COMMANDS:
         command(name, f"LightningCLI {name}: --config recipes/<name>.yaml [--section.key value]; "
                       f"`{name} --help` lists its flags")
