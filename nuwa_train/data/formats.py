@@ -253,7 +253,8 @@ def _image_path(record: object, root: Path, allow_outside_root: bool, index: Ima
 
 
 def _inside(path: str, root: str) -> bool:
-    return os.path.commonpath([path, root]) == root
+    """Whether normalised `path` is `root` or below it (a prefix test: a start-up cost per record)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def read_image(path: str | EmbeddedImage, min_side: int | None = None,
