@@ -118,7 +118,8 @@ class FinalCheckpoint(Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         for number, handler in self._originals.items():
-            signal.signal(number, handler)
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(number, handler)
 
     def _stop_decided(self, trainer) -> bool:
         """Whether any rank was signalled: a collective, so call it where every rank is at the same point."""
@@ -150,7 +151,7 @@ class FinalCheckpoint(Callback):
         self._stop_validation_if_requested(trainer)
 
     def _stop_validation_if_requested(self, trainer) -> None:
-        if self._training and not trainer.sanity_checking and self._stop_decided(trainer):
+        if self._training and self._stop_decided(trainer):  # (the sanity check runs before the first step)
             raise TrainingStopped(f"{self.requested_by or 'a signal on another rank'} stopped fit during the "
                                   f"validation after step {trainer.global_step}")
 

@@ -314,6 +314,8 @@ def test_a_diverging_learning_rate_stops_fit_before_a_non_finite_state_is_saved(
 
 
 # ----------------------------------------------------------------------------- under DDP: every rank stops alike
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                   "PL_GLOBAL_SEED")  # the test process's own, if an earlier test set them
 DDP_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
@@ -348,9 +350,10 @@ def test_under_ddp_a_fault_on_one_rank_stops_every_rank_at_the_same_step(tiny_ba
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), directory=str(tmp_path / "run"),
                                         base=tiny_base_dir, fault=fault))
-    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_ENV}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                           env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert (tmp_path / "run" / "last.ckpt").is_file(), done.stdout[-2000:] + done.stderr[-4000:]
     saved = load_checkpoint_file(tmp_path / "run" / "last.ckpt")
     if fault == "nan":  # NaN on rank 1 only: both ranks raise at its step, before the update; the save before stays
         assert done.returncode != 0
