@@ -2,14 +2,15 @@
 
     python vllm_answers.py JOB.json OUT.json
 
-JOB: {"model", "hf_overrides", "engine": extra LLM(...) arguments, "max_tokens", "logprobs",
-"records": [{"prompt_token_ids": ids with ONE image placeholder, "image": path}]}.
-OUT: {"answers": [token ids], "first_logprobs": [{token id: log-prob}], "kept": [raster indices per encoded image,
-in encoding order], "init_s": engine start-up seconds}.
+JOB: {"model", "max_tokens", "logprobs", "records": [{"prompt_token_ids": ids with ONE image placeholder, "image":
+path}], "runs": {NAME: {"hf_overrides", "engine": extra LLM(...) arguments}}}: one engine per run, in one process.
+OUT: {NAME: {"answers": [token ids], "first_logprobs": [{token id: log-prob}], "kept": [raster indices per encoded
+image, in encoding order], "init_s": engine start-up seconds}}.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -20,13 +21,19 @@ ENGINE_DEFAULTS = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 4, 
 
 
 def main(job_path: str, out_path: str) -> None:
+    job = json.loads(open(job_path).read())
+    results = {name: answer(job, run) for name, run in job["runs"].items()}
+    with open(out_path, "w") as handle:
+        json.dump(results, handle)
+
+
+def answer(job: dict, run: dict) -> dict:
     from PIL import Image
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    job = json.loads(open(job_path).read())
     started = time.perf_counter()
-    llm = LLM(model=job["model"], hf_overrides=job["hf_overrides"], **{**ENGINE_DEFAULTS, **job.get("engine", {})})
+    llm = LLM(model=job["model"], hf_overrides=run["hf_overrides"], **{**ENGINE_DEFAULTS, **run.get("engine", {})})
     init_s = time.perf_counter() - started
     llm.apply_model(lambda model: model.recent_kept.clear())  # the profiling run's dummy image
     prompts = []
@@ -41,8 +48,9 @@ def main(job_path: str, out_path: str) -> None:
               "first_logprobs": [{str(token): entry.logprob for token, entry in output.outputs[0].logprobs[0].items()}
                                  for output in outputs],
               "kept": kept, "init_s": init_s}
-    with open(out_path, "w") as handle:
-        json.dump(result, handle)
+    del llm
+    gc.collect()
+    return result
 
 
 if __name__ == "__main__":
