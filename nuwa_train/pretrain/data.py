@@ -120,6 +120,9 @@ class BatchMaker:
         referred = [self.targets.referred_patches(records, covers[index])
                     for records, index in zip(turns, image_of_record)]
         out["referred"] = torch.as_tensor(np.stack(referred), dtype=torch.float32)
+        out["answer_referred"] = torch.as_tensor(np.stack([  # per answer: the objects its question is about
+            self.targets.referred_patches(record, covers[index])
+            for records, index in zip(turns, image_of_record) for record in records]), dtype=torch.float32)
         return out
 
     def _scene_targets(self, scenes) -> dict:

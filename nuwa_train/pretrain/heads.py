@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from ..data.collate import IGNORE_INDEX
-from ..models.common import clip_cls_attention
+from ..models.scoring import clip_cls_attention
 from ..models.tiny import TinyLlavaSpec
 from .targets import TargetMaker
 
@@ -69,6 +70,42 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     totals = token.new_zeros(count).index_add(0, answer[valid], token[valid])
     sizes = token.new_zeros(count).index_add(0, answer[valid], torch.ones_like(token[valid]))
     return totals / sizes
+
+
+def answer_queries(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) of the token before each answer (the one that predicts its first token), in the order of
+    `answer_losses`."""
+    labelled = labels != IGNORE_INDEX
+    starts = labelled[:, 1:] & ~labelled[:, :-1]
+    rows, positions = starts.nonzero(as_tuple=True)
+    return rows, positions
+
+
+def retrieval_loss(layer: nn.Module, layer_input: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, head: int) -> torch.Tensor:
+    """-log of the attention mass that one head of an LLM decoder layer puts, from each answer's query token, on
+    the patches of the objects its question is about (`targets` (A, L) bool over the row's positions).
+
+    With the image first the vision tokens cannot see the question (the question-first referred head has nothing
+    to read): this supervises the retrieval itself, the query reading the right patches. Answers without a
+    target (e.g. "no") are left out. Recomputes that head's causal attention scores from the layer's input.
+    """
+    attn = layer.self_attn
+    keep = targets.any(1)
+    if not keep.any():
+        return layer_input.new_zeros(())
+    rows, positions, targets = rows[keep], positions[keep], targets[keep]
+    normed = layer.input_layernorm(layer_input)
+    dim = attn.head_dim
+    query = attn.q_proj(normed[rows, positions]).view(len(rows), -1, dim)[:, head]  # (A, d)
+    key = attn.k_proj(normed).view(*normed.shape[:2], -1, dim)[:, :, head // attn.num_key_value_groups]  # (B, L, d)
+    cos, sin = position_embeddings
+    query = query * cos[rows, positions] + rotate_half(query) * sin[rows, positions]
+    key = (key * cos + rotate_half(key) * sin)[rows]  # (A, L, d)
+    scores = (key @ query.unsqueeze(-1)).squeeze(-1).float() * attn.scaling  # (A, L)
+    later = torch.arange(scores.shape[1], device=scores.device)[None] > positions[:, None]
+    log_probs = scores.masked_fill(later, float("-inf")).log_softmax(-1)
+    return -log_probs.masked_fill(~targets, float("-inf")).logsumexp(-1).mean()
 
 
 class AuxHeads(nn.Module):

@@ -33,11 +33,18 @@ from ..lightning.data import as_synthetic_config
 from ..models.tiny import TinyLlavaSpec, build_tiny_llava
 from .callbacks import PhaseClock
 from .data import phase_synthetic
-from .heads import AuxHeads, answer_losses, cls_attention_pool, init_vision_positions
+from .heads import (
+    AuxHeads,
+    answer_losses,
+    answer_queries,
+    cls_attention_pool,
+    init_vision_positions,
+    retrieval_loss,
+)
 from .init import load_initial_weights
 from .phases import Phase, Position, as_phase, lr_at
 from .state import STATE_KEY
-from .targets import TargetMaker
+from .targets import COVER_THRESHOLD, TargetMaker
 
 LATER_TURNS_METRIC = "lm_later_turns"  # the answer loss of conversation turns after the first
 PresenceInput = Literal["cls", "cls_attention"]  # the CLS output, or the feature layer's CLS attention read-out
@@ -53,13 +60,15 @@ def as_spec(value: TinyLlavaSpec | dict) -> TinyLlavaSpec:
 class TinyBasePretrainer(L.LightningModule):
     """`spec`: the model's sizes; `phases`: what trains when (see `Phase`); `synthetic`: the training data
     (linked from `data.synthetic` by the CLI), which also fixes the vocabulary and the heads' classes;
-    `init_from`: an exported base directory or a run's state file to start from (see `init.py`)."""
+    `init_from`: an exported base directory or a run's state file to start from (see `init.py`);
+    `retrieval_layer` / `retrieval_head`: the LLM attention head a phase's `retrieval_weight` supervises (default:
+    head 0 of the middle layer)."""
 
     def __init__(self, phases: list[Phase], spec: TinyLlavaSpec = TinyLlavaSpec(),
                  synthetic: SyntheticConfig = SyntheticConfig(), seed: int = 0, position_init_scale: float = 0.5,
                  presence_from: PresenceInput = "cls", referred_layer: int = 2, referred_pos_weight: float = 4.0,
                  weight_decay: float = 0.01, adam_betas: tuple[float, float] = (0.9, 0.98),
-                 init_from: str | None = None):
+                 init_from: str | None = None, retrieval_layer: int | None = None, retrieval_head: int = 0):
         super().__init__()
         if presence_from not in ("cls", "cls_attention"):
             raise ValueError(f"model.presence_from={presence_from!r} must be one of cls, cls_attention")
@@ -69,6 +78,12 @@ class TinyBasePretrainer(L.LightningModule):
         self.spec, self.synthetic = as_spec(spec), as_synthetic_config(synthetic)
         self._check_phase_data()
         self._check_referred()
+        if retrieval_layer is None:  # the middle of the LLM: its input has read the question, and layers are left
+            retrieval_layer = self.spec.text_layers // 2
+        if not 0 <= retrieval_layer < self.spec.text_layers or not 0 <= retrieval_head < self.spec.text_heads:
+            raise ValueError(f"model.retrieval_layer={retrieval_layer} / model.retrieval_head={retrieval_head} must "
+                             f"name a layer < {self.spec.text_layers} and a head < {self.spec.text_heads} of the LLM")
+        self.retrieval_layer, self.retrieval_head = retrieval_layer, retrieval_head
         self.presence_from, self.referred_layer = presence_from, referred_layer
         self.weight_decay, self.adam_betas = weight_decay, tuple(adam_betas)
         self.save_hyperparameters({"phases": [asdict(p) for p in self.phases], "spec": asdict(self.spec),
@@ -76,7 +91,8 @@ class TinyBasePretrainer(L.LightningModule):
                                    "position_init_scale": position_init_scale, "presence_from": presence_from,
                                    "referred_layer": referred_layer, "referred_pos_weight": referred_pos_weight,
                                    "weight_decay": weight_decay, "adam_betas": list(self.adam_betas),
-                                   "init_from": init_from})
+                                   "init_from": init_from, "retrieval_layer": retrieval_layer,
+                                   "retrieval_head": retrieval_head})
         torch.manual_seed(seed)  # the initial weights are a function of the recipe
         self.model, self.processor = build_tiny_llava(self.spec, vocabulary(self.synthetic),
                                                       coordinate_tokens(self.synthetic))
@@ -177,8 +193,9 @@ class TinyBasePretrainer(L.LightningModule):
             image_features = self.model.model.multi_modal_projector(features[batch["image_of_record"], 1:])
             embeds = self.model.get_input_embeddings()(ids.masked_fill(is_image, 0))
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
-            out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                                  output_hidden_states=phase.referred_weight > 0)
+            language_model = self.model.model.language_model
+            out = language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                 output_hidden_states=phase.referred_weight > 0 or phase.retrieval_weight > 0)
             per_answer = answer_losses(self.model.lm_head(out.last_hidden_state), batch["labels"])
             if len(per_answer) != len(batch["kinds"]):
                 raise RuntimeError(f"the batch has {len(per_answer)} labelled answers for {len(batch['kinds'])} "
@@ -189,6 +206,10 @@ class TinyBasePretrainer(L.LightningModule):
                 parts["referred"] = self.heads.referred_loss(out.hidden_states[self.referred_layer], is_image,
                                                              batch["referred"])
                 total = total + phase.referred_weight * parts["referred"]
+            if phase.retrieval_weight > 0:
+                parts["retrieval"] = self._retrieval_loss(language_model, out.hidden_states, embeds, is_image,
+                                                          batch)
+                total = total + phase.retrieval_weight * parts["retrieval"]
         self.log("loss", total.detach(), prog_bar=True, logger=False,  # log.csv gets the window means (PhaseClock)
                  batch_size=phase.batch_size)
         metrics = {k: float(v.detach()) for k, v in parts.items()}
@@ -199,6 +220,16 @@ class TinyBasePretrainer(L.LightningModule):
                 if turn:  # answers after a conversation's first turn (the first turn is a single question)
                     metrics.setdefault(LATER_TURNS_METRIC, []).append(value)
         return {"loss": total, "metrics": metrics}
+
+    def _retrieval_loss(self, language_model, hidden_states, embeds, is_image, batch) -> torch.Tensor:
+        """`heads.retrieval_loss` at `retrieval_layer`: each answer's query token should attend to its objects."""
+        rows, positions = answer_queries(batch["labels"])
+        targets = torch.zeros(len(rows), is_image.shape[1], dtype=torch.bool, device=is_image.device)
+        targets[is_image[rows]] = (batch["answer_referred"] >= COVER_THRESHOLD).reshape(-1)
+        position_ids = torch.arange(is_image.shape[1], device=is_image.device)[None].expand(len(is_image), -1)
+        rotary = language_model.rotary_emb(embeds, position_ids)  # the positions the model used (right padding)
+        return retrieval_loss(language_model.layers[self.retrieval_layer], hidden_states[self.retrieval_layer],
+                              rotary, rows, positions, targets, self.retrieval_head)
 
     def configure_optimizers(self):
         """AdamW over every weight (a phase freezes by requires_grad); no decay on biases, norms, embeddings."""

@@ -26,6 +26,7 @@ class Phase:
     lm_weight: float = 1.0
     aux_weight: float = 1.0  # vision auxiliary heads
     referred_weight: float = 0.0  # LLM referred-object head
+    retrieval_weight: float = 0.0  # LLM retrieval: one head's attention from each answer's query onto its objects
     single_object_fraction: tuple[float, float] | None = None  # curriculum: linear from first to second value
     data: dict = field(default_factory=dict)  # SyntheticConfig fields this phase changes (e.g. vqa_mix)
     # Multi-turn: this share of a step's images comes as ONE conversation (every answer supervised) of

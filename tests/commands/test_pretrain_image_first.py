@@ -31,7 +31,8 @@ def _image_first(recipe: Path, init_from: str | None = None, steps: int | None =
     settings = yaml.safe_load(recipe.read_text())
     model = settings["model"]
     model["spec"]["image_after_text"] = False
-    model["phases"][1].update(referred_weight=0.0, **CONVERSATIONS)
+    model["phases"][1].update(referred_weight=0.0, retrieval_weight=0.5, **CONVERSATIONS)
+    model["retrieval_layer"] = 1
     if steps is not None:
         model["phases"][1]["steps"] = steps
     settings["trainer"]["callbacks"][3]["init_args"]["conversation_turns"] = 2
@@ -193,6 +194,8 @@ def test_image_first_conversations_continue_from_a_base_and_learn(tmp_path, ques
     assert last < first - 0.5, (first, last)
     later = [float(r["lm_later_turns"]) for r in rows if r.get("lm_later_turns")]
     assert len(later) > 10 and np.mean(later[-5:]) < np.mean(later[:5])
+    retrieval = [float(r["retrieval"]) for r in rows]  # the retrieval loss trains (and is logged) every step
+    assert all(np.isfinite(retrieval)) and np.mean(retrieval[-5:]) < np.mean(retrieval[:5])
     model, processor = load_tiny_llava(tmp_path / "first/export")
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
     assert processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False).startswith(
@@ -282,3 +285,41 @@ def test_the_image_first_recipe_resumes_its_committed_state():
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
         add_generation_prompt=True, tokenize=False)
     assert text.startswith("user : <image> hi")
+
+
+def test_the_retrieval_loss_is_the_layers_own_attention_on_the_asked_objects(tmp_path):
+    """retrieval_loss recomputes one head's attention from each answer's query token: it equals -log of the mass
+    the model's own (eager) attention puts on the patches of the objects the question is about."""
+    from nuwa_train.pretrain.heads import answer_queries
+    from nuwa_train.pretrain.targets import COVER_THRESHOLD
+
+    recipe = _image_first(_recipe(tmp_path, "retrieval", 2))
+    spec = {**yaml.safe_load(recipe.read_text())["model"]["spec"], "attn_implementation": "eager"}
+    module = _module(recipe, spec=spec, retrieval_layer=1, retrieval_head=1)
+    module.position = module.position.next_phase()
+    batch = BatchMaker(module.phases, module.synthetic, module.processor, module.targets)(module.position)
+    model = module.model
+    ids = batch["input_ids"]
+    is_image = ids == model.config.image_token_index
+    features = model.model.vision_tower(batch["pixel_values"]).last_hidden_state
+    image_features = model.model.multi_modal_projector(features[batch["image_of_record"], 1:])
+    embeds = model.get_input_embeddings()(ids.masked_fill(is_image, 0)).masked_scatter(is_image.unsqueeze(-1),
+                                                                                       image_features)
+    language_model = model.model.language_model
+    with torch.no_grad():
+        out = language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True,
+                              output_attentions=True)
+        loss = module._retrieval_loss(language_model, out.hidden_states, embeds, is_image, batch)
+    rows, positions = answer_queries(batch["labels"])
+    assert len(rows) == len(batch["kinds"])  # one query per answer
+    assert (batch["labels"][rows, positions] == IGNORE_INDEX).all()
+    assert (batch["labels"][rows, positions + 1] != IGNORE_INDEX).all()
+    probs = out.attentions[1][rows, 1, positions]  # (A, L): head 1 of layer 1, from each query token
+    wanted = torch.zeros_like(probs, dtype=torch.bool)
+    wanted[is_image[rows]] = (batch["answer_referred"] >= COVER_THRESHOLD).reshape(-1)
+    keep = wanted.any(1)
+    assert 0 < keep.sum() < len(keep)  # "no" answers are left out
+    expected = -(probs * wanted).sum(1)[keep].log().mean()
+    assert torch.allclose(loss, expected, atol=1e-4), (loss, expected)
+    with pytest.raises(ValueError, match="model.retrieval_layer=2 / model.retrieval_head=0 must name a layer < 2"):
+        _module(recipe, retrieval_layer=2)
