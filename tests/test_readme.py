@@ -4,7 +4,7 @@ How the README is run:
 - It is cut into sections at its `##` / `###` headings. The sections run in README order in one working copy (a
   temporary folder with copies of `data/`, `recipes/` and `launch.sh`), so a later section can use what an earlier
   one wrote: the Fine-tune section's checkpoint is what Export and load exports, and its export is what Evaluate
-  loads. Run the whole file, not one section alone.
+  loads. A section selected alone (`-k Evaluate`) first runs the sections before it.
 - Within a section, blocks run in order. Consecutive ```python blocks are concatenated into one script and run in
   one fresh interpreter (so a later block may use an earlier block's variables); consecutive commands of
   ```bash / ```console blocks run in one interpreter through `nuwa_train.cli.main` (the `nuwa-train` entry point),
@@ -243,11 +243,7 @@ def working_copy(tmp_path_factory) -> Path:
     return copy
 
 
-SECTIONS = readme_sections(README.read_text())
-
-
-@pytest.mark.parametrize("section", SECTIONS, ids=[s.title for s in SECTIONS])
-def test_readme_section_runs_as_written(section: Section, working_copy: Path):
+def run_section(section: Section, working_copy: Path) -> None:
     for step in section.steps:
         if step.kind == "file":
             (working_copy / step.name).write_text("\n".join(step.lines) + "\n")
@@ -258,6 +254,25 @@ def test_readme_section_runs_as_written(section: Section, working_copy: Path):
                         f"README section {section.title!r}, its Python blocks")
         else:
             run_commands(step.lines, working_copy, section.title)
+
+
+@pytest.fixture(scope="module")
+def sections_run() -> list[str]:
+    """Titles of the sections run so far in this module's working copy, in order."""
+    return []
+
+
+SECTIONS = readme_sections(README.read_text())
+
+
+@pytest.mark.parametrize("section", SECTIONS, ids=[s.title for s in SECTIONS])
+def test_readme_section_runs_as_written(section: Section, working_copy: Path, sections_run: list[str]):
+    for earlier in SECTIONS[:SECTIONS.index(section)]:
+        if earlier.title not in sections_run:  # selected alone: what it builds on runs first
+            sections_run.append(earlier.title)
+            run_section(earlier, working_copy)
+    sections_run.append(section.title)
+    run_section(section, working_copy)
 
 
 def test_the_readme_has_the_quick_start_and_its_test_command_is_what_ci_runs():
