@@ -271,7 +271,7 @@ class NuwaFineTuner(L.LightningModule):
         same step instead of one waiting for the others forever."""
         finite = bool(torch.isfinite(loss.detach()).all())
         if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
-            where = "on another rank" if finite else f"train/loss {float(loss):g} on global rank {self.global_rank}"
+            where = "on another rank" if finite else f"train/loss {loss.item():g} on global rank {self.global_rank}"
             raise NonFiniteTrainingError(
                 f"the training loss is not finite at step {self.global_step + 1} ({where}): fit stopped before that "
                 f"step's update and saved nothing after it, so last.ckpt holds the last saved step; "
