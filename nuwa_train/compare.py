@@ -26,6 +26,7 @@ from .export import (
 )
 from .io import write_atomically
 from .models import adapter_for, attach_nuwa
+from .models.families import family_of
 from .models.loading import ModelPathError
 from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
 from .viz import kept_tokens, plot_kept_tokens
@@ -126,15 +127,16 @@ def parse_data_sources(values: list[str]) -> dict[str, list[str]]:
     return sources
 
 
-def _evaluation_records(model_path: str, processor, split: str, images: int, data: dict[str, list[str]] | None,
-                        limit: int | None) -> tuple[list[dict], str]:
-    """Every record of the user's files (or of a synthetic split), up to `limit`, and what they are."""
-    from .data.collate import needed_image_side
+def _evaluation_records(model_path: str, image_side: int | None, split: str, images: int,
+                        data: dict[str, list[str]] | None, limit: int | None) -> tuple[list[dict], str]:
+    """Every record of the user's files (or of a synthetic split), up to `limit`, and what they are.
+
+    `image_side`: the largest short side the model's processor uses (bigger images are decoded reduced)."""
     from .data.records import FileRecords, SyntheticRecords
 
     if data:
         dataset = FileRecords(data.get("llava", []), data.get("refcoco", []), "raise",
-                              min_image_side=needed_image_side(processor), sharegpt_files=data.get("sharegpt", []))
+                              min_image_side=image_side, sharegpt_files=data.get("sharegpt", []))
         described = ", ".join(f"{kind}={path}" for kind, paths in data.items() for path in paths)
     else:
         dataset = SyntheticRecords(synthetic_config_for(model_path), split, images)
@@ -284,7 +286,8 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
     vlm, processor = load_exported_model(model_path), load_processor(model_path)
     vlm.eval()
     settings = [within_budget(setting, vlm) for setting in settings]
-    records, described = _evaluation_records(model_path, processor, split, images, data, limit)
+    image_side = family_of(vlm).image_side(processor)
+    records, described = _evaluation_records(model_path, image_side, split, images, data, limit)
     reference_path, reference_label = _reference(model_path, reference)
     title = f"{model_path}: {described}, {len(records)} records; retention vs {reference_label}"
     print_text(console, table_header(title))  # then each row as it is scored (progress bars go to stderr)

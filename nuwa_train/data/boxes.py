@@ -30,6 +30,7 @@ from .synthetic import SyntheticConfig
 
 Box01 = tuple[float, float, float, float]  # (x1, y1, x2, y2) as fractions of the original width / height
 COORD_RANGE = 1000  # the 0-1000 integer frame of record files (RefCOCO-style `normalized_solution`)
+DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)  # padding colour when an image processor states no mean
 FLOAT_SLACK = 1e-9  # far below any format's resolution, above float error of a k / 1000 fraction
 
 
@@ -73,6 +74,23 @@ class BoxFormat(ABC):
         for token in self.special_tokens:
             template = template.replace(token, " ")
         return re.findall(r"[^\W_]+", template) + list(self.answer_words), list(self.special_tokens)
+
+    def image_frame(self, image: Image.Image, image_processor) -> ImageFrame:
+        """The frame this format renders and parses boxes of `image` in (`image_processor`: the model's)."""
+        return ImageFrame(*image.size)
+
+    def native_image(self, image: Image.Image, image_processor) -> Image.Image:
+        """The image as the model should see it so that its boxes mean what this format says (default: as is)."""
+        return image
+
+    def is_own_question(self, text: str) -> bool:
+        """Whether `text` asks for a box in this format's own grounding wording (e.g. an lmms-eval task's context)."""
+        return self.prompt_template.split("{expression}")[0] in text
+
+    def answer_on_image(self, text: str, frame: ImageFrame) -> str:
+        """An answer with its box measured on the image itself rather than on the model's own frame (what a generic
+        task asked in this format's wording scores); unchanged when the two frames are the same (the default)."""
+        return text
 
     @abstractmethod
     def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
@@ -120,6 +138,14 @@ class LocTokens(BoxFormat):
     prompt_template = SyntheticConfig.grounding_template  # the synthetic benchmark's grounding question
     pattern = re.compile(r"<loc_(\d+)>")
 
+    @staticmethod
+    def bins_in(vocabulary) -> int:
+        """How many coordinate tokens <loc_0> .. <loc_{n-1}> a vocabulary holds (0: it answers otherwise)."""
+        bins = 0
+        while f"<loc_{bins}>" in vocabulary:
+            bins += 1
+        return bins
+
     def __init__(self, bins: int = 32, prompt_template: str | None = None):
         super().__init__(prompt_template)
         if bins < 1:
@@ -163,6 +189,18 @@ class LlavaBox(BoxFormat):
                   (x2 * frame.width + dx) / side, (y2 * frame.height + dy) / side)
         return "[" + ", ".join(f"{v:.{self.decimals}f}" for v in values) + "]"
 
+    def native_image(self, image: Image.Image, image_processor) -> Image.Image:
+        """LLaVA-1.5 trained on padded squares (the frame of its boxes), filled with the processor's mean colour; HF's
+        CLIP processor would otherwise centre-crop a non-square image and cut objects at its edges away."""
+        mean = getattr(image_processor, "image_mean", None) or DEFAULT_IMAGE_MEAN
+        return pad_to_square(image, tuple(round(255 * m) for m in mean))
+
+    def answer_on_image(self, text: str, frame: ImageFrame) -> str:
+        """The padded square's box re-spelled as fractions of the image itself (the square of a 1x1 image has no
+        padding); text without a box is returned as it is."""
+        box = self.parse(text, frame)
+        return text if box is None else self.render_coordinates(box, ImageFrame(1, 1))
+
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         side, dx, dy = self.square(frame)
         return _first_box(self.pattern, text, lambda x1, y1, x2, y2: (
@@ -203,6 +241,9 @@ class Qwen25VLBox(BoxFormat):
     # the JSON's "bbox_2d" list, or a bare [x1, y1, x2, y2] (what an ms-swift `<bbox>` alone becomes)
     pattern = re.compile(r"(?:\"bbox_2d\"\s*:\s*)?\[" + ",".join([_NUMBER] * 4) + r"\]")
 
+    def image_frame(self, image: Image.Image, image_processor) -> ImageFrame:
+        return ImageFrame(*image.size, qwen_model_size(image_processor, *image.size))
+
     @staticmethod
     def model_size(frame: ImageFrame) -> tuple[int, int]:
         if frame.model_size is None:
@@ -234,6 +275,23 @@ def box_format(name: str, **settings) -> BoxFormat:
     if name not in BOX_FORMATS:
         raise ValueError(f"box format {name!r} is not one of {', '.join(BOX_FORMATS)}")
     return BOX_FORMATS[name](**settings)
+
+
+def answer_box_format(tokenizer, name: str | None = None, family_format: str | None = None,
+                      loc_prompt_template: str | None = None) -> BoxFormat | None:
+    """The box format a model answers in: `name` when given (the recipe key data.box_format), else coordinate
+    tokens when its vocabulary has them (the tiny base was trained on them), else `family_format` (its family's);
+    None when neither is known (then the records' own answers are used as they are). `loc_prompt_template`: the
+    grounding question of coordinate-token models (the synthetic data's own wording); the other formats keep their
+    own."""
+    bins = LocTokens.bins_in(tokenizer.get_vocab())
+    if name is None:
+        name = LocTokens.name if bins else family_format
+    if name is None:
+        return None
+    if name != LocTokens.name:
+        return box_format(name)
+    return box_format(name, prompt_template=loc_prompt_template, **({"bins": bins} if bins else {}))
 
 
 def qwen_model_size(image_processor, width: int, height: int) -> tuple[int, int]:

@@ -30,12 +30,8 @@ from .boxes import (
     BoxError,
     BoxFormat,
     ImageFrame,
-    LlavaBox,
-    Qwen25VLBox,
     below_grid,
     object_box01,
-    pad_to_square,
-    qwen_model_size,
     to_box01,
 )
 from .images import to_rgb, upright
@@ -86,8 +82,11 @@ def _record_name(record: object, position: int, id_key: str) -> str:
     return f"record {position} (id {record_id!r})" if record_id is not None else f"record {position}"
 
 
-def needed_image_side(processor) -> int | None:
-    """The largest short side the processor can make use of (None: unknown); bigger images may be decoded reduced."""
+def needed_image_side(processor, sizes_are_areas: bool = False) -> int | None:
+    """The largest short side the processor can make use of (None: unknown); bigger images may be decoded reduced.
+
+    `sizes_are_areas`: the image processor's `size` bounds pixel areas, not sides (a family's processor quirk,
+    `ModelFamily.image_sizes_are_areas`: Qwen-VL's dynamic resolution)."""
     image_processor = getattr(processor, "image_processor", None)
     size = getattr(image_processor, "size", None)
     if size is None:
@@ -96,7 +95,7 @@ def needed_image_side(processor) -> int | None:
     def get(key: str):
         return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
 
-    if "Qwen2VL" in type(image_processor).__name__:  # Qwen-VL's sizes are pixel areas
+    if sizes_are_areas:
         area = get("longest_edge") or get("max_pixels")
         return math.isqrt(area) if area else None
     sides = [get(key) for key in ("shortest_edge", "height", "width", "longest_edge")]
@@ -320,18 +319,11 @@ class VisionLanguageCollator:
         turns = [tuple(None if text is None else _PLACEHOLDER.sub(written, text) for text in turn) for turn in turns]
         return self.native_image(image), turns
 
-    def _padded(self, image: Image.Image) -> Image.Image:
-        """LLaVA-1.5 trained on padded squares (the frame of its boxes); a centre crop would cut objects away."""
-        mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        return pad_to_square(image, tuple(round(255 * m) for m in mean))
-
     def image_frame(self, image: Image.Image) -> ImageFrame:
-        """The frame `box_format` renders and parses boxes of this image in."""
-        width, height = image.size
-        model_size = None
-        if isinstance(self.box_format, Qwen25VLBox):
-            model_size = qwen_model_size(self.processor.image_processor, width, height)
-        return ImageFrame(width, height, model_size)
+        """The frame `box_format` renders and parses boxes of this image in (the format's own rule)."""
+        if self.box_format is None:
+            return ImageFrame(*image.size)
+        return self.box_format.image_frame(image, getattr(self.processor, "image_processor", None))
 
     def _in_box_format(self, record: object, image: Image.Image, prompt: str, answer: str | None,
                        where: str) -> tuple[Image.Image, str, str | None]:
@@ -350,8 +342,10 @@ class VisionLanguageCollator:
             self._count(BOX_BELOW_GRID, f"{where}: box {tuple(round(v, 4) for v in box)}")
 
     def native_image(self, image: Image.Image) -> Image.Image:
-        """The image as the box format's frame has it: LLaVA's padded square, else the image itself."""
-        return self._padded(image) if isinstance(self.box_format, LlavaBox) else image
+        """The image as the box format's frame has it (e.g. LLaVA's padded square), else the image itself."""
+        if self.box_format is None:
+            return image
+        return self.box_format.native_image(image, getattr(self.processor, "image_processor", None))
 
     def _count(self, kind: str, where: str) -> None:
         if not self.counts[kind]:

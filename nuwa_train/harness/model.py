@@ -17,12 +17,13 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
-from ..data.boxes import ImageFrame, LlavaBox
-from ..data.collate import as_image, needed_image_side
+from ..data.boxes import ImageFrame
+from ..data.collate import as_image
 from ..data.formats import reduced
 from ..evaluation import generate_answers, progress_bar, question_collator
 from ..export import load_pruned, read_nuwa_config, untrained_budget_note
 from ..models import attach_nuwa, detach_nuwa, load_vlm
+from ..models.families import family_of
 from ..pruning import NuwaConfig, NuwaConfigError
 from .scoring import publish_answer_reader
 
@@ -41,7 +42,7 @@ class Question:
     image_size: tuple[int, int]  # of the image the task gave (a padded square is LLaVA's, not the task's)
     max_new_tokens: int
     stops: list[str]
-    to_image_frame: bool  # a LLaVA box returned normalised to the task's image, not to the padded square
+    to_image_frame: bool  # the box returned measured on the task's image, not on the model's frame (LLaVA's square)
 
 
 class NuwaLMM(lmms):
@@ -82,8 +83,8 @@ class NuwaLMM(lmms):
         self.model.to(self.device).eval()
         self.batch_size = int(batch_size)
         self.collator = question_collator(self.model, self.processor)
-        self.image_side = needed_image_side(self.processor)
-        publish_answer_reader(self.collator)
+        self.image_side = family_of(self.model).image_side(self.processor)
+        publish_answer_reader(self.collator, self.image_side)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers in request order, batched by generation length."""
@@ -124,22 +125,16 @@ class NuwaLMM(lmms):
         to_image_frame = False
         if kind == GROUNDING:
             record.update(task="grounding", expression=context.strip())
-        elif self._asks_llava_box(context):  # e.g. refcoco_bbox_rec: LLaVA's own question, the image's frame
+        elif self.collator.box_format.is_own_question(context):  # e.g. refcoco_bbox_rec asks LLaVA's question
             record["image"], to_image_frame = self.collator.native_image(image), True
         return Question(record, image.size, max_new_tokens, [stops] if isinstance(stops, str) else list(stops),
                         to_image_frame)
 
-    def _asks_llava_box(self, context: str) -> bool:
-        codec = self.collator.box_format
-        return isinstance(codec, LlavaBox) and codec.prompt_template.split("{expression}")[0] in context
-
     def _finish(self, question: Question, text: str) -> str:
         for stop in question.stops:
             text = text.split(stop)[0]
-        if question.to_image_frame:  # LLaVA answers on its padded square; generic tasks score on the image
-            box = self.collator.box_format.parse(text, ImageFrame(*question.image_size))
-            if box is not None:
-                text = self.collator.box_format.render_coordinates(box, ImageFrame(1, 1))
+        if question.to_image_frame:  # e.g. LLaVA answers on its padded square; generic tasks score on the image
+            text = self.collator.box_format.answer_on_image(text, ImageFrame(*question.image_size))
         return text
 
     def loglikelihood(self, requests):

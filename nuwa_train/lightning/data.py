@@ -20,13 +20,13 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.collate import VisionLanguageCollator, needed_image_side
+from ..data.collate import VisionLanguageCollator
 from ..data.records import FileRecords, SyntheticRecords
 from ..data.synthetic import SyntheticConfig
 from ..errors import UsageError
 from ..io import write_atomically
 from ..data.boxes import BOX_FORMATS
-from ..models.families import box_format_for
+from ..models.families import box_format_for, image_side
 from ..models.loading import load_processor, local_model_dir
 
 PASS_SEED_STRIDE = 1_000_003  # seeds of successive passes over the data never collide across run seeds
@@ -194,7 +194,8 @@ class NuwaDataModule(L.LightningDataModule):
             if files is not None:
                 self.setup()
                 self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error,
-                                                    self.hparams.allow_outside_root, needed_image_side(self.processor),
+                                                    self.hparams.allow_outside_root,
+                                                    image_side(self.processor, model_type(self.hparams.processor_path)),
                                                     self.hparams.text_only, files.sharegpt)
             else:
                 per_image = ((self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)

@@ -14,7 +14,8 @@ from transformers import LlavaForConditionalGeneration
 
 from ..pruning import NuwaConfig
 from .base import Adapter, ImageEncoding, Timer, UnsupportedModelError, VisionEncoding, no_timer
-from .common import LLM_LORA_PATTERN, clip_cls_attention, similarity_layers
+from .common import LLM_LORA_PATTERN, similarity_layers
+from .scoring import clip_cls_attention
 
 
 class ClipVision:

@@ -32,8 +32,9 @@ from transformers.models.llava_next.modeling_llava_next import (
 from ..pruning import NuwaConfig
 from ..pruning.soft import log_keep
 from .base import Adapter, ImageEncoding, NuwaInputError, Timer, UnsupportedModelError, VisionEncoding, no_timer
-from .common import LLM_LORA_PATTERN, pad_to_regions, padding_scores
+from .common import LLM_LORA_PATTERN, pad_to_regions
 from .llava import ClipVision
+from .scoring import padding_scores
 
 
 @dataclass(frozen=True)

@@ -3,31 +3,11 @@ the tiny models and real checkpoints)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2VLProcessor
-from transformers.processing_utils import ProcessorMixin
-
-
-class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without its video processor, which needs torchvision (not installable here
-    next to a CPU torch). Images, chat template and `mm_token_type_ids` behave as upstream."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-
-PROCESSORS = {cls.__name__: cls for cls in (Qwen2VLImageProcessorOnly,)}
-
-
-QWEN_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")  # need torchvision for their video half
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
 class ModelPathError(FileNotFoundError):
@@ -53,14 +33,15 @@ def local_model_dir(path: str | Path, needs: str = "config.json") -> Path:
 
 
 def load_processor(path: str | Path):
-    """The directory's processor: ours when it names one of ours (or is a Qwen-VL processor on a machine
-    without torchvision), else `AutoProcessor`."""
+    """The directory's processor: the class a family loads in place of the one processor_config.json names (its
+    processor quirk, `ModelFamily.processor_classes`), else `AutoProcessor`'s."""
+    from .families import processor_classes  # late: the families import every adapter
+
     config = local_model_dir(path, needs="tokenizer_config.json") / "processor_config.json"
     name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
-    if name in QWEN_PROCESSORS and importlib.util.find_spec("torchvision") is None:
-        name = Qwen2VLImageProcessorOnly.__name__
-    if name in PROCESSORS:
-        return PROCESSORS[name].from_pretrained(path, local_files_only=True)
+    replacement = processor_classes().get(name)
+    if replacement is not None:
+        return replacement.from_pretrained(path, local_files_only=True)
     return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections import defaultdict
 
 import torch
@@ -20,14 +21,34 @@ from torch import nn
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+from transformers.processing_utils import ProcessorMixin
 
 from ..pruning import NuwaConfig
 from .base import Adapter, ImageEncoding, NuwaInputError, Timer, UnsupportedModelError, VisionEncoding, no_timer
-from .common import LLM_LORA_PATTERN, pad_to_regions, padding_scores, similarity_layers
+from .common import LLM_LORA_PATTERN, pad_to_regions, similarity_layers
+from .scoring import padding_scores, received_attention
 
-QUERY_CHUNK = 256  # queries per step when summing received attention: memory heads x 256 x N (fp32)
+
+class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without its video processor, which needs torchvision (not installable here
+    next to a CPU torch). Images, chat template and `mm_token_type_ids` behave as upstream."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def image_only_processors(*upstream_names: str) -> dict[str, type]:
+    """The processor classes to load instead of the ones a processor_config.json names: ours always, and in place
+    of the upstream Qwen-VL processors on a machine without torchvision (their video half needs it)."""
+    replaced = upstream_names if importlib.util.find_spec("torchvision") is None else ()
+    return {name: Qwen2VLImageProcessorOnly for name in (Qwen2VLImageProcessorOnly.__name__, *replaced)}
 
 
 class QwenVLAdapter(Adapter):
@@ -165,18 +186,8 @@ class QwenVLAdapter(Adapter):
         qkv = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         cos, sin = kwargs["position_embeddings"]
         query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
-        query, key = query.transpose(0, 1), key.transpose(0, 1)  # (heads, S, Dh)
-        bounds = kwargs["cu_seqlens"].tolist()
-        received = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            keys = key[:, start:end]
-            total = keys.new_zeros(end - start, dtype=torch.float32)
-            for first in range(start, end, QUERY_CHUNK):
-                queries = query[:, first:min(end, first + QUERY_CHUNK)]
-                probs = ((queries @ keys.transpose(-1, -2)) * attn.scaling).float().softmax(dim=-1)
-                total = total + probs.sum(dim=(0, 1))
-            received.append(total / (attn.num_heads * (end - start)))
-        return torch.cat(received)
+        return received_attention(query.transpose(0, 1), key.transpose(0, 1), kwargs["cu_seqlens"].tolist(),
+                                  attn.scaling)
 
     def _raster_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """Index that puts Qwen2.5-VL's window-ordered merge units back in raster order."""

@@ -16,7 +16,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from .loading import Qwen2VLImageProcessorOnly
+from .qwen2_vl import Qwen2VLImageProcessorOnly
 from .tiny import build_tokenizer, with_generation_tokens
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nuwa_train.models import FAMILIES, UnsupportedModelError, adapter_for
-from nuwa_train.models.common import PAD_SCORE_MARGIN, pad_to_regions, padding_scores, similarity_layers
+from nuwa_train.models.common import pad_to_regions, similarity_layers
+from nuwa_train.models.scoring import PAD_SCORE_MARGIN, padding_scores
 from nuwa_train.pruning.soft import nuwa_stage1_soft
 from nuwa_train.pruning.stage1 import nuwa_stage1
 
