@@ -2,9 +2,9 @@
 
 How the README is run:
 - It is cut into sections at its `##` / `###` headings. The sections run in README order in one working copy (a
-  temporary folder with copies of `data/`, `recipes/` and `launch.sh`), so a later section can use what an earlier
-  one wrote: the Fine-tune section's checkpoint is what Export and load exports, and its export is what Evaluate
-  loads. A section selected alone (`-k Evaluate`) first runs the sections before it.
+  temporary folder with copies of the `data/` folders it names, `recipes/` and `launch.sh`), so a later section can
+  use what an earlier one wrote: the Fine-tune section's checkpoint is what Export and load exports, and its export
+  is what Evaluate loads. A section selected alone (`-k Evaluate`) first runs the sections before it.
 - Within a section, blocks run in order. Consecutive ```python blocks are concatenated into one script and run in
   one fresh interpreter (so a later block may use an earlier block's variables); consecutive commands of
   ```bash / ```console blocks run in one interpreter through `nuwa_train.cli.main` (the `nuwa-train` entry point),
@@ -235,8 +235,10 @@ def run_transcript(lines: list[str], cwd: Path) -> None:
 def working_copy(tmp_path_factory) -> Path:
     """Where the README's commands run: what they read from the repository, copied, and room for what they write."""
     copy = tmp_path_factory.mktemp("readme")
-    for folder in ("data", "recipes"):
-        shutil.copytree(ROOT / folder, copy / folder, symlinks=True)
+    shutil.copytree(ROOT / "recipes", copy / "recipes")
+    for name in sorted(set(re.findall(r"\bdata/([\w.-]+)", README.read_text()))):  # the data the README uses (other
+        if (ROOT / "data" / name).is_dir():                                     # folders may be written meanwhile)
+            shutil.copytree(ROOT / "data" / name, copy / "data" / name, symlinks=True)
     shutil.copy2(ROOT / "launch.sh", copy / "launch.sh")
     for name, text in USERS_FILES.items():
         (copy / name).write_text(text)
