@@ -35,7 +35,12 @@ DEFAULT_PORT = 8000
 SERVED_FAMILY = "llava"  # config.json model_type this slice serves (LLaVA-1.5 and its tiny base)
 # Defaults for a CPU server that a flag or variable of your own overrides (FIELD_NOTES, "vLLM on this CPU")
 ENVIRONMENT_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-VLLM_DEFAULT_FLAGS = ["--limit-mm-per-prompt", json.dumps({"image": 1})]  # LLaVA-1.5 was trained on one image
+# What `vllm serve` runs. The `vllm` command of vllm-cpu 0.32.0 fails at start: it asks for the version of a
+# distribution named "vllm", and this one is named "vllm-cpu".
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+# LLaVA-1.5 was trained on one image per conversation: more are refused by vLLM, none by the plugin's middleware
+VLLM_DEFAULT_FLAGS = ["--limit-mm-per-prompt", json.dumps({"image": 1}),
+                      "--middleware", "nuwa_train.serving.http.one_image_per_request"]
 READY_POLL_S = 1.0
 STOP_GRACE_S = 30.0  # after SIGTERM, the server's time to shut down before it is killed
 
@@ -103,33 +108,55 @@ def describe(served: ServedPruning, model_config: dict) -> str:
 def vllm_command(python: str, model_dir: Path, config: NuwaConfig, model_config: dict, host: str, port: int,
                  vllm_flags: list[str]) -> list[str]:
     overrides = hf_overrides(config, head_dim(model_config["text_config"]))
-    return [python, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), "--host", host, "--port", str(port),
+    return [python, "-m", VLLM_SERVER_MODULE, "--model", str(model_dir), "--host", host, "--port", str(port),
             "--hf-overrides", json.dumps(overrides), *VLLM_DEFAULT_FLAGS, *vllm_flags]
 
 
-def wait_until_ready(process: subprocess.Popen, url: str) -> bool:
-    """True once GET /health answers 200; False if the server exited first."""
-    while process.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=READY_POLL_S) as response:
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(READY_POLL_S)
-    return False
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+def is_ready(url: str) -> bool:
     try:
-        process.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        with urllib.request.urlopen(f"{url}/health", timeout=READY_POLL_S) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def signal_server(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def supervise(process: subprocess.Popen, url: str, ready_line: str) -> int:
+    """Print `ready_line` once the server answers, stop it on SIGINT / SIGTERM (SIGKILL after STOP_GRACE_S), and
+    return its exit status (0 after a requested stop). Signals only set a flag: waiting happens here."""
+    stop_requested: list[float] = []
+
+    def request_stop(signum, frame):
+        if not stop_requested:
+            stop_requested.append(time.monotonic())
+            signal_server(process, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    announced = False
+    try:
+        while process.poll() is None:
+            if stop_requested and time.monotonic() - stop_requested[0] > STOP_GRACE_S:
+                signal_server(process, signal.SIGKILL)
+            if not announced and not stop_requested and is_ready(url):
+                print(ready_line, flush=True)
+                announced = True
+            time.sleep(READY_POLL_S)
+    finally:
+        if process.poll() is None:  # this process is ending for another reason: take the server along
+            signal_server(process, signal.SIGKILL)
+            process.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop_requested:
+        print("nuwa-train serve: stopped", file=sys.stderr, flush=True)
+        return 0
+    return process.returncode
 
 
 def serve(model_dir: Path, budget: int | None, host: str, port: int, vllm_flags: list[str], dry_run: bool) -> int:
@@ -148,26 +175,8 @@ def serve(model_dir: Path, budget: int | None, host: str, port: int, vllm_flags:
     environment = {**ENVIRONMENT_DEFAULTS, **os.environ}
     # its own process group: Ctrl-C reaches this process alone, which then stops the server's processes together
     process = subprocess.Popen(command, env=environment, start_new_session=True)
-    stopping = []
-
-    def request_stop(signum, frame):
-        stopping.append(signum)
-        stop(process)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if wait_until_ready(process, url):
-            print(f"serving {model_dir} at {url}/v1 (OpenAI API; model name {str(model_dir)!r}), {summary}",
-                  flush=True)
-        status = process.wait()
-    finally:
-        stop(process)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stopping:
-        print("nuwa-train serve: stopped", file=sys.stderr, flush=True)
-        return 0
-    return status
+    return supervise(process, url, f"serving {model_dir} at {url}/v1 (OpenAI API; model name {str(model_dir)!r}), "
+                                   f"{summary}")
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
