@@ -340,3 +340,25 @@ def test_every_relative_link_of_the_readme_and_its_docs_resolves():
             if anchor and linked.suffix == ".md":
                 assert anchor in heading_anchors(linked.read_text()), \
                     f"{page.relative_to(ROOT)} links to {target}#{anchor}: no such heading"
+
+
+def test_the_docs_commands_name_existing_subcommands_and_flags():
+    """The docs pages are not run (their commands train for hours or need a GPU), but each `nuwa-train` line there
+    must still parse: a renamed command or flag fails here, not in a reader's shell."""
+    from nuwa_train.cli import LIGHTNING_COMMANDS, build_parser
+
+    parser, checked = build_parser(), 0
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for _, language, lines in fenced_blocks(page.read_text()):
+            if language not in ("bash", "console", "shell", "sh"):
+                continue
+            for line in command_lines(lines):
+                words = shlex.split(line, comments=True)
+                if words[:1] != [ENTRY_POINT] or words[1] in LIGHTNING_COMMANDS:
+                    continue  # LightningCLI's flags come from the recipe: the README's fit lines run instead
+                try:
+                    parser.parse_args(words[1:])
+                except SystemExit:
+                    pytest.fail(f"{page.relative_to(ROOT)}: {line!r} does not parse as a nuwa-train command")
+                checked += 1
+    assert checked > 0
