@@ -46,7 +46,10 @@ SHRINK = {
     "export": [],
     "export-data": ["--images", "8"],
     "chat": [],  # one question to the tiny model: seconds
+    "serve": ["--dry-run"],  # vLLM runs in its own environment, for as long as it serves: the command is checked
 }
+# The serving environment `serve --dry-run` names; a test machine has none (vLLM is not installed for tests).
+DRY_RUN_ENVIRONMENT = {"NUWA_SERVE_PYTHON": sys.executable}
 # `nuwa-train` subcommands that cannot run in a test, with the reason; the README's lines are checked with --help.
 NOT_RUN = {
     "demo": "the main job: three fine-tunes of 1250 steps, ~15 minutes",
@@ -201,7 +204,7 @@ def run_commands(lines: list[str], cwd: Path, title: str) -> None:
         import json
 
         run_process([sys.executable, "-c", DRIVER, json.dumps(in_process)], cwd,
-                    f"README section {title!r}, commands {[line for line, _ in in_process]}")
+                    f"README section {title!r}, commands {[line for line, _ in in_process]}", DRY_RUN_ENVIRONMENT)
     for command in (c for c in commands if c.launcher):
         argv = command.argv if "--dry-run" in command.argv else ["--dry-run", *command.argv]
         printed = run_process(["bash", LAUNCHER, *argv], cwd, f"README command {command.line!r} (as a dry run)",
