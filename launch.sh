@@ -2,7 +2,8 @@
 # nuwa-train launcher: sets up .venv on first use, then runs a command or a training recipe.
 #
 #   ./launch.sh demo                the main job (`nuwa-train demo`)
-#   ./launch.sh test [PYTEST...]    the test suite
+#   ./launch.sh test [PYTEST...]    the test suite (also creates .venv-serve for tests/serving, see `serve`;
+#                                   NUWA_SKIP_SERVING=1: neither, those tests skip)
 #   ./launch.sh lmms-eval ARGS...   `python -m lmms_eval ARGS` with `--model nuwa` and the nuwa_* tasks
 #                                   (installs lmms-eval once, without its CUDA torch: requirements/lmms-eval.txt);
 #                                   results go to --output_path (default outputs/lmms_eval), and the command fails
@@ -36,7 +37,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$root"
 
-HELP_LINES='2,33p'
+HELP_LINES='2,34p'
 LMMS_EVAL_OUTPUT=outputs/lmms_eval  # lmms-eval's --output_path unless given: the results file is how success shows
 LAUNCHERS="local torchrun fabric deepspeed"
 LAUNCH_OPTIONS="--launcher --devices --nodes --node-rank --master-addr --master-port --hostfile --dry-run"
@@ -216,7 +217,8 @@ if [ "$dry_run" -eq 0 ]; then
     if [ "$target" = test ] || [ "$target" = lmms-eval ]; then
         ensure_lmms_eval
     fi
-    if [ "$target" = serve ]; then
+    # the serving tests (tests/serving) run vLLM there; NUWA_SKIP_SERVING=1 skips them and the install
+    if [ "$target" = serve ] || { [ "$target" = test ] && [ "${NUWA_SKIP_SERVING:-0}" = 0 ]; }; then
         ensure_serving_environment
         export NUWA_SERVE_PYTHON="$root/$SERVE_VENV/bin/python"
     fi

@@ -26,12 +26,15 @@ TOP_LOGPROBS = 5
 VLLM_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                     "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 VLLM_TIMEOUT_S = 1800
+SKIP_ENV = "NUWA_SKIP_SERVING"  # launch.sh's switch: no serving environment, no vLLM tests
 
 
 @pytest.fixture(scope="session")
 def serving_python() -> str:
     from nuwa_train.serving.server import ServeError, serving_python
 
+    if os.environ.get(SKIP_ENV, "0") != "0":
+        pytest.skip(f"{SKIP_ENV} is set: the vLLM tests are skipped")
     try:
         return serving_python()
     except ServeError as error:
@@ -90,7 +93,7 @@ def vllm_answers(python: str, reference: Reference, runs: dict, tmp_path: Path) 
     job_path.write_text(json.dumps(job))
     done = subprocess.run([python, str(Path(__file__).with_name("vllm_answers.py")), str(job_path), str(out_path)],
                           env={**os.environ, **VLLM_ENVIRONMENT}, capture_output=True, text=True,
-                          timeout=VLLM_TIMEOUT_S)
+                          timeout=VLLM_TIMEOUT_S, check=False)
     if done.returncode:
         sys.stderr.write(done.stderr[-20000:])
         raise AssertionError(f"vLLM run failed with status {done.returncode} (its stderr is above)")

@@ -21,7 +21,8 @@ ENGINE_DEFAULTS = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 4, 
 
 
 def main(job_path: str, out_path: str) -> None:
-    job = json.loads(open(job_path).read())
+    with open(job_path) as handle:
+        job = json.load(handle)
     results = {name: answer(job, run) for name, run in job["runs"].items()}
     with open(out_path, "w") as handle:
         json.dump(results, handle)
