@@ -128,12 +128,12 @@ class FinalCheckpoint(Callback):
     # ------------------------------------------------------------------------------- the stop points
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
         at_step_boundary = (batch_index + 1) % trainer.accumulate_grad_batches == 0
-        if at_step_boundary and self._training and self._stop_decided(trainer):
+        if at_step_boundary and self._stop_decided(trainer):
             self._stop_without_validation(trainer)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         # An epoch can end without a step: one whose loader yields no batch would otherwise follow another forever.
-        if self._training and self._stop_decided(trainer):
+        if self._stop_decided(trainer):
             self._stop_without_validation(trainer)
 
     def _stop_without_validation(self, trainer) -> None:
