@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..pruning import NuwaConfig
-from .settings import ServedPruning, hf_overrides, served_pruning, warn_if_stage_two
+from .settings import ServedPruning, hf_overrides, served_pruning
 
 SERVE_SUMMARY = "serve a model with vLLM's OpenAI-compatible server, stage-1 Nüwa pruned (`serve --help`)"
 SERVE_PYTHON_ENV = "NUWA_SERVE_PYTHON"
@@ -164,7 +164,8 @@ def serve(model_dir: Path, budget: int | None, host: str, port: int, vllm_flags:
 
     model_config = read_model_config(model_dir)
     served = served_pruning(read_nuwa_config(model_dir), budget)
-    warn_if_stage_two(served)
+    if served.note:
+        print(f"nuwa-train serve: warning: {model_dir} was {served.note}", file=sys.stderr, flush=True)
     summary = describe(served, model_config)
     command = vllm_command(serving_python(), model_dir, served.config, model_config, host, port, vllm_flags)
     if dry_run:

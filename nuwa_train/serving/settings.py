@@ -7,7 +7,6 @@ launcher (training environment) and the plugin (serving environment) read the sa
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 
 from ..pruning import NuwaConfig, NuwaConfigError
@@ -23,10 +22,6 @@ TWO_STAGE_METHOD = "nuwa"
 
 class ServingError(NuwaConfigError):
     """A model or pruning setting that cannot be served; the message names it and what to do."""
-
-
-class StageTwoNotServed(UserWarning):
-    """A two-stage export is served with its stage 1 only (a paged KV cache cannot shrink in deeper layers)."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +68,3 @@ def config_from_overrides(model_config) -> NuwaConfig:
         raise ServingError(f"hf_overrides[{PRUNING_KEY!r}] has method={config.method!r}; the plugin serves "
                            f"{SERVED_METHOD!r} only")
     return config
-
-
-def warn_if_stage_two(served: ServedPruning) -> None:
-    if served.note:
-        warnings.warn(served.note, StageTwoNotServed, stacklevel=2)

@@ -1,7 +1,5 @@
 """Served positions and settings, without vLLM: the pure parts of nuwa_train/serving."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -10,11 +8,9 @@ from nuwa_train.serving.positions import kept_positions, prompt_positions
 from nuwa_train.serving.settings import (
     SERVED_ARCHITECTURE,
     ServingError,
-    StageTwoNotServed,
     config_from_overrides,
     hf_overrides,
     served_pruning,
-    warn_if_stage_two,
 )
 
 IMAGE = 7  # placeholder id
@@ -64,17 +60,13 @@ def test_a_plain_model_is_served_with_stage1_nuwa_at_the_budget():
     assert served_pruning(None).config.budget == NuwaConfig().budget
 
 
-def test_a_two_stage_export_is_served_stage1_only_with_a_warning_naming_the_difference():
+def test_a_two_stage_export_is_served_stage1_only_with_a_note_naming_the_difference():
     trained = NuwaConfig(method="nuwa", budget=64, distance=100.0)
     served = served_pruning(trained)
     assert served.config == NuwaConfig(method="nuwa_stage1", budget=64, distance=100.0)
-    with pytest.warns(StageTwoNotServed, match="two-stage.*served stage-1-only as 'nuwa_stage1' at budget 64"):
-        warn_if_stage_two(served)
+    assert "two-stage" in served.note and "served stage-1-only as 'nuwa_stage1' at budget 64" in served.note
     stage1 = served_pruning(NuwaConfig(method="nuwa_stage1", budget=192), 64)
     assert stage1.config.budget == 64 and stage1.note == ""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warn_if_stage_two(stage1)
     with pytest.raises(ServingError, match="method='visionzip'.*serve the plain model"):
         served_pruning(NuwaConfig(method="visionzip"))
 
