@@ -1,7 +1,8 @@
 """vLLM with the Nüwa plugin answers exactly what `load_pruned` answers, on the shipped tiny base.
 
-One vLLM process serves three engines (eager; chunked prefill that splits the image over prefill chunks; compact
-positions) on the 24 records of data/synthetic_sample. The compact engine is the control: with the kept tokens
+One vLLM process runs four engines (eager; chunked prefill that splits the image over prefill chunks; compiled
+(torch.compile); compact positions) on the 24 records of data/synthetic_sample, four requests at a time (different
+images and prompt lengths in one batch). The compact engine is the control: with the kept tokens
 renumbered contiguously the answers must stop matching the original-position reference, so the exactness checks
 can fail; it must match `load_pruned` run with compact positions instead.
 """
@@ -33,11 +34,12 @@ def references():
 def served(serving_python, references, tmp_path_factory):
     runs = {"eager": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM)},
             "chunked": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM), "engine": CHUNKED},
+            "compiled": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM), "engine": {"enforce_eager": False}},
             "compact": {"hf_overrides": hf_overrides(COMPACT, HEAD_DIM)}}
     return vllm_answers(serving_python, references["original"], runs, tmp_path_factory.mktemp("vllm"))
 
 
-@pytest.mark.parametrize("run", ["eager", "chunked"])
+@pytest.mark.parametrize("run", ["eager", "chunked", "compiled"])
 def test_vllm_answers_keeps_and_logprobs_equal_load_pruned(served, references, run):
     reference, answers = references["original"], served[run]
     assert len(reference.answers) >= 16
