@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +73,8 @@ def server(serving_python):
         process.kill()
         pytest.fail(f"nuwa-train serve did not start (status {process.poll()})")
     assert f"http://127.0.0.1:{port}/v1" in line and "budget 64: 16 of 144 image tokens" in line
+    # vLLM's own log shares the pipe: keep draining it, or a full pipe would block the server
+    threading.Thread(target=process.stdout.read, daemon=True).start()
     yield f"http://127.0.0.1:{port}", process
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
