@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..compare import fastv_within_budget
+from ..pruning.within_budget import fastv_within_budget
 from ..models import attach_nuwa
 from ..pruning import PAPER_PRESETS, NuwaConfig, NuwaConfigError
 from ..pruning.stage1 import (

@@ -126,7 +126,7 @@ def test_gpu_suite_without_a_gpu_is_skipped_cleanly(tmp_path, monkeypatch, capsy
 def test_gpu_suite_preset():
     from argparse import Namespace
 
-    from nuwa_train.cli import bench_suite
+    from nuwa_train.commands.bench import bench_suite
 
     suite, out = bench_suite(Namespace(suite="gpu", out=None))
     assert (suite.device, suite.full_depth, suite.shapes, suite.decode, suite.training) == \

@@ -59,9 +59,9 @@ def test_a_user_error_is_one_line_on_stderr_and_the_traceback_needs_debug(tmp_pa
     (["export-data", "out", "--vqa-per-image", "-2"], "argument --vqa-per-image: expected an integer >= 0, got -2"),
 ])
 def test_bad_numbers_are_refused_when_the_command_line_is_parsed(argv, message, capsys, monkeypatch):
-    import nuwa_train.compare as compare
+    import nuwa_train.commands.eval as eval_command
 
-    monkeypatch.setattr(compare, "run_eval", lambda *a, **k: pytest.fail("eval ran with a bad flag value"))
+    monkeypatch.setattr(eval_command, "run_eval", lambda *a, **k: pytest.fail("eval ran with a bad flag value"))
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == USAGE_ERROR_STATUS
@@ -69,7 +69,7 @@ def test_bad_numbers_are_refused_when_the_command_line_is_parsed(argv, message, 
 
 
 def test_library_errors_are_exceptions_and_the_command_turns_them_into_one_line(tmp_path, monkeypatch):
-    from nuwa_train.compare import parse_data_sources
+    from nuwa_train.commands.eval import parse_data_sources
     from nuwa_train.errors import UsageError
 
     with pytest.raises(UsageError, match="--data 'coco=x' must be FORMAT=PATH"):

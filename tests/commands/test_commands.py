@@ -180,7 +180,7 @@ def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
 def test_demo_resumes_only_a_run_with_the_same_settings(tmp_path):
     from rich.console import Console
 
-    from nuwa_train.demo import _resumable_checkpoint
+    from nuwa_train.commands.demo import _resumable_checkpoint
 
     console, run_dir = Console(quiet=True), tmp_path / "runs" / "nuwa"
     assert _resumable_checkpoint(run_dir, "lr: 0.001\n", console) is None  # nothing to resume yet
@@ -201,7 +201,7 @@ def test_the_demo_resumes_a_killed_fine_tune_exactly(tiny_base_dir, tmp_path, mo
     """The demo's fine-tunes resume through `fit --ckpt_path`: killed after an early checkpoint, the same weights."""
     from rich.console import Console
 
-    from nuwa_train import demo
+    from nuwa_train.commands import demo
     from nuwa_train.lightning import NuwaFineTuner
     from nuwa_train.lightning.cli import parse_recipe
 
@@ -266,7 +266,7 @@ DEMO_FINE_TUNES = {"nuwa": ("soft", {}), "visionzip": ("hard", {}), "fastv": ("s
 @pytest.mark.parametrize("max_steps", [None, 40, 2])
 def test_each_demo_fine_tune_trains_with_the_settings_the_demo_intends(tmp_path, max_steps):
     """Built from the parsed default recipe: the method's settings, the recipe's others, and a shortened schedule."""
-    from nuwa_train import demo
+    from nuwa_train.commands import demo
     from nuwa_train.lightning.cli import parse_recipe
 
     recipe_file = yaml.safe_load(RECIPE.read_text())
@@ -289,7 +289,7 @@ def test_each_demo_fine_tune_trains_with_the_settings_the_demo_intends(tmp_path,
 def test_the_demo_overrides_what_the_recipe_sets_and_keeps_the_rest(tmp_path):
     """A recipe value of a key the demo sets is replaced in the built run, one it does not set is kept, and a key the
     parser does not know is an error rather than a silently unused setting."""
-    from nuwa_train import demo
+    from nuwa_train.commands import demo
     from nuwa_train.lightning.cli import parse_recipe
 
     recipe = yaml.safe_load(RECIPE.read_text())

@@ -12,7 +12,7 @@ import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from nuwa_train.cli import main
-from nuwa_train.compare import TRAINING_FREE
+from nuwa_train.commands.eval import TRAINING_FREE
 from nuwa_train.lightning.progress import (
     StepLogProgress,
     StepRichProgressBar,

@@ -8,15 +8,16 @@ per-record predictions and a PNG of the kept tokens of each pruner on a few imag
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .errors import UsageError
-from .evaluation import EvalResult, evaluate, question_collator
-from .export import (
+from ..errors import UsageError
+from ..evaluation import EvalResult, evaluate, question_collator
+from ..export import (
     NUWA_CONFIG_NAME,
     is_adapter_export,
     load_exported_model,
@@ -24,14 +25,19 @@ from .export import (
     recorded_base_model,
     untrained_budget_note,
 )
-from .io import write_atomically
-from .models import adapter_for, attach_nuwa
-from .models.families import family_of
-from .models.loading import ModelPathError
-from .pruning import SELECTORS, NuwaConfig, NuwaConfigError
-from .viz import kept_tokens, plot_kept_tokens
+from ..io import write_atomically
+from ..models import adapter_for, attach_nuwa
+from ..models.families import family_of
+from ..models.loading import ModelPathError
+from ..pruning import SELECTORS, NuwaConfig, NuwaConfigError
+from ..pruning.within_budget import fastv_within_budget
+from ..viz import kept_tokens, plot_kept_tokens
+from .arguments import add_command, int_list, positive_int
 
 # (row label, method): the training-free table, every registered selector in the registry's display order.
+NAME = "eval"
+SUMMARY = ("VQA / grounding with a pruner (hard path, generate), or the comparison table of all pruners "
+           "(--compare)")
 TRAINING_FREE = tuple((selector.label, name) for name, selector in SELECTORS.items() if name != "none")
 PAPER_BUDGETS = (64, 128, 192)  # of 576 on LLaVA-1.5: about 11%, 22% and 33% of the vision tokens
 OVERLAY_IMAGES = 4
@@ -132,7 +138,7 @@ def _evaluation_records(model_path: str, image_side: int | None, split: str, ima
     """Every record of the user's files (or of a synthetic split), up to `limit`, and what they are.
 
     `image_side`: the largest short side the model's processor uses (bigger images are decoded reduced)."""
-    from .data.records import FileRecords, SyntheticRecords
+    from ..data.records import FileRecords, SyntheticRecords
 
     if data:
         dataset = FileRecords(data.get("llava", []), data.get("refcoco", []), "raise",
@@ -168,33 +174,6 @@ class Setting:
         if self.config.method == "nuwa":
             ran.append(f"stage 2 at layer {self.config.stage2_layer}")
         return "; ".join(ran + [text for text in (self.adjusted, self.warning) if text])
-
-
-def fastv_within_budget(config: NuwaConfig, grid: tuple[int, int], num_layers: int) -> tuple[NuwaConfig, str]:
-    """FastV at the deepest layer, at or before its configured `fastv_layer`, where the budget can be met, and a
-    note saying so when that is not the configured layer.
-
-    FastV keeps every vision token in its first `fastv_layer` layers and prunes once after them, and the budget is
-    the average over all layers: on a shallow LLM the first layers alone can exceed a small budget (FastV's layer 2
-    of LLaVA-1.5's 32 is layer 2 of 10 on the tiny base, where 64 tokens are out of reach). Pruning earlier keeps
-    FastV what it is, a single drop by attention inside the LLM, closest to its configured depth. Other methods
-    come back unchanged; a budget no layer can meet raises the configured layer's `NuwaConfigError`.
-    """
-    if config.method != "fastv":
-        return config, ""
-    try:
-        config.plan(grid, num_layers)
-        return config, ""
-    except NuwaConfigError as unreachable:
-        for layer in range(min(config.fastv_layer, num_layers) - 1, 0, -1):
-            candidate = replace(config, fastv_layer=layer)
-            try:
-                candidate.plan(grid, num_layers)
-            except NuwaConfigError:
-                continue
-            return candidate, (f"FastV after layer {layer}: fastv_layer={config.fastv_layer} cannot meet budget "
-                               f"{config.budget} on this {num_layers}-layer LLM")
-        raise unreachable
 
 
 def within_budget(setting: Setting, model) -> Setting:
@@ -276,8 +255,8 @@ def run_eval(model: str, out_dir: Path, *, method: str | None = None, budget: li
     """Score the model with all tokens and with each pruned setting; retention is against `reference` (default:
     an export's recorded base model, else the model itself). Writes results.json / results.md,
     predictions.jsonl and the kept-token overlay to `out_dir`."""
-    from .logs import print_text, report_console
-    from .models.loading import load_processor
+    from ..logs import print_text, report_console
+    from ..models.loading import load_processor
 
     console = report_console()
     model_path, trained, source = trained_settings(model)
@@ -347,8 +326,8 @@ def resolve_model_path(model: str) -> str:
 
 def synthetic_config_for(model_path: str):
     """The synthetic data a model was trained on, if its directory says so (the shipped base does)."""
-    from .data.synthetic import SyntheticConfig
-    from .lightning.data import as_synthetic_config
+    from ..data.synthetic import SyntheticConfig
+    from ..lightning.data import as_synthetic_config
 
     recipe = Path(model_path) / "recipe.yaml"
     if recipe.is_file():
@@ -357,3 +336,43 @@ def synthetic_config_for(model_path: str):
         settings = yaml.safe_load(recipe.read_text()).get("eval_data") or {}
         return as_synthetic_config(settings)
     return SyntheticConfig()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from ..pruning.selectors import METHODS
+
+    evaluate = add_command(subparsers, NAME, SUMMARY)
+    evaluate.add_argument("--model", default="data/tiny_base",
+                          help="a HF model directory, an export (merged or adapter-only: runs its nuwa_config.json), "
+                               "or a fine-tuning recipe (.yaml: its model.model_path with its model.pruning)")
+    evaluate.add_argument("--reference", metavar="MODEL",
+                          help="model whose full-token scores retention is measured against (default: an export's "
+                               "recorded base model, else the model itself)")
+    evaluate.add_argument("--data", action="append", default=[], metavar="FORMAT=PATH",
+                          help="score your files instead of the synthetic split (repeatable; FORMAT: llava, refcoco, "
+                               "sharegpt; PATH: a JSON / JSONL file or a save_to_disk folder); every record is scored "
+                               "(default: the synthetic --split)")
+    evaluate.add_argument("--limit", type=positive_int, help="score only the first N records (default: all)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"],
+                          help="synthetic split scored when no --data is given")
+    evaluate.add_argument("--images", type=positive_int, default=250, help="synthetic images (two records each)")
+    defaults = NuwaConfig()
+    evaluate.add_argument("--method", choices=METHODS, help=f"pruner: {', '.join(METHODS)} (default: the export's or "
+                                                            f"recipe's, else {defaults.method})")
+    evaluate.add_argument("--budget", type=int_list, help=f"average tokens per image on the 24x24 grid, or several "
+                                                          f"(comma-separated: one row each; default: the export's or "
+                                                          f"recipe's, else {defaults.budget})")
+    evaluate.add_argument("--compare", action="store_true", help="every pruner at every --budgets")
+    evaluate.add_argument("--budgets", type=int_list, default=list(PAPER_BUDGETS),
+                          help="budgets of --compare (comma-separated)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=64, help="records generated per batch")
+    evaluate.add_argument("--out", default="outputs/eval",
+                          help="directory for results.json, results.md, predictions.jsonl, kept_tokens.png")
+    evaluate.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The handler: looks `run_eval` up when called, so that a test may replace it."""
+    run_eval(args.model, Path(args.out), method=args.method, budget=args.budget, compare=args.compare,
+             budgets=tuple(args.budgets), reference=args.reference, data=parse_data_sources(args.data),
+             split=args.split, images=args.images, limit=args.limit, batch_size=args.batch_size)

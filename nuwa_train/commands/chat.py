@@ -24,16 +24,17 @@ from pathlib import Path
 
 import torch
 
-from .data.boxes import Box01
-from .data.collate import VisionLanguageCollator
-from .errors import UsageError
-from .evaluation import generate_answers, question_collator
-from .export import NUWA_CONFIG_NAME, load_pruned, read_nuwa_config
-from .models import attach_nuwa
-from .models.families import base_model
-from .models.loading import load_vlm
-from .models.sequence import KeptTokens
-from .pruning import NuwaConfig
+from ..data.boxes import Box01
+from ..data.collate import VisionLanguageCollator
+from ..errors import UsageError
+from ..evaluation import generate_answers, question_collator
+from ..export import NUWA_CONFIG_NAME, load_pruned, read_nuwa_config
+from ..models import attach_nuwa
+from ..models.families import base_model
+from ..models.loading import load_vlm
+from ..models.sequence import KeptTokens
+from ..pruning import NuwaConfig
+from .arguments import add_command
 
 DEFAULT_MAX_NEW_TOKENS = 128  # a chat answer may be a sentence; the tiny base stops at end-of-sequence long before
 EXIT_WORDS = ("exit", "quit")
@@ -144,7 +145,7 @@ class ChatSession:
     def write_overlay(self, kept: KeptTokens, path: Path) -> Path | None:
         """The kept tokens of the last turn drawn on the image the model saw (None: the family's grid varies with
         the image, e.g. Qwen-VL, which the overlay does not draw yet)."""
-        from .viz import plot_kept_tokens
+        from ..viz import plot_kept_tokens
 
         grid = self.handle.adapter.grid
         if grid is None:
@@ -215,13 +216,15 @@ def run_chat(args: argparse.Namespace) -> None:
         _report(session, reply, overlay)
 
 
-CHAT_SUMMARY = "ask a model about an image (one --prompt, or a conversation read from stdin)"
+NAME = "chat"
+SUMMARY = "ask a model about an image (one --prompt, or a conversation read from stdin)"
 
 
-def add_chat_arguments(chat: argparse.ArgumentParser) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """The flags of `nuwa-train chat`, and its handler."""
-    from .pruning.selectors import METHODS
+    from ..pruning.selectors import METHODS
 
+    chat = add_command(subparsers, NAME, SUMMARY)
     chat.add_argument("model", help="an export (runs its nuwa_config.json) or a HF model directory, e.g. "
                                     "data/tiny_base")
     chat.add_argument("--image", required=True, help="the image to ask about (PNG, JPEG, ...)")

@@ -12,6 +12,7 @@ its module, data module and trainer from them, as `nuwa-train fit` would.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import time
 from dataclasses import replace
@@ -20,16 +21,21 @@ from typing import NamedTuple
 
 from jsonargparse import Namespace
 
-from .compare import Row, overlay, synthetic_config_for, write_table
-from .errors import UsageError
-from .evaluation import evaluate
-from .export import export_module, load_pruned
-from .model_card import write_model_card
-from .io import write_atomically
-from .models import detach_nuwa
-from .models.loading import ModelPathError
-from .pruning import NuwaConfig, NuwaConfigError
-from .viz import plot_training_curves
+from ..errors import UsageError
+from ..evaluation import evaluate
+from ..export import export_module, load_pruned
+from ..model_card import write_model_card
+from ..io import write_atomically
+from ..models import detach_nuwa
+from ..models.loading import ModelPathError
+from ..pruning import NuwaConfig, NuwaConfigError
+from ..viz import plot_training_curves
+from .arguments import add_command, names, positive_int
+from .eval import Row, overlay, synthetic_config_for, write_table
+
+
+NAME = "demo"
+SUMMARY = "the main job: fine-tune with pruning on the tiny base, compare, export"
 
 
 class FineTune(NamedTuple):
@@ -81,8 +87,8 @@ def fine_tune_settings(recipe: Namespace, fine_tune: FineTune, run_dir: Path, ma
 
 def build_fine_tune(settings: Namespace):
     """NuwaCLI builds the run as `nuwa-train fit` does: seeded, with the weights-only checkpoint reader."""
-    from .lightning import NuwaDataModule, NuwaFineTuner
-    from .lightning.cli import NuwaCLI
+    from ..lightning import NuwaDataModule, NuwaFineTuner
+    from ..lightning.cli import NuwaCLI
 
     return NuwaCLI(NuwaFineTuner, NuwaDataModule, args=settings, run=False)
 
@@ -131,10 +137,10 @@ def _depth(model) -> int:
 def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", test_images: int = 250,
              max_steps: int | None = None, batch_size: int = 64,
              methods: tuple[str, ...] = tuple(f.method for f in FINE_TUNES)) -> dict:
-    from .data.records import SyntheticRecords
-    from .lightning.cli import parse_recipe
-    from .logs import print_text, report_console
-    from .models import load_vlm
+    from ..data.records import SyntheticRecords
+    from ..lightning.cli import parse_recipe
+    from ..logs import print_text, report_console
+    from ..models import load_vlm
 
     unknown = sorted(set(methods) - {f.method for f in FINE_TUNES})
     if unknown or "nuwa" not in methods:
@@ -205,3 +211,20 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
         console.print(f"wrote {path}")
     console.print(f"load the adapted model with: nuwa_train.load_pruned({str(export_dir)!r})")
     return {"rows": table}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    demo = add_command(subparsers, NAME, SUMMARY)
+    demo.add_argument("--recipe", default="recipes/default.yaml", help="the fine-tuning recipe every row trains with")
+    demo.add_argument("--out", default="outputs/demo", help="directory for the runs, exports and the report")
+    demo.add_argument("--test-images", type=positive_int, default=250, help="synthetic test images (two records each)")
+    demo.add_argument("--max-steps", type=positive_int,
+                      help="override the recipe's trainer.max_steps (default: the recipe's)")
+    demo.add_argument("--methods", type=names,
+                      help="fine-tuned rows, comma-separated (default: nuwa,visionzip,fastv); nuwa is always needed")
+    demo.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    chosen = {"methods": tuple(args.methods)} if args.methods else {}
+    run_demo(args.recipe, args.out, args.test_images, args.max_steps, **chosen)
