@@ -58,12 +58,12 @@ def load_records() -> list[tuple[str, Path]]:
     return [(r["conversations"][0]["value"].replace("<image>", "").strip(), DATA / r["image"]) for r in records]
 
 
-def reference_answers(config) -> Reference:
+def reference_answers(config, model_dir: Path = MODEL) -> Reference:
     from PIL import Image
 
     from nuwa_train.export import load_pruned
 
-    model, processor = load_pruned(MODEL, config=config, return_processor=True)
+    model, processor = load_pruned(model_dir, config=config, return_processor=True)
     image_token = model.config.image_token_index
     reference = Reference([], [], [], [], [])
     for question, image_path in load_records():
@@ -84,9 +84,9 @@ def reference_answers(config) -> Reference:
     return reference
 
 
-def vllm_answers(python: str, reference: Reference, runs: dict, tmp_path: Path) -> dict:
+def vllm_answers(python: str, reference: Reference, runs: dict, tmp_path: Path, model_dir: Path = MODEL) -> dict:
     """{run name: vllm_answers.py's result} for the reference's prompts; each run is one engine."""
-    job = {"model": str(MODEL), "max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS, "runs": runs,
+    job = {"model": str(model_dir), "max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS, "runs": runs,
            "records": [{"prompt_token_ids": ids, "image": image}
                        for ids, image in zip(reference.prompt_token_ids, reference.images)]}
     job_path, out_path = tmp_path / "job.json", tmp_path / "answers.json"

@@ -10,11 +10,12 @@ can fail; it must match `load_pruned` run with compact positions instead.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from nuwa_train.pruning import NuwaConfig
-from nuwa_train.serving.settings import hf_overrides
+from nuwa_train.serving.settings import hf_overrides, served_pruning
 
-from .conftest import BUDGET, largest_logprob_difference, matching, reference_answers, vllm_answers
+from .conftest import BUDGET, MODEL, largest_logprob_difference, matching, reference_answers, vllm_answers
 
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides; measured 9e-6
 HEAD_DIM = 32  # the tiny base's
@@ -61,3 +62,33 @@ def test_compact_positions_are_caught_and_match_compact_load_pruned(served, refe
     assert largest_logprob_difference(compact, references["original"]) > LOGPROB_TOLERANCE
     assert compact["answers"] == references["compact"].answers
     assert largest_logprob_difference(compact, references["compact"]) < LOGPROB_TOLERANCE
+
+
+EXPORT_BUDGET = 128  # 32 of 144 tokens: K comes from the export, not from the served default
+EXPORT_NOISE = 0.02  # relative weight perturbation that stands in for merged LoRA updates
+
+
+def test_a_two_stage_export_served_stage1_only_equals_its_stage1_load_pruned(serving_python, tmp_path):
+    """An export written by the project's exporter (nuwa_config.json with two-stage Nüwa at budget 128 and a
+    non-default distance): served stage-1-only, answers equal load_pruned with the served config."""
+    from nuwa_train.export import read_nuwa_config, write_pretrained
+    from nuwa_train.models.loading import load_vlm
+
+    model, processor = load_vlm(MODEL)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(EXPORT_NOISE * weight.std().nan_to_num() * torch.randn(weight.shape, generator=generator))
+    trained = NuwaConfig(method="nuwa", budget=EXPORT_BUDGET, distance=100.0)
+    export = write_pretrained(model, processor, trained, tmp_path / "export")
+    served = served_pruning(read_nuwa_config(export))
+    assert served.config == NuwaConfig(method="nuwa_stage1", budget=EXPORT_BUDGET, distance=100.0) and served.note
+    reference = reference_answers(served.config, export)
+    runs = {"export": {"hf_overrides": hf_overrides(served.config, HEAD_DIM)}}
+    answers = vllm_answers(serving_python, reference, runs, tmp_path, export)["export"]
+    assert all(len(kept) == 32 for kept in answers["kept"]) and answers["kept"] == reference.kept
+    assert answers["answers"] == reference.answers
+    difference = largest_logprob_difference(answers, reference)
+    print(f"export: {matching(answers, reference)}/{len(reference.answers)} answers equal, largest first-token "
+          f"log-prob difference {difference:.2e}")
+    assert difference < LOGPROB_TOLERANCE
