@@ -26,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..data.formats import export_split
-    from ..data.sharegpt import export_conversations
+    from ..data.records import export_conversations
     from ..data.synthetic import SyntheticConfig
 
     config = SyntheticConfig()

@@ -1,23 +1,30 @@
-"""Records as torch datasets: the synthetic benchmark generated on demand, or a user's files."""
+"""Records as torch datasets: the synthetic benchmark generated on demand, or a user's files; and the synthetic
+conversations written as ms-swift files (`export_conversations`, which reads SyntheticRecords: it lives here so that
+sharegpt.py, whose rows this module reads, never imports this module)."""
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from .formats import (
+    IMAGE_DIR,
+    IMAGE_TOKEN,
     DatasetFormatError,
     FieldError,
     LoadReport,
+    PathLike,
     parse_llava_json,
     parse_refcoco_json,
     read_image_sized,
 )
-from .sharegpt import conversation_row, parse_sharegpt_json, resolve_objects
+from .sharegpt import CONVERSATIONS_FILE, conversation_row, parse_sharegpt_json, resolve_objects
 from .synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
 
 logger = logging.getLogger(__name__)
@@ -78,6 +85,30 @@ class SyntheticRecords(Dataset):
             scene = generate_scene(self.config, self.split, image)
             self._last_image = (image, scene, render(scene, self.config))
         return self._last_image[1:]
+
+
+def export_conversations(out_dir: PathLike, config: SyntheticConfig, split: str, num_images: int,
+                         vqa_per_image: int = 4, grounding_per_image: int = 1, start: int = 0) -> Path:
+    """Images [start, start + num_images) of a synthetic split as ms-swift records, one conversation per image
+    (`conversations.jsonl`, boxes as `norm_1000` objects behind the placeholders) plus their PNG images."""
+    out = Path(out_dir)
+    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    data = SyntheticRecords(config, split, start + num_images, vqa_per_image, grounding_per_image, conversation=True)
+    lines = []
+    for index in range(start, start + num_images):
+        row = data[index]
+        image = f"{IMAGE_DIR}/{generate_scene(config, split, index).image_name}"
+        row["image"].save(out / image)
+        messages = [dict(m) for m in row["messages"]]
+        messages[0]["content"] = f"{IMAGE_TOKEN}{messages[0]['content']}"
+        record = {"id": row["id"], "messages": messages, "images": [image]}
+        if row["objects"]:
+            record["objects"] = row["objects"]
+        lines.append(json.dumps(record))
+    path = out / CONVERSATIONS_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
 
 
 class FileRecords(Dataset):

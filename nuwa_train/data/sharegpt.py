@@ -24,10 +24,8 @@ from pathlib import Path
 
 from .boxes import BBOX_TYPES, BoxError, check_numbers, object_box01, to_grid
 from .collate import BOX_PLACEHOLDER, REF_PLACEHOLDER, TEXT_TASK
-from .synthetic import Record, SyntheticConfig, generate_scene
+from .synthetic import Record, SyntheticConfig
 from .formats import (
-    IMAGE_DIR,
-    IMAGE_TOKEN,
     TEXT_ONLY,
     TEXT_ONLY_SKIPPED,
     _LIST_INDEX,
@@ -259,31 +257,6 @@ def conversation_row(records: list[Record], config: SyntheticConfig) -> dict:
                 answer=messages[1]["content"], task=first.task, box=first.box, kind=first.kind,
                 expression=first.expression, messages=messages,
                 objects={"ref": refs, "bbox": boxes, "bbox_type": "norm_1000"} if refs else None)
-
-
-def export_conversations(out_dir: PathLike, config: SyntheticConfig, split: str, num_images: int,
-                         vqa_per_image: int = 4, grounding_per_image: int = 1, start: int = 0) -> Path:
-    """Images [start, start + num_images) of a synthetic split as ms-swift records, one conversation per image
-    (`conversations.jsonl`, boxes as `norm_1000` objects behind the placeholders) plus their PNG images."""
-    from .records import SyntheticRecords  # records.py reads this module's rows
-
-    out = Path(out_dir)
-    (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    data = SyntheticRecords(config, split, start + num_images, vqa_per_image, grounding_per_image, conversation=True)
-    lines = []
-    for index in range(start, start + num_images):
-        row = data[index]
-        image = f"{IMAGE_DIR}/{generate_scene(config, split, index).image_name}"
-        row["image"].save(out / image)
-        messages = [dict(m) for m in row["messages"]]
-        messages[0]["content"] = f"{IMAGE_TOKEN}{messages[0]['content']}"
-        record = {"id": row["id"], "messages": messages, "images": [image]}
-        if row["objects"]:
-            record["objects"] = row["objects"]
-        lines.append(json.dumps(record))
-    path = out / CONVERSATIONS_FILE
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def load_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",

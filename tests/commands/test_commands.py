@@ -28,7 +28,7 @@ def test_eval_compare_writes_the_table_and_the_overlay(tiny_base_dir, tmp_path):
 def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_predictions(tiny_base_dir,
                                                                                             tmp_path):
     from nuwa_train.data.formats import export_split
-    from nuwa_train.data.sharegpt import export_conversations
+    from nuwa_train.data.records import export_conversations
     from nuwa_train.data.synthetic import SyntheticConfig
 
     llava, refcoco = export_split(tmp_path / "files", SyntheticConfig(), "val", 3)  # 3 VQA + 3 grounding records

@@ -356,7 +356,7 @@ def test_a_prediction_shows_the_expected_box_as_the_model_is_trained_to_answer(f
 
 def test_eval_writes_the_expected_box_into_predictions_jsonl(tiny_base_dir, tmp_path):
     from nuwa_train.cli import main
-    from nuwa_train.data.sharegpt import export_conversations
+    from nuwa_train.data.records import export_conversations
     from nuwa_train.data.synthetic import SyntheticConfig
 
     conversations = export_conversations(tmp_path / "swift", SyntheticConfig(), "val", 2, 0, 1)  # 2 grounding
@@ -372,7 +372,7 @@ def test_eval_writes_the_expected_box_into_predictions_jsonl(tiny_base_dir, tmp_
 
 # ----------------------------------------------------------------------------- 8. the default recipe takes files
 def test_the_default_recipe_trains_on_files_with_the_documented_flags_alone(tiny_base_dir, tmp_path, monkeypatch):
-    from nuwa_train.data.sharegpt import export_conversations
+    from nuwa_train.data.records import export_conversations
     from nuwa_train.data.synthetic import SyntheticConfig
     from nuwa_train.lightning import NuwaDataModule, NuwaFineTuner
     from nuwa_train.lightning.cli import NuwaCLI

@@ -73,7 +73,7 @@ def test_the_exported_sharegpt_file_batches_exactly_like_the_in_memory_conversat
     import lightning as L
     import torch
 
-    from nuwa_train.data.sharegpt import export_conversations
+    from nuwa_train.data.records import export_conversations
     from nuwa_train.lightning import NuwaDataModule, NuwaFineTuner
 
     path = export_conversations(tmp_path / "data", CONFIG, "train", 4, *PER_IMAGE)
