@@ -10,7 +10,8 @@ back, and knows the prompt that asks for one. What differs between formats is th
 - `qwen2_vl`    `<|object_ref_start|>ref<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`, 0-1000
                 integers of the image;
 - `qwen2_5_vl`  JSON `[{"bbox_2d": [x1, y1, x2, y2], "label": ref}]` in absolute pixels of the image AFTER the
-                processor's resize (`ImageFrame.model_size`).
+                processor's resize (`ImageFrame.model_size`);
+- `qwen3_vl`    the same JSON, in 0-1000 integers of the image (Qwen3-VL went back to relative coordinates).
 
 Parsing is honest: the first well-formed box wins, anything else is None (scored IoU 0 and counted as
 unparseable by evaluation, never dropped).
@@ -26,10 +27,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .geometry import COORD_RANGE, Box01, to_grid
 from .synthetic import SyntheticConfig
 
-Box01 = tuple[float, float, float, float]  # (x1, y1, x2, y2) as fractions of the original width / height
-COORD_RANGE = 1000  # the 0-1000 integer frame of record files (RefCOCO-style `normalized_solution`)
 DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)  # padding colour when an image processor states no mean
 FLOAT_SLACK = 1e-9  # far below any format's resolution, above float error of a k / 1000 fraction
 
@@ -267,7 +267,33 @@ class Qwen25VLBox(BoxFormat):
         return _first_box(self.pattern, text, lambda x1, y1, x2, y2: (x1 / width, y1 / height, x2 / width, y2 / height))
 
 
-BOX_FORMATS: dict[str, type[BoxFormat]] = {cls.name: cls for cls in (LocTokens, LlavaBox, Qwen2VLBox, Qwen25VLBox)}
+class Qwen3VLBox(BoxFormat):
+    """Qwen3-VL's JSON `[{"bbox_2d": [...], "label": ...}]` in integers on 0-1000 of the image (relative, no longer
+    Qwen2.5-VL's resized pixels: the QwenLM/Qwen3-VL cookbooks, e.g. spatial_understanding and 2D grounding, read
+    the boxes as x / 1000 * width)."""
+
+    name = "qwen3_vl"
+    max_answer_tokens = 64  # the JSON list with "bbox_2d" and "label"
+    answer_words = Qwen25VLBox.answer_words
+    prompt_template = Qwen25VLBox.prompt_template
+    pattern = Qwen25VLBox.pattern
+
+    @staticmethod
+    def _thousandths(box: Box01) -> list[int]:
+        return [min(COORD_RANGE, round(v * COORD_RANGE)) for v in box]
+
+    def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
+        return json.dumps(self._thousandths(box))
+
+    def render(self, box: Box01, frame: ImageFrame, label: str = "") -> str:
+        return json.dumps([{"bbox_2d": self._thousandths(box), "label": label}], ensure_ascii=False)
+
+    def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
+        return _first_box(self.pattern, text, lambda *values: [v / COORD_RANGE for v in values])
+
+
+BOX_FORMATS: dict[str, type[BoxFormat]] = {cls.name: cls for cls in (LocTokens, LlavaBox, Qwen2VLBox, Qwen25VLBox,
+                                                                     Qwen3VLBox)}
 
 
 def box_format(name: str, **settings) -> BoxFormat:
@@ -318,11 +344,6 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     square = Image.new(image.mode, (side, side), fill)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
-
-
-def to_box01(box: tuple[int, int, int, int]) -> Box01:
-    """A record's 0-1000 integer box -> fractions."""
-    return tuple(v / COORD_RANGE for v in box)
 
 
 # ms-swift's `objects.bbox_type`: what a ShareGPT grounding record's numbers are (default "real")
@@ -380,17 +401,3 @@ def below_grid(codec: BoxFormat, box: Box01, frame: ImageFrame) -> bool:
     0-1000 box it is scored against, has no area (the model would learn a box that reads back as none)."""
     x1, y1, x2, y2 = to_grid(box)
     return x1 >= x2 or y1 >= y2 or codec.parse(codec.render_coordinates(box, frame), frame) is None
-
-
-def to_grid(box: Box01) -> tuple[int, int, int, int]:
-    """Fractions -> the records' 0-1000 integer frame (what `box` fields and evaluation hold)."""
-    return tuple(min(COORD_RANGE - 1, max(0, round(v * COORD_RANGE))) for v in box)
-
-
-def box_iou(a: Box01, b: Box01) -> float:
-    """Intersection over union of two boxes (any common frame: IoU does not change when an axis is scaled)."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0

@@ -7,8 +7,9 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .loading import load_processor, load_vlm
 from .qwen2_vl import QwenVLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .sequence import KeptTokens, KeptView
 
 __all__ = ["Adapter", "FAMILIES", "KeptTokens", "KeptView", "NuwaHandle", "NuwaInputError", "adapter_for",
-           "attach_nuwa", "detach_nuwa", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "UnsupportedModelError",
-           "load_processor", "load_vlm"]
+           "attach_nuwa", "detach_nuwa", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "Qwen3VLAdapter",
+           "UnsupportedModelError", "load_processor", "load_vlm"]

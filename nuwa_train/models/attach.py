@@ -98,7 +98,11 @@ class NuwaHandle:
         self._encoder_owner = getattr(model, model.base_model_prefix)
         self._encoder_entry = self._make_encoder_entry()
         self._hooks: list = []
-        self._install(config)
+        try:
+            self._install(config)
+        except BaseException:  # a setting refused at attach leaves the model as it was
+            restore_attention(adapter, self._attention_before)
+            raise
 
     def _install(self, config: NuwaConfig) -> None:
         """Plans, per-forward state and hooks for `config` (a stage-2 layer decides where hooks go)."""
@@ -112,12 +116,18 @@ class NuwaHandle:
         # One plan for fixed-grid models; dynamic-resolution models resolve a plan per image grid.
         self.plan: PruningPlan | None = reference if adapter.grid is not None else None
         self.stage2_layer = reference.stage2.layer if reference.stage2 is not None else None
+        if self.stage2_layer is not None and self.stage2_layer < adapter.injected_layers:
+            raise NuwaConfigError(f"stage2_layer resolves to decoder layer {self.stage2_layer}, but "
+                                  f"{type(model).__name__} adds vision features after each of its first "
+                                  f"{adapter.injected_layers} layers (DeepStack): choose a stage-2 layer >= "
+                                  f"{adapter.injected_layers}")
         self._layout: PrefillLayout | None = None  # the last prefill's record (sequence.py); read it via `kept`
         self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
         self._soft_bias: torch.Tensor | None = None  # (B, L) stage-1 log p on vision columns, 0 elsewhere
         self._soft_bias2: torch.Tensor | None = None  # (B, L) the same for stage 2
         self._layer_bias: torch.Tensor | None = None  # (B, L) the keep bias the next layer's attention adds
         self._decode_columns: torch.Tensor | None = None
+        self._layer_tokens: torch.Tensor | None = None  # (kept vision tokens, k, D) the first k layers add (prefill)
         self._stage2_kwargs: dict = {}
         self._generator = torch.Generator().manual_seed(config.seed)
         self._encoder_owner.get_image_features = self._encoder_entry
@@ -129,6 +139,8 @@ class NuwaHandle:
             self._hooks.append(layers[first].register_forward_pre_hook(self._drop_stage2, with_kwargs=True))
             for layer in layers[first + 1:]:
                 self._hooks.append(layer.register_forward_pre_hook(self._follow_stage2, with_kwargs=True))
+        self._hooks.extend(layer.register_forward_hook(self._add_layer_tokens(index))
+                           for index, layer in enumerate(adapter.decoder_layers[:adapter.injected_layers]))
         # After the stage-2 hooks, so layer L2 passes on the bias its own hook just combined.
         self._hooks.extend(layer.register_forward_pre_hook(self._pass_key_bias, with_kwargs=True)
                            for layer in adapter.decoder_layers)
@@ -271,7 +283,7 @@ class NuwaHandle:
                 raise NuwaInputError(f"selection mode {self.mode!r} is for training forwards; call "
                                      f"set_selection('hard') before generating")
             return (), self._decode(kwargs, cached)
-        self._layout, self._phase = None, "off"
+        self._layout, self._phase, self._layer_tokens = None, "off", None
         input_ids, pixel_values = kwargs.pop("input_ids", None), kwargs.pop("pixel_values", None)
         images = (kwargs.pop("mm_encoder_outputs", None) or {}).get("image")
         image_inputs = {name: kwargs.pop(name) for name in self.adapter.image_input_names if name in kwargs}
@@ -305,8 +317,12 @@ class NuwaHandle:
             else:
                 selection = run_stage1(plan.stage1, self.config, encoding.features, encoding.sim_features,
                                        encoding.scores, encoding.grid, self._generator)
+        layer_tokens = None
+        if encoding.layer_features is not None:  # exactly the kept set of the main tokens
+            index = selection.indices[:, :, None, None].expand(-1, -1, *encoding.layer_features.shape[2:])
+            layer_tokens = encoding.layer_features.gather(1, index)
         return StageOneSelection(encoding, plan, self.adapter.project(selection.tokens), selection.indices,
-                          selection.pillars)
+                                 selection.pillars, layer_tokens=layer_tokens)
 
     def _select_soft(self, encoding: VisionEncoding) -> StageOneSelection:
         """Every token, as it would be if kept, with its keep probability as an attention bias."""
@@ -314,7 +330,8 @@ class NuwaHandle:
         plan = self.plan_for(encoding.grid, encoding.real_tokens)
         if plan.stage1 is None:
             return StageOneSelection(encoding, plan, self.adapter.project(features), every, None,
-                              torch.zeros(every.shape, device=features.device), every)
+                                     torch.zeros(every.shape, device=features.device), every,
+                                     layer_tokens=encoding.layer_features)
         noise = gumbel_like(encoding.scores) * self.gumbel if self.gumbel and self.model.training else None
         soft = run_stage1_soft(plan.stage1, self.config, features, encoding.sim_features, encoding.scores,
                                encoding.grid, self.temperature, noise)
@@ -322,7 +339,7 @@ class NuwaHandle:
         if self.mode == "straight_through":
             keep = straight_through(keep, torch.zeros_like(keep).scatter_(1, soft.hard_indices, 1.0))
         return StageOneSelection(encoding, plan, self.adapter.project(soft.tokens), every, None, log_keep(keep),
-                          soft.hard_indices)
+                                 soft.hard_indices, layer_tokens=encoding.layer_features)
 
     @staticmethod
     def _all_indices(features: torch.Tensor) -> torch.Tensor:
@@ -357,6 +374,8 @@ class NuwaHandle:
         embeds = embeds.masked_scatter(vision_slots, images.pooler_output[images.kept].to(embeds.dtype))
         self.adapter.prune_inputs(kwargs, source)
         self._layout, self._phase = layout, "prefill"
+        if images.layer_tokens is not None:  # in the order the vision slots are filled
+            self._layer_tokens = images.layer_tokens[images.kept]
         attention_mask, self._soft_bias, self._layer_bias = layout.attention_mask, None, None
         if images.keep_bias is not None:  # soft: all tokens stay, biased by log p
             self._soft_bias = torch.zeros(layout.is_vision.shape, dtype=images.keep_bias.dtype,
@@ -450,6 +469,16 @@ class NuwaHandle:
             return None
         kwargs.update(self._stage2_kwargs)
         return args, kwargs
+
+    def _add_layer_tokens(self, index: int):
+        """Post-hook of decoder layer `index`: the kept tokens' layer features join their hidden states, as the
+        model's own DeepStack adds them to every vision token (prefill only; decoding adds nothing)."""
+        def add(layer, args, output):
+            if self._phase != "prefill" or self._layer_tokens is None:
+                return None
+            rows, columns = self._layout.is_vision.nonzero(as_tuple=True)
+            return output.index_put((rows, columns), self._layer_tokens[:, index].to(output.dtype), accumulate=True)
+        return add
 
     def _pass_key_bias(self, layer, args, kwargs):
         if self._phase != "prefill" or self._layer_bias is None:

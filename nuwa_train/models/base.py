@@ -46,6 +46,8 @@ class VisionEncoding:
     #                                                  run, -1 for grid padding (None: the identity)
     placeholder_count: int | torch.Tensor | None = None  # placeholders of each image: one int, (n,) per image,
     #                                                      or None (N: the grid is the whole placeholder run)
+    layer_features: torch.Tensor | None = None  # (n, N, k, D_text) what the LLM's first k layers add to each grid
+    #                                             token's hidden state (Qwen3-VL's DeepStack); None: nothing
 
     @property
     def real_tokens(self) -> int | None:
@@ -74,6 +76,10 @@ class ImageEncoding:
     extra_tokens: ExtraTokens | None = None  # tokens the family adds after stage 1 (LLaVA-NeXT's row newlines)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Llama-style rotary embedding; x (B, heads, L, Dh), cos/sin (B, L, Dh)."""
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
@@ -88,6 +94,7 @@ class Adapter(ABC):
     multimodal_positions = False  # True for M-RoPE (C, B, L) position ids
     projector_name = "multi_modal_projector"  # module trained as peft `modules_to_save` when asked
     image_input_names: tuple[str, ...] = ()  # inputs besides pixel_values that the image encoder needs
+    injected_layers = 0  # decoder layers after which `VisionEncoding.layer_features` join the vision tokens
 
     def __init__(self, model: nn.Module, image_token_id: int):
         self.model, self.image_token_id = model, image_token_id
@@ -148,6 +155,10 @@ class Adapter(ABC):
         index = source.clamp(min=0).unsqueeze(-1).expand(-1, -1, table.shape[-1])
         return table.expand(source.shape[0], -1, -1).gather(1, index).masked_fill((source < 0).unsqueeze(-1), 0)
 
+    def head_norms(self, attention: nn.Module) -> tuple[Callable, Callable]:
+        """Per-head norms of queries and keys before RoPE (QK-norm decoders such as Qwen3); none by default."""
+        return _identity, _identity
+
     def query_and_keys(self, layer: nn.Module, hidden: torch.Tensor, query_index: torch.Tensor,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor]):
         """Post-RoPE query of one token per sample and all keys, as `layer` computes them.
@@ -160,9 +171,10 @@ class Adapter(ABC):
         rows = torch.arange(batch, device=hidden.device)
         normed = layer.input_layernorm(hidden)
         head_dim = attn.head_dim
-        query = attn.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        query_norm, key_norm = self.head_norms(attn)
+        query = query_norm(attn.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim)).transpose(1, 2)
         query = _rope(query, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
-        keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        keys = key_norm(attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
         keys = _rope(keys, cos, sin)
         keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
         return query[:, :, 0], keys, attn.scaling

@@ -23,6 +23,7 @@ from .base import Adapter, UnsupportedModelError
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import QwenVLAdapter, image_only_processors
+from .qwen3_vl import Qwen3VLAdapter
 from .tiny import build_tiny_llava, build_tiny_llava_next
 from .tiny_qwen import TinyQwenSpec, build_tiny_qwen
 
@@ -52,8 +53,9 @@ class ModelFamily:
         return needed_image_side(processor, self.image_sizes_are_areas)
 
 
-def _qwen(model_type: str, model_class: type, upstream_processor: str) -> ModelFamily:
-    return ModelFamily(model_type, QwenVLAdapter, model_class, model_type,
+def _qwen(model_type: str, model_class: type, upstream_processor: str, adapter: type[Adapter] = QwenVLAdapter
+          ) -> ModelFamily:
+    return ModelFamily(model_type, adapter, model_class, model_type,
                        partial(build_tiny_qwen, TinyQwenSpec(version=model_type)),
                        image_only_processors(upstream_processor), image_sizes_are_areas=True)
 
@@ -63,6 +65,7 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     ModelFamily("llava_next", LlavaNextAdapter, LlavaNextAdapter.model_classes[0], "llava", build_tiny_llava_next),
     _qwen("qwen2_vl", QwenVLAdapter.model_classes[0], "Qwen2VLProcessor"),
     _qwen("qwen2_5_vl", QwenVLAdapter.model_classes[1], "Qwen2_5_VLProcessor"),
+    _qwen("qwen3_vl", Qwen3VLAdapter.model_classes[0], "Qwen3VLProcessor", Qwen3VLAdapter),
 )}
 
 

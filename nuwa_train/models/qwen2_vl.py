@@ -59,6 +59,7 @@ class QwenVLAdapter(Adapter):
     multimodal_positions = True
     projector_name = "merger"
     image_input_names = ("image_grid_thw",)
+    rotary_vision = staticmethod(apply_rotary_pos_emb_vision)  # the tower's own 2-D RoPE of queries and keys
 
     def __init__(self, model):
         super().__init__(model, model.config.image_token_id)
@@ -152,7 +153,7 @@ class QwenVLAdapter(Adapter):
         hooks = [blocks[block_index].register_forward_pre_hook(grab_input, with_kwargs=True)]
         hooks += [blocks[i].register_forward_hook(keep_output(i)) for i in sim_blocks]
         try:
-            merged = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
+            output = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -164,7 +165,12 @@ class QwenVLAdapter(Adapter):
                 received, sim = received.view(-1, self.unit)[raster], sim.view(-1, self.unit, sim.shape[-1])[raster]
             scores = received.reshape(-1, self.unit).mean(1)  # (M,) one score per merged token, raster order
             sim = sim.reshape(-1, self.unit, sim.shape[-1]).mean(1)
-            return ImageEncoding(self._group_by_grid(merged, sim, scores, image_grid_thw, config.region_size))
+            return ImageEncoding(self._group_by_grid(output.pooler_output, sim, scores, image_grid_thw,
+                                                     config.region_size, self.layer_tokens(output)))
+
+    def layer_tokens(self, vision_output) -> torch.Tensor | None:
+        """(M, k, D_text) per merged token: what the LLM's first k layers add to it (none for Qwen2/2.5-VL)."""
+        return None
 
     def _score_block(self, config: NuwaConfig) -> int:
         if config.score_block is None:
@@ -185,7 +191,7 @@ class QwenVLAdapter(Adapter):
         length = hidden.shape[0]
         qkv = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         cos, sin = kwargs["position_embeddings"]
-        query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
+        query, key = self.rotary_vision(qkv[0], qkv[1], cos, sin)
         return received_attention(query.transpose(0, 1), key.transpose(0, 1), kwargs["cu_seqlens"].tolist(),
                                   attn.scaling)
 
@@ -199,7 +205,7 @@ class QwenVLAdapter(Adapter):
         return torch.argsort(window_index.to(grid_thw.device))
 
     def _group_by_grid(self, merged: torch.Tensor, sim: torch.Tensor, scores: torch.Tensor, grid_thw: torch.Tensor,
-                       region: int) -> list[VisionEncoding]:
+                       region: int, layer_tokens: torch.Tensor | None = None) -> list[VisionEncoding]:
         """One encoding per merged grid size (images of one size are batched), padded to whole regions."""
         counts = (grid_thw[:, 1] * grid_thw[:, 2] // self.unit).tolist()
         starts = [sum(counts[:i]) for i in range(len(counts))]
@@ -215,5 +221,6 @@ class QwenVLAdapter(Adapter):
                 features=torch.stack([merged[p] for p in parts]), sim_features=torch.stack([sim[p] for p in parts]),
                 scores=padding_scores(torch.stack([scores[p] for p in parts]), offsets >= 0),
                 grid=padded, images=torch.tensor(images),
-                placeholder_offsets=None if padded == (rows, cols) else offsets, placeholder_count=rows * cols))
+                placeholder_offsets=None if padded == (rows, cols) else offsets, placeholder_count=rows * cols,
+                layer_features=None if layer_tokens is None else torch.stack([layer_tokens[p] for p in parts])))
         return encodings

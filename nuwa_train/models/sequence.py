@@ -32,6 +32,8 @@ class NuwaImageFeatures(ModelOutput):
     placeholder_counts: torch.Tensor | None = None  # (images,) image placeholders of each unpruned image
     image_inputs: dict | None = None  # what the encoder got besides pixel_values (e.g. image_grid_thw)
     stage2_keep: torch.Tensor | None = None  # (images,) stage-2 budget of each image (0 without stage 2)
+    layer_tokens: torch.Tensor | None = None  # (images, K, k, D_text) what the LLM's first k layers add to each kept
+    #                                           token (Qwen3-VL's DeepStack, gathered at the same kept set)
 
     @property
     def kept(self) -> torch.Tensor:
@@ -215,6 +217,7 @@ class StageOneSelection:
     pillars: torch.Tensor | None = None
     keep_bias: torch.Tensor | None = None
     anchors: torch.Tensor | None = None
+    layer_tokens: torch.Tensor | None = None  # (n, K, k, D_text) the encoding's layer features at `indices`
 
 
 def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImageFeatures:
@@ -233,10 +236,11 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
         return NuwaImageFeatures(pooler_output=only.tokens, kept_indices=only.indices, pillars=only.pillars,
                                  keep_bias=only.keep_bias, anchor_indices=only.anchors,
                                  placeholder_counts=torch.tensor(only.encoding.placeholders_per_image(), device=device),
-                                 stage2_keep=torch.full((n,), stage2, device=device))
+                                 stage2_keep=torch.full((n,), stage2, device=device), layer_tokens=only.layer_tokens)
     parts: dict[int, list] = defaultdict(list)
     placeholders, stage2_keep = {}, defaultdict(int)
     soft = only.keep_bias is not None
+    layered = only.layer_tokens is not None
     for s in selections:
         encoding = s.encoding
         images = encoding.images.tolist() if encoding.images is not None else range(s.indices.shape[0])
@@ -246,7 +250,8 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
             real = offsets[row] >= 0
             pillars = s.pillars[row][real] if s.pillars is not None else torch.zeros_like(offsets[row][real], dtype=bool)
             bias = s.keep_bias[row][real] if soft else None
-            parts[image].append((offsets[row][real], s.tokens[row][real], pillars, bias))
+            layers = s.layer_tokens[row][real] if layered else None
+            parts[image].append((offsets[row][real], s.tokens[row][real], pillars, bias, layers))
             placeholders[image] = counts[row]
             stage2_keep[image] += s.plan.stage2.keep if s.plan.stage2 is not None else 0
     num_images = len(parts)
@@ -254,7 +259,7 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
         raise RuntimeError(f"the adapter's encodings cover images {sorted(parts)}, not 0..{num_images - 1}")
     laid_out = []
     for image in range(num_images):
-        offsets, tokens, pillars, bias = (list(column) for column in zip(*parts[image]))
+        offsets, tokens, pillars, bias, layers = (list(column) for column in zip(*parts[image]))
         if extra_tokens is not None:
             # soft: every token is present; the adapter turns their keep probabilities into the extras' bias
             keep = torch.cat(bias).float().exp() if soft else None
@@ -265,25 +270,32 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
                 pillars.append(torch.zeros_like(extra[0], dtype=torch.bool))
                 if soft:
                     bias.append(extra[2].to(bias[0].dtype))
+                if layered:  # tokens the adapter adds get nothing from the encoder's layers
+                    layers.append(layers[0].new_zeros(len(extra[0]), *layers[0].shape[1:]))
         offsets = torch.cat(offsets)
         order = torch.argsort(offsets)
         laid_out.append((offsets[order], torch.cat(tokens)[order], torch.cat(pillars)[order],
-                         torch.cat(bias)[order] if soft else None))
+                         torch.cat(bias)[order] if soft else None, torch.cat(layers)[order] if layered else None))
     width = max(len(offsets) for offsets, *_ in laid_out)
     pooler = only.tokens.new_zeros(num_images, width, only.tokens.shape[-1])
     kept = torch.full((num_images, width), -1, dtype=torch.long, device=pooler.device)
     pillars = torch.zeros(num_images, width, dtype=torch.bool, device=pooler.device)
     bias = only.tokens.new_zeros(num_images, width) if soft else None
-    for image, (offsets, tokens, image_pillars, image_bias) in enumerate(laid_out):
+    layer_tokens = only.layer_tokens.new_zeros(num_images, width, *only.layer_tokens.shape[2:]) if layered else None
+    for image, (offsets, tokens, image_pillars, image_bias, image_layers) in enumerate(laid_out):
         k = len(offsets)
         pooler[image, :k], kept[image, :k], pillars[image, :k] = tokens, offsets, image_pillars
         if soft:
             bias[image, :k] = image_bias.to(bias.dtype)
+        if layered:
+            layer_tokens[image, :k] = image_layers
     return NuwaImageFeatures(pooler_output=pooler, kept_indices=kept,
                              pillars=pillars if only.pillars is not None else None, keep_bias=bias,
                              placeholder_counts=torch.tensor([placeholders[i] for i in range(num_images)],
                                                              device=pooler.device),
-                             stage2_keep=torch.tensor([stage2_keep[i] for i in range(num_images)], device=pooler.device))
+                             stage2_keep=torch.tensor([stage2_keep[i] for i in range(num_images)],
+                                                      device=pooler.device),
+                             layer_tokens=layer_tokens)
 
 
 # ----------------------------------------------------------------------------------- prefill

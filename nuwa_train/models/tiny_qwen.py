@@ -1,7 +1,9 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL models and an image-only word-level processor, built from configs.
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and an image-only word-level processor, built from configs.
 
 They are the real HF classes (ViT with 2-D RoPE + 2x2 merger, M-RoPE LM; Qwen2.5-VL with window
-attention), only small, so the code paths used on real checkpoints run on a CPU in seconds.
+attention; Qwen3-VL with learned position embeddings, DeepStack mergers, interleaved M-RoPE and a QK-norm LM),
+only small, so the code paths used on real checkpoints run on a CPU in seconds. Qwen3-VL's processor differs
+from Qwen2-VL's only in its video half, so the image-only processor serves all three.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from .qwen2_vl import Qwen2VLImageProcessorOnly
@@ -36,7 +40,7 @@ CHAT_TEMPLATE = (
 class TinyQwenSpec:
     """Sizes of the tiny Qwen-VL. 8 px patches merged 2x2: a 96 px image is a 6x6 merged grid."""
 
-    version: str = "qwen2_vl"  # or "qwen2_5_vl"
+    version: str = "qwen2_vl"  # or "qwen2_5_vl", "qwen3_vl"
     patch_size: int = 8
     vision_hidden: int = 32
     vision_layers: int = 4
@@ -48,6 +52,8 @@ class TinyQwenSpec:
     text_heads: int = 4
     text_kv_heads: int = 2
     mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
+    deepstack_blocks: tuple[int, ...] = (1, 2)  # Qwen3-VL: vision blocks whose mergers feed LLM layers 0, 1
+    position_grid: int = 8  # Qwen3-VL: side of its learned vision position grid (resampled to every image)
     min_pixels: int = 16 * 16 * 4
     max_pixels: int = 16 * 16 * 256
     attn_implementation: str = "sdpa"
@@ -83,13 +89,20 @@ def build_model(spec: TinyQwenSpec, tokenizer):
                       out_hidden_size=spec.text_hidden, window_size=spec.window_size,
                       fullatt_block_indexes=list(spec.full_attention_blocks))
         config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
+    elif spec.version == "qwen3_vl":
+        text["head_dim"] = spec.text_hidden // spec.text_heads
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        vision = dict(common, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+                      out_hidden_size=spec.text_hidden, num_position_embeddings=spec.position_grid ** 2,
+                      deepstack_visual_indexes=list(spec.deepstack_blocks))
+        config, cls = Qwen3VLConfig(text_config=text, vision_config=vision, **ids), Qwen3VLForConditionalGeneration
     else:
-        raise ValueError(f"version={spec.version!r} must be 'qwen2_vl' or 'qwen2_5_vl'")
+        raise ValueError(f"version={spec.version!r} must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'")
     return with_generation_tokens(cls._from_config(config, attn_implementation=spec.attn_implementation), tokenizer)
 
 
 def build_tiny_qwen(spec: TinyQwenSpec = TinyQwenSpec(), words: list[str] = (), atomic_tokens: list[str] = (),
                     round_trip: bool = False):
-    """(model, processor) for a tiny Qwen2-VL / Qwen2.5-VL with random weights and a vocabulary of `words`."""
+    """(model, processor) for a tiny Qwen2-VL / 2.5-VL / 3-VL with random weights and a vocabulary of `words`."""
     processor = build_processor(spec, words, atomic_tokens, round_trip)
     return build_model(spec, processor.tokenizer), processor

@@ -156,7 +156,7 @@ def test_lmms_evals_own_refcoco_scorers_read_the_plugins_llava_answers(tmp_path,
     assert scored["refcoco_ACC@0.5,none"] == 1.0 and scored["refcoco_IoU,none"] > 0.95
 
 
-@pytest.mark.parametrize("family", ["tiny_base", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["tiny_base", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_the_plugin_answers_every_family_as_evaluate_does(family, tiny_base_dir, tmp_path):
     """Batched, left-padded, pruned (Nüwa at 64): the plugin's answers are `evaluate`'s, request by request."""
     from types import SimpleNamespace

@@ -10,9 +10,9 @@ from nuwa_train.data.boxes import (
     ImageFrame,
     LlavaBox,
     box_format,
-    box_iou,
     qwen_model_size,
 )
+from nuwa_train.data.geometry import box_iou
 from nuwa_train.models.tiny_qwen import TinyQwenSpec, build_processor
 
 FRAMES = [ImageFrame(120, 80, (112, 80)), ImageFrame(64, 96, (64, 96)), ImageFrame(100, 100, (96, 96))]
@@ -28,7 +28,7 @@ def grid_boxes(name: str, frame: ImageFrame) -> list[tuple[float, ...]]:
         side, dx, dy = LlavaBox.square(frame)
         xs = [(k / 100 * side - dx) / frame.width for k in range(101) if 0 <= k / 100 * side - dx <= frame.width]
         ys = [(k / 100 * side - dy) / frame.height for k in range(101) if 0 <= k / 100 * side - dy <= frame.height]
-    elif name == "qwen2_vl":
+    elif name in ("qwen2_vl", "qwen3_vl"):
         xs = ys = [k / 1000 for k in range(0, 1001, 37)]
     else:
         width, height = frame.model_size
@@ -53,7 +53,8 @@ def test_render_then_parse_is_the_identity_on_the_grid_and_a_perfect_answer_scor
 @pytest.mark.parametrize("name", list(BOX_FORMATS))
 def test_any_box_is_recovered_within_the_formats_resolution(name):
     codec, frame = box_format(name), FRAMES[0]
-    resolution = {"loc_tokens": 1 / 32, "llava": 0.01 * 120 / 80, "qwen2_vl": 1e-3, "qwen2_5_vl": 1 / 80}[name]
+    resolution = {"loc_tokens": 1 / 32, "llava": 0.01 * 120 / 80, "qwen2_vl": 1e-3, "qwen2_5_vl": 1 / 80,
+                  "qwen3_vl": 1e-3}[name]
     for box in [(0.1234, 0.2345, 0.5678, 0.9012), (0.0, 0.0, 1.0, 1.0), (0.333, 0.05, 0.334, 0.06)]:
         parsed = codec.parse(codec.render(box, frame), frame)
         if parsed is None:  # only a box thinner than the grid collapses
@@ -72,6 +73,8 @@ def test_any_box_is_recovered_within_the_formats_resolution(name):
     ("qwen2_vl", "(100,200)", None),
     ("qwen2_5_vl", '```json\n[{"bbox_2d": [10, 20, 50, 40], "label": "x"}]\n```', (0.1, 0.2, 0.5, 0.4)),
     ("qwen2_5_vl", '{"bbox_2d": [10, 20, 50]}', None),
+    ("qwen3_vl", '```json\n[{"bbox_2d": [100, 200, 500, 400], "label": "x"}]\n```', (0.1, 0.2, 0.5, 0.4)),
+    ("qwen3_vl", '[{"bbox_2d": [100, 200, 1500, 400]}]', (0.1, 0.2, 1.0, 0.4)),  # clipped to the image
     ("loc_tokens", "<loc_1><loc_2><loc_3><loc_4>", tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (1, 2, 3, 4))),
     ("loc_tokens", "<loc_1><loc_2><loc_40><loc_4><loc_5><loc_6><loc_7>",
      tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (4, 5, 6, 7))),
@@ -138,7 +141,7 @@ def test_the_tiny_base_answers_in_its_coordinate_tokens_and_its_records_do_not_c
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_each_familys_tiny_tokenizer_spells_its_prompts_and_answers_exactly(family):
     from nuwa_train.models.families import FAMILIES, box_format_for
 
@@ -153,11 +156,12 @@ def test_each_familys_tiny_tokenizer_spells_its_prompts_and_answers_exactly(fami
         assert tokenizer.decode(ids) == text
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_each_family_is_asked_and_answered_in_its_own_format(family):
     from PIL import Image
 
-    from nuwa_train.data.collate import IGNORE_INDEX, VisionLanguageCollator
+    from nuwa_train.data.collate import VisionLanguageCollator
+    from nuwa_train.data.schema import IGNORE_INDEX
     from nuwa_train.models.families import FAMILIES, box_format_for
 
     _, processor = FAMILIES[family].build_tiny(words=["the", "red", "circle"])
@@ -203,7 +207,8 @@ def test_llava_grounding_images_are_padded_so_a_box_maps_back_to_the_original_pi
 
 
 def test_coordinate_tokens_score_exactly_as_the_integer_boxes_of_the_records():
-    from nuwa_train.data.synthetic import iou, tokens_to_box
+    from nuwa_train.data.geometry import iou
+    from nuwa_train.data.synthetic import tokens_to_box
 
     codec, frame = box_format("loc_tokens"), FRAMES[0]
     truth = (130, 250, 610, 880)

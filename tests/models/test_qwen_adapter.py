@@ -1,4 +1,5 @@
-"""The Qwen2-VL / Qwen2.5-VL adapter: M-RoPE positions, dynamic resolution, window order, exactness."""
+"""The Qwen2-VL / Qwen2.5-VL / Qwen3-VL adapters: M-RoPE positions, dynamic resolution, window order, DeepStack,
+exactness."""
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ WORDS = "what colour is the red blue circle square left of how many are there ? 
 QUESTIONS = ["what colour is the circle ?", "how many square are there ?", "is the red circle left of the square ?"]
 # (height, width) in pixels: 6x6, 5x8 (odd: padded to 6x8) and 4x6 merged grids
 SIZES = [(96, 96), (80, 128), (64, 96)]
-VERSIONS = ["qwen2_vl", "qwen2_5_vl"]
+VERSIONS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -52,12 +53,16 @@ def rope_positions(model, inputs):
 
 
 def masked_reference(model, inputs, layout, stage2_layer):
-    """Unpatched full-length forward: kept image slots carry the pruned tokens, dropped ones are masked."""
+    """Unpatched full-length forward: kept image slots carry the pruned tokens, dropped ones are masked.
+
+    Qwen3-VL: after each of the LLM's first layers, the kept slots get the DeepStack features HF's own vision
+    tower computes for those placeholders (hooks on the reference forward, as the model's `_deepstack_process`)."""
     assert not hasattr(model, "_nuwa")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     is_image = ids == model.config.image_token_id
     with torch.no_grad():
-        full = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        image_output = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        full = torch.cat(image_output.pooler_output)
         embeds = model.get_input_embeddings()(ids)
         embeds[is_image] = full
         selection = layout.selection
@@ -79,6 +84,11 @@ def masked_reference(model, inputs, layout, stage2_layer):
 
         hooks = [layer.register_forward_pre_hook(later_layers, with_kwargs=True)
                  for layer in model.model.language_model.layers[stage2_layer:]] if stage2_layer else []
+        kept_slots = slots[chosen, 0], slots[chosen, 1]
+        for index, features in enumerate(getattr(image_output, "deepstack_features", None) or []):
+            added = torch.cat(features)[chosen]  # the placeholders' own DeepStack features, kept slots only
+            hooks.append(model.model.language_model.layers[index].register_forward_hook(
+                lambda layer, args, output, added=added: output.index_put(kept_slots, added, accumulate=True)))
         try:
             return model(inputs_embeds=embeds, attention_mask=masks[0], position_ids=rope_positions(model, inputs))
         finally:
@@ -238,3 +248,47 @@ def test_bad_inputs_raise_clear_errors(tiny_qwen):
             model(**inputs)
     with pytest.raises(Exception, match="position_mode='compact'"):
         attach_nuwa(model, NuwaConfig(position_mode="compact"))
+
+
+def test_keeping_every_token_equals_the_models_own_forward(tiny_qwen):
+    """method none through the handle: the same logits as the unpatched model (Qwen3-VL: its own DeepStack too)."""
+    model, processor = tiny_qwen
+    inputs = encode(processor, QUESTIONS, make_images(SIZES), "left")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with attach_nuwa(model, NuwaConfig(method="none")) as handle:
+            kept = model(**inputs).logits
+            selection = handle._layout.selection
+    assert selection.kept.sum().item() == (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    torch.testing.assert_close(kept, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_deepstack_features_are_those_of_exactly_the_kept_tokens(tiny_qwen):
+    model, processor = tiny_qwen
+    if model.config.model_type != "qwen3_vl":
+        pytest.skip("DeepStack is Qwen3-VL's")
+    inputs = encode(processor, QUESTIONS, make_images(SIZES), "left")
+    with torch.no_grad():
+        own = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).deepstack_features
+        with attach_nuwa(model, NuwaConfig(budget=128, stage2_layer=2)) as handle:
+            model(**inputs)
+            selection = handle._layout.selection
+    layers = len(model.config.vision_config.deepstack_visual_indexes)
+    assert handle.adapter.injected_layers == layers and selection.layer_tokens.shape[2] == layers
+    for image in range(len(SIZES)):
+        offsets = selection.kept_indices[image][selection.kept[image]]
+        assert 0 < len(offsets) < selection.placeholder_counts[image]
+        for layer in range(layers):
+            expected = own[layer][image][offsets]  # HF's own features of the kept placeholders, in order
+            torch.testing.assert_close(selection.layer_tokens[image, :len(offsets), layer], expected)
+        assert not selection.layer_tokens[image, len(offsets):].any()  # padding rows carry nothing
+
+
+def test_stage2_before_the_last_deepstack_layer_is_refused_by_name(tiny_qwen):
+    model, _ = tiny_qwen
+    if model.config.model_type != "qwen3_vl":
+        pytest.skip("DeepStack is Qwen3-VL's")
+    with pytest.raises(Exception, match="DeepStack.*stage-2 layer >= 2"):
+        attach_nuwa(model, NuwaConfig(stage2_layer=1))
+    assert not hasattr(model, "_nuwa")
+    assert model.model.language_model.config._attn_implementation == "sdpa"  # the refused attach changed nothing
