@@ -9,6 +9,9 @@ can fail; it must match `load_pruned` run with compact positions instead.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -92,3 +95,17 @@ def test_a_two_stage_export_served_stage1_only_equals_its_stage1_load_pruned(ser
     print(f"export: {matching(answers, reference)}/{len(reference.answers)} answers equal, largest first-token "
           f"log-prob difference {difference:.2e}")
     assert difference < LOGPROB_TOLERANCE
+
+
+def test_features_from_the_penultimate_layer_rebuild_the_whole_tower(serving_python, tmp_path):
+    """LLaVA-1.5's setting (vision_feature_layer -2): vLLM builds the tower only up to the feature layer, the
+    similarity features need the last one, so the plugin builds it whole; still equal to load_pruned."""
+    model_dir = tmp_path / "penultimate"
+    shutil.copytree(MODEL, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -2}))
+    reference = reference_answers(ORIGINAL, model_dir)
+    runs = {"penultimate": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM)}}
+    answers = vllm_answers(serving_python, reference, runs, tmp_path, model_dir)["penultimate"]
+    assert answers["kept"] == reference.kept and answers["answers"] == reference.answers
+    assert largest_logprob_difference(answers, reference) < LOGPROB_TOLERANCE
