@@ -27,13 +27,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .data.boxes import BoxFormat, box_iou, to_box01
-from .data.collate import TEXT_TASK, VisionLanguageCollator, as_image
+from .data.boxes import BoxFormat
+from .data.collate import VisionLanguageCollator, as_image
+from .data.geometry import box_iou, iou, to_box01
+from .data.schema import TEXT_TASK
 from .data.synthetic import (
     RELATIONS,
     Record,
     SyntheticConfig,
-    iou,
     render,
     tokens_to_box,
 )

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..pruning.within_budget import fastv_within_budget
 from ..models import attach_nuwa
 from ..pruning import PAPER_PRESETS, NuwaConfig, NuwaConfigError
 from ..pruning.stage1 import (
@@ -28,6 +27,7 @@ from ..pruning.stage1 import (
     proximity,
     select_anchors,
 )
+from ..pruning.within_budget import fastv_within_budget
 from ..timing import Stopwatch, Timings, WallClock
 from .shapes import BenchShape, build_random_model, prompt_batch
 

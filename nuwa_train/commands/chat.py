@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.boxes import Box01
 from ..data.collate import VisionLanguageCollator
+from ..data.geometry import Box01
 from ..errors import UsageError
 from ..evaluation import generate_answers, question_collator
 from ..export import NUWA_CONFIG_NAME, load_pruned, read_nuwa_config

@@ -12,6 +12,7 @@ from .formats import (
     parse_refcoco_json,
     write_sample,
 )
+from .geometry import iou, normalise_box
 from .synthetic import (
     SPLITS,
     Record,
@@ -22,10 +23,8 @@ from .synthetic import (
     coordinate_tokens,
     generate_records,
     generate_scene,
-    iou,
     make_grounding,
     make_vqa,
-    normalise_box,
     render,
     tokens_to_box,
     vocabulary,

@@ -25,31 +25,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .boxes import (
-    Box01,
-    BoxError,
-    BoxFormat,
-    ImageFrame,
-    below_grid,
-    object_box01,
-    to_box01,
-)
+from .boxes import BoxError, BoxFormat, ImageFrame, below_grid, object_box01
+from .geometry import Box01, to_box01
 from .images import to_rgb, upright
+from .schema import (
+    ANSWER_TRUNCATED,
+    ANSWER_UNKNOWN_TOKENS,
+    BOX_BELOW_GRID,
+    BOX_PLACEHOLDER,
+    IGNORE_INDEX,
+    ON_ERROR,
+    PADDING_SIDES,
+    PROMPT_TOO_LONG,
+    PROMPT_UNKNOWN_TOKENS,
+    REF_PLACEHOLDER,
+    TEXT_TASK,
+    TURNS_DROPPED,
+)
 
-IGNORE_INDEX = -100
-TEXT_TASK = "text"  # the task of a record without an image (it trains; evaluation does not score it)
-PADDING_SIDES = ("left", "right")
-ON_ERROR = ("raise", "skip")
 logger = logging.getLogger(__name__)
 
-# What the collator counts (and warns about once each): truncation and text the tokenizer cannot represent.
-ANSWER_TRUNCATED = "answer truncated to max_length"
-PROMPT_TOO_LONG = "prompt longer than max_length (record refused)"
-PROMPT_UNKNOWN_TOKENS = "prompt has text the tokenizer maps to <unk>"
-ANSWER_UNKNOWN_TOKENS = "answer has text the tokenizer maps to <unk> (record refused)"
-TURNS_DROPPED = "conversation cut to whole turns within max_length (later turns dropped)"
-BOX_BELOW_GRID = "box smaller than one cell of its answer's grid (trains a box with no area; kept)"
-REF_PLACEHOLDER, BOX_PLACEHOLDER = "<ref-object>", "<bbox>"  # ms-swift's grounding placeholders (data/sharegpt.py)
 _PLACEHOLDER = re.compile(f"{re.escape(REF_PLACEHOLDER)}|{re.escape(BOX_PLACEHOLDER)}")
 
 

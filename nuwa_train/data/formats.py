@@ -21,12 +21,11 @@ import datasets
 import pyarrow.compute as pc
 from PIL import Image, ImageFile
 
-from .collate import TEXT_TASK
+from .geometry import COORD_RANGE, Box
 from .images import displayed_size, orientation, to_rgb, upright
+from .schema import ON_ERROR, TEXT_TASK
 from .synthetic import (
-    COORD_RANGE,
     LOC_PATTERN,
-    Box,
     Record,
     SyntheticConfig,
     box_to_tokens,
@@ -42,7 +41,6 @@ IMAGE_TOKEN = "<image>"
 LLAVA_FILE = "llava_vqa.json"
 REFCOCO_FILE = "refcoco_grounding.json"
 IMAGE_DIR = "images"
-ON_ERROR = ("raise", "skip")
 TEXT_ONLY = ("keep", "skip")  # what the loaders do with records that have no image (data.text_only)
 TEXT_ONLY_SKIPPED = "text-only record (data.text_only: skip)"
 REPORTED_IDS = 5  # record ids listed per skip reason in a report

@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .boxes import BBOX_TYPES, BoxError, check_numbers, object_box01, to_grid
-from .collate import BOX_PLACEHOLDER, REF_PLACEHOLDER, TEXT_TASK
+from .boxes import BBOX_TYPES, BoxError, check_numbers, object_box01
+from .geometry import to_grid
+from .schema import BOX_PLACEHOLDER, REF_PLACEHOLDER, TEXT_TASK
 from .synthetic import Record, SyntheticConfig
 from .formats import (
     TEXT_ONLY,

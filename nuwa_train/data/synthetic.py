@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .geometry import COORD_RANGE, Box, normalise_box
+
 SPLITS = ("train", "val", "test")
-COORD_RANGE = 1000  # RefCOCO/Qwen convention: normalised integer coordinates in [0, 1000)
 LOC_TOKEN = "<loc_{}>"
 LOC_PATTERN = re.compile(r"<loc_(\d+)>")
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]+")  # what HF `pre_tokenizers.Whitespace` splits on
 ATTRIBUTES = ("size", "colour", "shape")  # the order words appear in a noun phrase
 
-Box = tuple[int, int, int, int]
 Description = tuple[tuple[str, str], ...]  # ((attribute, value), ...) in ATTRIBUTES order
 
 # Independent random streams of one image, so e.g. changing the question mix keeps the layout.
@@ -164,13 +164,7 @@ class Record:
 
 
 # ---------------------------------------------------------------------------------------------
-# boxes and coordinate tokens
-
-
-def normalise_box(box: Box, width: int, height: int) -> Box:
-    """Pixel box -> integer [0, 1000) coordinates, rounding half up."""
-    sizes = (width, height, width, height)
-    return tuple(min(COORD_RANGE - 1, (2 * v * COORD_RANGE + s) // (2 * s)) for v, s in zip(box, sizes))
+# coordinate tokens
 
 
 def box_to_tokens(box: Box, bins: int = SyntheticConfig.coordinate_bins) -> str:
@@ -195,19 +189,6 @@ def tokens_to_box(text: str, bins: int = SyntheticConfig.coordinate_bins) -> Box
     if len(values) != 4 or max(values) >= COORD_RANGE:
         return None
     return tuple(values)
-
-
-def _area(box: Box) -> int:
-    return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
-
-
-def iou(box_a: Box, box_b: Box) -> float:
-    """Intersection over union of two [x1, y1, x2, y2] boxes; degenerate boxes have area 0."""
-    ix = max(0, min(box_a[2], box_b[2]) - max(box_a[0], box_b[0]))
-    iy = max(0, min(box_a[3], box_b[3]) - max(box_a[1], box_b[1]))
-    inter = ix * iy
-    union = _area(box_a) + _area(box_b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def coordinate_tokens(config: SyntheticConfig) -> list[str]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from ..data.collate import IGNORE_INDEX
+from ..data.schema import IGNORE_INDEX
 from ..models import adapter_for, attach_nuwa, load_vlm
 from ..pruning import NuwaConfig, NuwaConfigError
 from ..pruning.soft import temperature_at

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from ..data.collate import IGNORE_INDEX
+from ..data.schema import IGNORE_INDEX
 from ..pruning.config import PruningPlan
 from .base import NuwaInputError, VisionEncoding
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..data.collate import IGNORE_INDEX
+from ..data.schema import IGNORE_INDEX
 from ..models.scoring import clip_cls_attention
 from ..models.tiny import TinyLlavaSpec
 from .targets import TargetMaker

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data.collate import IGNORE_INDEX
-from ..data.synthetic import COORD_RANGE, Record, Scene, SyntheticConfig, draw_object, normalise_box
+from ..data.geometry import COORD_RANGE, normalise_box
+from ..data.schema import IGNORE_INDEX
+from ..data.synthetic import Record, Scene, SyntheticConfig, draw_object
 from ..models.tiny import TinyLlavaSpec
 
 COVER_THRESHOLD = 0.25  # a patch belongs to an object when the object covers >= 25% of its pixels

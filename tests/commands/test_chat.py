@@ -8,7 +8,7 @@ from PIL import Image
 
 from nuwa_train.commands.chat import ChatSession, load_chat_model
 from nuwa_train.cli import main
-from nuwa_train.data.boxes import box_iou, to_box01
+from nuwa_train.data.geometry import box_iou, to_box01
 from nuwa_train.data.synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
 from nuwa_train.evaluation import evaluate
 from nuwa_train.pruning import NuwaConfig

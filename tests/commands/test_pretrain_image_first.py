@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from nuwa_train.data.collate import IGNORE_INDEX
+from nuwa_train.data.schema import IGNORE_INDEX
 from nuwa_train.data.synthetic import SyntheticConfig, generate_scene, make_conversation, make_grounding, make_vqa
 from nuwa_train.io import load_tensor_tree
 from nuwa_train.models.tiny import load_tiny_llava

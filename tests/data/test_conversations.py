@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_images
 
-from nuwa_train.data.collate import IGNORE_INDEX, TURNS_DROPPED, CollateError, VisionLanguageCollator
+from nuwa_train.data.collate import CollateError, VisionLanguageCollator
+from nuwa_train.data.schema import IGNORE_INDEX, TURNS_DROPPED
 from nuwa_train.models import attach_nuwa
 from nuwa_train.pruning import NuwaConfig
 

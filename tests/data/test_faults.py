@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nuwa_train.data.collate import ANSWER_TRUNCATED, PROMPT_TOO_LONG, PROMPT_UNKNOWN_TOKENS, CollateError
+from nuwa_train.data.collate import CollateError
+from nuwa_train.data.schema import ANSWER_TRUNCATED, PROMPT_TOO_LONG, PROMPT_UNKNOWN_TOKENS
 from nuwa_train.data.formats import LLAVA_FILE, REFCOCO_FILE, DatasetFormatError, export_split, read_image
 from nuwa_train.data.records import FileRecords
 from nuwa_train.data.synthetic import SyntheticConfig

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nuwa_train.data.boxes import box_format, to_box01
+from nuwa_train.data.boxes import box_format
 from nuwa_train.data.collate import VisionLanguageCollator, as_image
+from nuwa_train.data.geometry import to_box01
 from nuwa_train.data.formats import DatasetFormatError, parse_llava_json, parse_refcoco_json, read_image
 from nuwa_train.data.records import FileRecords
 from nuwa_train.data.sharegpt import load_sharegpt_json, parse_sharegpt_json
@@ -85,7 +86,7 @@ def test_pixel_boxes_on_the_border_or_within_rounding_are_inside(folder, bbox, e
 
 
 def test_a_box_below_one_grid_cell_is_counted_and_named(folder, tiny_base_dir, caplog):
-    from nuwa_train.data.collate import BOX_BELOW_GRID
+    from nuwa_train.data.schema import BOX_BELOW_GRID
     from nuwa_train.models.loading import load_processor
 
     path = write_jsonl(folder / "data.jsonl", [grounding_record("large", [10, 10, 60, 60]),

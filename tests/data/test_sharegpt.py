@@ -8,8 +8,10 @@ import datasets
 import pytest
 from PIL import Image, ImageDraw
 
-from nuwa_train.data.boxes import ImageFrame, box_format, box_iou, qwen_model_size
-from nuwa_train.data.collate import IGNORE_INDEX, CollateError, VisionLanguageCollator
+from nuwa_train.data.boxes import ImageFrame, box_format, qwen_model_size
+from nuwa_train.data.collate import CollateError, VisionLanguageCollator
+from nuwa_train.data.geometry import box_iou
+from nuwa_train.data.schema import IGNORE_INDEX
 from nuwa_train.data.formats import DatasetFormatError
 from nuwa_train.data.records import FileRecords
 from nuwa_train.data.sharegpt import load_sharegpt_json, parse_sharegpt_json, sharegpt_source

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from nuwa_train.data.geometry import iou, normalise_box
 from nuwa_train.data.records import SyntheticRecords
 from nuwa_train.data.synthetic import (
     SPLITS,
@@ -15,10 +16,8 @@ from nuwa_train.data.synthetic import (
     coordinate_tokens,
     generate_records,
     generate_scene,
-    iou,
     make_grounding,
     make_vqa,
-    normalise_box,
     render,
     tokens_to_box,
     vocabulary,

@@ -3,8 +3,9 @@ written in any family's box format (loc_tokens: exactly the single-turn records'
 
 import pytest
 
-from nuwa_train.data.boxes import box_format, box_iou, to_box01
-from nuwa_train.data.collate import IGNORE_INDEX, VisionLanguageCollator
+from nuwa_train.data.boxes import box_format
+from nuwa_train.data.collate import VisionLanguageCollator
+from nuwa_train.data.geometry import box_iou, to_box01
 from nuwa_train.data.records import SyntheticRecords
 from nuwa_train.data.synthetic import SyntheticConfig
 from nuwa_train.models import load_processor

@@ -7,7 +7,8 @@ import torch
 from conftest import make_images
 
 from nuwa_train.data import load_llava_json
-from nuwa_train.data.collate import IGNORE_INDEX, TEXT_TASK, CollateError, VisionLanguageCollator
+from nuwa_train.data.collate import CollateError, VisionLanguageCollator
+from nuwa_train.data.schema import IGNORE_INDEX, TEXT_TASK
 from nuwa_train.data.formats import TEXT_ONLY_SKIPPED, DatasetFormatError, parse_llava_json
 from nuwa_train.models import attach_nuwa
 from nuwa_train.pruning import NuwaConfig
