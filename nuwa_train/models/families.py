@@ -53,9 +53,9 @@ class ModelFamily:
         return needed_image_side(processor, self.image_sizes_are_areas)
 
 
-def _qwen(model_type: str, model_class: type, upstream_processor: str, adapter: type[Adapter] = QwenVLAdapter
-          ) -> ModelFamily:
-    return ModelFamily(model_type, adapter, model_class, model_type,
+def _qwen(model_type: str, model_class: type, upstream_processor: str, adapter: type[Adapter] = QwenVLAdapter,
+          box_format_name: str | None = None) -> ModelFamily:
+    return ModelFamily(model_type, adapter, model_class, box_format_name or model_type,
                        partial(build_tiny_qwen, TinyQwenSpec(version=model_type)),
                        image_only_processors(upstream_processor), image_sizes_are_areas=True)
 
@@ -66,6 +66,7 @@ FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
     _qwen("qwen2_vl", QwenVLAdapter.model_classes[0], "Qwen2VLProcessor"),
     _qwen("qwen2_5_vl", QwenVLAdapter.model_classes[1], "Qwen2_5_VLProcessor"),
     _qwen("qwen3_vl", Qwen3VLAdapter.model_classes[0], "Qwen3VLProcessor", Qwen3VLAdapter),
+    _qwen("qwen3_vl_moe", Qwen3VLAdapter.model_classes[1], "Qwen3VLProcessor", Qwen3VLAdapter, "qwen3_vl"),
 )}
 
 

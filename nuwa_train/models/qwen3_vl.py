@@ -1,4 +1,5 @@
-"""What Nüwa needs to know about Qwen3-VL (HF `Qwen3VLForConditionalGeneration`), beyond Qwen2-VL.
+"""What Nüwa needs to know about Qwen3-VL (HF `Qwen3VLForConditionalGeneration`, and the MoE variant
+`Qwen3VLMoeForConditionalGeneration`), beyond Qwen2-VL.
 
 - The vision tower is Qwen2-VL's in shape (2-D RoPE blocks, full attention everywhere, a 2x2 merger after the
   projector, no CLS): stage 1 scores a merged token by the attention its patches *receive* (models/scoring.py).
@@ -20,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
 from .common import LLM_LORA_PATTERN
@@ -28,9 +29,11 @@ from .qwen2_vl import QwenVLAdapter
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
-    """Qwen3-VL: Qwen2-VL's dynamic-resolution ViT and M-RoPE, plus DeepStack features and a QK-norm LM."""
+    """Qwen3-VL and Qwen3-VL-MoE: Qwen2-VL's dynamic-resolution ViT and M-RoPE, plus DeepStack features and a
+    QK-norm LM. The MoE variant differs only inside the LM's MLPs (experts), which Nüwa never reads; its experts are
+    fused parameters, not linear layers, so LoRA adapts its attention (and any dense MLP layers)."""
 
-    model_classes = (Qwen3VLForConditionalGeneration,)
+    model_classes = (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
     rotary_vision = staticmethod(apply_rotary_pos_emb_vision)
 
     def __init__(self, model: Qwen3VLForConditionalGeneration):

@@ -18,6 +18,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 from .qwen2_vl import Qwen2VLImageProcessorOnly
@@ -40,7 +42,7 @@ CHAT_TEMPLATE = (
 class TinyQwenSpec:
     """Sizes of the tiny Qwen-VL. 8 px patches merged 2x2: a 96 px image is a 6x6 merged grid."""
 
-    version: str = "qwen2_vl"  # or "qwen2_5_vl", "qwen3_vl"
+    version: str = "qwen2_vl"  # or "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"
     patch_size: int = 8
     vision_hidden: int = 32
     vision_layers: int = 4
@@ -54,6 +56,7 @@ class TinyQwenSpec:
     mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
     deepstack_blocks: tuple[int, ...] = (1, 2)  # Qwen3-VL: vision blocks whose mergers feed LLM layers 0, 1
     position_grid: int = 8  # Qwen3-VL: side of its learned vision position grid (resampled to every image)
+    experts: int = 4  # Qwen3-VL-MoE: experts per MoE layer (every LLM layer), of which 2 run per token
     min_pixels: int = 16 * 16 * 4
     max_pixels: int = 16 * 16 * 256
     attn_implementation: str = "sdpa"
@@ -89,15 +92,19 @@ def build_model(spec: TinyQwenSpec, tokenizer):
                       out_hidden_size=spec.text_hidden, window_size=spec.window_size,
                       fullatt_block_indexes=list(spec.full_attention_blocks))
         config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
-    elif spec.version == "qwen3_vl":
+    elif spec.version in ("qwen3_vl", "qwen3_vl_moe"):
         text["head_dim"] = spec.text_hidden // spec.text_heads
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
         vision = dict(common, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
                       out_hidden_size=spec.text_hidden, num_position_embeddings=spec.position_grid ** 2,
                       deepstack_visual_indexes=list(spec.deepstack_blocks))
-        config, cls = Qwen3VLConfig(text_config=text, vision_config=vision, **ids), Qwen3VLForConditionalGeneration
+        config, cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        if spec.version == "qwen3_vl_moe":
+            text.update(num_experts=spec.experts, num_experts_per_tok=2, moe_intermediate_size=spec.text_hidden)
+            config, cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+        config = config(text_config=text, vision_config=vision, **ids)
     else:
-        raise ValueError(f"version={spec.version!r} must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'")
+        raise ValueError(f"version={spec.version!r} must be 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl' or 'qwen3_vl_moe'")
     return with_generation_tokens(cls._from_config(config, attn_implementation=spec.attn_implementation), tokenizer)
 
 

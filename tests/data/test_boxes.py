@@ -141,7 +141,7 @@ def test_the_tiny_base_answers_in_its_coordinate_tokens_and_its_records_do_not_c
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_each_familys_tiny_tokenizer_spells_its_prompts_and_answers_exactly(family):
     from nuwa_train.models.families import FAMILIES, box_format_for
 
@@ -156,7 +156,7 @@ def test_each_familys_tiny_tokenizer_spells_its_prompts_and_answers_exactly(fami
         assert tokenizer.decode(ids) == text
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_each_family_is_asked_and_answered_in_its_own_format(family):
     from PIL import Image
 
