@@ -7,6 +7,7 @@ from nuwa_train.data.boxes import box_format
 from nuwa_train.data.collate import VisionLanguageCollator
 from nuwa_train.data.geometry import box_iou, to_box01
 from nuwa_train.data.records import SyntheticRecords
+from nuwa_train.data.schema import IGNORE_INDEX
 from nuwa_train.data.synthetic import SyntheticConfig
 from nuwa_train.models import load_processor
 from nuwa_train.models.families import FAMILIES
