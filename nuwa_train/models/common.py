@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import clip_cls_attention  # noqa: F401  (its old home: serving/llava.py imports it from here)
-
 # peft `target_modules` regex of the attention and MLP projections of every decoder layer (HF 5.x layout)
 LLM_LORA_PATTERN = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 

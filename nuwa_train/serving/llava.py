@@ -34,7 +34,7 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..models.common import clip_cls_attention
+from ..models.scoring import clip_cls_attention
 from ..models.llava import ClipVision
 from ..pruning import NuwaConfig, PruningPlan
 from ..pruning.selectors import run_stage1
