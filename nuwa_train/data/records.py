@@ -30,7 +30,18 @@ from .synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa
 logger = logging.getLogger(__name__)
 
 
-class SyntheticRecords(Dataset):
+class IndexedRecords(Dataset):
+    """A map-style dataset whose iteration ends after len(self) records.
+
+    Without `__iter__`, Python iterates by calling `__getitem__(0, 1, ...)` until IndexError; these datasets answer
+    any index (FileRecords wraps it around to stand in for a skipped record, SyntheticRecords generates further
+    images), so `list(data)` or `for row in data` would never end."""
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+
+class SyntheticRecords(IndexedRecords):
     """Record i of a split, generated on demand (deterministic by seed, split and index).
 
     Each image yields `vqa_per_image` VQA records and `grounding_per_image` grounding records,
@@ -111,7 +122,7 @@ def export_conversations(out_dir: PathLike, config: SyntheticConfig, split: str,
 
 
 
-class FileRecords(Dataset):
+class FileRecords(IndexedRecords):
     """LLaVA-conversation, RefCOCO-style and ShareGPT-style files, concatenated (rows as dicts).
 
     Start-up reads only the JSON and the image folders' listings (no image file is opened), so it costs the same
