@@ -34,7 +34,7 @@ from ..models.families import base_model
 from ..models.loading import load_vlm
 from ..models.sequence import KeptTokens
 from ..pruning import NuwaConfig
-from .arguments import add_command
+from .arguments import add_command, positive_int
 
 DEFAULT_MAX_NEW_TOKENS = 128  # a chat answer may be a sentence; the tiny base stops at end-of-sequence long before
 EXIT_WORDS = ("exit", "quit")
@@ -231,9 +231,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--prompt", help="one question; its answer is the last line of stdout (default: questions "
                                        "from stdin, one per line, until EOF or 'exit')")
     chat.add_argument("--method", choices=METHODS, help="pruner (default: the export's, else NuwaConfig's)")
-    chat.add_argument("--budget", type=int, help="average vision tokens per image on the 24x24 grid (default: the "
-                                                 "export's, else NuwaConfig's)")
-    chat.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest answer in tokens")
+    chat.add_argument("--budget", type=positive_int, help="average vision tokens per image on the 24x24 grid "
+                                                          "(default: the export's, else NuwaConfig's)")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+                      help="longest answer in tokens")
     chat.add_argument("--overlay", help="PNG of the kept tokens of the last answer (default: nuwa-chat-<image>-"
                                         "kept-tokens.png in the temp folder; its path is printed on stderr)")
     chat.add_argument("--no-overlay", action="store_true", help="do not draw the kept tokens")

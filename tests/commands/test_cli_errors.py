@@ -57,6 +57,11 @@ def test_a_user_error_is_one_line_on_stderr_and_the_traceback_needs_debug(tmp_pa
     (["eval", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
     (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
     (["export-data", "out", "--vqa-per-image", "-2"], "argument --vqa-per-image: expected an integer >= 0, got -2"),
+    (["chat", "model", "--image", "a.png", "--budget", "0"], "argument --budget: expected a positive integer, got 0"),
+    (["chat", "model", "--image", "a.png", "--budget", "-64"],
+     "argument --budget: expected a positive integer, got -64"),
+    (["chat", "model", "--image", "a.png", "--max-new-tokens", "0"],
+     "argument --max-new-tokens: expected a positive integer, got 0"),
 ])
 def test_bad_numbers_are_refused_when_the_command_line_is_parsed(argv, message, capsys, monkeypatch):
     import nuwa_train.commands.eval as eval_command
