@@ -1,13 +1,15 @@
 """The `nuwa-train` command line (also `python -m nuwa_train`).
 
-A user error (a missing model directory, a bad config value or data file, an unusable checkpoint) ends the
-command with one line on stderr and exit status 1; a malformed command line exits with status 2 (argparse).
+A user error (a missing model directory, a bad config value or data file, an unusable checkpoint, a full disk or
+a permission refused) ends the command with one line on stderr and exit status 1; a malformed command line exits
+with status 2 (argparse).
 `nuwa-train --debug COMMAND ...` (or NUWA_DEBUG=1) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -18,6 +20,9 @@ from .commands.lightning import LIGHTNING_COMMANDS
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "NUWA_DEBUG"
+# OSErrors the user fixes outside the program (free space or quota, permissions, a read-only mount). Others (a bad
+# file descriptor, a missing file the code should have checked) may be bugs, so they keep their traceback.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +52,11 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     return (UsageError, ModelPathError, NuwaConfigError, ExportError, DatasetFormatError, CollateError,
             UnsafeCheckpointError, NuwaInputError, UnsupportedModelError, DeviceUnavailable, NonFiniteTrainingError)
+
+
+def environment_error_line(error: OSError) -> str:
+    """The error and its notes on one line: a note says what was left as it was (e.g. a checkpoint kept whole)."""
+    return "; ".join([str(error), *getattr(error, "__notes__", ())])
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
@@ -82,8 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors() as error:
         if debug:
             raise
-        command = f" {argv[0]}" if argv else ""
-        raise SystemExit(f"nuwa-train{command}: error: {error}") from None
+        raise SystemExit(f"{_error_prefix(argv)}{error}") from None
+    except OSError as error:
+        if debug or error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise SystemExit(f"{_error_prefix(argv)}{environment_error_line(error)}") from None
+
+
+def _error_prefix(argv: list[str]) -> str:
+    command = f" {argv[0]}" if argv else ""
+    return f"nuwa-train{command}: error: "
 
 
 if __name__ == "__main__":
