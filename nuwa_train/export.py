@@ -20,15 +20,19 @@ import torch
 
 from .io import load_checkpoint_file, recover_directory, write_directory_atomically
 from .models.loading import ModelPathError, local_model_dir
-from .model_card import TRAINING_KEY, training_record, write_model_card
+from .model_card import (
+    EXPORT_RECORD_KEYS,
+    NUWA_CONFIG_NAME,
+    TRAINED_BUDGETS_KEY,
+    TRAINING_KEY,
+    training_record,
+    write_model_card,
+)
 from .models import attach_nuwa
 from .pruning import NuwaConfig, NuwaConfigError
 from .runs import checkpoint_path
 
-NUWA_CONFIG_NAME = "nuwa_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's: an adapter-only export
-TRAINED_BUDGETS_KEY = "trained_budgets"
-EXPORT_RECORD_KEYS = ("exported_from", TRAINED_BUDGETS_KEY)  # what nuwa_config.json records besides NuwaConfig
 NON_FINITE_SHOWN = 5  # tensors named in the refusal of a model with NaN / Inf weights
 
 

@@ -19,6 +19,11 @@ import yaml
 from .io import write_atomically
 
 CARD_NAME = "README.md"
+# The export's nuwa_config.json, which export.py writes and the card reads: defined here, the lower of the two
+# modules, so that only export.py imports the other.
+NUWA_CONFIG_NAME = "nuwa_config.json"
+TRAINED_BUDGETS_KEY = "trained_budgets"
+EXPORT_RECORD_KEYS = ("exported_from", TRAINED_BUDGETS_KEY)  # what nuwa_config.json records besides NuwaConfig
 TRAINING_KEY = "training"  # nuwa_config.json's exported_from.training: what `training_record` returns
 HUB_CACHE_PREFIX = "models--"  # a Hugging Face cache snapshot: .../models--owner--name/snapshots/<sha>
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -88,8 +93,6 @@ class ExportFacts:
 
     @classmethod
     def read(cls, directory: Path, name: str) -> ExportFacts:
-        from .export import EXPORT_RECORD_KEYS, NUWA_CONFIG_NAME, TRAINED_BUDGETS_KEY  # export.py writes the card
-
         settings = json.loads((directory / NUWA_CONFIG_NAME).read_text(encoding="utf-8"))
         origin = settings.get("exported_from") or {}
         config_file = directory / "config.json"

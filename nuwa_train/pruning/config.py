@@ -12,7 +12,7 @@ import types
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-from .selectors import METHODS, SELECTORS
+from .selectors import METHODS, SELECTORS, Stage1Plan
 
 Method = Literal[METHODS]  # the registry's names (selectors.py), checked when a recipe is parsed
 PositionMode = Literal["original", "compact"]
@@ -228,13 +228,6 @@ class NuwaConfig:
             raise NuwaConfigError(f"budget={self.budget} cannot be met by FastV at fastv_layer={layer} of "
                                   f"{num_layers} layers (the first {layer} layers alone exceed it); lower fastv_layer")
         return PruningPlan(None, Stage2Plan(layer, keep), num_tokens, average, num_layers)
-
-
-@dataclass(frozen=True)
-class Stage1Plan:
-    method: str
-    keep: int  # tokens kept per image after stage 1
-    top_n: int  # candidates per region (Nüwa only)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -17,8 +17,25 @@ from .baselines import pooling_stage1, random_stage1, uniform_stage1, visionzip_
 from .soft import SoftStage1Output, nuwa_stage1_soft
 from .stage1 import Stage1Output, nuwa_stage1
 
-if TYPE_CHECKING:
-    from .config import NuwaConfig, Stage1Plan
+
+@dataclass(frozen=True)
+class Stage1Plan:
+    method: str
+    keep: int  # tokens kept per image after stage 1
+    top_n: int  # candidates per region (Nüwa only)
+
+
+class Stage1Settings(Protocol):
+    """What a selector reads from the pruning config (NuwaConfig has it): declared here so that config.py, which
+    lists the methods from SELECTORS, is the only one of the two modules importing the other."""
+
+    distance: float
+    pillar_quantile: float
+    region_size: int
+    window_tile: int
+    visionzip_contextual: float
+
+    def aggregation_for(self, grid: tuple[int, int]) -> str: ...
 
 # hard: (plan, config, features, sim_features, scores, grid, generator) -> Stage1Output
 HardStage1 = Callable[..., Stage1Output]
@@ -48,13 +65,13 @@ class Selector:
         return self.stage1 is None or self.stage1_soft is not None
 
 
-def _nuwa(plan: Stage1Plan, config: NuwaConfig, features, sim_features, scores, grid, generator) -> Stage1Output:
+def _nuwa(plan: Stage1Plan, config: Stage1Settings, features, sim_features, scores, grid, generator) -> Stage1Output:
     return nuwa_stage1(features, sim_features, scores, grid, plan.keep, top_n=plan.top_n, distance=config.distance,
                        pillar_quantile=config.pillar_quantile, region=config.region_size,
                        aggregation=config.aggregation_for(grid), window_tile=config.window_tile)
 
 
-def _nuwa_soft(plan: Stage1Plan, config: NuwaConfig, features, sim_features, scores, grid, temperature,
+def _nuwa_soft(plan: Stage1Plan, config: Stage1Settings, features, sim_features, scores, grid, temperature,
                noise) -> SoftStage1Output:
     return nuwa_stage1_soft(features, sim_features, scores, grid, plan.keep, temperature, top_n=plan.top_n,
                             distance=config.distance, pillar_quantile=config.pillar_quantile,
@@ -99,13 +116,13 @@ def selector(method: str) -> Selector:
     return SELECTORS[method]
 
 
-def run_stage1(plan: Stage1Plan, config: NuwaConfig, features: torch.Tensor, sim_features: torch.Tensor,
+def run_stage1(plan: Stage1Plan, config: Stage1Settings, features: torch.Tensor, sim_features: torch.Tensor,
                scores: torch.Tensor, grid: tuple[int, int], generator: torch.Generator | None = None) -> Stage1Output:
     """Select (and for Nüwa / VisionZip, merge) `plan.keep` tokens per image with the plan's selector."""
     return selector(plan.method).stage1(plan, config, features, sim_features, scores, grid, generator)
 
 
-def run_stage1_soft(plan: Stage1Plan, config: NuwaConfig, features: torch.Tensor, sim_features: torch.Tensor,
+def run_stage1_soft(plan: Stage1Plan, config: Stage1Settings, features: torch.Tensor, sim_features: torch.Tensor,
                     scores: torch.Tensor, grid: tuple[int, int], temperature: float,
                     noise: torch.Tensor | None = None) -> SoftStage1Output:
     """The plan's selector in its differentiable form (every token, with a keep probability)."""
