@@ -28,8 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from ..io import (load_checkpoint_file, replace_directory, staging_directory, torch_save_atomically,
-                  write_atomically)
+from ..io import load_checkpoint_file, replace_directory, staging_directory, torch_save_atomically, write_atomically
 from ..runs import TRAINABLE_WEIGHTS_NAME
 
 TORCH_EXTENSIONS_SUBDIR = Path("nuwa-train") / "torch_extensions"
@@ -160,8 +159,11 @@ def gathered_trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]
 
 def trainable_checkpoint(module) -> dict:
     """A single-file Lightning checkpoint of a `NuwaFineTuner` holding only its trainable weights (every rank)."""
-    checkpoint = {"pytorch-lightning_version": lightning.__version__, "hyper_parameters": dict(module.hparams),
-                  "state_dict": gathered_trainable_state(module)}
+    checkpoint = {
+        "pytorch-lightning_version": lightning.__version__,
+        "hyper_parameters": dict(module.hparams),
+        "state_dict": gathered_trainable_state(module),
+    }
     module.on_save_checkpoint(checkpoint)
     return checkpoint
 
@@ -192,10 +194,13 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike, output: str | os.P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nuwa_train.lightning.strategies",
-                                     description="Consolidate a sharded DeepSpeed checkpoint into one file for "
-                                                 "`nuwa-train export`.")
-    parser.add_argument("checkpoint_dir", help="a DeepSpeed checkpoint directory, e.g. runs/x/checkpoints/last.ckpt")
+    parser = argparse.ArgumentParser(
+        prog="python -m nuwa_train.lightning.strategies",
+        description="Consolidate a sharded DeepSpeed checkpoint into one file for `nuwa-train export`.",
+    )
+    parser.add_argument(
+        "checkpoint_dir", help="a DeepSpeed checkpoint directory, e.g. runs/<recipe>/<run>/checkpoints/last.ckpt"
+    )
     parser.add_argument("output", help="the single-file checkpoint to write")
     args = parser.parse_args(argv)
     print(f"wrote {consolidate_checkpoint(args.checkpoint_dir, args.output)}")

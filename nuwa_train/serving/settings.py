@@ -16,6 +16,7 @@ PRUNING_KEY = "nuwa_pruning"  # the served NuwaConfig, as a dict, on vLLM's copy
 # vLLM gives a model per-request rotary positions only through M-RoPE (`uses_mrope` reads this key). Declared with
 # every rotary frequency on the first row, it is 1-D RoPE at positions the plugin chooses (the rows are equal).
 MROPE_KEY = "mrope_section"
+SERVED_FAMILY = "llava"  # config.json model_type the plugin serves (LLaVA-1.5 and its tiny base)
 SERVED_METHOD = "nuwa_stage1"
 TWO_STAGE_METHOD = "nuwa"
 
@@ -38,17 +39,21 @@ def served_pruning(trained: NuwaConfig | None, budget: int | None = None) -> Ser
         config = NuwaConfig(method=SERVED_METHOD) if budget is None else NuwaConfig(method=SERVED_METHOD, budget=budget)
         return ServedPruning(config, None)
     if trained.method not in (SERVED_METHOD, TWO_STAGE_METHOD):
-        raise ServingError(f"method={trained.method!r} in nuwa_config.json: the vLLM plugin serves Nüwa "
-                           f"({SERVED_METHOD!r}, or {TWO_STAGE_METHOD!r} served stage-1-only); serve the plain "
-                           f"model with `vllm serve` instead")
+        raise ServingError(
+            f"method={trained.method!r} in nuwa_config.json: the vLLM plugin serves Nüwa "
+            f"({SERVED_METHOD!r}, or {TWO_STAGE_METHOD!r} served stage-1-only); serve the plain "
+            f"model with `vllm serve` instead"
+        )
     config = trained if budget is None else replace(trained, budget=budget)
     note = ""
     if trained.method == TWO_STAGE_METHOD:
         config = replace(config, method=SERVED_METHOD)
-        note = (f"fine-tuned with two-stage Nüwa (method {TWO_STAGE_METHOD!r}: stage 2 drops vision tokens inside "
-                f"the LLM, which a paged KV cache cannot do per layer); served stage-1-only as {SERVED_METHOD!r} at "
-                f"budget {config.budget}: the same average of vision tokens in every layer, chosen by stage 1 alone. "
-                f"Answers equal load_pruned(dir, config=<that config>), not the two-stage model's")
+        note = (
+            f"fine-tuned with two-stage Nüwa (method {TWO_STAGE_METHOD!r}: stage 2 drops vision tokens inside "
+            f"the LLM, which a paged KV cache cannot do per layer); served stage-1-only as {SERVED_METHOD!r} at "
+            f"budget {config.budget}: the same average of vision tokens in every layer, chosen by stage 1 alone. "
+            f"Answers equal load_pruned(dir, config=<that config>), not the two-stage model's"
+        )
     return ServedPruning(config, trained, note)
 
 
@@ -61,10 +66,13 @@ def config_from_overrides(model_config) -> NuwaConfig:
     """The served NuwaConfig on vLLM's model config (set by `hf_overrides`), checked."""
     settings = getattr(model_config, PRUNING_KEY, None)
     if not isinstance(settings, dict):
-        raise ServingError(f"{SERVED_ARCHITECTURE} needs the served pruning as hf_overrides[{PRUNING_KEY!r}]; start "
-                           f"the server with `nuwa-train serve MODEL_DIR`")
+        raise ServingError(
+            f"{SERVED_ARCHITECTURE} needs the served pruning as hf_overrides[{PRUNING_KEY!r}]; start "
+            f"the server with `nuwa-train serve MODEL_DIR`"
+        )
     config = NuwaConfig.from_dict(settings)
     if config.method != SERVED_METHOD:
-        raise ServingError(f"hf_overrides[{PRUNING_KEY!r}] has method={config.method!r}; the plugin serves "
-                           f"{SERVED_METHOD!r} only")
+        raise ServingError(
+            f"hf_overrides[{PRUNING_KEY!r}] has method={config.method!r}; the plugin serves {SERVED_METHOD!r} only"
+        )
     return config

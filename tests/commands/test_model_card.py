@@ -32,14 +32,28 @@ def section(text: str, title: str) -> str:
 def exported(tiny_base_dir, tmp_path_factory):
     """A budget-robust tiny fine-tune of STEPS steps, exported merged from its last.ckpt."""
     directory = tmp_path_factory.mktemp("card")
-    module = NuwaFineTuner(model_path=tiny_base_dir, pruning=NuwaConfig(budget=64),
-                           lora=LoraSettings(rank=LORA_RANK, dropout=0.0), optimizer=OptimizerSettings(lr=1e-3),
-                           selection=SelectionSettings(mode="soft", anneal_steps=2), train_budgets=TRAIN_BUDGETS)
+    module = NuwaFineTuner(
+        model_path=tiny_base_dir,
+        pruning=NuwaConfig(budget=64),
+        lora=LoraSettings(rank=LORA_RANK, dropout=0.0),
+        optimizer=OptimizerSettings(lr=1e-3),
+        selection=SelectionSettings(mode="soft", anneal_steps=2),
+        train_budgets=TRAIN_BUDGETS,
+    )
     data = NuwaDataModule(processor_path=tiny_base_dir, train_images=4, val_images=2, batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        use_distributed_sampler=False, default_root_dir=directory,
-                        callbacks=[ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=directory,
+        callbacks=[ModelCheckpoint(dirpath=directory / "checkpoints", save_last=True, save_top_k=0)],
+    )
     L.seed_everything(0)
     trainer.fit(module, data)
     return export_checkpoint(directory / "checkpoints" / "last.ckpt", directory / "export"), tiny_base_dir
@@ -75,7 +89,8 @@ def test_the_card_says_how_it_prunes_loads_and_is_evaluated(exported):
     assert "nuwa-train eval --model export" in section(text, "Evaluation")  # none recorded: how to produce it
     use = section(text, "Use")
     assert "load_pruned('export', return_processor=True)" in use and "nuwa-train chat export" in use
-    assert "not supported by nuwa-train yet" in section(text, "Serve")
+    serve = section(text, "Serve")
+    assert "nuwa-train serve export" in serve and "stage 1 only" in serve  # fine-tuned two-stage: served stage 1
 
 
 def test_an_evaluation_table_goes_into_the_card(exported, tmp_path):
@@ -109,8 +124,19 @@ def test_chat_runs_the_export_with_its_trained_pruning(exported, tmp_path, capsy
     image = tmp_path / "scene.png"
     config = SyntheticConfig()
     render(generate_scene(config, "test", 0), config).save(image)
-    main(["chat", str(export), "--image", str(image), "--prompt", "what shape is the yellow object?",
-          "--max-new-tokens", "4", "--no-overlay"])
+    main(
+        [
+            "chat",
+            str(export),
+            "--image",
+            str(image),
+            "--prompt",
+            "what shape is the yellow object?",
+            "--max-new-tokens",
+            "4",
+            "--no-overlay",
+        ]
+    )
     captured = capsys.readouterr()
     assert "nuwa at budget 64 (nuwa_config.json of the export)" in captured.err
     assert captured.out.count("\n") == 1  # one answer line, whatever 3 steps of training taught
