@@ -4,6 +4,7 @@
 #   ./launch.sh demo                the main job (`nuwa-train demo`)
 #   ./launch.sh test [PYTEST...]    the test suite (also creates .venv-serve for tests/serving, see `serve`;
 #                                   NUWA_SKIP_SERVING=1: neither, those tests skip)
+#   ./launch.sh lint                ruff: the linter and the formatter's check (settings in pyproject.toml)
 #   ./launch.sh lmms-eval ARGS...   `python -m lmms_eval ARGS` with `--model nuwa` and the nuwa_* tasks
 #                                   (installs lmms-eval once, without its CUDA torch: requirements/lmms-eval.txt);
 #                                   results go to --output_path (default outputs/lmms_eval), and the command fails
@@ -37,7 +38,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$root"
 
-HELP_LINES='2,34p'
+HELP_LINES='2,35p'
 LMMS_EVAL_OUTPUT=outputs/lmms_eval  # lmms-eval's --output_path unless given: the results file is how success shows
 LAUNCHERS="local torchrun fabric deepspeed"
 LAUNCH_OPTIONS="--launcher --devices --nodes --node-rank --master-addr --master-port --hostfile --dry-run"
@@ -231,6 +232,7 @@ command_line=()
 if [ "$is_recipe" -eq 0 ]; then
     case "$target" in
         test) command_line=(python -m pytest "$@") ;;
+        lint) command_line=(bash -c 'ruff check . && ruff format --check .') ;;
         lmms-eval)
             command_line=(python -m lmms_eval "$@")
             # the package's nuwa_* tasks, unless you index your own (lmms-eval takes one --include_path)

@@ -28,8 +28,11 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.
 def build_parser() -> argparse.ArgumentParser:
     """`nuwa-train`'s parser: each command module of COMMAND_MODULES adds its subcommands."""
     parser = argparse.ArgumentParser(prog="nuwa-train", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument(DEBUG_FLAG, action="store_true",
-                        help=f"before the command: show the full traceback of an error (also {DEBUG_ENV}=1)")
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help=f"before the command: show the full traceback of an error (also {DEBUG_ENV}=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.commands.{name}").add_parser(subparsers)
@@ -50,8 +53,19 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .pruning import NuwaConfigError
     from .timing import DeviceUnavailable
 
-    return (UsageError, ModelPathError, NuwaConfigError, ExportError, DatasetFormatError, CollateError,
-            UnsafeCheckpointError, NuwaInputError, UnsupportedModelError, DeviceUnavailable, NonFiniteTrainingError)
+    return (
+        UsageError,
+        ModelPathError,
+        NuwaConfigError,
+        ExportError,
+        DatasetFormatError,
+        CollateError,
+        UnsafeCheckpointError,
+        NuwaInputError,
+        UnsupportedModelError,
+        DeviceUnavailable,
+        NonFiniteTrainingError,
+    )
 
 
 def environment_error_line(error: OSError) -> str:

@@ -42,8 +42,13 @@ from .pruning import NuwaConfig
 
 IOU_THRESHOLD = 0.5
 _RELATION_PHRASES = tuple(phrase for phrase, _, _ in RELATIONS.values())
-_VQA_KINDS = (("what colour", "colour"), ("what shape", "shape"), ("how many", "count"), ("is there", "existence"),
-              ("what is", "spatial"))
+_VQA_KINDS = (
+    ("what colour", "colour"),
+    ("what shape", "shape"),
+    ("how many", "count"),
+    ("is there", "existence"),
+    ("what is", "spatial"),
+)
 
 
 def question_kind(task: str, prompt: str) -> str:
@@ -105,8 +110,18 @@ def _rows(data: object, synthetic_config: SyntheticConfig | None, limit: int | N
             break
         if isinstance(item, Record):
             config = synthetic_config or SyntheticConfig()
-            rows.append(dict(id=item.id, image=render(item.scene, config), prompt=item.prompt, answer=item.answer,
-                             task=item.task, box=item.box, kind=item.kind, expression=item.expression))
+            rows.append(
+                dict(
+                    id=item.id,
+                    image=render(item.scene, config),
+                    prompt=item.prompt,
+                    answer=item.answer,
+                    task=item.task,
+                    box=item.box,
+                    kind=item.kind,
+                    expression=item.expression,
+                )
+            )
             continue
         if not isinstance(item, Mapping):
             raise TypeError(f"record {position}: expected a Record or a mapping, got {type(item).__name__}")
@@ -127,14 +142,18 @@ def _rows(data: object, synthetic_config: SyntheticConfig | None, limit: int | N
     return rows
 
 
-def question_collator(model, processor, box_format: BoxFormat | None = None,
-                      synthetic_config: SyntheticConfig | None = None) -> VisionLanguageCollator:
+def question_collator(
+    model, processor, box_format: BoxFormat | None = None, synthetic_config: SyntheticConfig | None = None
+) -> VisionLanguageCollator:
     """Left-padded questions without answers, grounding asked in `box_format` (default: the model's own)."""
     from .models.families import base_model, box_format_for
 
     if box_format is None:
-        box_format = box_format_for(base_model(model).config.model_type, processor.tokenizer,
-                                    loc_prompt_template=(synthetic_config or SyntheticConfig()).grounding_template)
+        box_format = box_format_for(
+            base_model(model).config.model_type,
+            processor.tokenizer,
+            loc_prompt_template=(synthetic_config or SyntheticConfig()).grounding_template,
+        )
     return VisionLanguageCollator(processor, padding_side="left", with_answer=False, box_format=box_format)
 
 
@@ -142,16 +161,34 @@ def progress_bar(enabled: bool = True) -> Progress:
     """Evaluation's progress, on stderr: stdout holds the results (a table, an answer) that a pipe may read."""
     from rich.console import Console
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), disable=not enabled, transient=False, console=Console(stderr=True))
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+        console=Console(stderr=True),
+    )
 
 
 @torch.no_grad()
-def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch_size: int = 32,
-             max_new_tokens: int | None = None, limit: int | None = None,
-             synthetic_config: SyntheticConfig | None = None,
-             coordinate_bins: int | None = None, progress: bool = True, description: str | None = None,
-             box_format: BoxFormat | None = None) -> EvalResult:
+def evaluate(
+    model,
+    processor,
+    data,
+    *,
+    pruning: NuwaConfig | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    synthetic_config: SyntheticConfig | None = None,
+    coordinate_bins: int | None = None,
+    progress: bool = True,
+    description: str | None = None,
+    box_format: BoxFormat | None = None,
+) -> EvalResult:
     """Greedy-generate an answer for every record and score it (see the module docstring).
 
     data: a `datasets.Dataset` in the loaders' schema, mappings with image/prompt/answer (task/box
@@ -197,7 +234,7 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
         with setting, progress_bar(progress) as bar:
             task = bar.add_task(name, total=len(rows))
             for first in range(0, len(rows), batch_size):
-                chunk = rows[first:first + batch_size]
+                chunk = rows[first : first + batch_size]
                 batch = collator(chunk)
                 texts = generate_answers(model, tokenizer, batch, max_new_tokens)
                 unpruned = int((batch["input_ids"] == image_token_id).sum())
@@ -211,15 +248,25 @@ def evaluate(model, processor, data, *, pruning: NuwaConfig | None = None, batch
         if handle is not None and handle is not attached:
             handle.detach()
         model.train(was_training)
-    return _summarise(predictions, pruning, round(unpruned_tokens / images_seen), tokens_per_layer / images_seen,
-                      time.perf_counter() - start)
+    return _summarise(
+        predictions,
+        pruning,
+        round(unpruned_tokens / images_seen),
+        tokens_per_layer / images_seen,
+        time.perf_counter() - start,
+    )
 
 
 def generate_answers(model, tokenizer, batch: dict, max_new_tokens: int) -> list[str]:
     """Greedy answers of one left-padded batch, decoded without the prompt and special tokens."""
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    output = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def score_answer(record: Mapping, text: str, collator: VisionLanguageCollator) -> Prediction:
@@ -239,11 +286,19 @@ def _score(row: dict, text: str, bins: int, collator: VisionLanguageCollator | N
         else:
             box = codec.parse(text, collator.image_frame(as_image(row["image"], f"record {row['id']!r}")))
             overlap = box_iou(box, to_box01(truth)) if box is not None else 0.0
-        return Prediction(str(row["id"]), "grounding", row["kind"], _expected(row, collator), text,
-                          overlap >= IOU_THRESHOLD, overlap if box is not None else None)
+        return Prediction(
+            str(row["id"]),
+            "grounding",
+            row["kind"],
+            _expected(row, collator),
+            text,
+            overlap >= IOU_THRESHOLD,
+            overlap if box is not None else None,
+        )
     expected = _expected(row, collator)
-    return Prediction(str(row["id"]), "vqa", row["kind"], expected, text,
-                      normalise_answer(text) == normalise_answer(expected))
+    return Prediction(
+        str(row["id"]), "vqa", row["kind"], expected, text, normalise_answer(text) == normalise_answer(expected)
+    )
 
 
 def _expected(row: dict, collator: VisionLanguageCollator | None) -> str:
@@ -254,8 +309,9 @@ def _expected(row: dict, collator: VisionLanguageCollator | None) -> str:
     return replace(collator, with_answer=True, counts=Counter()).validate(row, 0).answer
 
 
-def _summarise(predictions: list[Prediction], pruning: NuwaConfig | None, vision_total: int, average: float,
-               seconds: float) -> EvalResult:
+def _summarise(
+    predictions: list[Prediction], pruning: NuwaConfig | None, vision_total: int, average: float, seconds: float
+) -> EvalResult:
     vqa = [p for p in predictions if p.task == "vqa"]
     grounding = [p for p in predictions if p.task == "grounding"]
     by_kind: dict[str, list[bool]] = defaultdict(list)
@@ -268,12 +324,16 @@ def _summarise(predictions: list[Prediction], pruning: NuwaConfig | None, vision
     return EvalResult(
         method=pruning.method if pruning else "none",
         budget=pruning.budget if pruning and pruning.method != "none" else None,
-        num_vqa=len(vqa), num_grounding=len(grounding),
+        num_vqa=len(vqa),
+        num_grounding=len(grounding),
         vqa_exact_match=mean([p.correct for p in vqa]),
         grounding_acc50=mean([p.correct for p in grounding]),
         grounding_miou=mean([p.iou or 0.0 for p in grounding]),
         unparseable=sum(p.iou is None for p in grounding),
         per_kind={kind: mean(values) for kind, values in sorted(by_kind.items())},
         per_kind_count={kind: len(values) for kind, values in sorted(by_kind.items())},
-        vision_tokens_total=vision_total, average_vision_tokens=float(average), seconds=seconds,
-        predictions=predictions)
+        vision_tokens_total=vision_total,
+        average_vision_tokens=float(average),
+        seconds=seconds,
+        predictions=predictions,
+    )

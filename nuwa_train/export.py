@@ -11,15 +11,14 @@ model with NaN or Inf weights is refused before anything is written. `load_prune
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .io import load_checkpoint_file, recover_directory, write_directory_atomically
-from .models.loading import ModelPathError, local_model_dir
 from .model_card import (
     EXPORT_RECORD_KEYS,
     NUWA_CONFIG_NAME,
@@ -29,6 +28,7 @@ from .model_card import (
     write_model_card,
 )
 from .models import attach_nuwa
+from .models.loading import ModelPathError, local_model_dir
 from .pruning import NuwaConfig, NuwaConfigError
 from .runs import checkpoint_path
 
@@ -40,7 +40,9 @@ class ExportError(RuntimeError):
     """The checkpoint or the target directory cannot be used; the message says which and why."""
 
 
-def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.PathLike, extra: dict | None = None) -> Path:
+def write_pretrained(
+    model, processor, pruning: NuwaConfig, target: str | os.PathLike, extra: dict | None = None
+) -> Path:
     """Atomically write model + processor + nuwa_config.json to `target` (refused, nothing written, when a weight
     is NaN or Inf). The directory and its files get the modes the umask gives (0755 / 0644 under umask 022)."""
     target = Path(target).resolve()
@@ -50,7 +52,9 @@ def write_pretrained(model, processor, pruning: NuwaConfig, target: str | os.Pat
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / NUWA_CONFIG_NAME).write_text(json.dumps({**pruning.to_dict(), **(extra or {})}, indent=2))
-        write_model_card(staging, name=target.name)  # README.md: what it is, how it was trained, how to load and evaluate it
+        write_model_card(
+            staging, name=target.name
+        )  # README.md: what it is, how it was trained, how to load and evaluate it
 
     return write_directory_atomically(target, write)
 
@@ -70,13 +74,16 @@ def refuse_non_finite(tensors: dict, source: str) -> None:
         return
     shown = list(found.values())[:NON_FINITE_SHOWN]
     more = f"; {len(found) - len(shown)} more" if len(found) > len(shown) else ""
-    raise ExportError(f"refused to export {source}: {len(found)} of {len(tensors)} tensors hold NaN or Inf values "
-                      f"({'; '.join(shown)}{more}). Nothing was written. Training diverged (look for the step where "
-                      f"the loss became NaN in the training log); export a checkpoint saved before it")
+    raise ExportError(
+        f"refused to export {source}: {len(found)} of {len(tensors)} tensors hold NaN or Inf values "
+        f"({'; '.join(shown)}{more}). Nothing was written. Training diverged (look for the step where "
+        f"the loss became NaN in the training log); export a checkpoint saved before it"
+    )
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, merge: bool = True,
-                      model_path: str | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | os.PathLike, target: str | os.PathLike, merge: bool = True, model_path: str | None = None
+) -> Path:
     """From a Lightning checkpoint of `NuwaFineTuner`, or a run folder of `nuwa-train fit` (nuwa_train/runs.py), to a
     HF directory (merged, or adapter only)."""
     from .lightning.module import NuwaFineTuner
@@ -93,8 +100,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike, 
         module = NuwaFineTuner.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **overrides)
     except ModelPathError as error:
         base = overrides.get("model_path", state.get("hyper_parameters", {}).get("model_path"))
-        raise ExportError(f"{checkpoint} was trained on the base model {base!r}, which cannot be loaded: {error}. "
-                          f"Pass --model-path if the base moved since training") from None
+        raise ExportError(
+            f"{checkpoint} was trained on the base model {base!r}, which cannot be loaded: {error}. "
+            f"Pass --model-path if the base moved since training"
+        ) from None
     return export_module(module, target, merge)
 
 
@@ -120,17 +129,25 @@ def describe_checkpoint_step(checkpoint: Path, state: dict) -> None:
     of = f" of {max_steps}" if max_steps and max_steps > 0 else ""
     print(f"exporting {checkpoint}: step {step}{of}")
     if max_steps and max_steps > 0 and step is not None and step < max_steps:
-        warnings.warn(f"{checkpoint} holds step {step} of a {max_steps}-step run, not its final state (saved "
-                      f"mid-run, or the run was stopped early); export the run's last.ckpt after fit ends for "
-                      f"the trained model", stacklevel=2)
+        warnings.warn(
+            f"{checkpoint} holds step {step} of a {max_steps}-step run, not its final state (saved "
+            f"mid-run, or the run was stopped early); export the run's last.ckpt after fit ends for "
+            f"the trained model",
+            stacklevel=2,
+        )
 
 
 def export_module(module, target: str | os.PathLike, merge: bool = True) -> Path:
     """Export a (trained) `NuwaFineTuner`: merge_and_unload for a plain model, or the adapter alone."""
     module.configure_model()  # the Nüwa hooks stay attached: saving does not run the model
     base = Path(module.hparams.model_path)  # a local base is recorded absolute: evaluation finds it from anywhere
-    extra = {"exported_from": {"base_model": str(base.resolve() if base.is_dir() else base), "merged": merge,
-                               TRAINING_KEY: training_record(module)}}
+    extra = {
+        "exported_from": {
+            "base_model": str(base.resolve() if base.is_dir() else base),
+            "merged": merge,
+            TRAINING_KEY: training_record(module),
+        }
+    }
     if module.hparams.get("train_budgets"):  # budget-robust: the budgets it serves without a warning
         extra[TRAINED_BUDGETS_KEY] = list(module.hparams.train_budgets)
     if merge:
@@ -149,8 +166,9 @@ def _json_object(file: Path, error: type[Exception]) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as reason:
         raise error(f"{file} is not valid JSON ({reason}); re-export the model with `nuwa-train export`") from None
     if not isinstance(data, dict):
-        raise error(f"{file} must hold a JSON object, not {type(data).__name__}; re-export the model with "
-                    f"`nuwa-train export`")
+        raise error(
+            f"{file} must hold a JSON object, not {type(data).__name__}; re-export the model with `nuwa-train export`"
+        )
     return data
 
 
@@ -183,12 +201,14 @@ def trained_budgets(path: str | os.PathLike) -> list | None:
 
 
 def untrained_budget_note(path: str | os.PathLike, budget: int) -> str:
-    """"" when `budget` is one the model at `path` was fine-tuned at (or it was not fine-tuned), else a warning."""
+    """ "" when `budget` is one the model at `path` was fine-tuned at (or it was not fine-tuned), else a warning."""
     budgets = trained_budgets(path)
     if budgets is None or budget in budgets:
         return ""
-    return (f"budget {budget} is outside the budgets {path} was fine-tuned at ({', '.join(map(str, budgets))}): "
-            f"expect lower scores than at a trained budget")
+    return (
+        f"budget {budget} is outside the budgets {path} was fine-tuned at ({', '.join(map(str, budgets))}): "
+        f"expect lower scores than at a trained budget"
+    )
 
 
 def recorded_base_model(path: str | os.PathLike) -> str | None:
@@ -197,8 +217,13 @@ def recorded_base_model(path: str | os.PathLike) -> str | None:
     return origin.get("base_model") if isinstance(origin, dict) else None
 
 
-def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: NuwaConfig | None = None,
-                budget: int | None = None, return_processor: bool = False):
+def load_pruned(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    config: NuwaConfig | None = None,
+    budget: int | None = None,
+    return_processor: bool = False,
+):
     """An exported model (merged or adapter-only) with hard Nüwa pruning attached from nuwa_config.json.
 
     `budget`: run at another budget than the one it was fine-tuned at (the other trained settings stay);
@@ -209,8 +234,10 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, con
     path = Path(path)
     recover_directory(path)  # an export killed mid-swap
     if not path.is_dir():
-        raise ModelPathError(f"export directory {str(path)!r} does not exist (tried {path.resolve()}); write one "
-                             f"with `nuwa-train export`")
+        raise ModelPathError(
+            f"export directory {str(path)!r} does not exist (tried {path.resolve()}); write one "
+            f"with `nuwa-train export`"
+        )
     if config is None:
         config = read_nuwa_config(path)
         if config is None:
@@ -246,14 +273,18 @@ def adapter_base_model(path: str | os.PathLike) -> Path:
     adapter_file = Path(path) / ADAPTER_CONFIG_NAME
     named = _json_object(adapter_file, ExportError).get("base_model_name_or_path")
     if not isinstance(named, str) or not named:
-        raise ExportError(f"{adapter_file} names no base model (base_model_name_or_path); re-export the adapter "
-                          f"with `nuwa-train export --adapter-only --model-path BASE_DIR`")
+        raise ExportError(
+            f"{adapter_file} names no base model (base_model_name_or_path); re-export the adapter "
+            f"with `nuwa-train export --adapter-only --model-path BASE_DIR`"
+        )
     try:
         return local_model_dir(named)
     except ModelPathError as error:
-        raise ModelPathError(f"the adapter-only export {path} ({ADAPTER_CONFIG_NAME}) names the base model "
-                             f"{named!r}, which cannot be loaded: {error}; or re-export with `nuwa-train export "
-                             f"--adapter-only --model-path BASE_DIR`") from None
+        raise ModelPathError(
+            f"the adapter-only export {path} ({ADAPTER_CONFIG_NAME}) names the base model "
+            f"{named!r}, which cannot be loaded: {error}; or re-export with `nuwa-train export "
+            f"--adapter-only --model-path BASE_DIR`"
+        ) from None
 
 
 def load_exported_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -31,7 +31,8 @@ def _staging_sibling(target: Path, create: Callable[[Path], object]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(STAGING_NAME_ATTEMPTS):
         candidate = target.with_name(
-            f".{target.name}.{STAGING_MARK}-{os.getpid()}-{secrets.token_hex(STAGING_NAME_BYTES)}")
+            f".{target.name}.{STAGING_MARK}-{os.getpid()}-{secrets.token_hex(STAGING_NAME_BYTES)}"
+        )
         try:
             create(candidate)
             return candidate
@@ -219,7 +220,7 @@ def write_bytes_atomically(path: Path, data: bytes | memoryview) -> Path:
         try:
             remaining = memoryview(data)
             while remaining:
-                remaining = remaining[os.write(descriptor, remaining):]
+                remaining = remaining[os.write(descriptor, remaining) :]
         finally:
             os.close(descriptor)
 
@@ -248,7 +249,8 @@ class UnsafeCheckpointError(RuntimeError):
             f"refused to load the checkpoint {self.path}: it holds Python objects that unpickling would run "
             f"({detail.strip().splitlines()[-1] if detail.strip() else 'unknown object'}). nuwa-train loads "
             f"checkpoints weights-only (tensors, numbers, strings, containers and its own settings classes); a file "
-            f"written by nuwa-train never needs more. Do not load it unless you made it yourself.")
+            f"written by nuwa-train never needs more. Do not load it unless you made it yourself."
+        )
 
     @classmethod
     def from_unpickling(cls, path: str | os.PathLike, error: Exception) -> UnsafeCheckpointError:
@@ -290,8 +292,10 @@ def _flatten(value, path: str, tensors: dict):
         return [_flatten(item, f"{path}/{i}", tensors) for i, item in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"{path or '/'}: {type(value).__name__} cannot be stored in a tensor tree "
-                    f"(tensors, dicts, lists and JSON scalars only)")
+    raise TypeError(
+        f"{path or '/'}: {type(value).__name__} cannot be stored in a tensor tree "
+        f"(tensors, dicts, lists and JSON scalars only)"
+    )
 
 
 def _unflatten(value, tensors: dict):
@@ -324,8 +328,9 @@ def save_tensor_tree(path: Path, tree: dict) -> Path:
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
         stored[key] = tensor
-    return write_atomically(Path(path), lambda staging: save_file(
-        stored, str(staging), metadata={TENSOR_TREE_KEY: json.dumps(skeleton)}))
+    return write_atomically(
+        Path(path), lambda staging: save_file(stored, str(staging), metadata={TENSOR_TREE_KEY: json.dumps(skeleton)})
+    )
 
 
 def load_tensor_tree(path: Path) -> dict:
@@ -337,7 +342,9 @@ def load_tensor_tree(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
         if TENSOR_TREE_KEY not in metadata:
-            raise ValueError(f"{path} is a safetensors file without nuwa-train's {TENSOR_TREE_KEY!r} metadata; it "
-                             f"was not written by save_tensor_tree")
+            raise ValueError(
+                f"{path} is a safetensors file without nuwa-train's {TENSOR_TREE_KEY!r} metadata; it "
+                f"was not written by save_tensor_tree"
+            )
         tensors = {key: file.get_tensor(key) for key in file.keys()}
     return _unflatten(json.loads(metadata[TENSOR_TREE_KEY]), tensors)

@@ -51,12 +51,16 @@ def create_run_folder(root: Path, name: str | None, prefix: str = "") -> Path:
     same second). A taken `name` is an error: a second fit would mix its checkpoints and logs with the first's."""
     if name is not None:
         if name == LATEST_NAME or Path(name).name != name:
-            raise RunFolderError(f"--run_name {name!r}: a run's name must be a single folder name other than "
-                                 f"{LATEST_NAME!r} (the link to the newest run)")
+            raise RunFolderError(
+                f"--run_name {name!r}: a run's name must be a single folder name other than "
+                f"{LATEST_NAME!r} (the link to the newest run)"
+            )
         run_dir = root / name
         if run_dir.exists():
-            raise RunFolderError(f"run folder {run_dir} already exists: continue that run with --ckpt_path {run_dir}, "
-                                 f"or start a new one with another --run_name")
+            raise RunFolderError(
+                f"run folder {run_dir} already exists: continue that run with --ckpt_path {run_dir}, "
+                f"or start a new one with another --run_name"
+            )
         run_dir.mkdir(parents=True)
         return run_dir
     stem, number = started_now(prefix), 1
@@ -106,19 +110,26 @@ def checkpoint_path(path: str | os.PathLike, single_file: bool = False) -> Path:
         return path
     if run_dir is None:
         if single_file and path.is_dir():
-            raise RunFolderError(f"{path} is a folder but neither a run folder (no {CHECKPOINTS_NAME}/) nor a root "
-                                 f"of runs (no {LATEST_NAME}): pass a run folder or a .ckpt file")
+            raise RunFolderError(
+                f"{path} is a folder but neither a run folder (no {CHECKPOINTS_NAME}/) nor a root "
+                f"of runs (no {LATEST_NAME}): pass a run folder or a .ckpt file"
+            )
         return path
     last = run_dir / CHECKPOINTS_NAME / LAST_CHECKPOINT_NAME
     if single_file and last.is_dir():
         trainable = run_dir / TRAINABLE_WEIGHTS_NAME
         if trainable.is_file():
             return trainable
-        raise RunFolderError(f"{last} is a sharded DeepSpeed checkpoint and {run_dir} has no {TRAINABLE_WEIGHTS_NAME}: "
-                             f"write one with `python -m nuwa_train.lightning.strategies {last} {trainable}`")
+        raise RunFolderError(
+            f"{last} is a sharded DeepSpeed checkpoint and {run_dir} has no {TRAINABLE_WEIGHTS_NAME}: "
+            f"write one with `python -m nuwa_train.lightning.strategies {last} {trainable}`"
+        )
     if not last.exists():
         found = sorted(p.name for p in (run_dir / CHECKPOINTS_NAME).glob("*"))
-        what = (f"pass one of its checkpoints: {', '.join(found)}" if found
-                else "it has no checkpoint at all (stopped before its first save)")
+        what = (
+            f"pass one of its checkpoints: {', '.join(found)}"
+            if found
+            else "it has no checkpoint at all (stopped before its first save)"
+        )
         raise RunFolderError(f"run folder {run_dir} has no {CHECKPOINTS_NAME}/{LAST_CHECKPOINT_NAME}; {what}")
     return last

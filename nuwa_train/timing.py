@@ -75,8 +75,10 @@ def clock_for(device: str) -> WallClock:
         return WallClock()
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"device {device!r} requested but torch.cuda.is_available() is False "
-                                    f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+            raise DeviceUnavailable(
+                f"device {device!r} requested but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+            )
         return CudaClock()
     raise ValueError(f"device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
 

@@ -28,8 +28,9 @@ OVERLAY_IMAGE_WIDTH, OVERLAY_ROW_HEIGHT = 2.2, 2.3  # inches per image column / 
 OVERLAY_MIN_WIDTH = 5.0  # inches: the one-line legend above the images
 
 
-def plot_kept_tokens(images: list, rows: list[tuple[str, list[KeptTokens]]], grid: tuple[int, int],
-                     path: str | Path) -> Path:
+def plot_kept_tokens(
+    images: list, rows: list[tuple[str, list[KeptTokens]]], grid: tuple[int, int], path: str | Path
+) -> Path:
     """One row per pruner, one column per image: kept tokens outlined, pillars filled, stage-2 survivors red."""
     import matplotlib
 
@@ -48,13 +49,23 @@ def plot_kept_tokens(images: list, rows: list[tuple[str, list[KeptTokens]]], gri
             pillars = set(kept.pillars)
             for index in kept.stage1:
                 top, left = divmod(index, width)
-                ax.add_patch(Rectangle((left * cell_w, top * cell_h), cell_w, cell_h, fill=index in pillars,
-                                       alpha=0.45 if index in pillars else 0.9, edgecolor="cyan",
-                                       facecolor="orange", linewidth=0.8))
+                ax.add_patch(
+                    Rectangle(
+                        (left * cell_w, top * cell_h),
+                        cell_w,
+                        cell_h,
+                        fill=index in pillars,
+                        alpha=0.45 if index in pillars else 0.9,
+                        edgecolor="cyan",
+                        facecolor="orange",
+                        linewidth=0.8,
+                    )
+                )
             for index in kept.stage2 or []:
                 top, left = divmod(index, width)
-                ax.add_patch(Rectangle((left * cell_w, top * cell_h), cell_w, cell_h, fill=False, edgecolor="red",
-                                       linewidth=1.6))
+                ax.add_patch(
+                    Rectangle((left * cell_w, top * cell_h), cell_w, cell_h, fill=False, edgecolor="red", linewidth=1.6)
+                )
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -88,8 +99,11 @@ def exponential_moving_average(values: list[float], smoothing: float = EMA_SMOOT
     return smoothed
 
 
-def plot_training_curves(runs: dict[str, str | Path], path: str | Path,
-                         metrics=("train/lm_loss", "train/temperature", "train/vision_tokens_per_layer")) -> Path:
+def plot_training_curves(
+    runs: dict[str, str | Path],
+    path: str | Path,
+    metrics=("train/lm_loss", "train/temperature", "train/vision_tokens_per_layer"),
+) -> Path:
     """Loss, temperature and (expected) vision tokens per image per decoder layer against step, one line per run.
 
     Losses are drawn as a smoothed line over their faint raw values; a dotted line marks where a run's training

@@ -28,9 +28,11 @@ def make_images(count: int, size: int = 96, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(count)]
 
 
-PROMPTS = ["user : <image> what colour is the circle ? assistant :",
-           "user : <image> how many red squares are there left of the blue triangle ? assistant :",
-           "user : <image> is there a green circle ? assistant :"]
+PROMPTS = [
+    "user : <image> what colour is the circle ? assistant :",
+    "user : <image> how many red squares are there left of the blue triangle ? assistant :",
+    "user : <image> is there a green circle ? assistant :",
+]
 
 
 def encode(processor, prompts, images, padding_side="left"):
@@ -58,8 +60,9 @@ def _deterministic():
     torch.manual_seed(0)
 
 
-def assert_cached_generate_equals_greedy(model, inputs: dict, steps: int, image_keys=("pixel_values",),
-                                         token_keys=()) -> None:
+def assert_cached_generate_equals_greedy(
+    model, inputs: dict, steps: int, image_keys=("pixel_values",), token_keys=()
+) -> None:
     """`generate()` with the KV cache == a cache-free greedy loop of full (pruned) forwards: logits, tokens.
 
     `image_keys` are passed unchanged on every forward; `token_keys` are per-token inputs (e.g. Qwen-VL's
@@ -67,8 +70,14 @@ def assert_cached_generate_equals_greedy(model, inputs: dict, steps: int, image_
     """
     IGNORE = -100
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         per_token = {key: inputs[key] for key in token_keys}
         prompt_length = ids.shape[1]
@@ -76,8 +85,13 @@ def assert_cached_generate_equals_greedy(model, inputs: dict, steps: int, image_
             # labels mark the generated part as the answer: the stage-2 query stays the prompt's end
             labels = torch.full_like(ids, IGNORE)
             labels[:, prompt_length:] = ids[:, prompt_length:]
-            logits = model(input_ids=ids, attention_mask=mask, **{k: inputs[k] for k in image_keys}, **per_token,
-                           labels=labels if step else None).logits[:, -1]
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                **{k: inputs[k] for k in image_keys},
+                **per_token,
+                labels=labels if step else None,
+            ).logits[:, -1]
             torch.testing.assert_close(logits, generated.logits[step], atol=1e-4, rtol=1e-4)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

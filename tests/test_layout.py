@@ -59,7 +59,7 @@ def imported_modules(path: Path, modules: set[str], deferred: bool = False) -> s
             found |= {alias.name for alias in node.names}
             continue
         if node.level:
-            base = package.split(".")[:len(package.split(".")) - node.level + 1]
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
             source = ".".join(base + ([node.module] if node.module else []))
         else:
             source = node.module or ""
@@ -80,7 +80,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(module: str) -> list[str] | None:
         if module in path:
-            return path[path.index(module):] + [module]
+            return path[path.index(module) :] + [module]
         if module in done:
             return None
         path.append(module)
@@ -134,8 +134,19 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def test_every_subcommand_is_defined_in_its_own_command_module():
     commands = _subcommands(build_parser())
-    assert {"bench", "demo", "eval", "export", "export-data", "pretrain-base", "chat", "serve", "fit", "validate",
-            "test"} <= set(commands)
+    assert {
+        "bench",
+        "demo",
+        "eval",
+        "export",
+        "export-data",
+        "pretrain-base",
+        "chat",
+        "serve",
+        "fit",
+        "validate",
+        "test",
+    } <= set(commands)
     owners = {}
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"nuwa_train.commands.{name}")
@@ -154,8 +165,12 @@ def test_every_subcommand_is_defined_in_its_own_command_module():
 
 @pytest.mark.parametrize("command", ["bench", "eval", "export", "export-data", "chat", "serve", "demo"])
 def test_each_command_sets_a_handler_of_its_own_module(command):
-    args = {"export": ["ckpt", "out"], "export-data": ["out"], "chat": ["model", "--image", "x.png"],
-            "serve": ["model"]}.get(command, [])
+    args = {
+        "export": ["ckpt", "out"],
+        "export-data": ["out"],
+        "chat": ["model", "--image", "x.png"],
+        "serve": ["model"],
+    }.get(command, [])
     handler = build_parser().parse_args([command, *args]).handler
     # serve's handler lives with the server it supervises (nuwa_train.serving.server)
     home = "nuwa_train.serving.server" if command == "serve" else f"nuwa_train.commands.{command.replace('-', '_')}"

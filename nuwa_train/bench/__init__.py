@@ -13,6 +13,20 @@ from .startup import time_data_startup, write_startup_dataset
 from .suite import GPU_SUITE, BenchSuite, run_bench
 from .training import time_shape_training, time_training, training_markdown
 
-__all__ = ["BenchShape", "BenchSuite", "DecodeTiming", "GPU_SUITE", "SHAPES", "llm_flops", "run_bench",
-           "time_aggregation", "time_data_startup", "time_decode", "time_prefill", "time_shape_training",
-           "time_training", "training_markdown", "write_startup_dataset"]
+__all__ = [
+    "BenchShape",
+    "BenchSuite",
+    "DecodeTiming",
+    "GPU_SUITE",
+    "SHAPES",
+    "llm_flops",
+    "run_bench",
+    "time_aggregation",
+    "time_data_startup",
+    "time_decode",
+    "time_prefill",
+    "time_shape_training",
+    "time_training",
+    "training_markdown",
+    "write_startup_dataset",
+]

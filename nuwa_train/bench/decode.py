@@ -40,12 +40,22 @@ class DecodeTiming:
 
 def cache_bytes(cache) -> int:
     """Bytes of every key and value tensor a transformers 5.x cache holds."""
-    return sum(tensor.numel() * tensor.element_size() for layer in cache.layers
-               for tensor in (layer.keys, layer.values) if tensor is not None)
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for layer in cache.layers
+        for tensor in (layer.keys, layer.values)
+        if tensor is not None
+    )
 
 
-def time_decode(shape_name: str, shape: BenchShape, budgets: list[int], new_tokens: int = NEW_TOKENS,
-                device: str = "cpu", clock: WallClock | None = None) -> list[DecodeTiming]:
+def time_decode(
+    shape_name: str,
+    shape: BenchShape,
+    budgets: list[int],
+    new_tokens: int = NEW_TOKENS,
+    device: str = "cpu",
+    clock: WallClock | None = None,
+) -> list[DecodeTiming]:
     clock = clock or WallClock()
     model, processor = build_random_model(shape, device)
     batch = prompt_batch(model, processor, shape, DECODE_TEXT_WORDS, DECODE_QUESTION_WORDS, device)
@@ -58,14 +68,30 @@ def time_decode(shape_name: str, shape: BenchShape, budgets: list[int], new_toke
             model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
             calls.clear()
             llm_calls.clear()
-            out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                **batch,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+            )
         steps, llm_steps = calls.calls(), llm_calls.calls()
         token = statistics.median(steps[1:]) * 1e3
         llm_token = statistics.median(llm_steps[1:]) * 1e3
         kv = cache_bytes(out.past_key_values)
-        rows.append(DecodeTiming(shape_name, budget, prompt_tokens, new_tokens, steps[0] * 1e3, token,
-                                 shape.full_depth_ms(token, llm_token), kv, round(kv * shape.depth_scale)))
+        rows.append(
+            DecodeTiming(
+                shape_name,
+                budget,
+                prompt_tokens,
+                new_tokens,
+                steps[0] * 1e3,
+                token,
+                shape.full_depth_ms(token, llm_token),
+                kv,
+                round(kv * shape.depth_scale),
+            )
+        )
         if handle:
             handle.detach()
     calls.remove()
@@ -78,15 +104,22 @@ def time_decode(shape_name: str, shape: BenchShape, budgets: list[int], new_toke
 
 
 def decode_markdown(rows: list[DecodeTiming], shape: BenchShape) -> str:
-    lines = [f"## Decode: {rows[0].new_tokens} new tokens after a {rows[0].prompt_tokens}-token prompt, batch 1",
-             "", f"Measured on {shape.measured_layers} decoder layers; full depth = {shape.depth} layers (the LLM part "
-             f"of a step and the cache scale with depth).", "",
-             "| shape | budget | prefill ms | ms / token | full-depth ms / token | token ratio | KV cache MiB (full "
-             "depth) | KV ratio |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Decode: {rows[0].new_tokens} new tokens after a {rows[0].prompt_tokens}-token prompt, batch 1",
+        "",
+        f"Measured on {shape.measured_layers} decoder layers; full depth = {shape.depth} layers (the LLM part "
+        f"of a step and the cache scale with depth).",
+        "",
+        "| shape | budget | prefill ms | ms / token | full-depth ms / token | token ratio | KV cache MiB (full "
+        "depth) | KV ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.shape} | {r.budget or 'all'} | {r.prefill_ms:.0f} | {r.token_ms:.1f} | "
-                     f"{r.full_depth_token_ms:.1f} | {r.token_ratio:.3f} | {r.full_depth_kv_cache_bytes / 2**20:.1f} | "
-                     f"{r.kv_ratio:.3f} |")
+        lines.append(
+            f"| {r.shape} | {r.budget or 'all'} | {r.prefill_ms:.0f} | {r.token_ms:.1f} | "
+            f"{r.full_depth_token_ms:.1f} | {r.token_ratio:.3f} | {r.full_depth_kv_cache_bytes / 2**20:.1f} | "
+            f"{r.kv_ratio:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -100,8 +133,10 @@ def plot_decode(rows: list[DecodeTiming], path) -> None:
     full, pruned = rows[0], rows[1:]
     budgets = [r.budget for r in pruned]
     fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for axis, key, scale, label in ((time_axis, "full_depth_token_ms", 1, "ms / generated token"),
-                                    (memory_axis, "full_depth_kv_cache_bytes", 2**20, "KV cache MiB")):
+    for axis, key, scale, label in (
+        (time_axis, "full_depth_token_ms", 1, "ms / generated token"),
+        (memory_axis, "full_depth_kv_cache_bytes", 2**20, "KV cache MiB"),
+    ):
         axis.plot(budgets, [getattr(r, key) / scale for r in pruned], marker="o", label="Nüwa")
         axis.axhline(getattr(full, key) / scale, linestyle=":", color="grey", label="all tokens")
         axis.set_xlabel("budget (tokens per image, 24x24 grid)")

@@ -77,9 +77,15 @@ class AbsentSetting:
     reason: str
 
 
-def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats: int,
-                 methods: tuple[str, ...] = PREFILL_METHODS, device: str = "cpu",
-                 clock: WallClock | None = None) -> tuple[list[PrefillTiming], list[AbsentSetting]]:
+def time_prefill(
+    shape_name: str,
+    shape: BenchShape,
+    budgets: list[int],
+    repeats: int,
+    methods: tuple[str, ...] = PREFILL_METHODS,
+    device: str = "cpu",
+    clock: WallClock | None = None,
+) -> tuple[list[PrefillTiming], list[AbsentSetting]]:
     """Full vs pruned prefill of one image and its prompt, each selector at each budget (median of `repeats`), and
     the settings this shape cannot run, with the reason (reported as such, not dropped)."""
     clock = clock or WallClock()
@@ -89,10 +95,17 @@ def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats
     num_tokens = shape.spec.grid[0] * shape.spec.grid[1]
     text_tokens = batch["input_ids"].shape[1] - num_tokens
     text_cfg = model.config.text_config
-    flops = lambda per_layer: llm_flops([text_tokens + n for n in per_layer], text_cfg.hidden_size,  # noqa: E731
-                                        text_cfg.intermediate_size)
-    common = dict(shape=shape_name, dtype=str(shape.dtype).removeprefix("torch."), device=device,
-                  measured_layers=shape.measured_layers, full_depth=shape.depth)
+
+    def flops(per_layer):
+        return llm_flops([text_tokens + n for n in per_layer], text_cfg.hidden_size, text_cfg.intermediate_size)
+
+    common = dict(
+        shape=shape_name,
+        dtype=str(shape.dtype).removeprefix("torch."),
+        device=device,
+        measured_layers=shape.measured_layers,
+        full_depth=shape.depth,
+    )
 
     def measure(config: NuwaConfig | None):
         handle = attach_nuwa(model, config) if config else None
@@ -118,9 +131,17 @@ def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats
 
     def timing(method, budget, times, tokens, flop_ratio=1.0, reference=None, note=""):
         total, llm, overhead = times
-        row = PrefillTiming(method=method, budget=budget, total_ms=total, llm_ms=llm, overhead_ms=overhead,
-                            vision_tokens_per_layer=tokens, full_depth_total_ms=shape.full_depth_ms(total, llm),
-                            note=note, **common)
+        row = PrefillTiming(
+            method=method,
+            budget=budget,
+            total_ms=total,
+            llm_ms=llm,
+            overhead_ms=overhead,
+            vision_tokens_per_layer=tokens,
+            full_depth_total_ms=shape.full_depth_ms(total, llm),
+            note=note,
+            **common,
+        )
         if reference is not None:
             row.flop_ratio, row.time_ratio = flop_ratio, llm / reference.llm_ms
             row.realised_saving = (1 - row.time_ratio) / (1 - flop_ratio)
@@ -134,14 +155,18 @@ def time_prefill(shape_name: str, shape: BenchShape, budgets: list[int], repeats
     for method in methods:
         for budget in budgets:
             try:  # FastV's layer moves earlier where its own cannot meet the budget (`fastv_within_budget`)
-                config, note = fastv_within_budget(shape.selector_config(method, budget), shape.spec.grid,
-                                                   shape.measured_layers)
+                config, note = fastv_within_budget(
+                    shape.selector_config(method, budget), shape.spec.grid, shape.measured_layers
+                )
                 times, plan = measure(config)
             except NuwaConfigError as reason:  # e.g. FastV on an LLM too shallow for this budget at any layer
                 absent.append(AbsentSetting(shape_name, method, budget, str(reason)))
                 continue
-            results.append(timing(method, budget, times, plan.average_tokens, flops(plan.tokens_per_layer) / full_flops,
-                                  full, note))
+            results.append(
+                timing(
+                    method, budget, times, plan.average_tokens, flops(plan.tokens_per_layer) / full_flops, full, note
+                )
+            )
     return results, absent
 
 
@@ -165,7 +190,9 @@ def _released_nxn(features, sim_features, anchors, grid, distance, pillars):
     return (rows / (rows.sum(-1, keepdim=True) + 1e-8)) @ features
 
 
-def time_aggregation(grids=AGGREGATION_GRIDS, repeats: int = 3, config: NuwaConfig = NuwaConfig()) -> list[AggregationTiming]:
+def time_aggregation(
+    grids=AGGREGATION_GRIDS, repeats: int = 3, config: NuwaConfig = NuwaConfig()
+) -> list[AggregationTiming]:
     results = []
     for side in grids:
         grid, tokens = (side, side), side * side
@@ -175,10 +202,11 @@ def time_aggregation(grids=AGGREGATION_GRIDS, repeats: int = 3, config: NuwaConf
         anchors = select_anchors(torch.rand(1, tokens), grid, keep, top_n=1)
         pillars = pillar_mask(torch.rand(1, keep), config.pillar_quantile)
         timings = []
-        for fn in (lambda: _released_nxn(features, sim, anchors, grid, config.distance, pillars),
-                   lambda: aggregate_dense(features, sim, anchors, grid, config.distance, pillars),
-                   lambda: aggregate_windowed(features, sim, anchors, grid, config.distance, pillars,
-                                              config.window_tile)):
+        for fn in (
+            lambda: _released_nxn(features, sim, anchors, grid, config.distance, pillars),
+            lambda: aggregate_dense(features, sim, anchors, grid, config.distance, pillars),
+            lambda: aggregate_windowed(features, sim, anchors, grid, config.distance, pillars, config.window_tile),
+        ):
             fn()
             runs = []
             for _ in range(repeats):
@@ -190,32 +218,47 @@ def time_aggregation(grids=AGGREGATION_GRIDS, repeats: int = 3, config: NuwaConf
     return results
 
 
-def prefill_markdown(prefill: list[PrefillTiming], aggregation: list[AggregationTiming],
-                     absent: list[AbsentSetting] = ()) -> str:
-    lines = ["## Prefill: full vs pruned (median ms)", "",
-             "Total and LLM ms are measured on `measured` decoder layers; `full-depth total` is the prefill with all "
-             "the real model's layers (LLM ms x full/measured: each selector keeps its schedule at the same relative "
-             "depth). The overhead share is the selector's own work over the full-depth unpruned prefill.", "",
-             "| shape | dtype, device | layers measured / real | method | budget | avg vision tokens/layer | "
-             "total ms | LLM ms | selector overhead ms | full-depth total ms | LLM FLOP ratio | LLM time ratio | "
-             "realised saving | overhead / full prefill | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def prefill_markdown(
+    prefill: list[PrefillTiming], aggregation: list[AggregationTiming], absent: list[AbsentSetting] = ()
+) -> str:
+    lines = [
+        "## Prefill: full vs pruned (median ms)",
+        "",
+        "Total and LLM ms are measured on `measured` decoder layers; `full-depth total` is the prefill with all "
+        "the real model's layers (LLM ms x full/measured: each selector keeps its schedule at the same relative "
+        "depth). The overhead share is the selector's own work over the full-depth unpruned prefill.",
+        "",
+        "| shape | dtype, device | layers measured / real | method | budget | avg vision tokens/layer | "
+        "total ms | LLM ms | selector overhead ms | full-depth total ms | LLM FLOP ratio | LLM time ratio | "
+        "realised saving | overhead / full prefill | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in prefill:
         fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
-        lines.append(f"| {r.shape} | {r.dtype}, {r.device} | {r.measured_layers} / {r.full_depth} | "
-                     f"{METHOD_LABELS[r.method]} | {r.budget or 'all'} | {r.vision_tokens_per_layer:.1f} | "
-                     f"{r.total_ms:.1f} | {r.llm_ms:.1f} | {r.overhead_ms:.2f} | {r.full_depth_total_ms:.0f} | "
-                     f"{r.flop_ratio:.3f} | {r.time_ratio:.3f} | {fmt(r.realised_saving, '{:.0%}')} | "
-                     f"{fmt(r.overhead_share, '{:.1%}')} | {r.note} |")
+        lines.append(
+            f"| {r.shape} | {r.dtype}, {r.device} | {r.measured_layers} / {r.full_depth} | "
+            f"{METHOD_LABELS[r.method]} | {r.budget or 'all'} | {r.vision_tokens_per_layer:.1f} | "
+            f"{r.total_ms:.1f} | {r.llm_ms:.1f} | {r.overhead_ms:.2f} | {r.full_depth_total_ms:.0f} | "
+            f"{r.flop_ratio:.3f} | {r.time_ratio:.3f} | {fmt(r.realised_saving, '{:.0%}')} | "
+            f"{fmt(r.overhead_share, '{:.1%}')} | {r.note} |"
+        )
     unmeasured = " | ".join(["-"] * 9)  # from the vision tokens to the overhead share
     for a in absent:
-        lines.append(f"| {a.shape} | - | - | {METHOD_LABELS[a.method]} | {a.budget} | {unmeasured} | "
-                     f"not measured: {a.reason} |")
-    lines += ["", "## Stage-1 aggregation (64-token budget share, D=1024, median ms)", "",
-              "| grid | tokens N | anchors K | released N x N | dense K x N | windowed |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {a.shape} | - | - | {METHOD_LABELS[a.method]} | {a.budget} | {unmeasured} | not measured: {a.reason} |"
+        )
+    lines += [
+        "",
+        "## Stage-1 aggregation (64-token budget share, D=1024, median ms)",
+        "",
+        "| grid | tokens N | anchors K | released N x N | dense K x N | windowed |",
+        "|---|---|---|---|---|---|",
+    ]
     for a in aggregation:
-        lines.append(f"| {a.grid}x{a.grid} | {a.tokens} | {a.anchors} | {a.full_nxn_ms:.1f} | {a.dense_ms:.1f} | "
-                     f"{a.windowed_ms:.1f} |")
+        lines.append(
+            f"| {a.grid}x{a.grid} | {a.tokens} | {a.anchors} | {a.full_nxn_ms:.1f} | {a.dense_ms:.1f} | "
+            f"{a.windowed_ms:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -235,10 +278,14 @@ def plot_prefill(prefill: list[PrefillTiming], aggregation: list[AggregationTimi
     left.set_ylabel("pruned / full")
     left.set_title("LLM prefill")
     left.legend()
-    for (shape, method) in dict.fromkeys((r.shape, r.method) for r in pruned):
+    for shape, method in dict.fromkeys((r.shape, r.method) for r in pruned):
         rows = [r for r in pruned if (r.shape, r.method) == (shape, method)]
-        middle.plot([r.budget for r in rows], [r.full_depth_total_ms for r in rows], marker="o",
-                    label=f"{shape} {METHOD_LABELS[method]}")
+        middle.plot(
+            [r.budget for r in rows],
+            [r.full_depth_total_ms for r in rows],
+            marker="o",
+            label=f"{shape} {METHOD_LABELS[method]}",
+        )
     for full in (r for r in prefill if r.budget is None):
         middle.axhline(full.full_depth_total_ms, linestyle=":", color="grey")
     middle.set_xlabel("budget (tokens per image, 24x24 grid)")

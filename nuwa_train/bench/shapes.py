@@ -59,14 +59,39 @@ class BenchShape:
 # 4096 MLP, 577 tokens) and Llama-2-7B decoder layers (4096 hidden, 32 heads, 11008 MLP, 32064-token vocabulary),
 # in bf16 (5x fp32's matmul throughput on this CPU's AVX-512 BF16: 410 vs 82 GFLOP/s), 16 of the 32 decoder layers
 # on a CPU (FastV's layer 2 of 32 becomes 1 of 16; `--full-depth` runs all 32).
-LLAVA15_7B_SPEC = TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
-                                vision_mlp=4096, vision_feature_layer=-2, text_hidden=4096, text_layers=16,
-                                text_heads=32, text_kv_heads=32, text_mlp=11008, vocab_size=32064, max_positions=4096)
+LLAVA15_7B_SPEC = TinyLlavaSpec(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    vision_mlp=4096,
+    vision_feature_layer=-2,
+    text_hidden=4096,
+    text_layers=16,
+    text_heads=32,
+    text_kv_heads=32,
+    text_mlp=11008,
+    vocab_size=32064,
+    max_positions=4096,
+)
 SHAPES = {
     "tiny": BenchShape(TinyLlavaSpec()),
-    "llava15": BenchShape(TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=256, vision_layers=24,
-                                        vision_heads=4, vision_feature_layer=-2, text_hidden=512, text_layers=32,
-                                        text_heads=8, text_kv_heads=8, mlp_ratio=3)),
+    "llava15": BenchShape(
+        TinyLlavaSpec(
+            image_size=336,
+            patch_size=14,
+            vision_hidden=256,
+            vision_layers=24,
+            vision_heads=4,
+            vision_feature_layer=-2,
+            text_hidden=512,
+            text_layers=32,
+            text_heads=8,
+            text_kv_heads=8,
+            mlp_ratio=3,
+        )
+    ),
     "llava15-7b": BenchShape(LLAVA15_7B_SPEC, torch.bfloat16, full_depth=32),
 }
 
@@ -89,7 +114,7 @@ def build_random_model(shape: BenchShape, device: str = "cpu"):
                 flat = weight.view(-1)
                 for start in range(0, flat.numel(), RANDOM_POOL):
                     stop = min(start + RANDOM_POOL, flat.numel())
-                    flat[start:stop].copy_(pool[:stop - start])
+                    flat[start:stop].copy_(pool[: stop - start])
     return model.eval(), processor
 
 
@@ -97,8 +122,9 @@ def _text(words: int, offset: int) -> str:
     return " ".join(BENCH_WORDS[(i + offset) % len(BENCH_WORDS)] for i in range(words))
 
 
-def prompt_batch(model, processor, shape: BenchShape, text_before: int, question: int, device: str = "cpu",
-                 answer: int = 0) -> dict:
+def prompt_batch(
+    model, processor, shape: BenchShape, text_before: int, question: int, device: str = "cpu", answer: int = 0
+) -> dict:
     """One image's inputs: `text_before` words, the image's placeholders, a `question`, and an `answer` of that many
     words whose tokens are the labels (when answer > 0)."""
     spec = shape.spec
@@ -107,7 +133,7 @@ def prompt_batch(model, processor, shape: BenchShape, text_before: int, question
     image_id = model.config.image_token_index
     at = int(ids.eq(image_id).nonzero()[0])
     num_tokens = spec.grid[0] * spec.grid[1]
-    ids = torch.cat([ids[:at], torch.full((num_tokens,), image_id), ids[at + 1:]])
+    ids = torch.cat([ids[:at], torch.full((num_tokens,), image_id), ids[at + 1 :]])
     labels = None
     if answer:
         answer_ids = processor.tokenizer([_text(answer, 3)], add_special_tokens=False, return_tensors="pt")

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+
 def write_startup_dataset(out_dir: Path, records: int) -> Path:
     """A LLaVA file of `records` VQA records, each with its own (small) image file, as a large user dataset has."""
     import io
@@ -22,8 +23,16 @@ def write_startup_dataset(out_dir: Path, records: int) -> Path:
     for i in range(records):
         name = f"{IMAGE_DIR}/{i:07d}.png"
         (out_dir / name).write_bytes(encoded.getvalue())
-        rows.append({"id": f"r{i}", "image": name, "conversations": [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\nwhat colour is the square ?"}, {"from": "gpt", "value": "red"}]})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"{IMAGE_TOKEN}\nwhat colour is the square ?"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            }
+        )
     (out_dir / LLAVA_FILE).write_text(json.dumps(rows))
     return out_dir / LLAVA_FILE
 
@@ -46,10 +55,22 @@ def time_data_startup(model_path: str, llava_file: Path, batch_size: int = 16) -
     records = len(data.dataset("train"))
     marks["records_loaded"] = time.perf_counter()
     module = NuwaFineTuner(model_path=model_path)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[FirstStep()],
-                        default_root_dir=str(llava_file.parent / "run"))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[FirstStep()],
+        default_root_dir=str(llava_file.parent / "run"),
+    )
     trainer.fit(module, data)
-    return {"records": records, "load_seconds": round(marks["records_loaded"] - started, 2),
-            "first_step_seconds": round(marks["first_step"] - started, 2)}
+    return {
+        "records": records,
+        "load_seconds": round(marks["records_loaded"] - started, 2),
+        "first_step_seconds": round(marks["first_step"] - started, 2),
+    }

@@ -49,8 +49,16 @@ class BenchSuite:
 
 # One GPU, everything at LLaVA-1.5-7B's real widths and full depth (~14 GB of bf16 weights), in under 8 minutes:
 #   nuwa-train bench --suite gpu     -> outputs/bench_gpu/{bench.md, bench.json, bench.png}
-GPU_SUITE = BenchSuite(shapes=("llava15-7b",), repeats=10, device="cuda", full_depth=True, decode="llava15-7b",
-                       training="llava15-7b", training_depths=(32,), aggregation_grids=())
+GPU_SUITE = BenchSuite(
+    shapes=("llava15-7b",),
+    repeats=10,
+    device="cuda",
+    full_depth=True,
+    decode="llava15-7b",
+    training="llava15-7b",
+    training_depths=(32,),
+    aggregation_grids=(),
+)
 GPU_SUITE_OUT = "outputs/bench_gpu"
 
 
@@ -74,12 +82,18 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
     absent: list[AbsentSetting] = []
     for name in suite.shapes:
         with console.status(f"timing prefill of the {name} shape ({suite.repeats} repeats per setting)"):
-            rows, unmet = time_prefill(name, _shape(name, suite), budgets, suite.repeats, suite.methods,
-                                       suite.device, clock)
+            rows, unmet = time_prefill(
+                name, _shape(name, suite), budgets, suite.repeats, suite.methods, suite.device, clock
+            )
         prefill += rows
         absent += unmet
-    report = {"device": suite.device, "threads": torch.get_num_threads(), "repeats": suite.repeats,
-              "prefill": [asdict(r) for r in prefill], "absent": [asdict(a) for a in absent]}
+    report = {
+        "device": suite.device,
+        "threads": torch.get_num_threads(),
+        "repeats": suite.repeats,
+        "prefill": [asdict(r) for r in prefill],
+        "absent": [asdict(a) for a in absent],
+    }
     markdown = []
     aggregation = []
     if suite.aggregation_grids:
@@ -90,8 +104,11 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
         report["windowed_faster_from_tokens"] = crossover
     markdown.append(prefill_markdown(prefill, aggregation, absent))
     if aggregation:
-        markdown.append(f"Windowed aggregation is faster than dense from N = {crossover} tokens.\n" if crossover else
-                        "Windowed aggregation was not faster than dense at any measured grid.\n")
+        markdown.append(
+            f"Windowed aggregation is faster than dense from N = {crossover} tokens.\n"
+            if crossover
+            else "Windowed aggregation was not faster than dense at any measured grid.\n"
+        )
     if suite.decode:
         shape = _shape(suite.decode, suite)
         with console.status(f"timing decode of the {suite.decode} shape"):
@@ -100,10 +117,16 @@ def run_bench(suite: BenchSuite, out_dir: Path, console=None) -> dict:
         markdown.append(decode_markdown(rows, shape))
         plot_decode(rows, out_dir / "decode.png")
     if suite.training:
-        with console.status(f"timing training steps of the {suite.training} shape (a fresh process per mode and "
-                            f"depth)"):
-            rows = time_shape_training(suite.training, suite.training_depths, suite.training_steps,
-                                       device=suite.device, threads=torch.get_num_threads())
+        with console.status(
+            f"timing training steps of the {suite.training} shape (a fresh process per mode and depth)"
+        ):
+            rows = time_shape_training(
+                suite.training,
+                suite.training_depths,
+                suite.training_steps,
+                device=suite.device,
+                threads=torch.get_num_threads(),
+            )
         report["training"] = rows
         markdown.append(shape_training_markdown(rows, suite.training, SHAPE_TRAINING_BATCH, suite.training_depths))
     text = "\n".join(markdown)

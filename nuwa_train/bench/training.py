@@ -35,8 +35,10 @@ def _probe_result(context, target, args, what: str) -> dict:
                 return queue.get(timeout=PROBE_POLL_SECONDS)
             except Empty:
                 if not process.is_alive():
-                    raise RuntimeError(f"the training probe for {what} exited with code {process.exitcode} before "
-                                       f"reporting (its error is printed above; -9 usually means out of memory)")
+                    raise RuntimeError(
+                        f"the training probe for {what} exited with code {process.exitcode} before "
+                        f"reporting (its error is printed above; -9 usually means out of memory)"
+                    ) from None
     finally:
         process.join()
 
@@ -105,24 +107,30 @@ def time_training(model_path: str, steps: int = TRAINING_STEPS, batch_size: int 
     context = multiprocessing.get_context("spawn")
     rows = []
     for label, (method, mode) in TRAINING_MODES.items():
-        result = _probe_result(context, _training_probe, (model_path, method, mode, steps, batch_size, threads),
-                               label)
+        result = _probe_result(context, _training_probe, (model_path, method, mode, steps, batch_size, threads), label)
         rows.append({"mode": label, **result})
     return _with_ratios(rows)
 
 
 def _mode_table(rows: list[dict]) -> list[str]:
-    lines = ["| mode | step ms | time ratio | peak MiB | memory ratio | growth MiB | growth ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | step ms | time ratio | peak MiB | memory ratio | growth MiB | growth ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_mib']:.0f} | "
-                     f"{r['memory_ratio']:.2f} | {r['growth_mib']:.0f} | {r['growth_ratio']:.2f} |")
+        lines.append(
+            f"| {r['mode']} | {r['step_ms']:.0f} | {r['time_ratio']:.2f} | {r['peak_mib']:.0f} | "
+            f"{r['memory_ratio']:.2f} | {r['growth_mib']:.0f} | {r['growth_ratio']:.2f} |"
+        )
     return lines
 
 
 def training_markdown(rows: list[dict], model_path: str, batch_size: int) -> str:
-    lines = [f"## Training step: {model_path}, batch {batch_size} (median ms; peak RSS of a fresh process)", "",
-             *_mode_table(rows)]
+    lines = [
+        f"## Training step: {model_path}, batch {batch_size} (median ms; peak RSS of a fresh process)",
+        "",
+        *_mode_table(rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -136,8 +144,9 @@ SHAPE_TRAINING_BATCH = 1
 SHAPE_TRAINING_STEPS = 2
 
 
-def _shape_probe(shape_name: str, layers: int, method: str, mode: str, steps: int, batch_size: int, device: str,
-                 threads: int, queue) -> None:
+def _shape_probe(
+    shape_name: str, layers: int, method: str, mode: str, steps: int, batch_size: int, device: str, threads: int, queue
+) -> None:
     """One mode at one depth in a fresh process: median step time and peak memory (RSS, or CUDA allocated)."""
     _start_probe(threads)
     from peft import get_peft_model
@@ -164,8 +173,14 @@ def _extrapolate(points: dict[int, float], depth: int) -> float:
     return at_high + (at_high - at_low) * (depth - high) / (high - low)
 
 
-def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: int = SHAPE_TRAINING_STEPS,
-                        batch_size: int = SHAPE_TRAINING_BATCH, device: str = "cpu", threads: int = 2) -> list[dict]:
+def time_shape_training(
+    shape_name: str,
+    depths=SHAPE_TRAINING_DEPTHS,
+    steps: int = SHAPE_TRAINING_STEPS,
+    batch_size: int = SHAPE_TRAINING_BATCH,
+    device: str = "cpu",
+    threads: int = 2,
+) -> list[dict]:
     """Plain LoRA vs pruning-aware soft / straight-through / hard steps on a shape's real-width layers.
 
     Each decoder layer adds the same time and memory (same widths, the same token schedule at the same relative
@@ -182,9 +197,12 @@ def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: in
     for label, (method, mode) in TRAINING_MODES.items():
         measured = {}
         for layers in depths:
-            measured[layers] = _probe_result(context, _shape_probe, (shape_name, layers, method, mode, steps,
-                                                                     batch_size, device, threads),
-                                             f"{label} at {layers} layers")
+            measured[layers] = _probe_result(
+                context,
+                _shape_probe,
+                (shape_name, layers, method, mode, steps, batch_size, device, threads),
+                f"{label} at {layers} layers",
+            )
         row = {"mode": label, "measured": {str(k): v for k, v in measured.items()}, "depth": full_depth}
         for key in ("step_ms", "peak_mib", "growth_mib"):
             points = {layers: result[key] for layers, result in measured.items()}
@@ -196,9 +214,12 @@ def time_shape_training(shape_name: str, depths=SHAPE_TRAINING_DEPTHS, steps: in
 def shape_training_markdown(rows: list[dict], shape_name: str, batch_size: int, depths) -> str:
     depth = rows[0]["depth"]
     how = "measured" if depth in depths else f"extrapolated linearly from {' and '.join(map(str, depths))} layers"
-    lines = [f"## Training step: {shape_name}, batch {batch_size}, {depth} decoder layers ({how})", "",
-             "LoRA rank 16 on the LLM and vision projections, projector trained, AdamW; peak memory is the fresh "
-             "process's peak RSS (CPU) or max allocated (CUDA), growth is what the steps add on top of the weights.",
-             "",
-             *_mode_table(rows)]
+    lines = [
+        f"## Training step: {shape_name}, batch {batch_size}, {depth} decoder layers ({how})",
+        "",
+        "LoRA rank 16 on the LLM and vision projections, projector trained, AdamW; peak memory is the fresh "
+        "process's peak RSS (CPU) or max allocated (CUDA), growth is what the steps add on top of the weights.",
+        "",
+        *_mode_table(rows),
+    ]
     return "\n".join(lines) + "\n"

@@ -52,7 +52,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, summary: str,
-                **settings) -> argparse.ArgumentParser:
+def add_command(subparsers: argparse._SubParsersAction, name: str, summary: str, **settings) -> argparse.ArgumentParser:
     """A subcommand's parser: its summary is both its line in `nuwa-train --help` and its own description."""
     return subparsers.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter, **settings)

@@ -19,39 +19,79 @@ DEFAULT_OUT = "outputs/bench"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = add_command(subparsers, NAME, SUMMARY)
-    bench.add_argument("--shapes", type=names, default=["tiny", "llava15"],
-                       help="model shapes to time (comma-separated): tiny, llava15, llava15-7b (real widths, bf16)")
-    bench.add_argument("--methods", type=names,
-                       help="selectors timed beside the full prefill (comma-separated; default: nuwa,visionzip,fastv)")
-    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (CUDA events and max allocated memory; "
-                                                       "without a GPU the run is skipped with a message)")
-    bench.add_argument("--full-depth", action="store_true",
-                       help="run every real decoder layer (llava15-7b: 32 instead of 16 measured on a CPU)")
-    bench.add_argument("--decode", metavar="SHAPE",
-                       help="also time decoding (32 tokens after a ~600-token prompt; default: not timed)")
-    bench.add_argument("--train-shape", metavar="SHAPE",
-                       help="also time a training step per selection mode vs plain LoRA on this shape's widths "
-                            "(default: not timed)")
-    bench.add_argument("--suite", choices=["gpu"],
-                       help="gpu: the whole GPU suite (llava15-7b at full depth: prefill, decode, training; "
-                            "--device cuda), written to outputs/bench_gpu (default: the suite the flags describe)")
-    bench.add_argument("--budgets", type=int_list, default=[64, 128, 192],
-                       help="average vision tokens per image on the 24x24 reference grid")
+    bench.add_argument(
+        "--shapes",
+        type=names,
+        default=["tiny", "llava15"],
+        help="model shapes to time (comma-separated): tiny, llava15, llava15-7b (real widths, bf16)",
+    )
+    bench.add_argument(
+        "--methods",
+        type=names,
+        help="selectors timed beside the full prefill (comma-separated; default: nuwa,visionzip,fastv)",
+    )
+    bench.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N (CUDA events and max allocated memory; "
+        "without a GPU the run is skipped with a message)",
+    )
+    bench.add_argument(
+        "--full-depth",
+        action="store_true",
+        help="run every real decoder layer (llava15-7b: 32 instead of 16 measured on a CPU)",
+    )
+    bench.add_argument(
+        "--decode", metavar="SHAPE", help="also time decoding (32 tokens after a ~600-token prompt; default: not timed)"
+    )
+    bench.add_argument(
+        "--train-shape",
+        metavar="SHAPE",
+        help="also time a training step per selection mode vs plain LoRA on this shape's widths (default: not timed)",
+    )
+    bench.add_argument(
+        "--suite",
+        choices=["gpu"],
+        help="gpu: the whole GPU suite (llava15-7b at full depth: prefill, decode, training; "
+        "--device cuda), written to outputs/bench_gpu (default: the suite the flags describe)",
+    )
+    bench.add_argument(
+        "--budgets",
+        type=int_list,
+        default=[64, 128, 192],
+        help="average vision tokens per image on the 24x24 reference grid",
+    )
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed runs per setting (median reported)")
-    bench.add_argument("--threads", type=count, default=int(os.environ.get("OMP_NUM_THREADS", 0) or 0),
-                       help="torch threads (default: OMP_NUM_THREADS or torch's default)")
-    bench.add_argument("--out", help="directory for bench.md, bench.json, bench.png (default: outputs/bench, "
-                                     "outputs/bench_gpu for --suite gpu)")
-    bench.add_argument("--training", metavar="MODEL_DIR",
-                       help="instead: training step time / peak memory of each selection mode vs plain LoRA "
-                            "(default: not run)")
+    bench.add_argument(
+        "--threads",
+        type=count,
+        default=int(os.environ.get("OMP_NUM_THREADS", 0) or 0),
+        help="torch threads (default: OMP_NUM_THREADS or torch's default)",
+    )
+    bench.add_argument(
+        "--out",
+        help="directory for bench.md, bench.json, bench.png (default: outputs/bench, "
+        "outputs/bench_gpu for --suite gpu)",
+    )
+    bench.add_argument(
+        "--training",
+        metavar="MODEL_DIR",
+        help="instead: training step time / peak memory of each selection mode vs plain LoRA (default: not run)",
+    )
     bench.add_argument("--batch-size", type=positive_int, default=16, help="batch size of --training")
-    bench.add_argument("--train-steps", type=positive_int,
-                       help="timed optimizer steps per training mode (and depth), after the warm-up ones (default: "
-                            "bench.training's TRAINING_STEPS for --training, SHAPE_TRAINING_STEPS for --train-shape)")
-    bench.add_argument("--data-startup", type=positive_int, metavar="RECORDS",
-                       help="instead: seconds to the first training step on a generated file of RECORDS records "
-                            "(one image file each; default: not run)")
+    bench.add_argument(
+        "--train-steps",
+        type=positive_int,
+        help="timed optimizer steps per training mode (and depth), after the warm-up ones (default: "
+        "bench.training's TRAINING_STEPS for --training, SHAPE_TRAINING_STEPS for --train-shape)",
+    )
+    bench.add_argument(
+        "--data-startup",
+        type=positive_int,
+        metavar="RECORDS",
+        help="instead: seconds to the first training step on a generated file of RECORDS records "
+        "(one image file each; default: not run)",
+    )
     bench.add_argument("--model", default="data/tiny_base", help="model directory of --data-startup")
     bench.set_defaults(handler=run)
 
@@ -64,10 +104,12 @@ def run(args: argparse.Namespace) -> None:
     from ..errors import UsageError
 
     methods = [method for method in METHOD_LABELS if method != "none"]
-    for flag, given, known in (("--shapes", args.shapes, SHAPES),
-                               ("--decode", [args.decode] if args.decode else [], SHAPES),
-                               ("--train-shape", [args.train_shape] if args.train_shape else [], SHAPES),
-                               ("--methods", args.methods or [], methods)):
+    for flag, given, known in (
+        ("--shapes", args.shapes, SHAPES),
+        ("--decode", [args.decode] if args.decode else [], SHAPES),
+        ("--train-shape", [args.train_shape] if args.train_shape else [], SHAPES),
+        ("--methods", args.methods or [], methods),
+    ):
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise UsageError(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(known)}")
@@ -116,10 +158,17 @@ def bench_suite(args: argparse.Namespace):
 
     if args.suite == "gpu":
         return GPU_SUITE, Path(args.out or GPU_SUITE_OUT)
-    suite = BenchSuite(shapes=tuple(args.shapes), budgets=tuple(args.budgets), repeats=args.repeats,
-                       methods=tuple(args.methods or PREFILL_METHODS), device=args.device, full_depth=args.full_depth,
-                       decode=args.decode, training=args.train_shape,
-                       training_steps=args.train_steps or SHAPE_TRAINING_STEPS)
+    suite = BenchSuite(
+        shapes=tuple(args.shapes),
+        budgets=tuple(args.budgets),
+        repeats=args.repeats,
+        methods=tuple(args.methods or PREFILL_METHODS),
+        device=args.device,
+        full_depth=args.full_depth,
+        decode=args.decode,
+        training=args.train_shape,
+        training_steps=args.train_steps or SHAPE_TRAINING_STEPS,
+    )
     return suite, Path(args.out or DEFAULT_OUT)
 
 

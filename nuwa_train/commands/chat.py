@@ -129,8 +129,9 @@ class ChatSession:
         image_token = getattr(self.processor, "image_token", "<image>")
         if image_token in question:
             raise ChatError(f"the question must not contain {image_token!r}: the image is placed by the chat template")
-        answer = generate_answers(self.model, self.processor.tokenizer, self.inputs(question),
-                                  self.max_new_tokens)[0].strip()
+        answer = generate_answers(self.model, self.processor.tokenizer, self.inputs(question), self.max_new_tokens)[
+            0
+        ].strip()
         self.turns.append((question, answer))
         box = self.box_format.parse(answer, self.frame) if self.box_format is not None else None
         kept = self.handle.kept.first_image_of(0) if self.handle.config.method != "none" else None
@@ -225,17 +226,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from ..pruning.selectors import METHODS
 
     chat = add_command(subparsers, NAME, SUMMARY)
-    chat.add_argument("model", help="an export (runs its nuwa_config.json) or a HF model directory, e.g. "
-                                    "data/tiny_base")
+    chat.add_argument(
+        "model", help="an export (runs its nuwa_config.json) or a HF model directory, e.g. data/tiny_base"
+    )
     chat.add_argument("--image", required=True, help="the image to ask about (PNG, JPEG, ...)")
-    chat.add_argument("--prompt", help="one question; its answer is the last line of stdout (default: questions "
-                                       "from stdin, one per line, until EOF or 'exit')")
+    chat.add_argument(
+        "--prompt",
+        help="one question; its answer is the last line of stdout (default: questions "
+        "from stdin, one per line, until EOF or 'exit')",
+    )
     chat.add_argument("--method", choices=METHODS, help="pruner (default: the export's, else NuwaConfig's)")
-    chat.add_argument("--budget", type=positive_int, help="average vision tokens per image on the 24x24 grid "
-                                                          "(default: the export's, else NuwaConfig's)")
-    chat.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
-                      help="longest answer in tokens")
-    chat.add_argument("--overlay", help="PNG of the kept tokens of the last answer (default: nuwa-chat-<image>-"
-                                        "kept-tokens.png in the temp folder; its path is printed on stderr)")
+    chat.add_argument(
+        "--budget",
+        type=positive_int,
+        help="average vision tokens per image on the 24x24 grid (default: the export's, else NuwaConfig's)",
+    )
+    chat.add_argument(
+        "--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, help="longest answer in tokens"
+    )
+    chat.add_argument(
+        "--overlay",
+        help="PNG of the kept tokens of the last answer (default: nuwa-chat-<image>-"
+        "kept-tokens.png in the temp folder; its path is printed on stderr)",
+    )
     chat.add_argument("--no-overlay", action="store_true", help="do not draw the kept tokens")
     chat.set_defaults(handler=run_chat)

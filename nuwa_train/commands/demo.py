@@ -24,15 +24,14 @@ from jsonargparse import Namespace
 from ..errors import UsageError
 from ..evaluation import evaluate
 from ..export import export_module, load_pruned
-from ..model_card import write_model_card
 from ..io import write_atomically
+from ..model_card import write_model_card
 from ..models import detach_nuwa
 from ..models.loading import ModelPathError
 from ..pruning import NuwaConfig, NuwaConfigError
 from ..viz import plot_training_curves
 from .arguments import add_command, names, positive_int
 from .eval import Row, overlay, synthetic_config_for, write_table
-
 
 NAME = "demo"
 SUMMARY = "the main job: fine-tune with pruning on the tiny base, compare, export"
@@ -47,9 +46,11 @@ class FineTune(NamedTuple):
     pruning: dict  # pruning settings this method needs beyond the recipe's (they replace the recipe's values)
 
 
-FINE_TUNES = (FineTune("Nüwa, fine-tuned", "nuwa", "soft", {}),
-              FineTune("VisionZip-like, fine-tuned", "visionzip", "hard", {}),
-              FineTune("FastV, fine-tuned", "fastv", "soft", {"fastv_layer": 1}))
+FINE_TUNES = (
+    FineTune("Nüwa, fine-tuned", "nuwa", "soft", {}),
+    FineTune("VisionZip-like, fine-tuned", "visionzip", "hard", {}),
+    FineTune("FastV, fine-tuned", "fastv", "soft", {"fastv_layer": 1}),
+)
 CHECKPOINT_EVERY = 25  # steps between `last.ckpt` writes of each fine-tune
 RUN_SETTINGS_NAME = "run_settings.yaml"  # a fine-tune's resolved settings, checked before resuming it
 # The public import paths, as recipes name them: a fine-tune's settings dump (what resuming compares) stays the same.
@@ -75,8 +76,15 @@ def fine_tune_settings(recipe: Namespace, fine_tune: FineTune, run_dir: Path, ma
         settings[f"model.pruning.{key}"] = value  # NuwaCLI rejects a key NuwaConfig does not have
     settings.trainer.default_root_dir, settings.run_name = str(run_dir.parent), run_dir.name  # NuwaCLI's run folder
     settings.trainer.logger = [_component(CSV_LOGGER, save_dir=str(run_dir), name="csv", version=0)]
-    settings.trainer.callbacks = [_component(MODEL_CHECKPOINT, dirpath=str(run_dir / "checkpoints"), save_last=True,
-                                             save_top_k=0, every_n_train_steps=CHECKPOINT_EVERY)]
+    settings.trainer.callbacks = [
+        _component(
+            MODEL_CHECKPOINT,
+            dirpath=str(run_dir / "checkpoints"),
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=CHECKPOINT_EVERY,
+        )
+    ]
     if max_steps is not None:  # a shorter run anneals over the same share of its steps as the recipe
         anneal_share = recipe.model.selection.anneal_steps / recipe.trainer.max_steps
         settings.trainer.max_steps = max_steps
@@ -134,9 +142,14 @@ def _depth(model) -> int:
     return model.config.text_config.num_hidden_layers
 
 
-def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", test_images: int = 250,
-             max_steps: int | None = None, batch_size: int = 64,
-             methods: tuple[str, ...] = tuple(f.method for f in FINE_TUNES)) -> dict:
+def run_demo(
+    recipe: str = "recipes/default.yaml",
+    out: str = "outputs/demo",
+    test_images: int = 250,
+    max_steps: int | None = None,
+    batch_size: int = 64,
+    methods: tuple[str, ...] = tuple(f.method for f in FINE_TUNES),
+) -> dict:
     from ..data.records import SyntheticRecords
     from ..lightning.cli import parse_recipe
     from ..logs import print_text, report_console
@@ -144,15 +157,19 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
 
     unknown = sorted(set(methods) - {f.method for f in FINE_TUNES})
     if unknown or "nuwa" not in methods:
-        raise UsageError(f"--methods {','.join(methods)} must include nuwa (the exported model) and name only "
-                         f"{', '.join(f.method for f in FINE_TUNES)}")
+        raise UsageError(
+            f"--methods {','.join(methods)} must include nuwa (the exported model) and name only "
+            f"{', '.join(f.method for f in FINE_TUNES)}"
+        )
     console, start = report_console(), time.perf_counter()
     recipe_path, out_dir = Path(recipe), Path(out)
     recipe_settings = parse_recipe(recipe_path)  # the one read: the base, the training-free row, every fine-tune
     base = Path(recipe_settings.model.model_path)
     if not (base / "config.json").is_file():
-        raise ModelPathError(f"no base model at {base}; train it with `nuwa-train pretrain-base "
-                             f"recipes/tiny_base.yaml` (about 4 hours on 2 CPU cores)")
+        raise ModelPathError(
+            f"no base model at {base}; train it with `nuwa-train pretrain-base "
+            f"recipes/tiny_base.yaml` (about 4 hours on 2 CPU cores)"
+        )
     # The recipe's pruning settings (budget, stage-2 layer, ...) serve the training-free row too, so the
     # rows differ only in whether the model was fine-tuned.
     nuwa = replace(_pruning(recipe_settings), method="nuwa")
@@ -164,8 +181,9 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
 
     console.rule(f"1/3  the base model on {len(records)} test records")
     full = evaluate(model, processor, records, batch_size=batch_size, description="full tokens")
-    free = evaluate(model, processor, records, pruning=nuwa, batch_size=batch_size,
-                    description=f"Nüwa, training-free @ {budget}")
+    free = evaluate(
+        model, processor, records, pruning=nuwa, batch_size=batch_size, description=f"Nüwa, training-free @ {budget}"
+    )
     rows = [Row("full tokens", None, full, full), Row("Nüwa, training-free", budget, free, full)]
 
     console.rule("2/3  pruning-aware LoRA fine-tuning")
@@ -184,8 +202,9 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
         module, metrics_csv = _fine_tune(settings, console)
         curves[label] = metrics_csv
         module.eval()
-        result = evaluate(module.base_model, processor, records, pruning=module.pruning, batch_size=batch_size,
-                          description=label)
+        result = evaluate(
+            module.base_model, processor, records, pruning=module.pruning, batch_size=batch_size, description=label
+        )
         rows.append(Row(label, budget, result, full))
         fine_tuned[method] = module
 
@@ -193,21 +212,27 @@ def run_demo(recipe: str = "recipes/default.yaml", out: str = "outputs/demo", te
     export_dir = export_module(fine_tuned["nuwa"], out_dir / "export", merge=True)
     table = [row.as_dict() for row in rows]
     grid_height, grid_width = nuwa.reference_grid  # the budget's grid (LLaVA-1.5's 24x24 unless the recipe says)
-    title = (f"Main job: {base} on {len(records)} test records, budget {budget} "
-             f"(of {grid_height * grid_width} on the {grid_height}x{grid_width} reference grid)")
-    text = write_table(table, out_dir, "results", title, {"recipe": str(recipe_path), "test_records": len(records),
-                                                           "minutes": (time.perf_counter() - start) / 60})
+    title = (
+        f"Main job: {base} on {len(records)} test records, budget {budget} "
+        f"(of {grid_height * grid_width} on the {grid_height}x{grid_width} reference grid)"
+    )
+    text = write_table(
+        table,
+        out_dir,
+        "results",
+        title,
+        {"recipe": str(recipe_path), "test_records": len(records), "minutes": (time.perf_counter() - start) / 60},
+    )
     write_model_card(export_dir, evaluation=text)  # the export's README.md carries the table it was measured in
     curves_png = plot_training_curves(curves, out_dir / "training_curves.png")
     exported = load_pruned(export_dir)
     detach_nuwa(exported)
-    overlay_png = overlay(model, processor, records, [("Nüwa, training-free", nuwa)],
-                          out_dir / "kept_tokens_base.png")
-    overlay_ft_png = overlay(exported, processor, records, [("Nüwa, fine-tuned", nuwa)],
-                             out_dir / "kept_tokens_fine_tuned.png")
+    overlay_png = overlay(model, processor, records, [("Nüwa, training-free", nuwa)], out_dir / "kept_tokens_base.png")
+    overlay_ft_png = overlay(
+        exported, processor, records, [("Nüwa, fine-tuned", nuwa)], out_dir / "kept_tokens_fine_tuned.png"
+    )
     print_text(console, text)
-    for path in (out_dir / "results.md", out_dir / "results.json", curves_png, overlay_png, overlay_ft_png,
-                 export_dir):
+    for path in (out_dir / "results.md", out_dir / "results.json", curves_png, overlay_png, overlay_ft_png, export_dir):
         console.print(f"wrote {path}")
     console.print(f"load the adapted model with: nuwa_train.load_pruned({str(export_dir)!r})")
     return {"rows": table}
@@ -218,10 +243,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--recipe", default="recipes/default.yaml", help="the fine-tuning recipe every row trains with")
     demo.add_argument("--out", default="outputs/demo", help="directory for the runs, exports and the report")
     demo.add_argument("--test-images", type=positive_int, default=250, help="synthetic test images (two records each)")
-    demo.add_argument("--max-steps", type=positive_int,
-                      help="override the recipe's trainer.max_steps (default: the recipe's)")
-    demo.add_argument("--methods", type=names,
-                      help="fine-tuned rows, comma-separated (default: nuwa,visionzip,fastv); nuwa is always needed")
+    demo.add_argument(
+        "--max-steps", type=positive_int, help="override the recipe's trainer.max_steps (default: the recipe's)"
+    )
+    demo.add_argument(
+        "--methods",
+        type=names,
+        help="fine-tuned rows, comma-separated (default: nuwa,visionzip,fastv); nuwa is always needed",
+    )
     demo.set_defaults(handler=run)
 
 

@@ -15,12 +15,17 @@ SUMMARY = "merge LoRA from a fit checkpoint into a plain HF directory"
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export = add_command(subparsers, NAME, SUMMARY)
-    export.add_argument("checkpoint", help="a run folder of `nuwa-train fit` (its checkpoints/last.ckpt, e.g. "
-                                           "runs/default/latest: the newest run) or a .ckpt file it wrote")
+    export.add_argument(
+        "checkpoint",
+        help="a run folder of `nuwa-train fit` (its checkpoints/last.ckpt, e.g. "
+        "runs/default/latest: the newest run) or a .ckpt file it wrote",
+    )
     export.add_argument("out", help="target directory (written atomically)")
     export.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter instead of merging")
-    export.add_argument("--model-path", help="base model directory, if it moved since training (default: the one "
-                                             "recorded in the checkpoint)")
+    export.add_argument(
+        "--model-path",
+        help="base model directory, if it moved since training (default: the one recorded in the checkpoint)",
+    )
     export.set_defaults(handler=run)
 
 

@@ -16,8 +16,11 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for name in LIGHTNING_COMMANDS:
-        add_command(subparsers, name, f"LightningCLI {name}: --config recipes/<name>.yaml [--section.key value]; "
-                                      f"`{name} --help` lists its flags")
+        add_command(
+            subparsers,
+            name,
+            f"LightningCLI {name}: --config recipes/<name>.yaml [--section.key value]; `{name} --help` lists its flags",
+        )
 
 
 def run(argv: list[str]) -> None:

@@ -7,8 +7,10 @@ import argparse
 from .arguments import add_command
 
 NAME = "pretrain-base"
-SUMMARY = ("train the tiny base VLM from scratch (LightningCLI recipe as the positional argument or --config; "
-           "resumable; `pretrain-base --help` lists its flags)")
+SUMMARY = (
+    "train the tiny base VLM from scratch (LightningCLI recipe as the positional argument or --config; "
+    "resumable; `pretrain-base --help` lists its flags)"
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

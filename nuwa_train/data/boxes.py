@@ -159,7 +159,7 @@ class LocTokens(BoxFormat):
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         found = self.pattern.findall(text)
         for start in range(0, len(found) - 3):
-            bins = [int(v) for v in found[start:start + 4]]
+            bins = [int(v) for v in found[start : start + 4]]
             if max(bins) < self.bins:
                 box = _clip01((2 * b + 1) * COORD_RANGE // (2 * self.bins) / COORD_RANGE for b in bins)
                 if box is not None:
@@ -185,8 +185,12 @@ class LlavaBox(BoxFormat):
     def render_coordinates(self, box: Box01, frame: ImageFrame) -> str:
         side, dx, dy = self.square(frame)
         x1, y1, x2, y2 = box
-        values = ((x1 * frame.width + dx) / side, (y1 * frame.height + dy) / side,
-                  (x2 * frame.width + dx) / side, (y2 * frame.height + dy) / side)
+        values = (
+            (x1 * frame.width + dx) / side,
+            (y1 * frame.height + dy) / side,
+            (x2 * frame.width + dx) / side,
+            (y2 * frame.height + dy) / side,
+        )
         return "[" + ", ".join(f"{v:.{self.decimals}f}" for v in values) + "]"
 
     def native_image(self, image: Image.Image, image_processor) -> Image.Image:
@@ -203,9 +207,16 @@ class LlavaBox(BoxFormat):
 
     def parse(self, text: str, frame: ImageFrame) -> Box01 | None:
         side, dx, dy = self.square(frame)
-        return _first_box(self.pattern, text, lambda x1, y1, x2, y2: (
-            (x1 * side - dx) / frame.width, (y1 * side - dy) / frame.height,
-            (x2 * side - dx) / frame.width, (y2 * side - dy) / frame.height))
+        return _first_box(
+            self.pattern,
+            text,
+            lambda x1, y1, x2, y2: (
+                (x1 * side - dx) / frame.width,
+                (y1 * side - dy) / frame.height,
+                (x2 * side - dx) / frame.width,
+                (y2 * side - dy) / frame.height,
+            ),
+        )
 
 
 class Qwen2VLBox(BoxFormat):
@@ -247,8 +258,10 @@ class Qwen25VLBox(BoxFormat):
     @staticmethod
     def model_size(frame: ImageFrame) -> tuple[int, int]:
         if frame.model_size is None:
-            raise ValueError("qwen2_5_vl boxes are in pixels of the resized image: the ImageFrame needs model_size "
-                             "(see qwen_model_size)")
+            raise ValueError(
+                "qwen2_5_vl boxes are in pixels of the resized image: the ImageFrame needs model_size "
+                "(see qwen_model_size)"
+            )
         return frame.model_size
 
     def _pixels(self, box: Box01, frame: ImageFrame) -> list[int]:
@@ -292,8 +305,9 @@ class Qwen3VLBox(BoxFormat):
         return _first_box(self.pattern, text, lambda *values: [v / COORD_RANGE for v in values])
 
 
-BOX_FORMATS: dict[str, type[BoxFormat]] = {cls.name: cls for cls in (LocTokens, LlavaBox, Qwen2VLBox, Qwen25VLBox,
-                                                                     Qwen3VLBox)}
+BOX_FORMATS: dict[str, type[BoxFormat]] = {
+    cls.name: cls for cls in (LocTokens, LlavaBox, Qwen2VLBox, Qwen25VLBox, Qwen3VLBox)
+}
 
 
 def box_format(name: str, **settings) -> BoxFormat:
@@ -303,8 +317,9 @@ def box_format(name: str, **settings) -> BoxFormat:
     return BOX_FORMATS[name](**settings)
 
 
-def answer_box_format(tokenizer, name: str | None = None, family_format: str | None = None,
-                      loc_prompt_template: str | None = None) -> BoxFormat | None:
+def answer_box_format(
+    tokenizer, name: str | None = None, family_format: str | None = None, loc_prompt_template: str | None = None
+) -> BoxFormat | None:
     """The box format a model answers in: `name` when given (the recipe key data.box_format), else coordinate
     tokens when its vocabulary has them (the tiny base was trained on them), else `family_format` (its family's);
     None when neither is known (then the records' own answers are used as they are). `loc_prompt_template`: the
@@ -326,9 +341,13 @@ def qwen_model_size(image_processor, width: int, height: int) -> tuple[int, int]
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     size = image_processor.size
-    resized_height, resized_width = smart_resize(height, width,
-                                                 factor=image_processor.patch_size * image_processor.merge_size,
-                                                 min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    resized_height, resized_width = smart_resize(
+        height,
+        width,
+        factor=image_processor.patch_size * image_processor.merge_size,
+        min_pixels=size["shortest_edge"],
+        max_pixels=size["longest_edge"],
+    )
     return resized_width, resized_height
 
 
@@ -364,8 +383,11 @@ class BoxError(ValueError):
 def check_numbers(bbox) -> list[float]:
     """[x1, y1, x2, y2] as floats: four finite numbers (JSON readers accept NaN and Infinity) with x1 < x2, y1 < y2,
     none negative."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+    if (
+        not isinstance(bbox, (list, tuple))
+        or len(bbox) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+    ):
         raise BoxError(f"expected [x1, y1, x2, y2] numbers, got {bbox!r}", "not four numbers")
     if not all(math.isfinite(v) for v in bbox):
         raise BoxError(f"box {list(bbox)} holds a value that is not a finite number", "not a finite number")
@@ -383,16 +405,20 @@ def object_box01(bbox, bbox_type: str, size: tuple[int, int] | None) -> Box01:
     scale = BBOX_TYPES[bbox_type]
     if scale is not None:
         if x2 > scale or y2 > scale:
-            raise BoxError(f"box {[x1, y1, x2, y2]} is outside [0, {scale}] (bbox_type {bbox_type!r})",
-                           f"outside [0, {scale}]")
+            raise BoxError(
+                f"box {[x1, y1, x2, y2]} is outside [0, {scale}] (bbox_type {bbox_type!r})", f"outside [0, {scale}]"
+            )
         return (x1 / scale, y1 / scale, x2 / scale, y2 / scale)
     if size is None:
         raise ValueError("bbox_type 'real' boxes are pixels: the image's size is needed")
     width, height = size
     if x1 >= width or y1 >= height or x2 > width + PIXEL_SLACK or y2 > height + PIXEL_SLACK:
         hint = " (0-1000 boxes need bbox_type 'norm_1000')" if max(x2, y2) <= COORD_RANGE else ""
-        raise BoxError(f"box {[x1, y1, x2, y2]} is outside the {width}x{height} image (bbox_type 'real': pixels of "
-                       f"the image as shown){hint}", "outside the image (bbox_type 'real')")
+        raise BoxError(
+            f"box {[x1, y1, x2, y2]} is outside the {width}x{height} image (bbox_type 'real': pixels of "
+            f"the image as shown){hint}",
+            "outside the image (bbox_type 'real')",
+        )
     return (x1 / width, y1 / height, min(x2, width) / width, min(y2, height) / height)
 
 

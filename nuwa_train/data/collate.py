@@ -122,8 +122,7 @@ def as_image(value: object, where: str) -> Image.Image:
                 return converted.copy() if converted is image else converted  # detached from the closed file
         except (OSError, ValueError) as error:
             raise CollateError(f"{where}: field 'image' cannot be read: {error}") from None
-    raise CollateError(f"{where}: field 'image' must be a PIL image, an array or a path, got "
-                       f"{type(value).__name__}")
+    raise CollateError(f"{where}: field 'image' must be a PIL image, an array or a path, got {type(value).__name__}")
 
 
 @dataclass
@@ -169,8 +168,9 @@ class VisionLanguageCollator:
 
     # ------------------------------------------------------------------------------------- text
     def prompt_text(self, prompt: str, has_image: bool = True, system: str | None = None) -> str:
-        return self.processor.apply_chat_template(self._chat([], prompt, has_image, system),
-                                                  add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(
+            self._chat([], prompt, has_image, system), add_generation_prompt=True, tokenize=False
+        )
 
     @staticmethod
     def _messages(prompt: str, has_image: bool = True) -> list[dict]:
@@ -178,8 +178,13 @@ class VisionLanguageCollator:
         return [{"role": "user", "content": [{"type": "image"}, *text] if has_image else text}]
 
     @classmethod
-    def _chat(cls, turns: Sequence[tuple[str, str]], question: str | None = None, has_image: bool = True,
-              system: str | None = None) -> list[dict]:
+    def _chat(
+        cls,
+        turns: Sequence[tuple[str, str]],
+        question: str | None = None,
+        has_image: bool = True,
+        system: str | None = None,
+    ) -> list[dict]:
         """Chat messages of whole (question, answer) turns, then an open `question`; the image in the first turn."""
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         for number, (asked, answered) in enumerate(turns):
@@ -189,8 +194,9 @@ class VisionLanguageCollator:
             messages += cls._messages(question, has_image and not turns)
         return messages
 
-    def conversation_pieces(self, turns: Sequence[tuple[str, str]], where: str = "record",
-                            has_image: bool = True, system: str | None = None) -> list[tuple[str, bool]]:
+    def conversation_pieces(
+        self, turns: Sequence[tuple[str, str]], where: str = "record", has_image: bool = True, system: str | None = None
+    ) -> list[tuple[str, bool]]:
         """The text the conversation adds after its first generation prompt, as (text, is_answer) pieces.
 
         Each piece is the difference of two renderings of the chat template (prompt of turn i, then turn i
@@ -201,11 +207,12 @@ class VisionLanguageCollator:
         pieces = []
         for number, (question, _) in enumerate(turns):
             if number:
-                prompt = render(self._chat(turns[:number], question, has_image, system), add_generation_prompt=True,
-                                tokenize=False)
+                prompt = render(
+                    self._chat(turns[:number], question, has_image, system), add_generation_prompt=True, tokenize=False
+                )
                 pieces.append((self._after(previous, prompt, where), False))
                 previous = prompt
-            answered = render(self._chat(turns[:number + 1], has_image=has_image, system=system), tokenize=False)
+            answered = render(self._chat(turns[: number + 1], has_image=has_image, system=system), tokenize=False)
             pieces.append((self._after(previous, answered, where), True))
             previous = answered
         return pieces
@@ -213,9 +220,11 @@ class VisionLanguageCollator:
     @staticmethod
     def _after(head: str, full: str, where: str) -> str:
         if not full.startswith(head):
-            raise CollateError(f"{where}: the chat template does not render the conversation turn by turn "
-                               f"({head!r} is not a prefix of {full!r})")
-        return full[len(head):]
+            raise CollateError(
+                f"{where}: the chat template does not render the conversation turn by turn "
+                f"({head!r} is not a prefix of {full!r})"
+            )
+        return full[len(head) :]
 
     # ------------------------------------------------------------------------------------- batch
     def turns(self, record: object, prompt: str, answer: str, where: str) -> list[tuple[str, str]]:
@@ -225,15 +234,18 @@ class VisionLanguageCollator:
             return [(prompt, answer)]
         roles = [_field(m, "role") for m in messages]
         if len(messages) % 2 or roles != ["user", "assistant"] * (len(messages) // 2):
-            raise CollateError(f"{where}: field {self.messages_key!r} must alternate user / assistant turns ending "
-                               f"with the assistant, got roles {roles}")
+            raise CollateError(
+                f"{where}: field {self.messages_key!r} must alternate user / assistant turns ending "
+                f"with the assistant, got roles {roles}"
+            )
         turns = [(prompt, answer)]
         for number in range(2, len(messages), 2):
-            question, reply = (_field(m, "content") for m in messages[number:number + 2])
+            question, reply = (_field(m, "content") for m in messages[number : number + 2])
             for turn, text in ((number, question), (number + 1, reply)):
                 if not isinstance(text, str) or not text.strip():
-                    raise CollateError(f"{where}: {self.messages_key}[{turn}].content must be a non-empty string, "
-                                       f"got {text!r}")
+                    raise CollateError(
+                        f"{where}: {self.messages_key}[{turn}].content must be a non-empty string, got {text!r}"
+                    )
             turns.append((question.strip(), reply.strip()))
         return turns
 
@@ -255,8 +267,10 @@ class VisionLanguageCollator:
             raise CollateError(f"{where}: field {self.prompt_key!r} must be a non-empty string, got {prompt!r}")
         image_token = getattr(self.processor, "image_token", "<image>")
         if image_token in prompt:
-            raise CollateError(f"{where}: field {self.prompt_key!r} must not contain {image_token!r}; the chat "
-                               f"template places the image")
+            raise CollateError(
+                f"{where}: field {self.prompt_key!r} must not contain {image_token!r}; the chat "
+                f"template places the image"
+            )
         answer = None
         if self.with_answer:
             answer = values[self.answer_key]
@@ -265,8 +279,12 @@ class VisionLanguageCollator:
         image = None if text_only else as_image(values[self.image_key], where)
         prompt, answer = prompt.strip(), None if answer is None else answer.strip()
         objects = _field(record, "objects")
-        if (not objects and self.box_format is not None and _field(record, "task") == "grounding"
-                and (_field(record, "box") is not None or _field(record, "expression"))):
+        if (
+            not objects
+            and self.box_format is not None
+            and _field(record, "task") == "grounding"
+            and (_field(record, "box") is not None or _field(record, "expression"))
+        ):
             image, prompt, answer = self._in_box_format(record, image, prompt, answer, where)
         turns = self.turns(record, prompt, answer, where) if self.with_answer else [(prompt, None)]
         if objects:
@@ -280,16 +298,21 @@ class VisionLanguageCollator:
         if not isinstance(system, str) or not system.strip():
             raise CollateError(f"{where}: field 'system' must be a non-empty string, got {system!r}")
         if "system" not in self.processor.chat_template:
-            raise CollateError(f"{where}: the record has a system prompt but the processor's chat template has no "
-                               f"system role; remove the prompt from the data or use a template with one")
+            raise CollateError(
+                f"{where}: the record has a system prompt but the processor's chat template has no "
+                f"system role; remove the prompt from the data or use a template with one"
+            )
         return system.strip()
 
-    def _with_objects(self, image: Image.Image, turns: list[tuple[str, str | None]], objects: Mapping,
-                      where: str) -> tuple[Image.Image, list[tuple[str, str | None]]]:
+    def _with_objects(
+        self, image: Image.Image, turns: list[tuple[str, str | None]], objects: Mapping, where: str
+    ) -> tuple[Image.Image, list[tuple[str, str | None]]]:
         """The turns with each <ref-object> / <bbox> placeholder written, in order, in `box_format`."""
         if self.box_format is None:
-            raise CollateError(f"{where}: field 'objects' (<ref-object>/<bbox> placeholders) needs a box format "
-                               f"(data.box_format, or the collator's box_format)")
+            raise CollateError(
+                f"{where}: field 'objects' (<ref-object>/<bbox> placeholders) needs a box format "
+                f"(data.box_format, or the collator's box_format)"
+            )
         frame = self.image_frame(image)
         boxes = []
         for number, box in enumerate(objects["bbox"]):
@@ -305,11 +328,16 @@ class VisionLanguageCollator:
             placeholder = match.group()
             value = next(values[placeholder], None)
             if value is None:
-                raise CollateError(f"{where}: more {placeholder} placeholders than objects."
-                                   f"{'ref' if placeholder == REF_PLACEHOLDER else 'bbox'} entries "
-                                   f"({counts[placeholder]})")
-            return (self.box_format.render_ref(value) if placeholder == REF_PLACEHOLDER
-                    else self.box_format.render_coordinates(value, frame))
+                raise CollateError(
+                    f"{where}: more {placeholder} placeholders than objects."
+                    f"{'ref' if placeholder == REF_PLACEHOLDER else 'bbox'} entries "
+                    f"({counts[placeholder]})"
+                )
+            return (
+                self.box_format.render_ref(value)
+                if placeholder == REF_PLACEHOLDER
+                else self.box_format.render_coordinates(value, frame)
+            )
 
         turns = [tuple(None if text is None else _PLACEHOLDER.sub(written, text) for text in turn) for turn in turns]
         return self.native_image(image), turns
@@ -320,8 +348,9 @@ class VisionLanguageCollator:
             return ImageFrame(*image.size)
         return self.box_format.image_frame(image, getattr(self.processor, "image_processor", None))
 
-    def _in_box_format(self, record: object, image: Image.Image, prompt: str, answer: str | None,
-                       where: str) -> tuple[Image.Image, str, str | None]:
+    def _in_box_format(
+        self, record: object, image: Image.Image, prompt: str, answer: str | None, where: str
+    ) -> tuple[Image.Image, str, str | None]:
         """A grounding record asked (and, when it has a box, answered) in `box_format`, on the image its boxes
         refer to. A record with an expression and no box is a question only (e.g. from an lmms-eval task)."""
         codec, frame = self.box_format, self.image_frame(image)
@@ -360,8 +389,9 @@ class VisionLanguageCollator:
         encoded, rows, label_rows, kept = self._encode(records, validated)
         if len(kept) < len(records):  # records refused: the processor runs again on the rest (a rare path)
             if not kept:
-                raise CollateError(f"every record of this batch was refused ({len(records)} records; see the "
-                                   f"warnings above)")
+                raise CollateError(
+                    f"every record of this batch was refused ({len(records)} records; see the warnings above)"
+                )
             records, validated = [records[i] for i in kept], [validated[i] for i in kept]
             encoded, rows, label_rows, kept = self._encode(records, validated, counted=False)
         batch = self._pad(rows, label_rows, self.processor.tokenizer.pad_token_id)
@@ -387,14 +417,19 @@ class VisionLanguageCollator:
             if counted and unknown is not None and unknown in prompt_ids:
                 self._count(PROMPT_UNKNOWN_TOKENS, where)
             if self.max_length is not None and len(prompt_ids) >= self.max_length:
-                self._refuse(PROMPT_TOO_LONG, where, f"the prompt alone has {len(prompt_ids)} tokens, at least "
-                                                     f"max_length={self.max_length} (data.max_length)")
+                self._refuse(
+                    PROMPT_TOO_LONG,
+                    where,
+                    f"the prompt alone has {len(prompt_ids)} tokens, at least "
+                    f"max_length={self.max_length} (data.max_length)",
+                )
                 continue
             labels = [self.ignore_index] * len(prompt_ids)
             if self.with_answer:
                 item = validated[position]
-                answered = self._answered(item.turns, where, len(prompt_ids), counted, item.image is not None,
-                                          item.system)
+                answered = self._answered(
+                    item.turns, where, len(prompt_ids), counted, item.image is not None, item.system
+                )
                 if answered is None:
                     continue
                 prompt_ids = prompt_ids + answered[0]
@@ -404,8 +439,15 @@ class VisionLanguageCollator:
             kept.append(position)
         return encoded, rows, label_rows, kept
 
-    def _answered(self, turns: list[tuple[str, str]], where: str, prompt_length: int, counted: bool,
-                  has_image: bool = True, system: str | None = None) -> tuple[list[int], list[int]] | None:
+    def _answered(
+        self,
+        turns: list[tuple[str, str]],
+        where: str,
+        prompt_length: int,
+        counted: bool,
+        has_image: bool = True,
+        system: str | None = None,
+    ) -> tuple[list[int], list[int]] | None:
         """Token ids and labels of everything after the first generation prompt (None: the record is refused).
 
         Answers are labelled, later questions are not. Every answer ends with end-of-sequence. Within
@@ -427,8 +469,11 @@ class VisionLanguageCollator:
             answer_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if unknown is not None and unknown in answer_ids:
                 words = [w for w, i in zip(text.split(), answer_ids) if i == unknown]
-                self._refuse(ANSWER_UNKNOWN_TOKENS, where, f"the answer {turns[number][1]!r} has words the tokenizer "
-                                                           f"does not know ({words[:5]})")
+                self._refuse(
+                    ANSWER_UNKNOWN_TOKENS,
+                    where,
+                    f"the answer {turns[number][1]!r} has words the tokenizer does not know ({words[:5]})",
+                )
                 return None
             if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
                 answer_ids.append(tokenizer.eos_token_id)
@@ -454,8 +499,14 @@ class VisionLanguageCollator:
         for key, value in encoded.items():
             if key in ("input_ids", "attention_mask", "pixel_values"):
                 continue
-            if isinstance(value, list) and len(value) == len(rows) and all(
-                    isinstance(v, (list, np.ndarray)) and np.ndim(v) == 1 and len(v) <= len(r) for v, r in zip(value, rows)):
+            if (
+                isinstance(value, list)
+                and len(value) == len(rows)
+                and all(
+                    isinstance(v, (list, np.ndarray)) and np.ndim(v) == 1 and len(v) <= len(r)
+                    for v, r in zip(value, rows)
+                )
+            ):
                 table = torch.zeros((len(rows), length), dtype=torch.long)
                 for i, (row_values, row) in enumerate(zip(value, rows)):
                     full = list(row_values) + [0] * (len(row) - len(row_values))

@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import re
-from contextlib import contextmanager
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +59,11 @@ FEATURES = datasets.Features(
         "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
         "expression": datasets.Value("string"),  # grounding: the bare referring expression (None if not known)
         # ShareGPT grounding (ms-swift): what the <ref-object> / <bbox> placeholders of `messages` stand for, in order
-        "objects": {"ref": datasets.List(datasets.Value("string")),
-                    "bbox": datasets.List(datasets.List(datasets.Value("float64"), length=4)),
-                    "bbox_type": datasets.Value("string")},
+        "objects": {
+            "ref": datasets.List(datasets.Value("string")),
+            "bbox": datasets.List(datasets.List(datasets.Value("float64"), length=4)),
+            "bbox_type": datasets.Value("string"),
+        },
         "system": datasets.Value("string"),  # a system prompt (ShareGPT records), None if the record has none
     }
 )
@@ -70,8 +72,9 @@ FEATURES = datasets.Features(
 class DatasetFormatError(ValueError):
     """A file or record that does not follow its format; the message says where and why."""
 
-    def __init__(self, path: str, reason: str, index: int | None = None, record_id: object = None,
-                 field: str | None = None):
+    def __init__(
+        self, path: str, reason: str, index: int | None = None, record_id: object = None, field: str | None = None
+    ):
         self.path, self.reason, self.index, self.record_id, self.field = path, reason, index, record_id, field
         where = [str(path)]
         if index is not None:
@@ -103,13 +106,20 @@ class LoadReport:
     def summary(self) -> str:
         """One line per reason: `count x reason (ids ...)`."""
         lines = [f"{self.path}: {self.loaded} records loaded, {self.skipped} skipped"]
-        lines += [f"  {count} x {kind} (first ids: {', '.join(map(repr, self.first_ids[kind]))})"
-                  for kind, count in self.by_reason.most_common()]
+        lines += [
+            f"  {count} x {kind} (first ids: {', '.join(map(repr, self.first_ids[kind]))})"
+            for kind, count in self.by_reason.most_common()
+        ]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "loaded": self.loaded, "skipped": self.skipped,
-                "skipped_by_reason": dict(self.by_reason.most_common()), "first_ids": self.first_ids}
+        return {
+            "path": self.path,
+            "loaded": self.loaded,
+            "skipped": self.skipped,
+            "skipped_by_reason": dict(self.by_reason.most_common()),
+            "first_ids": self.first_ids,
+        }
 
 
 class FieldError(Exception):
@@ -174,8 +184,10 @@ class ImageIndex:
                     listed = [(entry.name, entry.is_symlink()) for entry in entries]
             except OSError:
                 listed = []
-            self._folders[folder] = (frozenset(name for name, _ in listed),
-                                     frozenset(name for name, link in listed if link))
+            self._folders[folder] = (
+                frozenset(name for name, _ in listed),
+                frozenset(name for name, link in listed if link),
+            )
         return self._folders[folder]
 
     def exists(self, path: str) -> bool:
@@ -226,8 +238,9 @@ class EmbeddedImage:
         return f"<image embedded in row {self.row} of column {self.column!r}>"
 
 
-def _image_path(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
-                key: str = "image") -> str | EmbeddedImage:
+def _image_path(
+    record: object, root: Path, allow_outside_root: bool, index: ImageIndex, key: str = "image"
+) -> str | EmbeddedImage:
     """The record's image as an absolute path inside `root` (unless allowed outside) that exists, or the image a
     `save_to_disk` folder embeds. Inside means after symbolic links are resolved: a link in the root that points
     elsewhere leaves it."""
@@ -237,16 +250,22 @@ def _image_path(record: object, root: Path, allow_outside_root: bool, index: Ima
     root = os.path.abspath(root)
     path = os.path.normpath(os.path.join(root, given))
     if not allow_outside_root and (os.path.isabs(given) or not _inside(path, root)):
-        raise FieldError(key, f"path {given!r} leaves the dataset root {root} (set data.allow_outside_root: true "
-                              f"to allow it)", kind="image: path outside the root")
+        raise FieldError(
+            key,
+            f"path {given!r} leaves the dataset root {root} (set data.allow_outside_root: true to allow it)",
+            kind="image: path outside the root",
+        )
     if not index.exists(path):
         raise FieldError(key, f"file not found: {path}")
     if not allow_outside_root:
         real, real_root = index.real_path(path), index.real_folder(root)
         if not _inside(real, real_root):
-            raise FieldError(key, f"path {given!r} is a symbolic link (or lies in a linked folder) to {real}, outside "
-                                  f"the dataset root {real_root} (set data.allow_outside_root: true to allow it)",
-                             kind="image: link outside the root")
+            raise FieldError(
+                key,
+                f"path {given!r} is a symbolic link (or lies in a linked folder) to {real}, outside "
+                f"the dataset root {real_root} (set data.allow_outside_root: true to allow it)",
+                kind="image: link outside the root",
+            )
     return path
 
 
@@ -255,8 +274,9 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def read_image(path: str | EmbeddedImage, min_side: int | None = None,
-               declared_size: tuple[int, int] | None = None) -> Image.Image:
+def read_image(
+    path: str | EmbeddedImage, min_side: int | None = None, declared_size: tuple[int, int] | None = None
+) -> Image.Image:
     """Decode an image fully (a truncated or corrupt file fails here, not in the processor), upright and RGB.
 
     `min_side`: the short side the processor needs at most; a larger image is decoded reduced by a whole factor
@@ -286,21 +306,32 @@ def reduced(image: Image.Image, min_side: int | None) -> Image.Image:
     return image.reduce(factor) if factor >= 2 else image
 
 
-def read_image_sized(path: str | EmbeddedImage, min_side: int | None = None,
-                     declared_size: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def read_image_sized(
+    path: str | EmbeddedImage, min_side: int | None = None, declared_size: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """`read_image` and the displayed image's full (width, height): pixel boxes refer to it, not to a reduced
     decode, and to the photo as shown (a JPEG stored sideways with EXIF orientation 6 swaps the two)."""
     name = repr(path) if isinstance(path, EmbeddedImage) else path
     try:
-        with _strict_decoding(), Image.open(io.BytesIO(path.read()) if isinstance(path, EmbeddedImage) else path) as image:
+        with (
+            _strict_decoding(),
+            Image.open(io.BytesIO(path.read()) if isinstance(path, EmbeddedImage) else path) as image,
+        ):
             turned = orientation(image)
             size = displayed_size(image.size, turned)
             if declared_size is not None and tuple(declared_size) != size:
-                stored = (f" (stored {image.size[0]}x{image.size[1]}, shown turned by its EXIF orientation "
-                          f"{turned}: boxes and sizes refer to the image as shown)" if size != image.size else "")
-                raise FieldError("image", f"{name} is {size[0]}x{size[1]}{stored}, but the record declares "
-                                          f"width {declared_size[0]}, height {declared_size[1]}",
-                                 kind="width/height: do not match the image")
+                stored = (
+                    f" (stored {image.size[0]}x{image.size[1]}, shown turned by its EXIF orientation "
+                    f"{turned}: boxes and sizes refer to the image as shown)"
+                    if size != image.size
+                    else ""
+                )
+                raise FieldError(
+                    "image",
+                    f"{name} is {size[0]}x{size[1]}{stored}, but the record declares "
+                    f"width {declared_size[0]}, height {declared_size[1]}",
+                    kind="width/height: do not match the image",
+                )
             factor = min(size) // min_side if min_side else 1
             if factor >= 2 and image.format == "JPEG":
                 image.draft("RGB", (image.size[0] // factor, image.size[1] // factor))
@@ -313,8 +344,9 @@ def read_image_sized(path: str | EmbeddedImage, min_side: int | None = None,
         raise FieldError("image", f"cannot read image {name}: {error}", kind="image: cannot be decoded") from None
 
 
-def _image(record: object, root: Path, allow_outside_root: bool, index: ImageIndex,
-           key: str = "image") -> tuple[str | EmbeddedImage, tuple[int, int]]:
+def _image(
+    record: object, root: Path, allow_outside_root: bool, index: ImageIndex, key: str = "image"
+) -> tuple[str | EmbeddedImage, tuple[int, int]]:
     """Absolute path (or bytes) and (width, height) of the record's image, reading the whole file (public loaders)."""
     path = _image_path(record, root, allow_outside_root, index, key)
     image = read_image(path)
@@ -343,8 +375,9 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
         return None
     box = tokens_to_box(answer, bins)
     if box is None:
-        raise FieldError(field, f"box {answer!r} has an integer outside [0, {COORD_RANGE}) "
-                                 f"or a token outside the {bins} bins")
+        raise FieldError(
+            field, f"box {answer!r} has an integer outside [0, {COORD_RANGE}) or a token outside the {bins} bins"
+        )
     return _check_box(box, field)
 
 
@@ -352,31 +385,37 @@ def _answer_box(answer: str, bins: int, field: str) -> Box | None:
 # loaders
 
 
-def chat_turns(turns: list, column: str, role_tag: str, content_tag: str, speakers: tuple[str, str],
-               has_image: bool) -> list[dict]:
+def chat_turns(
+    turns: list, column: str, role_tag: str, content_tag: str, speakers: tuple[str, str], has_image: bool
+) -> list[dict]:
     """Alternating (user, assistant) turns ending with the assistant as messages (role user/assistant, content
     without the image placeholder, which the first user turn of a record with an image must hold exactly once)."""
     if len(turns) < 2 or len(turns) % 2:
-        raise FieldError(column, f"expected alternating {speakers[0]}/{speakers[1]} turns ending with {speakers[1]}, "
-                                 f"got {len(turns)} turns")
+        raise FieldError(
+            column,
+            f"expected alternating {speakers[0]}/{speakers[1]} turns ending with {speakers[1]}, got {len(turns)} turns",
+        )
     messages = []
     for t, turn in enumerate(turns):
         speaker = speakers[t % 2]
         if not isinstance(turn, dict) or turn.get(role_tag) != speaker:
             got = turn.get(role_tag) if isinstance(turn, dict) else turn
-            raise FieldError(f"{column}[{t}].{role_tag}",
-                             f"expected {speaker!r} (turns alternate {speakers[0]}, {speakers[1]}), got {got!r}")
+            raise FieldError(
+                f"{column}[{t}].{role_tag}",
+                f"expected {speaker!r} (turns alternate {speakers[0]}, {speakers[1]}), got {got!r}",
+            )
         content = turn.get(content_tag)
         if not isinstance(content, str):
             raise FieldError(f"{column}[{t}].{content_tag}", f"expected str, got {type(content).__name__}")
         if content.count(IMAGE_TOKEN) != (1 if t == 0 and has_image else 0):
-            rule = (f"the first {speakers[0]} turn needs exactly one" if t == 0 and has_image else
-                    "only the first turn of a record with an image may hold an")
+            rule = (
+                f"the first {speakers[0]} turn needs exactly one"
+                if t == 0 and has_image
+                else "only the first turn of a record with an image may hold an"
+            )
             raise FieldError(f"{column}[{t}].{content_tag}", f"{rule} {IMAGE_TOKEN!r} placeholder")
         messages.append({"role": ("user", "assistant")[t % 2], "content": content.replace(IMAGE_TOKEN, "").strip()})
     return messages
-
-
 
 
 def _read_records(path: str) -> list:
@@ -410,10 +449,16 @@ def _read_saved_dataset(path: str) -> list[dict]:
     except (FileNotFoundError, ValueError) as error:
         raise DatasetFormatError(path, f"not a dataset written by save_to_disk: {error}") from None
     if isinstance(saved, datasets.DatasetDict):
-        raise DatasetFormatError(path, f"holds the splits {', '.join(saved)}: name one split's folder (e.g. "
-                                       f"{os.path.join(path, next(iter(saved)))})")
-    images = {name: isinstance(feature, (datasets.List, datasets.Sequence)) for name, feature in saved.features.items()
-              if isinstance(feature, datasets.Image) or isinstance(getattr(feature, "feature", None), datasets.Image)}
+        raise DatasetFormatError(
+            path,
+            f"holds the splits {', '.join(saved)}: name one split's folder (e.g. "
+            f"{os.path.join(path, next(iter(saved)))})",
+        )
+    images = {
+        name: isinstance(feature, (datasets.List, datasets.Sequence))
+        for name, feature in saved.features.items()
+        if isinstance(feature, datasets.Image) or isinstance(getattr(feature, "feature", None), datasets.Image)
+    }
     rows = saved.remove_columns(list(images)).to_list()  # the text: what a JSON file holds
     for name, is_list in images.items():
         column = saved.data.column(name)
@@ -429,8 +474,9 @@ def _read_saved_dataset(path: str) -> list[dict]:
     return rows
 
 
-def _parse(path: PathLike, image_root: PathLike | None, on_error: str,
-           parse_record: Callable[[object, Path, int], dict]) -> tuple[list[dict], LoadReport]:
+def _parse(
+    path: PathLike, image_root: PathLike | None, on_error: str, parse_record: Callable[[object, Path, int], dict]
+) -> tuple[list[dict], LoadReport]:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = str(path)
@@ -460,16 +506,21 @@ def _encodable(value: object) -> object:
 
 def _to_dataset(rows: list[dict], report: LoadReport) -> datasets.Dataset:
     if report.skipped:
-        logger.warning("%s: skipped %d malformed records, first: %s",
-                       report.path, report.skipped, report.reasons[0])
+        logger.warning("%s: skipped %d malformed records, first: %s", report.path, report.skipped, report.reasons[0])
     # Every FEATURES column, also when every record was skipped (the rows' `source` and `index` are not columns).
     columns = {name: [_encodable(row.get(name)) for row in rows] for name in FEATURES}
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
-def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                     coordinate_bins: int = SyntheticConfig.coordinate_bins, allow_outside_root: bool = False,
-                     check_images: bool = True, text_only: str = "keep") -> tuple[list[dict], LoadReport]:
+def parse_llava_json(
+    path: PathLike,
+    image_root: PathLike | None = None,
+    on_error: str = "raise",
+    coordinate_bins: int = SyntheticConfig.coordinate_bins,
+    allow_outside_root: bool = False,
+    check_images: bool = True,
+    text_only: str = "keep",
+) -> tuple[list[dict], LoadReport]:
     """Validate a LLaVA conversation file into rows of FEATURES (plus `source`, `index`) and a LoadReport.
 
     A record is grounding when its first answer is a box (four coordinate tokens or integers). Image paths must
@@ -489,33 +540,56 @@ def parse_llava_json(path: PathLike, image_root: PathLike | None = None, on_erro
             raise FieldError("image", "the record has no image", kind=TEXT_ONLY_SKIPPED, chosen=True)
         image = None
         if has_image:
-            image = (_image(record, root, allow_outside_root, index)[0] if check_images
-                     else _image_path(record, root, allow_outside_root, index))
-        messages = chat_turns(_get(record, "conversations", list), "conversations", "from", "value",
-                              ("human", "gpt"), has_image)
+            image = (
+                _image(record, root, allow_outside_root, index)[0]
+                if check_images
+                else _image_path(record, root, allow_outside_root, index)
+            )
+        messages = chat_turns(
+            _get(record, "conversations", list), "conversations", "from", "value", ("human", "gpt"), has_image
+        )
         answer = messages[1]["content"]
         if not answer:
             raise FieldError("conversations[1].value", "empty answer")
         box = _answer_box(answer, coordinate_bins, "conversations[1].value")
         task = TEXT_TASK if not has_image else "vqa" if box is None else "grounding"
-        return {"id": record_id, "image": image, "task": task, "prompt": messages[0]["content"], "answer": answer,
-                "box": None if box is None else list(box), "messages": messages, "expression": None}
+        return {
+            "id": record_id,
+            "image": image,
+            "task": task,
+            "prompt": messages[0]["content"],
+            "answer": answer,
+            "box": None if box is None else list(box),
+            "messages": messages,
+            "expression": None,
+        }
 
     return _parse(path, image_root, on_error, parse_record)
 
 
-def load_llava_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                    coordinate_bins: int = SyntheticConfig.coordinate_bins,
-                    allow_outside_root: bool = False, text_only: str = "keep") -> datasets.Dataset:
+def load_llava_json(
+    path: PathLike,
+    image_root: PathLike | None = None,
+    on_error: str = "raise",
+    coordinate_bins: int = SyntheticConfig.coordinate_bins,
+    allow_outside_root: bool = False,
+    text_only: str = "keep",
+) -> datasets.Dataset:
     """A LLaVA conversation JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
-    return _to_dataset(*parse_llava_json(path, image_root, on_error, coordinate_bins, allow_outside_root,
-                                         text_only=text_only))
+    return _to_dataset(
+        *parse_llava_json(path, image_root, on_error, coordinate_bins, allow_outside_root, text_only=text_only)
+    )
 
 
-def parse_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                       coordinate_bins: int = SyntheticConfig.coordinate_bins,
-                       prompt_template: str = SyntheticConfig.grounding_template, allow_outside_root: bool = False,
-                       check_images: bool = True) -> tuple[list[dict], LoadReport]:
+def parse_refcoco_json(
+    path: PathLike,
+    image_root: PathLike | None = None,
+    on_error: str = "raise",
+    coordinate_bins: int = SyntheticConfig.coordinate_bins,
+    prompt_template: str = SyntheticConfig.grounding_template,
+    allow_outside_root: bool = False,
+    check_images: bool = True,
+) -> tuple[list[dict], LoadReport]:
     """Validate a RefCOCO-style grounding file into rows of FEATURES plus a LoadReport.
 
     `problem` is a bare referring expression in RefCOCO, so the prompt is
@@ -540,19 +614,33 @@ def parse_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_er
         prompt = prompt_template.format(expression=problem)
         answer = box_to_tokens(box, coordinate_bins)
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        return {"id": record_id, "image": image, "task": "grounding", "prompt": prompt, "answer": answer,
-                "box": list(box), "messages": messages, "declared_size": list(declared), "expression": problem}
+        return {
+            "id": record_id,
+            "image": image,
+            "task": "grounding",
+            "prompt": prompt,
+            "answer": answer,
+            "box": list(box),
+            "messages": messages,
+            "declared_size": list(declared),
+            "expression": problem,
+        }
 
     return _parse(path, image_root, on_error, parse_record)
 
 
-def load_refcoco_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                      coordinate_bins: int = SyntheticConfig.coordinate_bins,
-                      prompt_template: str = SyntheticConfig.grounding_template,
-                      allow_outside_root: bool = False) -> datasets.Dataset:
+def load_refcoco_json(
+    path: PathLike,
+    image_root: PathLike | None = None,
+    on_error: str = "raise",
+    coordinate_bins: int = SyntheticConfig.coordinate_bins,
+    prompt_template: str = SyntheticConfig.grounding_template,
+    allow_outside_root: bool = False,
+) -> datasets.Dataset:
     """A RefCOCO-style JSON as a Dataset; images resolve against the JSON's folder unless `image_root`."""
-    return _to_dataset(*parse_refcoco_json(path, image_root, on_error, coordinate_bins, prompt_template,
-                                           allow_outside_root))
+    return _to_dataset(
+        *parse_refcoco_json(path, image_root, on_error, coordinate_bins, prompt_template, allow_outside_root)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,25 +664,37 @@ def export_records(records: Iterable[Record], out_dir: PathLike, config: Synthet
             render(scene, config).save(out / image)
             written.add(image)
         if record.task == "vqa":
-            conversation = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{record.prompt}"},
-                            {"from": "gpt", "value": record.answer}]
+            conversation = [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{record.prompt}"},
+                {"from": "gpt", "value": record.answer},
+            ]
             llava.append({"id": record.id, "image": image, "conversations": conversation})
         else:
-            refcoco.append({"id": record.id, "image": image, "problem": record.expression,
-                            "normalized_solution": list(record.box), "width": scene.width, "height": scene.height})
+            refcoco.append(
+                {
+                    "id": record.id,
+                    "image": image,
+                    "problem": record.expression,
+                    "normalized_solution": list(record.box),
+                    "width": scene.width,
+                    "height": scene.height,
+                }
+            )
     _write_json(out / LLAVA_FILE, llava)
     _write_json(out / REFCOCO_FILE, refcoco)
     return out / LLAVA_FILE, out / REFCOCO_FILE
 
 
-def export_split(out_dir: PathLike, config: SyntheticConfig, split: str, num_images: int,
-                 start: int = 0) -> tuple[Path, Path]:
+def export_split(
+    out_dir: PathLike, config: SyntheticConfig, split: str, num_images: int, start: int = 0
+) -> tuple[Path, Path]:
     """Export images [start, start + num_images) of a split: one VQA and one grounding record per image."""
     return export_records(generate_records(config, split, num_images, start), out_dir, config)
 
 
-def write_sample(out_dir: PathLike, config: SyntheticConfig = SyntheticConfig(), split: str = "test",
-                 num_images: int = 24) -> tuple[Path, Path]:
+def write_sample(
+    out_dir: PathLike, config: SyntheticConfig = SyntheticConfig(), split: str = "test", num_images: int = 24
+) -> tuple[Path, Path]:
     """Regenerate the committed sample (data/synthetic_sample) byte for byte, README included."""
     paths = export_split(out_dir, config, split, num_images)
     readme = f"""# Synthetic grounding sample

@@ -17,7 +17,7 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 # Integer grey deeper than 8 bits (16-bit PNG / TIFF; PIL opens them as "I;16*", older PIL as "I"): the high byte.
 DEEP_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 DEEP_GREY_SHIFT = 8  # a 16-bit sample >> 8 is its 8-bit level (65535 -> 255)
-DEEP_GREY_MAX = 2 ** 16 - 1  # mode "I" holds 32-bit integers: clipped to the 16-bit range first
+DEEP_GREY_MAX = 2**16 - 1  # mode "I" holds 32-bit integers: clipped to the 16-bit range first
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations whose displayed image swaps width and height
 TRANSPOSED_ORIENTATIONS = (2, 3, 4, *ROTATED_ORIENTATIONS)  # 1 (or none): stored as displayed
 

@@ -52,8 +52,15 @@ class SyntheticRecords(IndexedRecords):
     collator asks and answers them in any family's box format (`loc_tokens`: the single-turn records' text).
     """
 
-    def __init__(self, config: SyntheticConfig, split: str, num_images: int, vqa_per_image: int = 1,
-                 grounding_per_image: int = 1, conversation: bool = False):
+    def __init__(
+        self,
+        config: SyntheticConfig,
+        split: str,
+        num_images: int,
+        vqa_per_image: int = 1,
+        grounding_per_image: int = 1,
+        conversation: bool = False,
+    ):
         self.config, self.split, self.num_images = config, split, num_images
         self.tasks = self.tasks_per_image(vqa_per_image, grounding_per_image)
         self.conversation = conversation
@@ -67,10 +74,15 @@ class SyntheticRecords(IndexedRecords):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key_prefix}{key}={value!r} must be an int >= 0")
         if not any(counts.values()):
-            raise ValueError(f"{key_prefix}vqa_per_image and {key_prefix}grounding_per_image are both 0: the "
-                             f"images yield no records")
-        return [(make, draw) for draw in range(max(vqa_per_image, grounding_per_image))
-                for make, count in ((make_vqa, vqa_per_image), (make_grounding, grounding_per_image)) if draw < count]
+            raise ValueError(
+                f"{key_prefix}vqa_per_image and {key_prefix}grounding_per_image are both 0: the images yield no records"
+            )
+        return [
+            (make, draw)
+            for draw in range(max(vqa_per_image, grounding_per_image))
+            for make, count in ((make_vqa, vqa_per_image), (make_grounding, grounding_per_image))
+            if draw < count
+        ]
 
     @property
     def records_per_image(self) -> int:
@@ -83,12 +95,22 @@ class SyntheticRecords(IndexedRecords):
         image, position = divmod(index, self.records_per_image)
         scene, pixels = self._scene(image)
         if self.conversation:
-            return {**conversation_row([make(scene, self.config, draw) for make, draw in self.tasks],
-                                       self.config), "image": pixels}
+            return {
+                **conversation_row([make(scene, self.config, draw) for make, draw in self.tasks], self.config),
+                "image": pixels,
+            }
         make, draw = self.tasks[position]
         record = make(scene, self.config, draw)
-        return dict(id=record.id, image=pixels, prompt=record.prompt, answer=record.answer,
-                    task=record.task, box=record.box, kind=record.kind, expression=record.expression)
+        return dict(
+            id=record.id,
+            image=pixels,
+            prompt=record.prompt,
+            answer=record.answer,
+            task=record.task,
+            box=record.box,
+            kind=record.kind,
+            expression=record.expression,
+        )
 
     def _scene(self, image: int):
         """Layout and rendering of one image, reused while its records are read one after another."""
@@ -98,8 +120,15 @@ class SyntheticRecords(IndexedRecords):
         return self._last_image[1:]
 
 
-def export_conversations(out_dir: PathLike, config: SyntheticConfig, split: str, num_images: int,
-                         vqa_per_image: int = 4, grounding_per_image: int = 1, start: int = 0) -> Path:
+def export_conversations(
+    out_dir: PathLike,
+    config: SyntheticConfig,
+    split: str,
+    num_images: int,
+    vqa_per_image: int = 4,
+    grounding_per_image: int = 1,
+    start: int = 0,
+) -> Path:
     """Images [start, start + num_images) of a synthetic split as ms-swift records, one conversation per image
     (`conversations.jsonl`, boxes as `norm_1000` objects behind the placeholders) plus their PNG images."""
     out = Path(out_dir)
@@ -121,7 +150,6 @@ def export_conversations(out_dir: PathLike, config: SyntheticConfig, split: str,
     return path
 
 
-
 class FileRecords(IndexedRecords):
     """LLaVA-conversation, RefCOCO-style and ShareGPT-style files, concatenated (rows as dicts).
 
@@ -134,9 +162,16 @@ class FileRecords(IndexedRecords):
 
     records_per_image = 1  # each record its own (data.group_by_image groups the synthetic records only)
 
-    def __init__(self, llava_files: list[str], refcoco_files: list[str], on_error: str,
-                 allow_outside_root: bool = False, min_image_side: int | None = None, text_only: str = "keep",
-                 sharegpt_files: list[str] = ()):
+    def __init__(
+        self,
+        llava_files: list[str],
+        refcoco_files: list[str],
+        on_error: str,
+        allow_outside_root: bool = False,
+        min_image_side: int | None = None,
+        text_only: str = "keep",
+        sharegpt_files: list[str] = (),
+    ):
         options = dict(on_error=on_error, allow_outside_root=allow_outside_root, check_images=False)
         parsed = [parse_llava_json(path, **options, text_only=text_only) for path in llava_files]
         parsed += [parse_refcoco_json(path, **options) for path in refcoco_files]
@@ -146,8 +181,10 @@ class FileRecords(IndexedRecords):
         empty = [report for report in self.load_reports if report.loaded == 0]
         if empty:
             details = "\n".join(report.summary() for report in empty)
-            raise DatasetFormatError(", ".join(report.path for report in empty),
-                                     f"no usable records (an empty file, or every record skipped):\n{details}")
+            raise DatasetFormatError(
+                ", ".join(report.path for report in empty),
+                f"no usable records (an empty file, or every record skipped):\n{details}",
+            )
         self.on_error, self.min_image_side = on_error, min_image_side
         self.access_reports = {report.path: LoadReport(report.path) for report in self.load_reports}
         self.unreadable: set[int] = set()  # records whose image failed once: not decoded again

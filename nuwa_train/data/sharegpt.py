@@ -23,13 +23,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .boxes import BBOX_TYPES, BoxError, check_numbers, object_box01
-from .geometry import to_grid
-from .schema import BOX_PLACEHOLDER, REF_PLACEHOLDER, TEXT_TASK
-from .synthetic import Record, SyntheticConfig
 from .formats import (
+    _LIST_INDEX,
     TEXT_ONLY,
     TEXT_ONLY_SKIPPED,
-    _LIST_INDEX,
     DatasetFormatError,
     FieldError,
     ImageIndex,
@@ -42,6 +39,9 @@ from .formats import (
     _to_dataset,
     chat_turns,
 )
+from .geometry import to_grid
+from .schema import BOX_PLACEHOLDER, REF_PLACEHOLDER, TEXT_TASK
+from .synthetic import Record, SyntheticConfig
 
 DEFAULT_BBOX_TYPE = "real"  # ms-swift's default: pixels of the original image
 CONVERSATIONS_FILE = "conversations.jsonl"  # the synthetic multi-turn export
@@ -64,8 +64,9 @@ class ShareGPTLayout:
 
 OPENAI_LAYOUT = ShareGPTLayout()  # ms-swift, and LLaMA-Factory's "openai" special case
 # LLaMA-Factory's sharegpt defaults (data/README.md: columns.messages "conversations", tags from/value/human/gpt)
-LLAMA_FACTORY_LAYOUT = ShareGPTLayout(messages="conversations", role_tag="from", content_tag="value",
-                                      user_tag="human", assistant_tag="gpt")
+LLAMA_FACTORY_LAYOUT = ShareGPTLayout(
+    messages="conversations", role_tag="from", content_tag="value", user_tag="human", assistant_tag="gpt"
+)
 _TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag")
 _COLUMN_KEYS = ("messages", "images", "system")
 
@@ -93,14 +94,20 @@ def dataset_info_entry(spec: str) -> tuple[str, ShareGPTLayout]:
         raise DatasetFormatError(info_path, f"has no dataset {name!r} (it has: {', '.join(info)})")
     entry = info[name]
     if entry.get("formatting", "alpaca") != "sharegpt":
-        raise DatasetFormatError(info_path, f"dataset {name!r} has formatting {entry.get('formatting', 'alpaca')!r}; "
-                                            f"nuwa-train reads sharegpt entries")
+        raise DatasetFormatError(
+            info_path,
+            f"dataset {name!r} has formatting {entry.get('formatting', 'alpaca')!r}; nuwa-train reads sharegpt entries",
+        )
     if "file_name" not in entry:
         raise DatasetFormatError(info_path, f"dataset {name!r} has no file_name (hub datasets are not downloaded)")
     columns, tags = entry.get("columns", {}), entry.get("tags", {})
-    layout = ShareGPTLayout(**{**{f.name: getattr(LLAMA_FACTORY_LAYOUT, f.name) for f in fields(ShareGPTLayout)},
-                               **{key: columns[key] for key in _COLUMN_KEYS if key in columns},
-                               **{key: tags[key] for key in _TAG_KEYS if key in tags}})
+    layout = ShareGPTLayout(
+        **{
+            **{f.name: getattr(LLAMA_FACTORY_LAYOUT, f.name) for f in fields(ShareGPTLayout)},
+            **{key: columns[key] for key in _COLUMN_KEYS if key in columns},
+            **{key: tags[key] for key in _TAG_KEYS if key in tags},
+        }
+    )
     return os.path.join(os.path.dirname(info_path), entry["file_name"]), layout
 
 
@@ -168,9 +175,15 @@ def resolve_objects(row: dict, size: tuple[int, int]) -> dict:
     return row
 
 
-def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                        layout: ShareGPTLayout | None = None, allow_outside_root: bool = False,
-                        check_images: bool = True, text_only: str = "keep") -> tuple[list[dict], LoadReport]:
+def parse_sharegpt_json(
+    path: PathLike,
+    image_root: PathLike | None = None,
+    on_error: str = "raise",
+    layout: ShareGPTLayout | None = None,
+    allow_outside_root: bool = False,
+    check_images: bool = True,
+    text_only: str = "keep",
+) -> tuple[list[dict], LoadReport]:
     """Validate a ShareGPT-style JSON / JSONL file or `save_to_disk` folder into rows of FEATURES and a LoadReport.
 
     `path` may also be `PATH/dataset_info.json:NAME`, a LLaMA-Factory registration (`sharegpt_source`).
@@ -199,13 +212,17 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
         images = record.get(form.images) or []
         images = images if isinstance(images, list) else [images]
         if len(images) > 1:
-            raise FieldError(form.images, f"{len(images)} images: nuwa-train trains one image per record",
-                             kind=f"{form.images}: more than one image")
+            raise FieldError(
+                form.images,
+                f"{len(images)} images: nuwa-train trains one image per record",
+                kind=f"{form.images}: more than one image",
+            )
         has_image = bool(images)
         if not has_image and text_only == "skip":
             raise FieldError(form.images, "the record has no image", kind=TEXT_ONLY_SKIPPED, chosen=True)
-        messages = chat_turns(turns, form.messages, form.role_tag, form.content_tag,
-                              (form.user_tag, form.assistant_tag), has_image)
+        messages = chat_turns(
+            turns, form.messages, form.role_tag, form.content_tag, (form.user_tag, form.assistant_tag), has_image
+        )
         for t, message in enumerate(messages):
             if not message["content"]:
                 raise FieldError(f"{form.messages}[{t}].{form.content_tag}", "empty")
@@ -215,12 +232,16 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
         for key, count in needed.items():
             have = len(objects[key]) if objects else 0
             if count > have:
-                raise FieldError(f"{form.objects}.{key}", f"the messages hold {count} "
-                                                          f"{REF_PLACEHOLDER if key == 'ref' else BOX_PLACEHOLDER} "
-                                                          f"placeholders but {form.objects}.{key} has {have} entries")
+                raise FieldError(
+                    f"{form.objects}.{key}",
+                    f"the messages hold {count} "
+                    f"{REF_PLACEHOLDER if key == 'ref' else BOX_PLACEHOLDER} "
+                    f"placeholders but {form.objects}.{key} has {have} entries",
+                )
         if any(needed.values()) and not has_image:
-            raise FieldError(form.messages, f"{REF_PLACEHOLDER} / {BOX_PLACEHOLDER} placeholders need the record's "
-                                            f"image")
+            raise FieldError(
+                form.messages, f"{REF_PLACEHOLDER} / {BOX_PLACEHOLDER} placeholders need the record's image"
+            )
         grounding = has_image and messages[1]["content"] == BOX_PLACEHOLDER
         task = TEXT_TASK if not has_image else "grounding" if grounding else "vqa"
         expression = None
@@ -229,11 +250,23 @@ def parse_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_e
         image, size = None, None
         if has_image:
             image_record = {form.images: images[0]}
-            image, size = (_image(image_record, root, allow_outside_root, index, form.images) if check_images
-                           else (_image_path(image_record, root, allow_outside_root, index, form.images), None))
-        row = {"id": record_id, "image": image, "task": task, "prompt": messages[0]["content"],
-               "answer": messages[1]["content"], "box": None, "messages": messages, "expression": expression,
-               "objects": objects, "system": system}
+            image, size = (
+                _image(image_record, root, allow_outside_root, index, form.images)
+                if check_images
+                else (_image_path(image_record, root, allow_outside_root, index, form.images), None)
+            )
+        row = {
+            "id": record_id,
+            "image": image,
+            "task": task,
+            "prompt": messages[0]["content"],
+            "answer": messages[1]["content"],
+            "box": None,
+            "messages": messages,
+            "expression": expression,
+            "objects": objects,
+            "system": system,
+        }
         if objects and (objects["bbox_type"] != DEFAULT_BBOX_TYPE or size is not None):
             row = resolve_objects(row, size)  # pixel boxes of unread images wait for the image (FileRecords)
         return row
@@ -247,23 +280,38 @@ def conversation_row(records: list[Record], config: SyntheticConfig) -> dict:
     messages, refs, boxes = [], [], []
     for record in records:
         if record.task == "grounding":
-            messages += [{"role": "user", "content": config.grounding_template.format(expression=REF_PLACEHOLDER)},
-                         {"role": "assistant", "content": BOX_PLACEHOLDER}]
+            messages += [
+                {"role": "user", "content": config.grounding_template.format(expression=REF_PLACEHOLDER)},
+                {"role": "assistant", "content": BOX_PLACEHOLDER},
+            ]
             refs.append(record.expression)
             boxes.append([float(v) for v in record.box])
         else:
             messages += [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.answer}]
     first = records[0]
-    return dict(id=f"{first.scene.split}-{first.scene.index:06d}-conversation", prompt=messages[0]["content"],
-                answer=messages[1]["content"], task=first.task, box=first.box, kind=first.kind,
-                expression=first.expression, messages=messages,
-                objects={"ref": refs, "bbox": boxes, "bbox_type": "norm_1000"} if refs else None)
+    return dict(
+        id=f"{first.scene.split}-{first.scene.index:06d}-conversation",
+        prompt=messages[0]["content"],
+        answer=messages[1]["content"],
+        task=first.task,
+        box=first.box,
+        kind=first.kind,
+        expression=first.expression,
+        messages=messages,
+        objects={"ref": refs, "bbox": boxes, "bbox_type": "norm_1000"} if refs else None,
+    )
 
 
-def load_sharegpt_json(path: PathLike, image_root: PathLike | None = None, on_error: str = "raise",
-                       layout: ShareGPTLayout | None = None, allow_outside_root: bool = False,
-                       text_only: str = "keep"):
+def load_sharegpt_json(
+    path: PathLike,
+    image_root: PathLike | None = None,
+    on_error: str = "raise",
+    layout: ShareGPTLayout | None = None,
+    allow_outside_root: bool = False,
+    text_only: str = "keep",
+):
     """A ShareGPT-style file or folder (or `PATH/dataset_info.json:NAME`) as a Dataset (images resolve against its
     folder unless `image_root`)."""
-    return _to_dataset(*parse_sharegpt_json(path, image_root, on_error, layout, allow_outside_root,
-                                            text_only=text_only))
+    return _to_dataset(
+        *parse_sharegpt_json(path, image_root, on_error, layout, allow_outside_root, text_only=text_only)
+    )

@@ -102,16 +102,21 @@ class SyntheticConfig:
         combos = len(self.shapes) * len(self.colours) * len(self.sizes)
         weights = dict(self.vqa_mix)
         side_fits = all(0 < lo <= hi <= min(self.width, self.height) - 2 * self.margin for _, lo, hi in self.sizes)
-        _require(1 <= low <= high < combos,
-                 f"object_count {self.object_count} must satisfy 1 <= low <= high < {combos}")
+        _require(
+            1 <= low <= high < combos, f"object_count {self.object_count} must satisfy 1 <= low <= high < {combos}"
+        )
         _require(0 <= self.single_object_fraction <= 1, "single_object_fraction must be in [0, 1]")
         _require(0 <= self.relational_fraction <= 1, "relational_fraction must be in [0, 1]")
         _require(set(self.shapes) <= set(_DRAWERS), f"shapes must be among {sorted(_DRAWERS)}")
         _require(side_fits, "every size range must be positive and fit inside the image")
-        _require(set(weights) <= set(VQA_KINDS) and min(weights.values()) >= 0,
-                 f"vqa_mix kinds must be in {VQA_KINDS} with weights >= 0")
-        _require(any(weights.get(kind, 0) > 0 for kind in ALWAYS_ANSWERABLE),
-                 f"vqa_mix needs weight on one of {ALWAYS_ANSWERABLE} so every image gets a question")
+        _require(
+            set(weights) <= set(VQA_KINDS) and min(weights.values()) >= 0,
+            f"vqa_mix kinds must be in {VQA_KINDS} with weights >= 0",
+        )
+        _require(
+            any(weights.get(kind, 0) > 0 for kind in ALWAYS_ANSWERABLE),
+            f"vqa_mix needs weight on one of {ALWAYS_ANSWERABLE} so every image gets a question",
+        )
         _require(1 <= self.coordinate_bins <= COORD_RANGE, f"coordinate_bins must be in [1, {COORD_RANGE}]")
         _require("{expression}" in self.grounding_template, "grounding_template must contain '{expression}'")
 
@@ -258,11 +263,13 @@ def generate_scene(config: SyntheticConfig, split: str, index: int) -> Scene:
         sides = [int(rng.integers(lo, hi + 1)) for (_, lo, hi), _, _ in picked]
         boxes = _place(sides, config, rng)
         if boxes is not None:
-            objects = tuple(SceneObject(shape, colour, size, box)
-                            for ((size, _, _), (colour, _), shape), box in zip(picked, boxes))
+            objects = tuple(
+                SceneObject(shape, colour, size, box) for ((size, _, _), (colour, _), shape), box in zip(picked, boxes)
+            )
             return Scene(split, index, config.width, config.height, objects)
-    raise RuntimeError(f"could not place {count} objects in {config.layout_attempts} layouts: "
-                       "enlarge the image or shrink the objects")
+    raise RuntimeError(
+        f"could not place {count} objects in {config.layout_attempts} layouts: enlarge the image or shrink the objects"
+    )
 
 
 def _draw_circle(draw: ImageDraw.ImageDraw, corners: tuple[int, int, int, int], fill: tuple[int, int, int]):
@@ -320,8 +327,7 @@ def _phrase(description: Description, article: str = "the") -> str:
     return " ".join([article, *words])
 
 
-def _unique_descriptions(obj: SceneObject, objects: tuple[SceneObject, ...],
-                         leave_out: str = "") -> list[Description]:
+def _unique_descriptions(obj: SceneObject, objects: tuple[SceneObject, ...], leave_out: str = "") -> list[Description]:
     """Descriptions (not mentioning `leave_out`) that match `obj` and nothing else."""
     found = []
     for subset in _SUBSETS:
@@ -391,8 +397,14 @@ def _existence_questions(scene: Scene, config: SyntheticConfig, rng: np.random.G
         candidates += [(("size", z),) + d for (z, _, _) in config.sizes for d in candidates]
         descriptions = [d for d in candidates if not any(_matches(o, d) for o in scene.objects)]
         answer = "no"
-    return [(TEMPLATES["existence"].format(object=_phrase(d, article="a")), answer,
-             _indices(scene, lambda o, d=d: _matches(o, d))) for d in descriptions]
+    return [
+        (
+            TEMPLATES["existence"].format(object=_phrase(d, article="a")),
+            answer,
+            _indices(scene, lambda o, d=d: _matches(o, d)),
+        )
+        for d in descriptions
+    ]
 
 
 def _spatial_questions(scene: Scene) -> list[Question]:
@@ -404,8 +416,7 @@ def _spatial_questions(scene: Scene) -> list[Question]:
                 side = [o for o in scene.objects if _on_side(o, anchor, relation)]
                 if len(side) == 1 and _clearly_on_side(side[0], anchor, relation):
                     question = TEMPLATES["spatial"].format(relation=phrase, object=_phrase(description))
-                    questions.append((question, f"{side[0].colour} {side[0].shape}",
-                                      (scene.objects.index(side[0]),)))
+                    questions.append((question, f"{side[0].colour} {side[0].shape}", (scene.objects.index(side[0]),)))
     return questions
 
 
@@ -427,8 +438,9 @@ def make_vqa(scene: Scene, config: SyntheticConfig, draw: int = 0) -> Record:
     weights = np.array([w for _, w in kinds])
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())][0]
     prompt, answer, referred = candidates[kind][rng.integers(len(candidates[kind]))]
-    return Record(f"{scene.split}-{scene.index:06d}-vqa{draw or ''}", "vqa", kind, prompt, answer, scene,
-                  referred=referred)
+    return Record(
+        f"{scene.split}-{scene.index:06d}-vqa{draw or ''}", "vqa", kind, prompt, answer, scene, referred=referred
+    )
 
 
 def _referring_expressions(scene: Scene) -> dict[SceneObject, dict[str, list[str]]]:
@@ -469,8 +481,9 @@ def make_grounding(scene: Scene, config: SyntheticConfig, draw: int = 0) -> Reco
     prompt = config.grounding_template.format(expression=expression)
     answer = box_to_tokens(box, config.coordinate_bins)
     record_id = f"{scene.split}-{scene.index:06d}-grounding{draw or ''}"
-    return Record(record_id, "grounding", kind, prompt, answer, scene, expression, box,
-                  referred=(scene.objects.index(target),))
+    return Record(
+        record_id, "grounding", kind, prompt, answer, scene, expression, box, referred=(scene.objects.index(target),)
+    )
 
 
 def generate_records(config: SyntheticConfig, split: str, num_images: int, start: int = 0) -> Iterator[Record]:

@@ -11,7 +11,7 @@ arguments): `NUWA_SYNTHETIC_DIR` (default outputs/lmms_synthetic: a folder writt
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from ..data.formats import LLAVA_FILE, REFCOCO_FILE
@@ -23,8 +23,10 @@ DATA_FILES = {
     "synthetic_vqa": lambda: str(_synthetic_dir() / LLAVA_FILE),
     "synthetic_grounding": lambda: str(_synthetic_dir() / REFCOCO_FILE),
     "refcoco": lambda: os.environ.get("NUWA_REFCOCO_FILE", "set NUWA_REFCOCO_FILE to your RefCOCO-style JSON"),
-    "refcoco_rec": lambda: os.environ.get("NUWA_REFCOCO_REC_FILE", "set NUWA_REFCOCO_REC_FILE to a RefCOCO JSON "
-                                          "with lmms-eval's fields (image, bbox, answer, question_id)"),
+    "refcoco_rec": lambda: os.environ.get(
+        "NUWA_REFCOCO_REC_FILE",
+        "set NUWA_REFCOCO_REC_FILE to a RefCOCO JSON with lmms-eval's fields (image, bbox, answer, question_id)",
+    ),
 }
 
 
@@ -40,7 +42,7 @@ def data_file(name: str) -> str:
 SOURCE, INDEX = "nuwa_source", "nuwa_index"  # the columns process_docs adds
 
 
-@lru_cache(maxsize=None)
+@cache
 def _records(path: str, file_format: str):
     from ..data.records import FileRecords
 
@@ -89,8 +91,11 @@ def process_vqa(doc: dict, results: list[str]) -> dict:
 
 def process_grounding(doc: dict, results: list[str]) -> dict:
     prediction = score(record(doc), results[0])
-    return {"grounding_acc50": float(prediction.correct), "grounding_miou": prediction.iou or 0.0,
-            "unparseable": float(prediction.iou is None)}
+    return {
+        "grounding_acc50": float(prediction.correct),
+        "grounding_miou": prediction.iou or 0.0,
+        "unparseable": float(prediction.iou is None),
+    }
 
 
 def total(values: list[float]) -> float:

@@ -50,19 +50,32 @@ class NuwaLMM(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, method: str | None = None, budget: int | None = None,
-                 stage2_layer: int | float | None = None, dtype: str = "float32", batch_size: int | str = 1,
-                 device: str | None = None, max_batch_size: int | None = None, **unknown):
+    def __init__(
+        self,
+        pretrained: str,
+        method: str | None = None,
+        budget: int | None = None,
+        stage2_layer: int | float | None = None,
+        dtype: str = "float32",
+        batch_size: int | str = 1,
+        device: str | None = None,
+        max_batch_size: int | None = None,
+        **unknown,
+    ):
         """`pretrained`: a HF model directory or an export (merged or adapter-only). `max_batch_size` is accepted
         because lmms-eval passes it when set; batches are `batch_size` requests."""
         super().__init__()
         if unknown:
-            raise ValueError(f"--model_args {', '.join(sorted(unknown))}: not an argument of the nuwa model "
-                             f"(pretrained, {', '.join(PRUNING_ARGS)}, dtype)")
+            raise ValueError(
+                f"--model_args {', '.join(sorted(unknown))}: not an argument of the nuwa model "
+                f"(pretrained, {', '.join(PRUNING_ARGS)}, dtype)"
+            )
         path = Path(str(pretrained))
         if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
-            raise ValueError(f"--model_args pretrained={pretrained}: not a HF model directory or an export (no "
-                             f"config.json or adapter_config.json)")
+            raise ValueError(
+                f"--model_args pretrained={pretrained}: not a HF model directory or an export (no "
+                f"config.json or adapter_config.json)"
+            )
         given = {key: value for key, value in zip(PRUNING_ARGS, (method, budget, stage2_layer)) if value is not None}
         try:
             self.pruning = replace(read_nuwa_config(path) or NuwaConfig(), **given)
@@ -97,9 +110,11 @@ class NuwaLMM(lmms):
             task = bar.add_task(f"nuwa ({self.pruning.method})", total=len(requests))
             for max_new_tokens, positions in groups.items():
                 for first in range(0, len(positions), self.batch_size):
-                    chunk = positions[first:first + self.batch_size]
-                    batch = {key: value.to(self.device) for key, value in
-                             self.collator([questions[i].record for i in chunk]).items()}
+                    chunk = positions[first : first + self.batch_size]
+                    batch = {
+                        key: value.to(self.device)
+                        for key, value in self.collator([questions[i].record for i in chunk]).items()
+                    }
                     texts = generate_answers(self.model, self.processor.tokenizer, batch, max_new_tokens)
                     for i, text in zip(chunk, texts):
                         answers[i] = self._finish(questions[i], text)
@@ -116,10 +131,12 @@ class NuwaLMM(lmms):
         kind = options.pop(REQUEST_KIND, None)
         stops = options.pop("until", None) or []
         max_new_tokens = options.pop("max_new_tokens", None) or self.collator.box_format.max_answer_tokens
-        if options.pop("do_sample", False) or (options.pop("temperature", 0) or 0) > 0 or \
-                (options.pop("num_beams", 1) or 1) > 1:
-            raise ValueError(f"{where}: the nuwa model decodes greedily (generation_kwargs asks for sampling or "
-                             f"beams)")
+        if (
+            options.pop("do_sample", False)
+            or (options.pop("temperature", 0) or 0) > 0
+            or (options.pop("num_beams", 1) or 1) > 1
+        ):
+            raise ValueError(f"{where}: the nuwa model decodes greedily (generation_kwargs asks for sampling or beams)")
         image = reduced(as_image(visuals[0], where), self.image_side)
         record = {"id": f"{task}/{doc_id}", "image": image, "prompt": context.strip(), "task": "vqa"}
         to_image_frame = False
@@ -127,8 +144,9 @@ class NuwaLMM(lmms):
             record.update(task="grounding", expression=context.strip())
         elif self.collator.box_format.is_own_question(context):  # e.g. refcoco_bbox_rec asks LLaVA's question
             record["image"], to_image_frame = self.collator.native_image(image), True
-        return Question(record, image.size, max_new_tokens, [stops] if isinstance(stops, str) else list(stops),
-                        to_image_frame)
+        return Question(
+            record, image.size, max_new_tokens, [stops] if isinstance(stops, str) else list(stops), to_image_frame
+        )
 
     def _finish(self, question: Question, text: str) -> str:
         for stop in question.stops:

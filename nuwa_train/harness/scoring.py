@@ -23,8 +23,9 @@ def publish_answer_reader(collator: VisionLanguageCollator, image_side: int | No
 def score(record: dict, text: str) -> Prediction:
     """`record`'s answer scored exactly as `nuwa-train eval` scores it."""
     if _reader is None:
-        raise RuntimeError("the nuwa_* lmms-eval tasks read answers in the box format of the `nuwa` model: run them "
-                           "with --model nuwa")
+        raise RuntimeError(
+            "the nuwa_* lmms-eval tasks read answers in the box format of the `nuwa` model: run them with --model nuwa"
+        )
     # The image as `nuwa-train eval` holds it: decoded reduced to what the processor uses (its boxes' frame).
     image = reduced(as_image(record["image"], f"record {record.get('id')!r}"), _image_side)
     return score_answer({**record, "image": image}, text, _reader)

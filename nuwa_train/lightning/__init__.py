@@ -9,8 +9,17 @@ from .data import FileSources, NuwaDataModule, ResumableSampler
 from .module import LoraSettings, NuwaFineTuner, OptimizerSettings, SelectionSettings
 
 # Checkpoints keep these settings as hyper-parameters; allow them under torch.load(weights_only=True).
-torch.serialization.add_safe_globals([NuwaConfig, SyntheticConfig, FileSources, LoraSettings, OptimizerSettings,
-                                      SelectionSettings])
+torch.serialization.add_safe_globals(
+    [NuwaConfig, SyntheticConfig, FileSources, LoraSettings, OptimizerSettings, SelectionSettings]
+)
 
-__all__ = ["FileSources", "NuwaDataModule", "ResumableSampler", "SyntheticRecords", "LoraSettings", "NuwaFineTuner",
-           "OptimizerSettings", "SelectionSettings"]
+__all__ = [
+    "FileSources",
+    "NuwaDataModule",
+    "ResumableSampler",
+    "SyntheticRecords",
+    "LoraSettings",
+    "NuwaFineTuner",
+    "OptimizerSettings",
+    "SelectionSettings",
+]

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import threading
@@ -101,8 +100,10 @@ class FinalCheckpoint(Callback):
             self._restore_handlers()
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a final checkpoint
         self.requested_by = name
-        rank_zero_info(f"\n{name}: stopping at the end of the current step (or validation batch), then saving "
-                       f"last.ckpt; no validation is started (Ctrl-C again to abort at once)")
+        rank_zero_info(
+            f"\n{name}: stopping at the end of the current step (or validation batch), then saving "
+            f"last.ckpt; no validation is started (Ctrl-C again to abort at once)"
+        )
 
     def _act_as_before(self, number, frame) -> None:
         """What the signal did before fit installed its handler (Python's Ctrl-C: KeyboardInterrupt; SIGTERM by
@@ -152,8 +153,10 @@ class FinalCheckpoint(Callback):
 
     def _stop_validation_if_requested(self, trainer) -> None:
         if self._training and self._stop_decided(trainer):  # (the sanity check runs before the first step)
-            raise TrainingStopped(f"{self.requested_by or 'a signal on another rank'} stopped fit during the "
-                                  f"validation after step {trainer.global_step}")
+            raise TrainingStopped(
+                f"{self.requested_by or 'a signal on another rank'} stopped fit during the "
+                f"validation after step {trainer.global_step}"
+            )
 
     # ------------------------------------------------------------------------------- the final save
     def on_train_end(self, trainer, module) -> None:
@@ -180,7 +183,10 @@ class FinalCheckpoint(Callback):
 
     def _save_final_state(self, trainer) -> None:
         for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.save_last and \
-                    callback._last_global_step_saved != trainer.global_step:
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and callback.save_last
+                and callback._last_global_step_saved != trainer.global_step
+            ):
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
                 rank_zero_info(f"saved the final state (step {trainer.global_step}) to {callback.last_model_path}")

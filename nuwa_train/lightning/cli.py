@@ -18,7 +18,6 @@ import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -29,13 +28,22 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..errors import UsageError
 from ..io import UnsafeCheckpointError
-from ..runs import (CHECKPOINTS_NAME, LAST_CHECKPOINT_NAME, SETTINGS_NAME, checkpoint_path, create_run_folder,
-                    default_root, latest_run, mark_latest, run_folder_of, started_now)
+from ..runs import (
+    CHECKPOINTS_NAME,
+    LAST_CHECKPOINT_NAME,
+    SETTINGS_NAME,
+    checkpoint_path,
+    create_run_folder,
+    default_root,
+    latest_run,
+    mark_latest,
+    run_folder_of,
+    started_now,
+)
 from .checkpoints import SafeCheckpointIO
 from .data import NuwaDataModule
 from .module import NuwaFineTuner
 from .progress import with_progress
-
 
 LAST = "last"  # `--ckpt_path last`: the newest run of the root
 MODEL_FLAG = "--model"
@@ -80,8 +88,12 @@ class NuwaCLI(LightningCLI):
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_name", type=Optional[str], default=None,
-                            help="the run folder's name under trainer.default_root_dir (default: the start time)")
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="the run folder's name under trainer.default_root_dir (default: the start time)",
+        )
         # The data module tokenises with the processor stored next to the model.
         parser.link_arguments("model.model_path", "data.processor_path")
         # The data module shards its resumable sample stream by rank itself; Lightning's distributed sampler
@@ -118,20 +130,28 @@ class NuwaCLI(LightningCLI):
 
     def _keep_command_line_model_settings(self, subcommand: str, given: Namespace) -> None:
         """Undo the checkpoint's replacement of an explicit `--model.*` flag (validate, test), or refuse it (fit)."""
-        dropped = sorted(key for key in command_line_model_keys(self.command_line)
-                         if self.config.get(f"{subcommand}.{key}") != given.get(f"{subcommand}.{key}"))
+        dropped = sorted(
+            key
+            for key in command_line_model_keys(self.command_line)
+            if self.config.get(f"{subcommand}.{key}") != given.get(f"{subcommand}.{key}")
+        )
         if not dropped:
             return
         if subcommand == "fit":
-            differences = "; ".join(f"--{key} {given.get(f'{subcommand}.{key}')!r} (the checkpoint's: "
-                                    f"{self.config.get(f'{subcommand}.{key}')!r})" for key in dropped)
+            differences = "; ".join(
+                f"--{key} {given.get(f'{subcommand}.{key}')!r} (the checkpoint's: "
+                f"{self.config.get(f'{subcommand}.{key}')!r})"
+                for key in dropped
+            )
             raise CheckpointSettingsError(
                 f"fit --ckpt_path {self.config[subcommand].ckpt_path} continues a run with the model settings stored "
                 f"in its checkpoint, and the command line contradicts them: {differences}. Drop these flags to "
-                f"continue the run as it was trained, or start a new run (without --ckpt_path) to train with them")
+                f"continue the run as it was trained, or start a new run (without --ckpt_path) to train with them"
+            )
         for key in dropped:
-            self.config = self.parser.parse_object({subcommand: _nested(key, given.get(f"{subcommand}.{key}"))},
-                                                   self.config)
+            self.config = self.parser.parse_object(
+                {subcommand: _nested(key, given.get(f"{subcommand}.{key}"))}, self.config
+            )
 
     def _run_folder(self, subcommand: str | None) -> Path:
         """This command's run folder; points `--ckpt_path` at the checkpoint a run folder or root stands for.
@@ -170,8 +190,10 @@ class NuwaCLI(LightningCLI):
         """The trainer, reading `--ckpt_path` files weights-only with an error that names a refused file, and with
         progress a log can show (progress.py) unless the recipe picks its own bar."""
         settings = self._get(self.config_init, "trainer", default={})
-        callbacks = with_progress(kwargs.get("callbacks", settings.get("callbacks")),
-                                  kwargs.get("enable_progress_bar", settings.get("enable_progress_bar")))
+        callbacks = with_progress(
+            kwargs.get("callbacks", settings.get("callbacks")),
+            kwargs.get("enable_progress_bar", settings.get("enable_progress_bar")),
+        )
         if callbacks is not None:
             kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(self.run_dir))

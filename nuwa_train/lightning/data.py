@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections import Counter
 from typing import Literal, get_args
 
 import lightning as L
@@ -20,12 +20,12 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.boxes import BOX_FORMATS
 from ..data.collate import VisionLanguageCollator
 from ..data.records import FileRecords, SyntheticRecords
 from ..data.synthetic import SyntheticConfig
 from ..errors import UsageError
 from ..io import write_atomically
-from ..data.boxes import BOX_FORMATS
 from ..models.families import box_format_for, image_side
 from ..models.loading import load_processor, local_model_dir
 
@@ -71,8 +71,18 @@ class ResumableSampler(Sampler[int]):
     records of one image, so that they share the vision tower's pass).
     """
 
-    def __init__(self, size: int, batch_size: int, start: int, total: int, seed: int, rank: int = 0, world: int = 1,
-                 group: int = 1, counted: int = 0):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        start: int,
+        total: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        group: int = 1,
+        counted: int = 0,
+    ):
         if size % group:
             raise ValueError(f"a dataset of {size} records does not split into groups of {group}")
         self.size, self.batch_size, self.start, self.total = size, batch_size, start, total
@@ -104,8 +114,15 @@ class TrainingStream:
     first_step_batches: int  # batches the first step accumulates (fewer than accumulation: see below)
 
 
-def plan_training_stream(samples_seen: int, global_step: int, max_steps: int, batch_size: int, accumulation: int,
-                         world_size: int, counted_batches: int) -> TrainingStream:
+def plan_training_stream(
+    samples_seen: int,
+    global_step: int,
+    max_steps: int,
+    batch_size: int,
+    accumulation: int,
+    world_size: int,
+    counted_batches: int,
+) -> TrainingStream:
     """A fit resumes by step (Lightning trains steps global_step + 1 ... max_steps) and by sample (the stream goes on
     at samples_seen): each remaining step takes the next batch_size x accumulation x world_size samples, whatever
     they were before. A resume with a smaller batch, fewer ranks or another accumulation therefore trains exactly
@@ -118,8 +135,12 @@ def plan_training_stream(samples_seen: int, global_step: int, max_steps: int, ba
     remaining_steps = max(0, max_steps - global_step)
     first_step_batches = accumulation - counted_batches % accumulation
     batches = max(0, remaining_steps * accumulation - (accumulation - first_step_batches))
-    return TrainingStream(samples_seen, samples_seen + batches * batch_size * world_size, counted_batches,
-                          first_step_batches if remaining_steps else 0)
+    return TrainingStream(
+        samples_seen,
+        samples_seen + batches * batch_size * world_size,
+        counted_batches,
+        first_step_batches if remaining_steps else 0,
+    )
 
 
 @dataclass(frozen=True)
@@ -152,28 +173,49 @@ class NuwaDataModule(L.LightningDataModule):
     (a large share of LLaVA-665K) train as text ("keep"), or are left out and counted ("skip").
     """
 
-    def __init__(self, processor_path: str = "data/tiny_base", synthetic: SyntheticConfig = SyntheticConfig(),
-                 train_images: int = 20000, val_images: int = 64, test_images: int = 250,
-                 train_files: FileSources | None = None, val_files: FileSources | None = None,
-                 test_files: FileSources | None = None, batch_size: int = 16, eval_batch_size: int = 32,
-                 num_workers: int = 0, max_length: int | None = None, on_error: OnError = "raise", seed: int = 0,
-                 train_vqa_per_image: int = 1, train_grounding_per_image: int = 1, group_by_image: bool = False,
-                 allow_outside_root: bool = False, text_only: TextOnly = "keep",
-                 box_format: BoxFormatName | None = None, train_conversations: bool = False):
+    def __init__(
+        self,
+        processor_path: str = "data/tiny_base",
+        synthetic: SyntheticConfig = SyntheticConfig(),
+        train_images: int = 20000,
+        val_images: int = 64,
+        test_images: int = 250,
+        train_files: FileSources | None = None,
+        val_files: FileSources | None = None,
+        test_files: FileSources | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        max_length: int | None = None,
+        on_error: OnError = "raise",
+        seed: int = 0,
+        train_vqa_per_image: int = 1,
+        train_grounding_per_image: int = 1,
+        group_by_image: bool = False,
+        allow_outside_root: bool = False,
+        text_only: TextOnly = "keep",
+        box_format: BoxFormatName | None = None,
+        train_conversations: bool = False,
+    ):
         super().__init__()
         if on_error not in get_args(OnError):
             raise ValueError(f"data.on_error={on_error!r} must be one of {', '.join(get_args(OnError))}")
         self.save_hyperparameters()
         SyntheticRecords.tasks_per_image(train_vqa_per_image, train_grounding_per_image, key_prefix="data.train_")
-        if train_files is not None and (group_by_image or train_conversations
-                                        or (train_vqa_per_image, train_grounding_per_image) != (1, 1)):
+        if train_files is not None and (
+            group_by_image or train_conversations or (train_vqa_per_image, train_grounding_per_image) != (1, 1)
+        ):
             # A recipe tuned on the synthetic data (recipes/default.yaml) must take a user's files as they are.
-            logger.info("data.train_files is set: data.group_by_image, data.train_conversations and "
-                        "data.train_*_per_image shape the synthetic training data only and do not apply (a file's "
-                        "record is its own; put its questions about one image in one conversation)")
+            logger.info(
+                "data.train_files is set: data.group_by_image, data.train_conversations and "
+                "data.train_*_per_image shape the synthetic training data only and do not apply (a file's "
+                "record is its own; put its questions about one image in one conversation)"
+            )
         self.synthetic = as_synthetic_config(synthetic)
-        self.files = {split: as_file_sources(sources) for split, sources in
-                      (("train", train_files), ("val", val_files), ("test", test_files))}
+        self.files = {
+            split: as_file_sources(sources)
+            for split, sources in (("train", train_files), ("val", val_files), ("test", test_files))
+        }
         self.processor = None
         self.box_codec = None  # the resolved data.box_format, once the processor is loaded
         self.max_length = max_length  # data.max_length, or the model's context once the processor is loaded
@@ -185,24 +227,40 @@ class NuwaDataModule(L.LightningDataModule):
             self.processor = load_processor(self.hparams.processor_path)
             if self.max_length is None:  # never train past the model's context silently
                 self.max_length = model_context_length(self.hparams.processor_path)
-            self.box_codec = box_format_for(model_type(self.hparams.processor_path), self.processor.tokenizer,
-                                            self.hparams.box_format, self.synthetic.grounding_template)
+            self.box_codec = box_format_for(
+                model_type(self.hparams.processor_path),
+                self.processor.tokenizer,
+                self.hparams.box_format,
+                self.synthetic.grounding_template,
+            )
 
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
             files = self.files[split]
             if files is not None:
                 self.setup()
-                self._datasets[split] = FileRecords(files.llava, files.refcoco, self.hparams.on_error,
-                                                    self.hparams.allow_outside_root,
-                                                    image_side(self.processor, model_type(self.hparams.processor_path)),
-                                                    self.hparams.text_only, files.sharegpt)
+                self._datasets[split] = FileRecords(
+                    files.llava,
+                    files.refcoco,
+                    self.hparams.on_error,
+                    self.hparams.allow_outside_root,
+                    image_side(self.processor, model_type(self.hparams.processor_path)),
+                    self.hparams.text_only,
+                    files.sharegpt,
+                )
             else:
-                per_image = ((self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)
-                             if split == "train" else (1, 1))
-                self._datasets[split] = SyntheticRecords(self.synthetic, split, self.hparams[f"{split}_images"],
-                                                         *per_image, conversation=self.hparams.train_conversations
-                                                         and split == "train")
+                per_image = (
+                    (self.hparams.train_vqa_per_image, self.hparams.train_grounding_per_image)
+                    if split == "train"
+                    else (1, 1)
+                )
+                self._datasets[split] = SyntheticRecords(
+                    self.synthetic,
+                    split,
+                    self.hparams[f"{split}_images"],
+                    *per_image,
+                    conversation=self.hparams.train_conversations and split == "train",
+                )
         return self._datasets[split]
 
     def evaluation_records(self, split: str, limit: int | None = None) -> list[dict]:
@@ -212,9 +270,15 @@ class NuwaDataModule(L.LightningDataModule):
 
     def collator(self, with_answer: bool = True, padding_side: str = "right") -> VisionLanguageCollator:
         self.setup()
-        return VisionLanguageCollator(self.processor, padding_side=padding_side, max_length=self.max_length,
-                                      with_answer=with_answer, on_error=self.hparams.on_error, counts=self.batch_counts,
-                                      box_format=self.box_codec)
+        return VisionLanguageCollator(
+            self.processor,
+            padding_side=padding_side,
+            max_length=self.max_length,
+            with_answer=with_answer,
+            on_error=self.hparams.on_error,
+            counts=self.batch_counts,
+            box_format=self.box_codec,
+        )
 
     # ------------------------------------------------------------------------------- what was left out
     def data_report(self) -> dict:
@@ -225,8 +289,12 @@ class NuwaDataModule(L.LightningDataModule):
             if isinstance(data, FileRecords):
                 for load, access in zip(data.load_reports, data.access_reports.values()):
                     files[load.path] = {"split": split, "at_start": load.to_dict(), "when_read": access.to_dict()}
-        return {"files": files, "batches": dict(self.batch_counts), "max_length": self.max_length,
-                "on_error": self.hparams.on_error}
+        return {
+            "files": files,
+            "batches": dict(self.batch_counts),
+            "max_length": self.max_length,
+            "on_error": self.hparams.on_error,
+        }
 
     def write_data_report(self, stage: str = "at_start") -> Path | None:
         """`data_report.json` in the run directory (global rank 0); the skips of `stage` are summarised on the log."""
@@ -236,8 +304,13 @@ class NuwaDataModule(L.LightningDataModule):
         report = self.data_report()
         for path, entry in report["files"].items():
             if entry[stage]["skipped"]:
-                logger.warning("%s: %d records skipped %s (data.on_error: skip): %s", path, entry[stage]["skipped"],
-                               stage.replace("_", " "), entry[stage]["skipped_by_reason"])
+                logger.warning(
+                    "%s: %d records skipped %s (data.on_error: skip): %s",
+                    path,
+                    entry[stage]["skipped"],
+                    stage.replace("_", " "),
+                    entry[stage]["skipped_by_reason"],
+                )
         if report["batches"]:
             logger.warning("records truncated or refused in batches so far: %s", report["batches"])
         target = Path(trainer.default_root_dir) / DATA_REPORT_NAME
@@ -250,44 +323,80 @@ class NuwaDataModule(L.LightningDataModule):
         trainer, module = self.trainer, self.trainer.lightning_module
         batch = self.hparams.batch_size
         if trainer.max_steps <= 0:
-            raise UsageError(f"trainer.max_steps={trainer.max_steps}: fine-tuning needs a step count (the training "
-                             f"stream is sized by it); set --trainer.max_steps")
+            raise UsageError(
+                f"trainer.max_steps={trainer.max_steps}: fine-tuning needs a step count (the training "
+                f"stream is sized by it); set --trainer.max_steps"
+            )
         # The batches Lightning counts as drawn in the epoch it resumes (it goes on from the restored batch index).
         counted_batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        stream = plan_training_stream(module.samples_seen, trainer.global_step, trainer.max_steps, batch,
-                                      trainer.accumulate_grad_batches, trainer.world_size, counted_batches)
+        stream = plan_training_stream(
+            module.samples_seen,
+            trainer.global_step,
+            trainer.max_steps,
+            batch,
+            trainer.accumulate_grad_batches,
+            trainer.world_size,
+            counted_batches,
+        )
         if trainer.global_step:
             self._report_resume(stream)
         data = self.dataset("train")
         group = data.records_per_image if self.hparams.group_by_image else 1
-        sampler = ResumableSampler(len(data), batch, stream.start, stream.total, self.hparams.seed,
-                                   trainer.global_rank, trainer.world_size, group, counted_batches * batch)
+        sampler = ResumableSampler(
+            len(data),
+            batch,
+            stream.start,
+            stream.total,
+            self.hparams.seed,
+            trainer.global_rank,
+            trainer.world_size,
+            group,
+            counted_batches * batch,
+        )
         self.write_data_report()
         # The sampler resumes mid-epoch by itself (module.samples_seen); Lightning cannot know and warns.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch",
-                                category=PossibleUserWarning)
+        warnings.filterwarnings(
+            "ignore",
+            message="You're resuming from a checkpoint that ended before the epoch",
+            category=PossibleUserWarning,
+        )
         # Its own generator: creating the iterator must not draw from the global RNG (exact resume).
-        return DataLoader(data, batch_size=batch, sampler=sampler, collate_fn=self.collator(),
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(
+            data,
+            batch_size=batch,
+            sampler=sampler,
+            collate_fn=self.collator(),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
 
     def _report_resume(self, stream: TrainingStream) -> None:
         """Says where a resumed fit goes on, in steps and in samples (the batch settings may have changed)."""
         trainer = self.trainer
         per_step = self.hparams.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-        rank_zero_info(f"resuming at step {trainer.global_step} with {stream.start} samples seen: steps "
-                       f"{trainer.global_step + 1}-{trainer.max_steps} take samples {stream.start}-{stream.total} "
-                       f"of the stream ({per_step} per step: data.batch_size {self.hparams.batch_size} x "
-                       f"accumulate_grad_batches {trainer.accumulate_grad_batches} x {trainer.world_size} ranks)")
+        rank_zero_info(
+            f"resuming at step {trainer.global_step} with {stream.start} samples seen: steps "
+            f"{trainer.global_step + 1}-{trainer.max_steps} take samples {stream.start}-{stream.total} "
+            f"of the stream ({per_step} per step: data.batch_size {self.hparams.batch_size} x "
+            f"accumulate_grad_batches {trainer.accumulate_grad_batches} x {trainer.world_size} ranks)"
+        )
         if stream.first_step_batches not in (0, trainer.accumulate_grad_batches):
-            rank_zero_warn(f"the checkpoint ends {stream.counted_batches} batches into Lightning's epoch, not a "
-                           f"multiple of accumulate_grad_batches={trainer.accumulate_grad_batches}: step "
-                           f"{trainer.global_step + 1} accumulates {stream.first_step_batches} batches, the later "
-                           f"steps {trainer.accumulate_grad_batches}")
+            rank_zero_warn(
+                f"the checkpoint ends {stream.counted_batches} batches into Lightning's epoch, not a "
+                f"multiple of accumulate_grad_batches={trainer.accumulate_grad_batches}: step "
+                f"{trainer.global_step + 1} accumulates {stream.first_step_batches} batches, the later "
+                f"steps {trainer.accumulate_grad_batches}"
+            )
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.hparams.eval_batch_size, shuffle=False,
-                          collate_fn=self.collator(), num_workers=self.hparams.num_workers)
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.hparams.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collator(),
+            num_workers=self.hparams.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -58,8 +58,9 @@ def record_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     answers and five-token boxes spends most of its gradient on the boxes; this weighs records equally.
     """
     targets = labels[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                             reduction="none")
+    losses = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
     counts = (targets != IGNORE_INDEX).sum(dim=1)
     labelled = counts > 0
     return (losses.sum(dim=1)[labelled] / counts[labelled]).mean()
@@ -83,8 +84,13 @@ def lora_config(base, lora: LoraSettings) -> LoraConfig:
     """The peft config of `lora` for this HF model (its family's projection names)."""
     adapter = adapter_for(base)
     targets = adapter.lora_target_pattern(include_vision=lora.targets == "lm+vision")
-    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      modules_to_save=[adapter.projector_name] if lora.train_projector else None)
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=[adapter.projector_name] if lora.train_projector else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -120,11 +126,15 @@ def _training_settings(pruning: NuwaConfig, budgets: list | None, weights: list 
             raise NuwaConfigError("model.train_budget_weights needs model.train_budgets (one weight per budget)")
         return {}
     if weights is not None and (len(weights) != len(budgets) or not all(math.isfinite(w) and w > 0 for w in weights)):
-        raise NuwaConfigError(f"model.train_budget_weights={weights!r} must give one positive weight per budget of "
-                              f"model.train_budgets={budgets!r}")
+        raise NuwaConfigError(
+            f"model.train_budget_weights={weights!r} must give one positive weight per budget of "
+            f"model.train_budgets={budgets!r}"
+        )
     if not budgets or len(set(budgets)) != len(budgets):
-        raise NuwaConfigError(f"model.train_budgets={budgets!r} must list distinct budgets (vision tokens per image "
-                              f"on the 24x24 grid, or {ALL_TOKENS!r})")
+        raise NuwaConfigError(
+            f"model.train_budgets={budgets!r} must list distinct budgets (vision tokens per image "
+            f"on the 24x24 grid, or {ALL_TOKENS!r})"
+        )
     settings = {}
     for budget in budgets:
         if budget == ALL_TOKENS:
@@ -155,13 +165,24 @@ class NuwaFineTuner(L.LightningModule):
     to serve (the smallest) can get more of the steps.
     """
 
-    def __init__(self, model_path: str = "data/tiny_base", pruning: NuwaConfig = NuwaConfig(),
-                 lora: LoraSettings = LoraSettings(), selection: SelectionSettings = SelectionSettings(),
-                 optimizer: OptimizerSettings = OptimizerSettings(), distill_weight: float = 0.0,
-                 distill_temperature: float = 1.0, dtype: ModelDtype = "float32", eval_records: int = 64,
-                 eval_max_new_tokens: int | None = None, gradient_checkpointing: bool = False,
-                 test_records: int | None = None, loss_reduction: LossReduction = "token",
-                 train_budgets: list[TrainBudget] | None = None, train_budget_weights: list[float] | None = None):
+    def __init__(
+        self,
+        model_path: str = "data/tiny_base",
+        pruning: NuwaConfig = NuwaConfig(),
+        lora: LoraSettings = LoraSettings(),
+        selection: SelectionSettings = SelectionSettings(),
+        optimizer: OptimizerSettings = OptimizerSettings(),
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+        dtype: ModelDtype = "float32",
+        eval_records: int = 64,
+        eval_max_new_tokens: int | None = None,
+        gradient_checkpointing: bool = False,
+        test_records: int | None = None,
+        loss_reduction: LossReduction = "token",
+        train_budgets: list[TrainBudget] | None = None,
+        train_budget_weights: list[float] | None = None,
+    ):
         super().__init__()
         check_choice("model.loss_reduction", loss_reduction, LossReduction)
         check_choice("model.dtype", dtype, ModelDtype)
@@ -210,7 +231,8 @@ class NuwaFineTuner(L.LightningModule):
                     f"model.train_budgets: {budget} cannot be trained on this model's {grid[0]}x{grid[1]} grid "
                     f"({grid[0] * grid[1]} vision tokens per image; budgets count tokens per image on the "
                     f"{reference[0]}x{reference[1]} reference grid): {error}. Lower it, or use {ALL_TOKENS!r} to "
-                    f"train with every token") from None
+                    f"train with every token"
+                ) from None
 
     @property
     def base_model(self):
@@ -220,8 +242,13 @@ class NuwaFineTuner(L.LightningModule):
     # ------------------------------------------------------------------------------- schedule
     def temperature(self, step: int | None = None) -> float:
         s = self.selection
-        return temperature_at(self.global_step if step is None else step, s.temperature_start, s.temperature_end,
-                              s.anneal_steps, s.schedule)
+        return temperature_at(
+            self.global_step if step is None else step,
+            s.temperature_start,
+            s.temperature_end,
+            s.anneal_steps,
+            s.schedule,
+        )
 
     def selection_mode(self, step: int | None = None) -> str:
         step = self.global_step if step is None else step
@@ -275,7 +302,8 @@ class NuwaFineTuner(L.LightningModule):
             raise NonFiniteTrainingError(
                 f"the training loss is not finite at step {self.global_step + 1} ({where}): fit stopped before that "
                 f"step's update and saved nothing after it, so last.ckpt holds the last saved step; "
-                f"{NON_FINITE_ADVICE}")
+                f"{NON_FINITE_ADVICE}"
+            )
 
     def _lm_loss(self, output) -> torch.Tensor:
         """The answer loss of the last forward, reduced as `loss_reduction` says."""
@@ -305,8 +333,12 @@ class NuwaFineTuner(L.LightningModule):
         def widened(values: torch.Tensor, fill: int, extra: torch.Tensor) -> torch.Tensor:
             return torch.cat([F.pad(values, (0, length - values.shape[1]), value=fill), extra])
 
-        extended = {**batch, **image_inputs, "input_ids": widened(input_ids, pad_id, row),
-                    "attention_mask": widened(batch["attention_mask"], 0, row_mask)}
+        extended = {
+            **batch,
+            **image_inputs,
+            "input_ids": widened(input_ids, pad_id, row),
+            "attention_mask": widened(batch["attention_mask"], 0, row_mask),
+        }
         extended.update(self.nuwa.adapter.token_inputs(extended["input_ids"]))
         if batch.get("labels") is not None:
             extended["labels"] = widened(batch["labels"], IGNORE_INDEX, torch.full_like(row, IGNORE_INDEX))
@@ -336,8 +368,10 @@ class NuwaFineTuner(L.LightningModule):
         rows, cols = (predicts_answer.gather(1, token_map.clamp(min=0)) & (token_map >= 0)).nonzero(as_tuple=True)
         student = student_logits[rows, cols].float() / self.hparams.distill_temperature
         teacher = teacher_logits[rows, token_map[rows, cols]].float() / self.hparams.distill_temperature
-        return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
-                        reduction="batchmean") * self.hparams.distill_temperature**2
+        return (
+            F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
+            * self.hparams.distill_temperature**2
+        )
 
     # ------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_index: int) -> None:
@@ -345,8 +379,9 @@ class NuwaFineTuner(L.LightningModule):
             self.nuwa.use(self.pruning)
         self.nuwa.set_selection("hard")
         output = self.model(**self._with_blank_image(batch))
-        self.log("val/loss", self._lm_loss(output), prog_bar=True, batch_size=batch["input_ids"].shape[0],
-                 sync_dist=True)
+        self.log(
+            "val/loss", self._lm_loss(output), prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True
+        )
 
     def on_validation_epoch_end(self) -> None:
         self._log_generation_metrics("val")
@@ -367,16 +402,25 @@ class NuwaFineTuner(L.LightningModule):
         if not records:
             return
         settings = dict(progress=False, max_new_tokens=self.hparams.eval_max_new_tokens)
-        if self.full_token_reference is None or (self.full_token_reference.get("split"),
-                                                 self.full_token_reference.get("records")) != (split, len(records)):
+        if self.full_token_reference is None or (
+            self.full_token_reference.get("split"),
+            self.full_token_reference.get("records"),
+        ) != (split, len(records)):
             with self.model.disable_adapter(), self.nuwa.paused():
                 reference = evaluate(self.base_model, self.processor, records, pruning=None, **settings)
-            self.full_token_reference = {"split": split, "records": len(records), "vqa": reference.vqa_exact_match,
-                                         "grounding": reference.grounding_acc50}
+            self.full_token_reference = {
+                "split": split,
+                "records": len(records),
+                "vqa": reference.vqa_exact_match,
+                "grounding": reference.grounding_acc50,
+            }
         result = evaluate(self.base_model, self.processor, records, pruning=self.pruning, **settings)  # hard path
-        metrics = {f"{split}/vqa_em": result.vqa_exact_match, f"{split}/grounding_acc50": result.grounding_acc50,
-                   f"{split}/grounding_miou": result.grounding_miou,
-                   f"{split}/vision_tokens": result.average_vision_tokens}
+        metrics = {
+            f"{split}/vqa_em": result.vqa_exact_match,
+            f"{split}/grounding_acc50": result.grounding_acc50,
+            f"{split}/grounding_miou": result.grounding_miou,
+            f"{split}/vision_tokens": result.average_vision_tokens,
+        }
         for task, key in (("vqa", f"{split}/vqa_em"), ("grounding", f"{split}/grounding_acc50")):
             full = self.full_token_reference[task]
             if metrics[key] is not None and full:
@@ -409,10 +453,14 @@ class NuwaFineTuner(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         max_steps = self.trainer.max_steps if self._trainer is not None else None
-        checkpoint["nuwa_train"] = {"samples_seen": self.samples_seen, "pruning": self.pruning.to_dict(),
-                                    "max_steps": max_steps,
-                                    "full_token_reference": self.full_token_reference,
-                                    "lora": asdict(self.lora), "torch_rng": torch.get_rng_state()}
+        checkpoint["nuwa_train"] = {
+            "samples_seen": self.samples_seen,
+            "pruning": self.pruning.to_dict(),
+            "max_steps": max_steps,
+            "full_token_reference": self.full_token_reference,
+            "lora": asdict(self.lora),
+            "torch_rng": torch.get_rng_state(),
+        }
         # Only trainable weights go into the checkpoint: the base model is read from model_path.
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -421,13 +469,17 @@ class NuwaFineTuner(L.LightningModule):
     def _refuse_non_finite_weights(self, state_dict: dict) -> None:
         """An update can overflow while its loss was finite: such weights are not saved (the save fails, last.ckpt
         keeps the previous state). Every rank holds the same weights under DDP, so all of them refuse alike."""
-        non_finite = [name for name, value in state_dict.items()
-                      if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        non_finite = [
+            name
+            for name, value in state_dict.items()
+            if value.is_floating_point() and not bool(torch.isfinite(value).all())
+        ]
         if non_finite:
             raise NonFiniteTrainingError(
                 f"the weights after step {self.global_step} are not finite ({len(non_finite)} of {len(state_dict)} "
                 f"tensors, e.g. {non_finite[0]}): not saved, so last.ckpt holds the last saved step; "
-                f"{NON_FINITE_ADVICE}")
+                f"{NON_FINITE_ADVICE}"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("nuwa_train", {})
@@ -440,5 +492,7 @@ class NuwaFineTuner(L.LightningModule):
             return
         self.configure_model()
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
-        checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if k in missing},
-                                    **checkpoint["state_dict"]}
+        checkpoint["state_dict"] = {
+            **{k: v for k, v in self.state_dict().items() if k in missing},
+            **checkpoint["state_dict"],
+        }

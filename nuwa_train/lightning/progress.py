@@ -107,8 +107,11 @@ class StepLogProgress(ProgressBar):
         if trainer.max_epochs is not None and trainer.max_epochs > 1:  # an epoch count means something here
             parts.append(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
         metrics = {name: value for name, value in self.get_metrics(trainer, pl_module).items() if name != "v_num"}
-        parts += [f"{name.removeprefix(TRAIN_PREFIX)} {_number(value)}" for name, value in metrics.items()
-                  if not name.startswith("val/")]
+        parts += [
+            f"{name.removeprefix(TRAIN_PREFIX)} {_number(value)}"
+            for name, value in metrics.items()
+            if not name.startswith("val/")
+        ]
         if rate:
             parts.append(f"{rate:.2f} it/s")
             if total:
@@ -120,8 +123,10 @@ class StepLogProgress(ProgressBar):
             return
         scores = {name: value for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
         if scores:
-            self._write(f"validation at step {trainer.global_step}: "
-                        + " ".join(f"{name} {_number(value)}" for name, value in sorted(scores.items())))
+            self._write(
+                f"validation at step {trainer.global_step}: "
+                + " ".join(f"{name} {_number(value)}" for name, value in sorted(scores.items()))
+            )
 
 
 def progress_callback(stream=None) -> ProgressBar:

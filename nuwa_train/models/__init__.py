@@ -10,6 +10,21 @@ from .qwen2_vl import QwenVLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .sequence import KeptTokens, KeptView
 
-__all__ = ["Adapter", "FAMILIES", "KeptTokens", "KeptView", "NuwaHandle", "NuwaInputError", "adapter_for",
-           "attach_nuwa", "detach_nuwa", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "Qwen3VLAdapter",
-           "UnsupportedModelError", "load_processor", "load_vlm"]
+__all__ = [
+    "Adapter",
+    "FAMILIES",
+    "KeptTokens",
+    "KeptView",
+    "NuwaHandle",
+    "NuwaInputError",
+    "adapter_for",
+    "attach_nuwa",
+    "detach_nuwa",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "QwenVLAdapter",
+    "Qwen3VLAdapter",
+    "UnsupportedModelError",
+    "load_processor",
+    "load_vlm",
+]

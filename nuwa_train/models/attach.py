@@ -110,17 +110,21 @@ class NuwaHandle:
         self.config = config
         self._plans: dict[tuple, PruningPlan] = {}
         if config.position_mode != "original" and adapter.multimodal_positions:
-            raise NuwaConfigError(f"position_mode={config.position_mode!r}: {type(model).__name__} uses multimodal "
-                                  f"(M-RoPE) positions, which only 'original' keeps meaningful")
+            raise NuwaConfigError(
+                f"position_mode={config.position_mode!r}: {type(model).__name__} uses multimodal "
+                f"(M-RoPE) positions, which only 'original' keeps meaningful"
+            )
         reference = self.plan_for(adapter.grid or config.reference_grid)
         # One plan for fixed-grid models; dynamic-resolution models resolve a plan per image grid.
         self.plan: PruningPlan | None = reference if adapter.grid is not None else None
         self.stage2_layer = reference.stage2.layer if reference.stage2 is not None else None
         if self.stage2_layer is not None and self.stage2_layer < adapter.injected_layers:
-            raise NuwaConfigError(f"stage2_layer resolves to decoder layer {self.stage2_layer}, but "
-                                  f"{type(model).__name__} adds vision features after each of its first "
-                                  f"{adapter.injected_layers} layers (DeepStack): choose a stage-2 layer >= "
-                                  f"{adapter.injected_layers}")
+            raise NuwaConfigError(
+                f"stage2_layer resolves to decoder layer {self.stage2_layer}, but "
+                f"{type(model).__name__} adds vision features after each of its first "
+                f"{adapter.injected_layers} layers (DeepStack): choose a stage-2 layer >= "
+                f"{adapter.injected_layers}"
+            )
         self._layout: PrefillLayout | None = None  # the last prefill's record (sequence.py); read it via `kept`
         self._phase = "off"  # "prefill" | "decode" | "off" for the forward in flight
         self._soft_bias: torch.Tensor | None = None  # (B, L) stage-1 log p on vision columns, 0 elsewhere
@@ -131,19 +135,24 @@ class NuwaHandle:
         self._stage2_kwargs: dict = {}
         self._generator = torch.Generator().manual_seed(config.seed)
         self._encoder_owner.get_image_features = self._encoder_entry
-        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                       model.register_forward_hook(self._after_forward, with_kwargs=True)]
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
         if self.stage2_layer is not None:
             layers, first = adapter.decoder_layers, self.stage2_layer
             self._hooks.append(layers[first - 1].register_forward_pre_hook(self._score_stage2, with_kwargs=True))
             self._hooks.append(layers[first].register_forward_pre_hook(self._drop_stage2, with_kwargs=True))
-            for layer in layers[first + 1:]:
+            for layer in layers[first + 1 :]:
                 self._hooks.append(layer.register_forward_pre_hook(self._follow_stage2, with_kwargs=True))
-        self._hooks.extend(layer.register_forward_hook(self._add_layer_tokens(index))
-                           for index, layer in enumerate(adapter.decoder_layers[:adapter.injected_layers]))
+        self._hooks.extend(
+            layer.register_forward_hook(self._add_layer_tokens(index))
+            for index, layer in enumerate(adapter.decoder_layers[: adapter.injected_layers])
+        )
         # After the stage-2 hooks, so layer L2 passes on the bias its own hook just combined.
-        self._hooks.extend(layer.register_forward_pre_hook(self._pass_key_bias, with_kwargs=True)
-                           for layer in adapter.decoder_layers)
+        self._hooks.extend(
+            layer.register_forward_pre_hook(self._pass_key_bias, with_kwargs=True) for layer in adapter.decoder_layers
+        )
 
     # ------------------------------------------------------------------------------- lifecycle
     def _uninstall(self) -> None:
@@ -213,6 +222,7 @@ class NuwaHandle:
 
         `generate` passes the encoder only the inputs its signature names (e.g. Qwen-VL's image_grid_thw).
         """
+
         def get_image_features(pixel_values, **image_inputs):
             return self.image_features(pixel_values, **image_inputs)
 
@@ -220,7 +230,8 @@ class NuwaHandle:
         get_image_features.__signature__ = inspect.Signature(
             [inspect.Parameter("pixel_values", keyword)]
             + [inspect.Parameter(name, keyword, default=None) for name in self.adapter.image_input_names]
-            + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+            + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        )
         return get_image_features
 
     def plan_for(self, grid: tuple[int, int], real_tokens: int | None = None) -> PruningPlan:
@@ -238,8 +249,10 @@ class NuwaHandle:
         if mode not in SELECTION_MODES:
             raise NuwaConfigError(f"selection mode {mode!r} must be one of {', '.join(SELECTION_MODES)}")
         if mode != "hard" and self.config.method not in SOFT_METHODS:
-            raise NuwaConfigError(f"method={self.config.method!r} has no differentiable selection; use mode 'hard' "
-                                  f"(soft modes exist for {', '.join(SOFT_METHODS)})")
+            raise NuwaConfigError(
+                f"method={self.config.method!r} has no differentiable selection; use mode 'hard' "
+                f"(soft modes exist for {', '.join(SOFT_METHODS)})"
+            )
         if temperature is not None and not temperature > 0:
             raise NuwaConfigError(f"temperature={temperature!r} must be > 0")
         self.mode = mode
@@ -280,8 +293,10 @@ class NuwaHandle:
         cached = cache.get_seq_length() if cache is not None else 0
         if cached > 0:
             if self.mode != "hard":
-                raise NuwaInputError(f"selection mode {self.mode!r} is for training forwards; call "
-                                     f"set_selection('hard') before generating")
+                raise NuwaInputError(
+                    f"selection mode {self.mode!r} is for training forwards; call "
+                    f"set_selection('hard') before generating"
+                )
             return (), self._decode(kwargs, cached)
         self._layout, self._phase, self._layer_tokens = None, "off", None
         input_ids, pixel_values = kwargs.pop("input_ids", None), kwargs.pop("pixel_values", None)
@@ -290,8 +305,10 @@ class NuwaHandle:
         if pixel_values is not None:
             images = self.image_features(pixel_values, **image_inputs)
         elif images is not None and not isinstance(images, NuwaImageFeatures):
-            raise NuwaInputError("pre-computed image features were not made by this Nüwa handle; pass pixel_values "
-                                 "(generate with num_beams > 1 or num_return_sequences > 1 is not supported yet)")
+            raise NuwaInputError(
+                "pre-computed image features were not made by this Nüwa handle; pass pixel_values "
+                "(generate with num_beams > 1 or num_return_sequences > 1 is not supported yet)"
+            )
         if images is None:
             if input_ids is not None and (input_ids == self.adapter.image_token_id).any():
                 raise NuwaInputError("input_ids contain image tokens but no pixel_values were given")
@@ -315,31 +332,67 @@ class NuwaHandle:
             if plan.stage1 is None:
                 selection = Stage1Output(encoding.features, self._all_indices(encoding.features))
             else:
-                selection = run_stage1(plan.stage1, self.config, encoding.features, encoding.sim_features,
-                                       encoding.scores, encoding.grid, self._generator)
+                selection = run_stage1(
+                    plan.stage1,
+                    self.config,
+                    encoding.features,
+                    encoding.sim_features,
+                    encoding.scores,
+                    encoding.grid,
+                    self._generator,
+                )
         layer_tokens = None
         if encoding.layer_features is not None:  # exactly the kept set of the main tokens
             index = selection.indices[:, :, None, None].expand(-1, -1, *encoding.layer_features.shape[2:])
             layer_tokens = encoding.layer_features.gather(1, index)
-        return StageOneSelection(encoding, plan, self.adapter.project(selection.tokens), selection.indices,
-                                 selection.pillars, layer_tokens=layer_tokens)
+        return StageOneSelection(
+            encoding,
+            plan,
+            self.adapter.project(selection.tokens),
+            selection.indices,
+            selection.pillars,
+            layer_tokens=layer_tokens,
+        )
 
     def _select_soft(self, encoding: VisionEncoding) -> StageOneSelection:
         """Every token, as it would be if kept, with its keep probability as an attention bias."""
         features, every = encoding.features, self._all_indices(encoding.features)
         plan = self.plan_for(encoding.grid, encoding.real_tokens)
         if plan.stage1 is None:
-            return StageOneSelection(encoding, plan, self.adapter.project(features), every, None,
-                                     torch.zeros(every.shape, device=features.device), every,
-                                     layer_tokens=encoding.layer_features)
+            return StageOneSelection(
+                encoding,
+                plan,
+                self.adapter.project(features),
+                every,
+                None,
+                torch.zeros(every.shape, device=features.device),
+                every,
+                layer_tokens=encoding.layer_features,
+            )
         noise = gumbel_like(encoding.scores) * self.gumbel if self.gumbel and self.model.training else None
-        soft = run_stage1_soft(plan.stage1, self.config, features, encoding.sim_features, encoding.scores,
-                               encoding.grid, self.temperature, noise)
+        soft = run_stage1_soft(
+            plan.stage1,
+            self.config,
+            features,
+            encoding.sim_features,
+            encoding.scores,
+            encoding.grid,
+            self.temperature,
+            noise,
+        )
         keep = soft.keep_prob
         if self.mode == "straight_through":
             keep = straight_through(keep, torch.zeros_like(keep).scatter_(1, soft.hard_indices, 1.0))
-        return StageOneSelection(encoding, plan, self.adapter.project(soft.tokens), every, None, log_keep(keep),
-                                 soft.hard_indices, layer_tokens=encoding.layer_features)
+        return StageOneSelection(
+            encoding,
+            plan,
+            self.adapter.project(soft.tokens),
+            every,
+            None,
+            log_keep(keep),
+            soft.hard_indices,
+            layer_tokens=encoding.layer_features,
+        )
 
     @staticmethod
     def _all_indices(features: torch.Tensor) -> torch.Tensor:
@@ -349,8 +402,9 @@ class NuwaHandle:
         labels = self.output_labels() if self._phase == "prefill" else None
         if labels is None:
             return output
-        output.loss = model.loss_function(logits=output.logits, labels=labels,
-                                          vocab_size=model.config.text_config.vocab_size)
+        output.loss = model.loss_function(
+            logits=output.logits, labels=labels, vocab_size=model.config.text_config.vocab_size
+        )
         return output
 
     def output_labels(self) -> torch.Tensor | None:
@@ -362,13 +416,23 @@ class NuwaHandle:
         mask = prefill_mask(kwargs.get("attention_mask"), input_ids)
         is_image = input_ids == self.adapter.image_token_id
         if not is_image.any():
-            raise NuwaInputError(f"pixel_values were given but input_ids contain no image token "
-                                 f"(id {self.adapter.image_token_id}); add the image placeholder to the prompt")
+            raise NuwaInputError(
+                f"pixel_values were given but input_ids contain no image token "
+                f"(id {self.adapter.image_token_id}); add the image placeholder to the prompt"
+            )
         source, images_per_sample = kept_columns(is_image, images)
         # Positions of the unpruned sequence (M-RoPE for Qwen-VL), gathered at the kept columns.
         positions = self.adapter.position_ids(input_ids, mask, kwargs, images.image_inputs or {})
-        layout = prefill_layout(source, mask, positions, is_image, kwargs.pop("labels", None), images,
-                                images_per_sample, self.config.position_mode == "original")
+        layout = prefill_layout(
+            source,
+            mask,
+            positions,
+            is_image,
+            kwargs.pop("labels", None),
+            images,
+            images_per_sample,
+            self.config.position_mode == "original",
+        )
         embeds = self.adapter.embed(gather_rows(input_ids.masked_fill(is_image, 0), source))
         vision_slots = layout.is_vision.unsqueeze(-1)
         embeds = embeds.masked_scatter(vision_slots, images.pooler_output[images.kept].to(embeds.dtype))
@@ -378,8 +442,9 @@ class NuwaHandle:
             self._layer_tokens = images.layer_tokens[images.kept]
         attention_mask, self._soft_bias, self._layer_bias = layout.attention_mask, None, None
         if images.keep_bias is not None:  # soft: all tokens stay, biased by log p
-            self._soft_bias = torch.zeros(layout.is_vision.shape, dtype=images.keep_bias.dtype,
-                                          device=layout.is_vision.device)
+            self._soft_bias = torch.zeros(
+                layout.is_vision.shape, dtype=images.keep_bias.dtype, device=layout.is_vision.device
+            )
             self._soft_bias = self._soft_bias.masked_scatter(layout.is_vision, images.keep_bias[images.kept])
         kwargs.update(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=layout.position_ids)
         if self._soft_bias is not None:
@@ -415,8 +480,9 @@ class NuwaHandle:
         soft = self.mode != "hard"
         with self._timed("stage2"), torch.set_grad_enabled(soft and torch.is_grad_enabled()):
             hidden = args[0] if args else kwargs["hidden_states"]
-            query, keys, scale = self.adapter.query_and_keys(layer, hidden, layout.prompt_end,
-                                                             kwargs["position_embeddings"])
+            query, keys, scale = self.adapter.query_and_keys(
+                layer, hidden, layout.prompt_end, kwargs["position_embeddings"]
+            )
             positions = torch.arange(hidden.shape[1], device=hidden.device)
             visible = layout.attention_mask.bool() & (positions <= layout.prompt_end.unsqueeze(1))
             scores = last_token_attention(query, keys, visible, scale, self._soft_bias if soft else None)
@@ -457,9 +523,14 @@ class NuwaHandle:
             mask_2d = stage2.attention_mask
         else:
             mask_2d = torch.cat([stage2.attention_mask, self._decode_columns.to(stage2.attention_mask.dtype)], 1)
-        mask = create_causal_mask(config=self.adapter.language_model.config, inputs_embeds=hidden,
-                                  attention_mask=mask_2d, position_ids=positions, layer_idx=self.stage2_layer,
-                                  **{MASK_CACHE_KWARG: _cache_in(kwargs)})
+        mask = create_causal_mask(
+            config=self.adapter.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=mask_2d,
+            position_ids=positions,
+            layer_idx=self.stage2_layer,
+            **{MASK_CACHE_KWARG: _cache_in(kwargs)},
+        )
         self._stage2_kwargs = dict(attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions)
         kwargs.update(self._stage2_kwargs)
         return (hidden, *args[1:]), kwargs
@@ -473,11 +544,13 @@ class NuwaHandle:
     def _add_layer_tokens(self, index: int):
         """Post-hook of decoder layer `index`: the kept tokens' layer features join their hidden states, as the
         model's own DeepStack adds them to every vision token (prefill only; decoding adds nothing)."""
+
         def add(layer, args, output):
             if self._phase != "prefill" or self._layer_tokens is None:
                 return None
             rows, columns = self._layout.is_vision.nonzero(as_tuple=True)
             return output.index_put((rows, columns), self._layer_tokens[:, index].to(output.dtype), accumulate=True)
+
         return add
 
     def _pass_key_bias(self, layer, args, kwargs):

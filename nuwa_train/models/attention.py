@@ -35,17 +35,26 @@ KEY_BIAS_HEAD_PAD = 8
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
-def key_bias_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs):
+def key_bias_sdpa(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs,
+):
     """transformers' sdpa attention, plus `kwargs[KEY_BIAS_KWARG]` (B, L_keys) added to every score of each key."""
     bias = kwargs.pop(KEY_BIAS_KWARG, None)
     if bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     head_dim = query.shape[-1]
-    scale = head_dim ** -0.5 if scaling is None else scaling
+    scale = head_dim**-0.5 if scaling is None else scaling
     if bias.shape != (key.shape[0], key.shape[2]):
-        raise ValueError(f"{KEY_BIAS_KWARG} has shape {tuple(bias.shape)}; attention needs one bias per key, "
-                         f"(batch, keys) = {(key.shape[0], key.shape[2])}")
+        raise ValueError(
+            f"{KEY_BIAS_KWARG} has shape {tuple(bias.shape)}; attention needs one bias per key, "
+            f"(batch, keys) = {(key.shape[0], key.shape[2])}"
+        )
     query_column = query.new_zeros(*query.shape[:-1], KEY_BIAS_HEAD_PAD)
     query_column[..., 0] = 1
     key_column = F.pad((bias / scale).to(key.dtype)[:, None, :, None], (0, KEY_BIAS_HEAD_PAD - 1))
@@ -90,4 +99,5 @@ def check_attention_backend(adapter: Adapter) -> None:
             f"tokens keep their original, gapped position ids, which flash-attention kernels read as packed sequences "
             f"when there is no padding, and soft selection adds a bias inside attention that they cannot take. "
             f"Load the model with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')); "
-            f"supported: {', '.join(SUPPORTED_ATTENTION)}")
+            f"supported: {', '.join(SUPPORTED_ATTENTION)}"
+        )

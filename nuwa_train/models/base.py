@@ -100,8 +100,9 @@ class Adapter(ABC):
         self.model, self.image_token_id = model, image_token_id
 
     @abstractmethod
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer,
-               **image_inputs) -> ImageEncoding:
+    def encode(
+        self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer, **image_inputs
+    ) -> ImageEncoding:
         """Run the vision tower once and read what stage 1 needs (features, similarity features, scores).
 
         `timer("saliency")` wraps the scoring work that Nüwa adds on top of the tower's own forward.
@@ -134,8 +135,9 @@ class Adapter(ABC):
         """Per-token inputs the family derives from input_ids (Qwen-VL's mm_token_type_ids); none by default."""
         return {}
 
-    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict,
-                     image_inputs: dict) -> torch.Tensor:
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict, image_inputs: dict
+    ) -> torch.Tensor:
         """Position ids of the unpruned sequence: the caller's, or counted over the attention mask.
 
         `inputs` are the forward's remaining keyword arguments, `image_inputs` what the image encoder got.
@@ -149,6 +151,7 @@ class Adapter(ABC):
 
     def prune_inputs(self, inputs: dict, source: torch.Tensor) -> None:
         """Drop or gather (at `source`) family-specific forward inputs that follow the unpruned sequence."""
+        return None  # most families have none: only inputs_embeds, masks and positions, which attach prunes itself
 
     def gather_rotary(self, table: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """A decoder layer's rotary cos or sin table (B, L, Dh) gathered at `source` (B, L')."""
@@ -159,8 +162,13 @@ class Adapter(ABC):
         """Per-head norms of queries and keys before RoPE (QK-norm decoders such as Qwen3); none by default."""
         return _identity, _identity
 
-    def query_and_keys(self, layer: nn.Module, hidden: torch.Tensor, query_index: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+    def query_and_keys(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        query_index: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ):
         """Post-RoPE query of one token per sample and all keys, as `layer` computes them.
 
         Returns query (B, heads, Dh), keys (B, heads, L, Dh) (GQA heads repeated) and the scale.

@@ -45,29 +45,44 @@ class ModelFamily:
     def build_tiny(self, words=(), atomic_tokens=(), **settings) -> tuple:
         """A tiny (model, processor) whose tokenizer round-trips text and spells the family's native box answers."""
         extra_words, specials = box_format(self.box_format).vocabulary()
-        return self.tiny_builder(words=[*words, *extra_words], atomic_tokens=[*atomic_tokens, *specials],
-                                 round_trip=True, **settings)
+        return self.tiny_builder(
+            words=[*words, *extra_words], atomic_tokens=[*atomic_tokens, *specials], round_trip=True, **settings
+        )
 
     def image_side(self, processor) -> int | None:
         """The largest short side the family's processor uses (images beyond it may be decoded reduced)."""
         return needed_image_side(processor, self.image_sizes_are_areas)
 
 
-def _qwen(model_type: str, model_class: type, upstream_processor: str, adapter: type[Adapter] = QwenVLAdapter,
-          box_format_name: str | None = None) -> ModelFamily:
-    return ModelFamily(model_type, adapter, model_class, box_format_name or model_type,
-                       partial(build_tiny_qwen, TinyQwenSpec(version=model_type)),
-                       image_only_processors(upstream_processor), image_sizes_are_areas=True)
+def _qwen(
+    model_type: str,
+    model_class: type,
+    upstream_processor: str,
+    adapter: type[Adapter] = QwenVLAdapter,
+    box_format_name: str | None = None,
+) -> ModelFamily:
+    return ModelFamily(
+        model_type,
+        adapter,
+        model_class,
+        box_format_name or model_type,
+        partial(build_tiny_qwen, TinyQwenSpec(version=model_type)),
+        image_only_processors(upstream_processor),
+        image_sizes_are_areas=True,
+    )
 
 
-FAMILIES: dict[str, ModelFamily] = {family.model_type: family for family in (
-    ModelFamily("llava", LlavaAdapter, LlavaAdapter.model_classes[0], "llava", build_tiny_llava),
-    ModelFamily("llava_next", LlavaNextAdapter, LlavaNextAdapter.model_classes[0], "llava", build_tiny_llava_next),
-    _qwen("qwen2_vl", QwenVLAdapter.model_classes[0], "Qwen2VLProcessor"),
-    _qwen("qwen2_5_vl", QwenVLAdapter.model_classes[1], "Qwen2_5_VLProcessor"),
-    _qwen("qwen3_vl", Qwen3VLAdapter.model_classes[0], "Qwen3VLProcessor", Qwen3VLAdapter),
-    _qwen("qwen3_vl_moe", Qwen3VLAdapter.model_classes[1], "Qwen3VLProcessor", Qwen3VLAdapter, "qwen3_vl"),
-)}
+FAMILIES: dict[str, ModelFamily] = {
+    family.model_type: family
+    for family in (
+        ModelFamily("llava", LlavaAdapter, LlavaAdapter.model_classes[0], "llava", build_tiny_llava),
+        ModelFamily("llava_next", LlavaNextAdapter, LlavaNextAdapter.model_classes[0], "llava", build_tiny_llava_next),
+        _qwen("qwen2_vl", QwenVLAdapter.model_classes[0], "Qwen2VLProcessor"),
+        _qwen("qwen2_5_vl", QwenVLAdapter.model_classes[1], "Qwen2_5_VLProcessor"),
+        _qwen("qwen3_vl", Qwen3VLAdapter.model_classes[0], "Qwen3VLProcessor", Qwen3VLAdapter),
+        _qwen("qwen3_vl_moe", Qwen3VLAdapter.model_classes[1], "Qwen3VLProcessor", Qwen3VLAdapter, "qwen3_vl"),
+    )
+}
 
 
 def family_for(model_type: str | None) -> ModelFamily | None:
@@ -86,8 +101,9 @@ def image_side(processor, model_type: str | None) -> int | None:
     return family.image_side(processor) if family is not None else needed_image_side(processor)
 
 
-def box_format_for(model_type: str | None, tokenizer, name: str | None = None,
-                   loc_prompt_template: str | None = None) -> BoxFormat | None:
+def box_format_for(
+    model_type: str | None, tokenizer, name: str | None = None, loc_prompt_template: str | None = None
+) -> BoxFormat | None:
     """The box format a model of this family answers in (`answer_box_format` with the family's own format)."""
     family = family_for(model_type)
     return answer_box_format(tokenizer, name, family.box_format if family is not None else None, loc_prompt_template)

@@ -26,10 +26,12 @@ class ClipVision:
         if config.vision_feature_select_strategy != "default":
             raise UnsupportedModelError(
                 f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}: Nüwa needs the patch grid "
-                f"without the CLS feature ('default')")
+                f"without the CLS feature ('default')"
+            )
         if not isinstance(config.vision_feature_layer, int):
-            raise UnsupportedModelError(f"vision_feature_layer={config.vision_feature_layer!r}: only a single "
-                                        f"feature layer is supported")
+            raise UnsupportedModelError(
+                f"vision_feature_layer={config.vision_feature_layer!r}: only a single feature layer is supported"
+            )
         self.model = model
         vision = config.vision_config
         self.side = vision.image_size // vision.patch_size  # every image (or tile) is a side x side patch grid
@@ -59,14 +61,16 @@ class ClipVision:
         """(n, side^2, D) the feature layer's patches: what the projector receives."""
         features = hidden[self.feature_index][:, 1:]
         if features.shape[1] != self.side**2:
-            raise UnsupportedModelError(f"the tower returned {features.shape[1]} patches, not the "
-                                        f"{self.side}x{self.side} grid its config implies")
+            raise UnsupportedModelError(
+                f"the tower returned {features.shape[1]} patches, not the "
+                f"{self.side}x{self.side} grid its config implies"
+            )
         return features
 
     def sim_features(self, hidden: tuple[torch.Tensor, ...], config: NuwaConfig) -> torch.Tensor:
         """(n, side^2, D) the mean patch states of the configured layers, for similarity."""
         layers = similarity_layers(config.sim_layers, self.num_layers)
-        return torch.stack(hidden[layers.start:layers.stop]).mean(0)[:, 1:]
+        return torch.stack(hidden[layers.start : layers.stop]).mean(0)[:, 1:]
 
     def cls_scores(self, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(n, side^2) attention of the CLS query to every patch in the feature layer, summed over heads."""
@@ -102,11 +106,13 @@ class LlavaAdapter(Adapter):
     def blank_image(self, device: torch.device) -> tuple[int, dict]:
         return self.grid[0] * self.grid[1], {"pixel_values": self.clip.blank_pixels(device, 1)}
 
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer,
-               **unused) -> ImageEncoding:
+    def encode(
+        self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer, **unused
+    ) -> ImageEncoding:
         clip = self.clip
         hidden = clip.hidden_states(pixel_values)
         with timer("saliency"):
-            encoding = VisionEncoding(clip.features(hidden), clip.sim_features(hidden, config), clip.cls_scores(hidden),
-                                      self.grid)
+            encoding = VisionEncoding(
+                clip.features(hidden), clip.sim_features(hidden, config), clip.cls_scores(hidden), self.grid
+            )
         return ImageEncoding([encoding])

@@ -100,8 +100,10 @@ class LlavaNextAdapter(Adapter):
             raise UnsupportedModelError(f"image_grid_pinpoints={pinpoints!r}: expected a list of (height, width) pairs")
         bad = [p for p in pinpoints if len(p) != 2 or min(p) <= 0 or p[0] % tile or p[1] % tile]
         if bad:
-            raise UnsupportedModelError(f"image_grid_pinpoints {bad} are not whole multiples of the {tile}-px vision "
-                                        f"tile; anyres tiling (and the placeholder layout) needs that")
+            raise UnsupportedModelError(
+                f"image_grid_pinpoints {bad} are not whole multiples of the {tile}-px vision "
+                f"tile; anyres tiling (and the placeholder layout) needs that"
+            )
         self.side = self.clip.side
 
     @property
@@ -121,12 +123,14 @@ class LlavaNextAdapter(Adapter):
         return layout.num_placeholders, {"pixel_values": pixels, "image_sizes": torch.tensor([size], device=device)}
 
     # ----------------------------------------------------------------------------------- stage 1
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer, image_sizes=None,
-               **unused) -> ImageEncoding:
+    def encode(
+        self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer, image_sizes=None, **unused
+    ) -> ImageEncoding:
         """Per image two segments, base grid and local grid, grouped across images by identical layout."""
         if image_sizes is None:
-            raise NuwaInputError("LLaVA-NeXT needs image_sizes (the processor returns it with pixel_values) to lay "
-                                 "out the anyres tiles")
+            raise NuwaInputError(
+                "LLaVA-NeXT needs image_sizes (the processor returns it with pixel_values) to lay out the anyres tiles"
+            )
         layouts = [anyres_layout(size, self.model.config) for size in image_sizes]
         tiles = self._real_tiles(pixel_values, [layout.num_tiles for layout in layouts])
         hidden = self.clip.hidden_states(tiles)
@@ -134,8 +138,9 @@ class LlavaNextAdapter(Adapter):
             segments = self._segments(hidden, layouts, config)
         return ImageEncoding(segments, partial(self._row_newlines, layouts))
 
-    def _segments(self, hidden: tuple[torch.Tensor, ...], layouts: list[AnyresLayout],
-                  config: NuwaConfig) -> list[VisionEncoding]:
+    def _segments(
+        self, hidden: tuple[torch.Tensor, ...], layouts: list[AnyresLayout], config: NuwaConfig
+    ) -> list[VisionEncoding]:
         """The base and local grid of every image, from the tower's hidden states over all real tiles."""
         patches = self.side * self.side
 
@@ -166,26 +171,38 @@ class LlavaNextAdapter(Adapter):
         for (grid, offsets), members in groups.items():
             offsets = torch.tensor(offsets, device=device)
             ids = torch.stack([member_ids for _, member_ids, _ in members]).to(device)
-            encodings.append(VisionEncoding(
-                features[ids], sim_features[ids], padding_scores(scores[ids], offsets >= 0), grid,
-                images=torch.tensor([image for image, _, _ in members], device=device),
-                placeholder_offsets=offsets, placeholder_count=torch.tensor([count for _, _, count in members])))
+            encodings.append(
+                VisionEncoding(
+                    features[ids],
+                    sim_features[ids],
+                    padding_scores(scores[ids], offsets >= 0),
+                    grid,
+                    images=torch.tensor([image for image, _, _ in members], device=device),
+                    placeholder_offsets=offsets,
+                    placeholder_count=torch.tensor([count for _, _, count in members]),
+                )
+            )
         return encodings
 
     def _real_tiles(self, pixel_values: torch.Tensor, num_tiles: list[int]) -> torch.Tensor:
         """(sum of tiles, C, H, W): the images' real tiles, without the processor's batch padding."""
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(num_tiles) or pixel_values.shape[1] < max(num_tiles):
-                raise NuwaInputError(f"pixel_values of shape {tuple(pixel_values.shape)} do not hold the {num_tiles} "
-                                     f"tiles that image_sizes imply per image")
+                raise NuwaInputError(
+                    f"pixel_values of shape {tuple(pixel_values.shape)} do not hold the {num_tiles} "
+                    f"tiles that image_sizes imply per image"
+                )
             return torch.cat([pixels[:n] for pixels, n in zip(pixel_values, num_tiles)])
         if pixel_values.dim() == 4 and pixel_values.shape[0] == sum(num_tiles):
             return pixel_values
-        raise NuwaInputError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, tiles, C, H, W) "
-                             f"or (all tiles, C, H, W) with the {num_tiles} tiles that image_sizes imply")
+        raise NuwaInputError(
+            f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, tiles, C, H, W) "
+            f"or (all tiles, C, H, W) with the {num_tiles} tiles that image_sizes imply"
+        )
 
-    def _row_newlines(self, layouts: list[AnyresLayout], image: int, kept_offsets: torch.Tensor,
-                      keep: torch.Tensor | None = None):
+    def _row_newlines(
+        self, layouts: list[AnyresLayout], image: int, kept_offsets: torch.Tensor, keep: torch.Tensor | None = None
+    ):
         """The newline of every local row that keeps a token, at its own placeholder offset.
 
         image_newline already lives in the LLM's embedding space: it is not projected. With `keep`

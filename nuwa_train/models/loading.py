@@ -23,12 +23,15 @@ def local_model_dir(path: str | Path, needs: str = "config.json") -> Path:
     directory = Path(path).expanduser()
     tried = directory.resolve()
     if not directory.is_dir():
-        raise ModelPathError(f"model directory {str(path)!r} does not exist (tried {tried}); nuwa-train loads "
-                             f"models from local directories only and never downloads. Check the path (e.g. "
-                             f"model.model_path in the recipe, or --model-path for export)")
+        raise ModelPathError(
+            f"model directory {str(path)!r} does not exist (tried {tried}); nuwa-train loads "
+            f"models from local directories only and never downloads. Check the path (e.g. "
+            f"model.model_path in the recipe, or --model-path for export)"
+        )
     if not (directory / needs).is_file():
-        raise ModelPathError(f"{tried} has no {needs}: not a Hugging Face model directory (save one with "
-                             f"save_pretrained)")
+        raise ModelPathError(
+            f"{tried} has no {needs}: not a Hugging Face model directory (save one with save_pretrained)"
+        )
     return directory
 
 

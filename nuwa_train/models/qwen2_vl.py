@@ -69,8 +69,11 @@ class QwenVLAdapter(Adapter):
         self.unit = self.merge**2
         self.num_blocks = vision.depth
         self.windowed = isinstance(model, Qwen2_5_VLForConditionalGeneration)
-        self.full_attention_blocks = list(getattr(vision, "fullatt_block_indexes", None) or range(self.num_blocks)) \
-            if self.windowed else list(range(self.num_blocks))
+        self.full_attention_blocks = (
+            list(getattr(vision, "fullatt_block_indexes", None) or range(self.num_blocks))
+            if self.windowed
+            else list(range(self.num_blocks))
+        )
 
     # ----------------------------------------------------------------------------------- modules
     @property
@@ -99,8 +102,9 @@ class QwenVLAdapter(Adapter):
         return {"mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32)}
 
     # ----------------------------------------------------------------------------------- positions
-    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict,
-                     image_inputs: dict) -> torch.Tensor:
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict, image_inputs: dict
+    ) -> torch.Tensor:
         """(3, B, L) M-RoPE ids of the unpruned sequence.
 
         The model's own `rope_deltas` are left alone: the handle passes explicit positions at prefill and
@@ -110,16 +114,20 @@ class QwenVLAdapter(Adapter):
         if token_types is None:
             raise NuwaInputError(
                 "mm_token_type_ids is missing: without it Qwen-VL silently falls back to 1-D positions (the processor "
-                "returns it; or pass (input_ids == image_token_id) as int)")
+                "returns it; or pass (input_ids == image_token_id) as int)"
+            )
         given = inputs.get("position_ids")
         if given is not None:
             if given.dim() != 3 or given.shape[0] not in (3, 4):
-                raise NuwaInputError(f"position_ids of shape {tuple(given.shape)}: Qwen-VL needs (3, B, L) M-RoPE ids "
-                                     f"(or none, to compute them)")
+                raise NuwaInputError(
+                    f"position_ids of shape {tuple(given.shape)}: Qwen-VL needs (3, B, L) M-RoPE ids "
+                    f"(or none, to compute them)"
+                )
             return given[-3:]
         grid = image_inputs.get("image_grid_thw", inputs.get("image_grid_thw"))
-        positions, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
-                                                       image_grid_thw=grid, attention_mask=attention_mask)
+        positions, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=token_types, image_grid_thw=grid, attention_mask=attention_mask
+        )
         return positions
 
     def decode_positions(self, positions: torch.Tensor) -> torch.Tensor:
@@ -132,8 +140,14 @@ class QwenVLAdapter(Adapter):
             inputs.pop(name, None)
 
     # ----------------------------------------------------------------------------------- stage 1
-    def encode(self, pixel_values: torch.Tensor, config: NuwaConfig, timer: Timer = no_timer,
-               image_grid_thw: torch.Tensor | None = None, **unused) -> ImageEncoding:
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        config: NuwaConfig,
+        timer: Timer = no_timer,
+        image_grid_thw: torch.Tensor | None = None,
+        **unused,
+    ) -> ImageEncoding:
         if image_grid_thw is None:
             raise NuwaInputError("Qwen-VL images need image_grid_thw next to pixel_values (the processor returns it)")
         if (image_grid_thw[:, 0] != 1).any():
@@ -165,8 +179,11 @@ class QwenVLAdapter(Adapter):
                 received, sim = received.view(-1, self.unit)[raster], sim.view(-1, self.unit, sim.shape[-1])[raster]
             scores = received.reshape(-1, self.unit).mean(1)  # (M,) one score per merged token, raster order
             sim = sim.reshape(-1, self.unit, sim.shape[-1]).mean(1)
-            return ImageEncoding(self._group_by_grid(output.pooler_output, sim, scores, image_grid_thw,
-                                                     config.region_size, self.layer_tokens(output)))
+            return ImageEncoding(
+                self._group_by_grid(
+                    output.pooler_output, sim, scores, image_grid_thw, config.region_size, self.layer_tokens(output)
+                )
+            )
 
     def layer_tokens(self, vision_output) -> torch.Tensor | None:
         """(M, k, D_text) per merged token: what the LLM's first k layers add to it (none for Qwen2/2.5-VL)."""
@@ -177,13 +194,17 @@ class QwenVLAdapter(Adapter):
             return self.full_attention_blocks[-1]
         block = config.score_block % self.num_blocks
         if block not in self.full_attention_blocks:
-            raise UnsupportedModelError(f"score_block={config.score_block} is a window-attention block; choose one of "
-                                        f"the full-attention blocks {self.full_attention_blocks}")
+            raise UnsupportedModelError(
+                f"score_block={config.score_block} is a window-attention block; choose one of "
+                f"the full-attention blocks {self.full_attention_blocks}"
+            )
         return block
 
     def _sim_blocks(self, config: NuwaConfig) -> list[int]:
         """Blocks whose outputs are averaged for similarity (the config's fractions of depth)."""
-        return [index - 1 for index in similarity_layers(config.sim_layers, self.num_blocks)]  # block i outputs state i+1
+        return [
+            index - 1 for index in similarity_layers(config.sim_layers, self.num_blocks)
+        ]  # block i outputs state i+1
 
     def _received_attention(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """(S,) attention each patch receives in `block`, mean over heads and queries of its own image."""
@@ -192,20 +213,29 @@ class QwenVLAdapter(Adapter):
         qkv = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3)
         cos, sin = kwargs["position_embeddings"]
         query, key = self.rotary_vision(qkv[0], qkv[1], cos, sin)
-        return received_attention(query.transpose(0, 1), key.transpose(0, 1), kwargs["cu_seqlens"].tolist(),
-                                  attn.scaling)
+        return received_attention(
+            query.transpose(0, 1), key.transpose(0, 1), kwargs["cu_seqlens"].tolist(), attn.scaling
+        )
 
     def _raster_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """Index that puts Qwen2.5-VL's window-ordered merge units back in raster order."""
         from transformers.vision_utils import get_vision_window_index
 
         vision = self.model.config.vision_config
-        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=self.merge,
-                                                  window_size=vision.window_size, patch_size=vision.patch_size)
+        window_index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=self.merge, window_size=vision.window_size, patch_size=vision.patch_size
+        )
         return torch.argsort(window_index.to(grid_thw.device))
 
-    def _group_by_grid(self, merged: torch.Tensor, sim: torch.Tensor, scores: torch.Tensor, grid_thw: torch.Tensor,
-                       region: int, layer_tokens: torch.Tensor | None = None) -> list[VisionEncoding]:
+    def _group_by_grid(
+        self,
+        merged: torch.Tensor,
+        sim: torch.Tensor,
+        scores: torch.Tensor,
+        grid_thw: torch.Tensor,
+        region: int,
+        layer_tokens: torch.Tensor | None = None,
+    ) -> list[VisionEncoding]:
         """One encoding per merged grid size (images of one size are batched), padded to whole regions."""
         counts = (grid_thw[:, 1] * grid_thw[:, 2] // self.unit).tolist()
         starts = [sum(counts[:i]) for i in range(len(counts))]
@@ -217,10 +247,16 @@ class QwenVLAdapter(Adapter):
             raster = torch.arange(rows * cols, device=merged.device).view(rows, cols)
             ids, offsets, padded = pad_to_regions(raster, raster, region)
             parts = [starts[i] + ids for i in images]  # each image's merged tokens on its padded grid
-            encodings.append(VisionEncoding(
-                features=torch.stack([merged[p] for p in parts]), sim_features=torch.stack([sim[p] for p in parts]),
-                scores=padding_scores(torch.stack([scores[p] for p in parts]), offsets >= 0),
-                grid=padded, images=torch.tensor(images),
-                placeholder_offsets=None if padded == (rows, cols) else offsets, placeholder_count=rows * cols,
-                layer_features=None if layer_tokens is None else torch.stack([layer_tokens[p] for p in parts])))
+            encodings.append(
+                VisionEncoding(
+                    features=torch.stack([merged[p] for p in parts]),
+                    sim_features=torch.stack([sim[p] for p in parts]),
+                    scores=padding_scores(torch.stack([scores[p] for p in parts]), offsets >= 0),
+                    grid=padded,
+                    images=torch.tensor(images),
+                    placeholder_offsets=None if padded == (rows, cols) else offsets,
+                    placeholder_count=rows * cols,
+                    layer_features=None if layer_tokens is None else torch.stack([layer_tokens[p] for p in parts]),
+                )
+            )
         return encodings

@@ -46,7 +46,7 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, bounds: list[int]
         keys = key[:, start:end]
         total = keys.new_zeros(end - start, dtype=torch.float32)
         for first in range(start, end, QUERY_CHUNK):
-            queries = query[:, first:min(end, first + QUERY_CHUNK)]
+            queries = query[:, first : min(end, first + QUERY_CHUNK)]
             probs = ((queries @ keys.transpose(-1, -2)) * scale).float().softmax(dim=-1)
             total = total + probs.sum(dim=(0, 1))
         received.append(total / (heads * (end - start)))

@@ -131,7 +131,7 @@ class KeptView:
         counts = torch.full((self._num_layers,), float(self.stage1_vision_tokens()))
         stage2 = self.stage2_vision_tokens()
         if stage2 is not None:
-            counts[self._stage2_layer:] = float(stage2)
+            counts[self._stage2_layer :] = float(stage2)
         return counts
 
     def token_map(self) -> torch.Tensor:
@@ -154,7 +154,7 @@ class KeptView:
             sample = int(torch.searchsorted(per_sample, torch.tensor(image, device=per_sample.device), right=True))
             first_image = int(per_sample[sample] - layout.images_per_sample[sample])
             before = int(selection.kept[first_image:image].sum())  # the sample's earlier images' slots
-            slots = layout.is_vision[sample].nonzero().squeeze(1)[before:before + len(stage1)]
+            slots = layout.is_vision[sample].nonzero().squeeze(1)[before : before + len(stage1)]
             stage2 = stage1[layout.stage2.kept_vision[sample, slots].bool()].tolist()
         return KeptTokens(stage1.tolist(), pillars.tolist(), stage2)
 
@@ -167,7 +167,7 @@ def compact(keep: torch.Tensor) -> torch.Tensor:
     """(B, L') source indices of the kept positions in order, left-padded with -1 to the longest row."""
     counts = keep.sum(dim=1)
     length = int(counts.max())
-    kept_first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :max(length, 1)]
+    kept_first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : max(length, 1)]
     slot = torch.arange(length, device=keep.device) - (length - counts).unsqueeze(1)
     return torch.where(slot >= 0, kept_first.gather(1, slot.clamp(min=0)), torch.full_like(slot, -1))
 
@@ -229,14 +229,24 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
     row newlines) and sorts by offset; images keeping fewer tokens are padded with -1 / zeros.
     """
     only = selections[0]
-    if len(selections) == 1 and only.encoding.images is None and only.encoding.placeholder_offsets is None \
-            and extra_tokens is None:
+    if (
+        len(selections) == 1
+        and only.encoding.images is None
+        and only.encoding.placeholder_offsets is None
+        and extra_tokens is None
+    ):
         n, device = only.indices.shape[0], only.indices.device
         stage2 = only.plan.stage2.keep if only.plan.stage2 is not None else 0
-        return NuwaImageFeatures(pooler_output=only.tokens, kept_indices=only.indices, pillars=only.pillars,
-                                 keep_bias=only.keep_bias, anchor_indices=only.anchors,
-                                 placeholder_counts=torch.tensor(only.encoding.placeholders_per_image(), device=device),
-                                 stage2_keep=torch.full((n,), stage2, device=device), layer_tokens=only.layer_tokens)
+        return NuwaImageFeatures(
+            pooler_output=only.tokens,
+            kept_indices=only.indices,
+            pillars=only.pillars,
+            keep_bias=only.keep_bias,
+            anchor_indices=only.anchors,
+            placeholder_counts=torch.tensor(only.encoding.placeholders_per_image(), device=device),
+            stage2_keep=torch.full((n,), stage2, device=device),
+            layer_tokens=only.layer_tokens,
+        )
     parts: dict[int, list] = defaultdict(list)
     placeholders, stage2_keep = {}, defaultdict(int)
     soft = only.keep_bias is not None
@@ -248,7 +258,9 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
         counts = encoding.placeholders_per_image()
         for row, image in enumerate(images):
             real = offsets[row] >= 0
-            pillars = s.pillars[row][real] if s.pillars is not None else torch.zeros_like(offsets[row][real], dtype=bool)
+            pillars = (
+                s.pillars[row][real] if s.pillars is not None else torch.zeros_like(offsets[row][real], dtype=bool)
+            )
             bias = s.keep_bias[row][real] if soft else None
             layers = s.layer_tokens[row][real] if layered else None
             parts[image].append((offsets[row][real], s.tokens[row][real], pillars, bias, layers))
@@ -274,8 +286,15 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
                     layers.append(layers[0].new_zeros(len(extra[0]), *layers[0].shape[1:]))
         offsets = torch.cat(offsets)
         order = torch.argsort(offsets)
-        laid_out.append((offsets[order], torch.cat(tokens)[order], torch.cat(pillars)[order],
-                         torch.cat(bias)[order] if soft else None, torch.cat(layers)[order] if layered else None))
+        laid_out.append(
+            (
+                offsets[order],
+                torch.cat(tokens)[order],
+                torch.cat(pillars)[order],
+                torch.cat(bias)[order] if soft else None,
+                torch.cat(layers)[order] if layered else None,
+            )
+        )
     width = max(len(offsets) for offsets, *_ in laid_out)
     pooler = only.tokens.new_zeros(num_images, width, only.tokens.shape[-1])
     kept = torch.full((num_images, width), -1, dtype=torch.long, device=pooler.device)
@@ -289,13 +308,15 @@ def assemble(selections: list[StageOneSelection], extra_tokens=None) -> NuwaImag
             bias[image, :k] = image_bias.to(bias.dtype)
         if layered:
             layer_tokens[image, :k] = image_layers
-    return NuwaImageFeatures(pooler_output=pooler, kept_indices=kept,
-                             pillars=pillars if only.pillars is not None else None, keep_bias=bias,
-                             placeholder_counts=torch.tensor([placeholders[i] for i in range(num_images)],
-                                                             device=pooler.device),
-                             stage2_keep=torch.tensor([stage2_keep[i] for i in range(num_images)],
-                                                      device=pooler.device),
-                             layer_tokens=layer_tokens)
+    return NuwaImageFeatures(
+        pooler_output=pooler,
+        kept_indices=kept,
+        pillars=pillars if only.pillars is not None else None,
+        keep_bias=bias,
+        placeholder_counts=torch.tensor([placeholders[i] for i in range(num_images)], device=pooler.device),
+        stage2_keep=torch.tensor([stage2_keep[i] for i in range(num_images)], device=pooler.device),
+        layer_tokens=layer_tokens,
+    )
 
 
 # ----------------------------------------------------------------------------------- prefill
@@ -304,8 +325,9 @@ def prefill_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -
     if attention_mask is None:
         return torch.ones_like(input_ids)
     if attention_mask.dim() != 2:
-        raise NuwaInputError(f"attention_mask must be 2-D (batch, length) for Nüwa, got shape "
-                             f"{tuple(attention_mask.shape)}")
+        raise NuwaInputError(
+            f"attention_mask must be 2-D (batch, length) for Nüwa, got shape {tuple(attention_mask.shape)}"
+        )
     return attention_mask
 
 
@@ -330,19 +352,25 @@ def check_image_tokens(is_image: torch.Tensor, counts: torch.Tensor) -> torch.Te
     if len(set(needs)) == 1:
         for row, count in enumerate(per_row):
             if count % needs[0]:
-                raise NuwaInputError(f"sample {row} has {count} image tokens, not a multiple of the {needs[0]} "
-                                     f"patches per image; the prompt and the image grid disagree")
+                raise NuwaInputError(
+                    f"sample {row} has {count} image tokens, not a multiple of the {needs[0]} "
+                    f"patches per image; the prompt and the image grid disagree"
+                )
     if sum(per_row) != sum(needs):
-        raise NuwaInputError(f"input_ids hold {sum(per_row)} image tokens but pixel_values hold {len(needs)} "
-                             f"image(s) with {sum(needs)} patches in all")
+        raise NuwaInputError(
+            f"input_ids hold {sum(per_row)} image tokens but pixel_values hold {len(needs)} "
+            f"image(s) with {sum(needs)} patches in all"
+        )
     images_per_sample, image = [], 0
     for row, count in enumerate(per_row):
         first, taken = image, 0
         while taken < count:
             taken, image = taken + needs[image], image + 1
         if taken != count:
-            raise NuwaInputError(f"sample {row} has {count} image tokens, which do not make up whole images "
-                                 f"(its images need {needs[first:image]}); the prompt and the image grids disagree")
+            raise NuwaInputError(
+                f"sample {row} has {count} image tokens, which do not make up whole images "
+                f"(its images need {needs[first:image]}); the prompt and the image grids disagree"
+            )
         images_per_sample.append(image - first)
     return torch.tensor(images_per_sample, device=is_image.device)
 
@@ -361,15 +389,24 @@ def prompt_end(mask: torch.Tensor, labels: torch.Tensor | None, source: torch.Te
 
 def per_sample(per_image: torch.Tensor, images_per_sample: torch.Tensor) -> torch.Tensor:
     """(B,) the sum of a per-image quantity over each sample's images."""
-    rows = torch.repeat_interleave(torch.arange(len(images_per_sample), device=images_per_sample.device),
-                                   images_per_sample)
-    return torch.zeros(len(images_per_sample), dtype=per_image.dtype,
-                       device=per_image.device).index_add_(0, rows.to(per_image.device), per_image)
+    rows = torch.repeat_interleave(
+        torch.arange(len(images_per_sample), device=images_per_sample.device), images_per_sample
+    )
+    return torch.zeros(len(images_per_sample), dtype=per_image.dtype, device=per_image.device).index_add_(
+        0, rows.to(per_image.device), per_image
+    )
 
 
-def prefill_layout(source: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, is_image: torch.Tensor,
-                   labels: torch.Tensor | None, images: NuwaImageFeatures, images_per_sample: torch.Tensor,
-                   original_positions: bool) -> PrefillLayout:
+def prefill_layout(
+    source: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    is_image: torch.Tensor,
+    labels: torch.Tensor | None,
+    images: NuwaImageFeatures,
+    images_per_sample: torch.Tensor,
+    original_positions: bool,
+) -> PrefillLayout:
     """The record of one pruned prefill: kept columns, their mask, positions and labels.
 
     `original_positions`: the kept tokens keep their unpruned position ids (Nüwa's spatial anchors), else the
@@ -381,17 +418,24 @@ def prefill_layout(source: torch.Tensor, mask: torch.Tensor, positions: torch.Te
     else:
         pruned_positions = (pruned_mask.long().cumsum(1) - 1).clamp(min=0)
     return PrefillLayout(
-        source=source, attention_mask=pruned_mask, position_ids=pruned_positions,
-        is_vision=gather_rows(is_image, source, False), prompt_end=prompt_end(mask, labels, source),
-        images_per_sample=images_per_sample, input_length=is_image.shape[1],
-        next_position=next_position(pruned_positions, pruned_mask), selection=images,
+        source=source,
+        attention_mask=pruned_mask,
+        position_ids=pruned_positions,
+        is_vision=gather_rows(is_image, source, False),
+        prompt_end=prompt_end(mask, labels, source),
+        images_per_sample=images_per_sample,
+        input_length=is_image.shape[1],
+        next_position=next_position(pruned_positions, pruned_mask),
+        selection=images,
         stage2_budget=per_sample(images.stage2_keep, images_per_sample),
-        labels=None if labels is None else gather_rows(labels, source, IGNORE_INDEX))
+        labels=None if labels is None else gather_rows(labels, source, IGNORE_INDEX),
+    )
 
 
 # ----------------------------------------------------------------------------------- decode
-def decode_columns(layout: PrefillLayout, cached: int, batch: int, new: int,
-                   attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_columns(
+    layout: PrefillLayout, cached: int, batch: int, new: int, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Map a decode step's unpruned mask onto the pruned KV cache.
 
     Returns the mask columns of the generated tokens (B, generated + new), the full mask for the step
@@ -403,10 +447,12 @@ def decode_columns(layout: PrefillLayout, cached: int, batch: int, new: int,
     if attention_mask is None:
         columns = layout.attention_mask.new_ones(batch, generated + new)
     elif attention_mask.shape[1] != layout.input_length + generated + new:
-        raise NuwaInputError(f"attention_mask has {attention_mask.shape[1]} columns; expected the unpruned prompt "
-                             f"({layout.input_length}) + {generated} generated + {new} new")
+        raise NuwaInputError(
+            f"attention_mask has {attention_mask.shape[1]} columns; expected the unpruned prompt "
+            f"({layout.input_length}) + {generated} generated + {new} new"
+        )
     else:
-        columns = attention_mask[:, layout.input_length:]
+        columns = attention_mask[:, layout.input_length :]
     steps = torch.arange(generated, generated + new, device=columns.device)
     mask = torch.cat([layout.attention_mask, columns.to(layout.attention_mask.dtype)], 1)
     return columns, mask, layout.next_position.unsqueeze(1) + steps

@@ -7,13 +7,11 @@ same for LLaVA-NeXT (`LlavaNextForConditionalGeneration`, anyres tiles and row n
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
-import string
-
 import torch
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoProcessor,
@@ -86,8 +84,9 @@ SPACE = "\u2581"  # SentencePiece's word-start marker, as in the real families' 
 ROUND_TRIP_PIECE = Regex(rf"{SPACE}?[0-9]|{SPACE}?[^\w\s{SPACE}]|{SPACE}?[^\W_]+|{SPACE}|_")
 
 
-def build_tokenizer(words: list[str], atomic_tokens: list[str] = (), image_token: str = IMAGE,
-                    round_trip: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    words: list[str], atomic_tokens: list[str] = (), image_token: str = IMAGE, round_trip: bool = False
+) -> PreTrainedTokenizerFast:
     """Word-level tokenizer: `Whitespace` splitting (\\w+ | punctuation runs), atomic extra tokens.
 
     `round_trip`: decode(encode(text)) == text for any text of `words`, digits and ASCII punctuation, spaces
@@ -104,42 +103,70 @@ def build_tokenizer(words: list[str], atomic_tokens: list[str] = (), image_token
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     if round_trip:
-        core.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),
-            pre_tokenizers.Split(ROUND_TRIP_PIECE, behavior="isolated")])
+        core.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),
+                pre_tokenizers.Split(ROUND_TRIP_PIECE, behavior="isolated"),
+            ]
+        )
         core.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never")
     else:
         core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                        special_tokens=[(BOS, vocab[BOS])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        unk_token=UNK, extra_special_tokens={"image_token": image_token})
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        extra_special_tokens={"image_token": image_token},
+    )
     if atomic_tokens:
         tokenizer.add_tokens(list(atomic_tokens))
     return tokenizer
 
 
-def build_processor(spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[str] = (),
-                    round_trip: bool = False) -> LlavaProcessor:
-    image_processor = CLIPImageProcessor(size={"shortest_edge": spec.image_size},
-                                         crop_size={"height": spec.image_size, "width": spec.image_size})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(words, atomic_tokens, round_trip=round_trip),
-                          patch_size=spec.patch_size, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, image_token=IMAGE,
-                          chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE)
+def build_processor(
+    spec: TinyLlavaSpec, words: list[str], atomic_tokens: list[str] = (), round_trip: bool = False
+) -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(words, atomic_tokens, round_trip=round_trip),
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE,
+        chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE,
+    )
 
 
 def _tower_configs(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPVisionConfig, LlamaConfig]:
-    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden,
-                              intermediate_size=spec.vision_mlp or spec.vision_hidden * spec.mlp_ratio,
-                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                              image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
-    text = LlamaConfig(vocab_size=max(len(tokenizer), spec.vocab_size or 0), hidden_size=spec.text_hidden,
-                       intermediate_size=spec.text_mlp or spec.text_hidden * spec.mlp_ratio,
-                       num_hidden_layers=spec.text_layers,
-                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
-                       max_position_embeddings=spec.max_positions, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_mlp or spec.vision_hidden * spec.mlp_ratio,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=max(len(tokenizer), spec.vocab_size or 0),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_mlp or spec.text_hidden * spec.mlp_ratio,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return vision, text
 
 
@@ -149,22 +176,38 @@ def with_generation_tokens(model, tokenizer):
     return model.eval()
 
 
-def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype | None = None,
-                device: str = "cpu") -> LlavaForConditionalGeneration:
+def build_model(
+    spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype | None = None, device: str = "cpu"
+) -> LlavaForConditionalGeneration:
     """Random weights, initialised directly in `dtype` on `device` (a 7B-width stack never exists in fp32)."""
     vision, text = _tower_configs(spec, tokenizer)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-                         vision_feature_layer=spec.vision_feature_layer, vision_feature_select_strategy="default",
-                         image_seq_length=spec.grid[0] * spec.grid[1], pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=spec.grid[0] * spec.grid[1],
+        pad_token_id=tokenizer.pad_token_id,
+    )
     config._attn_implementation = spec.attn_implementation
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype) if dtype else \
-            LlavaForConditionalGeneration(config)
+        model = (
+            LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+            if dtype
+            else LlavaForConditionalGeneration(config)
+        )
     return with_generation_tokens(model, tokenizer)
 
 
-def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (), atomic_tokens: list[str] = (),
-                     round_trip: bool = False, dtype: torch.dtype | None = None, device: str = "cpu"):
+def build_tiny_llava(
+    spec: TinyLlavaSpec = TinyLlavaSpec(),
+    words: list[str] = (),
+    atomic_tokens: list[str] = (),
+    round_trip: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+):
     """(model, processor) for a tiny LLaVA with random weights and a vocabulary of `words`."""
     processor = build_processor(spec, list(words), list(atomic_tokens), round_trip)
     return build_model(spec, processor.tokenizer, dtype, device), processor
@@ -173,12 +216,28 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec(), words: list[str] = (
 # LLaVA-NeXT's anyres pinpoints (1x2, 2x1, 2x2, 3x1, 1x3 tiles, as (rows, cols)), in tiles of the vision input.
 NEXT_TILE_LAYOUTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 # A tiny LLaVA-NeXT: 32 px tiles of 8 px patches, so the base grid is 4x4 and the local grids up to 8x8 / 12x4.
-TINY_LLAVA_NEXT = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=2,
-                                vision_feature_layer=-2, text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=2)
+TINY_LLAVA_NEXT = TinyLlavaSpec(
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=3,
+    vision_heads=2,
+    vision_feature_layer=-2,
+    text_hidden=64,
+    text_layers=4,
+    text_heads=4,
+    text_kv_heads=2,
+)
 
 
-def build_tiny_llava_next(spec: TinyLlavaSpec = TINY_LLAVA_NEXT, words: list[str] = (), atomic_tokens: list[str] = (),
-                          tile_layouts=NEXT_TILE_LAYOUTS, round_trip: bool = False, **config_overrides):
+def build_tiny_llava_next(
+    spec: TinyLlavaSpec = TINY_LLAVA_NEXT,
+    words: list[str] = (),
+    atomic_tokens: list[str] = (),
+    tile_layouts=NEXT_TILE_LAYOUTS,
+    round_trip: bool = False,
+    **config_overrides,
+):
     """(model, processor) for a tiny LLaVA-NeXT (anyres) with random weights and a vocabulary of `words`.
 
     `config_overrides` go to `LlavaNextConfig` (e.g. an unsupported vision_feature_select_strategy).
@@ -187,21 +246,36 @@ def build_tiny_llava_next(spec: TinyLlavaSpec = TINY_LLAVA_NEXT, words: list[str
     tokenizer = build_tokenizer(list(words), list(atomic_tokens), round_trip=round_trip)
     pinpoints = [[rows * spec.image_size, cols * spec.image_size] for rows, cols in tile_layouts]
     vision, text = _tower_configs(spec, tokenizer)
-    settings = dict(image_grid_pinpoints=pinpoints, vision_feature_layer=spec.vision_feature_layer,
-                    vision_feature_select_strategy="default", image_seq_length=spec.grid[0] * spec.grid[1])
+    settings = dict(
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=spec.grid[0] * spec.grid[1],
+    )
     settings.update(config_overrides)
-    config = LlavaNextConfig(vision_config=vision, text_config=text,
-                             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-                             pad_token_id=tokenizer.pad_token_id, **settings)
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        pad_token_id=tokenizer.pad_token_id,
+        **settings,
+    )
     config._attn_implementation = spec.attn_implementation
     model = with_generation_tokens(LlavaNextForConditionalGeneration(config), tokenizer)
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size},
-                                                 crop_size={"height": spec.image_size, "width": spec.image_size},
-                                                 image_grid_pinpoints=pinpoints)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   image_token=IMAGE,
-                                   chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE,
+        chat_template=CHAT_TEMPLATE_IMAGE_LAST if spec.image_after_text else CHAT_TEMPLATE,
+    )
     return model, processor
 
 

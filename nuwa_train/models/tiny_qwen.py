@@ -62,42 +62,78 @@ class TinyQwenSpec:
     attn_implementation: str = "sdpa"
 
 
-def build_processor(spec: TinyQwenSpec, words: list[str] = (), atomic_tokens: list[str] = (),
-                    round_trip: bool = False) -> Qwen2VLImageProcessorOnly:
-    tokenizer = build_tokenizer(list(words), [VISION_START, VISION_END, VIDEO_PAD, *atomic_tokens],
-                                image_token=IMAGE_PAD, round_trip=round_trip)
-    images = Qwen2VLImageProcessorPil(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
-                                      size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels})
+def build_processor(
+    spec: TinyQwenSpec, words: list[str] = (), atomic_tokens: list[str] = (), round_trip: bool = False
+) -> Qwen2VLImageProcessorOnly:
+    tokenizer = build_tokenizer(
+        list(words), [VISION_START, VISION_END, VIDEO_PAD, *atomic_tokens], image_token=IMAGE_PAD, round_trip=round_trip
+    )
+    images = Qwen2VLImageProcessorPil(
+        patch_size=spec.patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+    )
     return Qwen2VLImageProcessorOnly(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 def build_model(spec: TinyQwenSpec, tokenizer):
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
-           (("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD), ("vision_start_token_id", VISION_START),
-            ("vision_end_token_id", VISION_END))}
-    text = dict(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
-                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                num_key_value_heads=spec.text_kv_heads, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": list(spec.mrope_section)},
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
-    common = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
-                  temporal_patch_size=2, spatial_merge_size=2)
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", IMAGE_PAD),
+            ("video_token_id", VIDEO_PAD),
+            ("vision_start_token_id", VISION_START),
+            ("vision_end_token_id", VISION_END),
+        )
+    }
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=2 * spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(spec.mrope_section)},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    common = dict(
+        depth=spec.vision_layers,
+        num_heads=spec.vision_heads,
+        patch_size=spec.patch_size,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+    )
     if spec.version == "qwen2_vl":
         vision = dict(common, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden, mlp_ratio=2)
         config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
     elif spec.version == "qwen2_5_vl":
-        vision = dict(common, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
-                      out_hidden_size=spec.text_hidden, window_size=spec.window_size,
-                      fullatt_block_indexes=list(spec.full_attention_blocks))
-        config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids), Qwen2_5_VLForConditionalGeneration
+        vision = dict(
+            common,
+            hidden_size=spec.vision_hidden,
+            intermediate_size=2 * spec.vision_hidden,
+            out_hidden_size=spec.text_hidden,
+            window_size=spec.window_size,
+            fullatt_block_indexes=list(spec.full_attention_blocks),
+        )
+        config, cls = (
+            Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids),
+            Qwen2_5_VLForConditionalGeneration,
+        )
     elif spec.version in ("qwen3_vl", "qwen3_vl_moe"):
         text["head_dim"] = spec.text_hidden // spec.text_heads
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
-        vision = dict(common, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
-                      out_hidden_size=spec.text_hidden, num_position_embeddings=spec.position_grid ** 2,
-                      deepstack_visual_indexes=list(spec.deepstack_blocks))
+        vision = dict(
+            common,
+            hidden_size=spec.vision_hidden,
+            intermediate_size=2 * spec.vision_hidden,
+            out_hidden_size=spec.text_hidden,
+            num_position_embeddings=spec.position_grid**2,
+            deepstack_visual_indexes=list(spec.deepstack_blocks),
+        )
         config, cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
         if spec.version == "qwen3_vl_moe":
             text.update(num_experts=spec.experts, num_experts_per_tok=2, moe_intermediate_size=spec.text_hidden)
@@ -108,8 +144,9 @@ def build_model(spec: TinyQwenSpec, tokenizer):
     return with_generation_tokens(cls._from_config(config, attn_implementation=spec.attn_implementation), tokenizer)
 
 
-def build_tiny_qwen(spec: TinyQwenSpec = TinyQwenSpec(), words: list[str] = (), atomic_tokens: list[str] = (),
-                    round_trip: bool = False):
+def build_tiny_qwen(
+    spec: TinyQwenSpec = TinyQwenSpec(), words: list[str] = (), atomic_tokens: list[str] = (), round_trip: bool = False
+):
     """(model, processor) for a tiny Qwen2-VL / 2.5-VL / 3-VL with random weights and a vocabulary of `words`."""
     processor = build_processor(spec, words, atomic_tokens, round_trip)
     return build_model(spec, processor.tokenizer), processor

@@ -35,8 +35,10 @@ class PhaseClock(Callback):
         if row is not None:
             for logger in trainer.loggers:
                 # CSV keeps the phase's name; other loggers take numbers only
-                logger.log_metrics({k: v for k, v in row.items() if isinstance(v, Number) or
-                                    getattr(logger, "accepts_text", False)}, step=module.position.step)
+                logger.log_metrics(
+                    {k: v for k, v in row.items() if isinstance(v, Number) or getattr(logger, "accepts_text", False)},
+                    step=module.position.step,
+                )
                 logger.save()
         if module.finished:
             trainer.should_stop = True
@@ -83,7 +85,7 @@ class CpuThreads(Callback):
                     self.current = torch.get_num_threads()
                 self.trial_times, self.recent = None, []
             return
-        self.recent = (self.recent + [seconds])[-self.trial:]
+        self.recent = (self.recent + [seconds])[-self.trial :]
         if self.count % self.period == 0 and len(self.recent) == self.trial:
             torch.set_num_threads(self.options[0] if self.current == self.options[1] else self.options[1])
             self.trial_times = []
@@ -98,13 +100,30 @@ class ExportBase(Callback):
     (referring expressions with probability `conversation_grounding`), scored turn by turn (conversations.py).
     """
 
-    def __init__(self, export_dir: str = "data/tiny_base", minutes: float = 15.0, snapshot_eval_images: int = 150,
-                 final_eval_images: int = 1000, saliency_images: int = 200, eval_batch_size: int = 64,
-                 max_new_tokens: int = 8, test_data: dict | None = None, conversation_turns: int = 0,
-                 conversation_grounding: float = 0.3):
-        self.settings = ExportSettings(export_dir, snapshot_eval_images, final_eval_images, saliency_images,
-                                       eval_batch_size, max_new_tokens, dict(test_data or {}), conversation_turns,
-                                       conversation_grounding)
+    def __init__(
+        self,
+        export_dir: str = "data/tiny_base",
+        minutes: float = 15.0,
+        snapshot_eval_images: int = 150,
+        final_eval_images: int = 1000,
+        saliency_images: int = 200,
+        eval_batch_size: int = 64,
+        max_new_tokens: int = 8,
+        test_data: dict | None = None,
+        conversation_turns: int = 0,
+        conversation_grounding: float = 0.3,
+    ):
+        self.settings = ExportSettings(
+            export_dir,
+            snapshot_eval_images,
+            final_eval_images,
+            saliency_images,
+            eval_batch_size,
+            max_new_tokens,
+            dict(test_data or {}),
+            conversation_turns,
+            conversation_grounding,
+        )
         self.minutes = minutes
         self.recipe: dict = {}  # the parsed recipe, written next to the model (set by the CLI)
         self.recipe_file: str | None = None  # the recipe's path, for the README's commands (set by the CLI)
@@ -130,5 +149,4 @@ class ExportBase(Callback):
 
     def export(self, trainer, module, final: bool, progress: bool = False):
         """`progress`: bars for the evaluation (off while training: they would interleave with the trainer's)."""
-        return export_base(module, self.settings, final, self.recipe, training_log(trainer), progress,
-                           self.recipe_file)
+        return export_base(module, self.settings, final, self.recipe, training_log(trainer), progress, self.recipe_file)

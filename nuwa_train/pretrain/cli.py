@@ -14,7 +14,6 @@ from lightning.pytorch.cli import LightningCLI
 
 from ..errors import UsageError
 from ..io import save_tensor_tree
-
 from .callbacks import ExportBase
 from .data import TinyBaseData
 from .module import TinyBasePretrainer
@@ -61,8 +60,10 @@ def prepared_state(run_dir: Path) -> tuple[Path | None, int]:
     state = read_state(path)  # refuses (by name) a file that would run code
     if is_legacy_state(state):
         converted = save_tensor_tree(run_dir / STATE_NAME, convert_legacy_state(state))
-        print(f"converted the resume state {path} to a Lightning checkpoint {converted} (step {state['step']})",
-              flush=True)
+        print(
+            f"converted the resume state {path} to a Lightning checkpoint {converted} (step {state['step']})",
+            flush=True,
+        )
         if path != converted:
             path.unlink()
         return converted, int(state["step"])
@@ -81,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--config", argv[0], *argv[1:]]
     # The arguments are the command line's, rewritten: LightningCLI's warning about getting both does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = PretrainCLI(TinyBasePretrainer, TinyBaseData, run=False, args=argv, save_config_kwargs={"overwrite": True},
-                      seed_everything_default=False)
+    cli = PretrainCLI(
+        TinyBasePretrainer,
+        TinyBaseData,
+        run=False,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=False,
+    )
     trainer, module = cli.trainer, cli.model
     checkpoint = _callback(trainer, StateCheckpoint)
     if checkpoint is None:
@@ -95,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     state, step = (None, 0) if cli.config.fresh else prepared_state(run_dir)
     if cli.config.export_only:
         if state is None:
-            raise UsageError(f"--export-only: no {STATE_NAME} in {run_dir} to export from (train first: the same "
-                             f"command without --export-only)")
+            raise UsageError(
+                f"--export-only: no {STATE_NAME} in {run_dir} to export from (train first: the same "
+                f"command without --export-only)"
+            )
         if export is None:
             raise UsageError("--export-only: the recipe's trainer.callbacks have no ExportBase")
         load_state_into(module, state)
@@ -108,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         module.skip_finished_phases()
         if module.finished:
             # fit would resume, train nothing, and still rewrite the state and the log
-            print(f"nothing to train: {state} is at step {step}, the end of the recipe's last phase "
-                  f"({module.phases[-1].name!r}). Append a phase to the recipe to train on, pass --fresh to start "
-                  f"over, or --export-only to re-export", flush=True)
+            print(
+                f"nothing to train: {state} is at step {step}, the end of the recipe's last phase "
+                f"({module.phases[-1].name!r}). Append a phase to the recipe to train on, pass --fresh to start "
+                f"over, or --export-only to re-export",
+                flush=True,
+            )
             return 0
         print(f"resuming from {state}", flush=True)
     keep_log_until(trainer, step)

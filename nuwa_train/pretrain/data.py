@@ -45,8 +45,13 @@ def conversation_row(records, image) -> dict:
     for record in records:
         messages += [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.answer}]
     first = records[0]
-    return dict(id=f"{first.scene.split}-{first.scene.index:06d}-conversation", image=image, prompt=first.prompt,
-                answer=first.answer, messages=messages)
+    return dict(
+        id=f"{first.scene.split}-{first.scene.index:06d}-conversation",
+        image=image,
+        prompt=first.prompt,
+        answer=first.answer,
+        messages=messages,
+    )
 
 
 def phase_synthetic(base: SyntheticConfig, phase: Phase) -> SyntheticConfig:
@@ -117,18 +122,28 @@ class BatchMaker:
         out["kinds"] = [record.kind for records in turns for record in records]
         out["turn_index"] = [turn for records in turns for turn in range(len(records))]
         covers = out.pop("cover_list")
-        referred = [self.targets.referred_patches(records, covers[index])
-                    for records, index in zip(turns, image_of_record)]
+        referred = [
+            self.targets.referred_patches(records, covers[index]) for records, index in zip(turns, image_of_record)
+        ]
         out["referred"] = torch.as_tensor(np.stack(referred), dtype=torch.float32)
-        out["answer_referred"] = torch.as_tensor(np.stack([  # per answer: the objects its question is about
-            self.targets.referred_patches(record, covers[index])
-            for records, index in zip(turns, image_of_record) for record in records]), dtype=torch.float32)
+        out["answer_referred"] = torch.as_tensor(
+            np.stack(
+                [  # per answer: the objects its question is about
+                    self.targets.referred_patches(record, covers[index])
+                    for records, index in zip(turns, image_of_record)
+                    for record in records
+                ]
+            ),
+            dtype=torch.float32,
+        )
         return out
 
     def _scene_targets(self, scenes) -> dict:
         targets = [self.targets.scene_targets(s) for s in scenes]
-        out = {key: torch.as_tensor(np.stack([t[key] for t in targets]))
-               for key in ("classes", "boxes", "counts", "presence")}
+        out = {
+            key: torch.as_tensor(np.stack([t[key] for t in targets]))
+            for key in ("classes", "boxes", "counts", "presence")
+        }
         out["cover_list"] = [t["cover"] for t in targets]
         return out
 

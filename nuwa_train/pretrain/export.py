@@ -38,8 +38,15 @@ class ExportSettings:
     conversation_grounding: float = 0.3  # share of the conversations' turns that are referring expressions
 
 
-def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log_path: Path | None,
-                progress: bool = False, recipe_file: str | None = None) -> Path:
+def export_base(
+    module,
+    settings: ExportSettings,
+    final: bool,
+    recipe: dict,
+    log_path: Path | None,
+    progress: bool = False,
+    recipe_file: str | None = None,
+) -> Path:
     """Evaluate the module's model on the test split, then write the export directory (see the module docstring).
 
     `progress`: a bar per measurement (an export on its own takes minutes; during training it would interleave
@@ -52,19 +59,43 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
     model, processor = module.model, module.processor
     was_training = model.training
     try:
-        result = evaluate(model, processor, records, synthetic_config=test, batch_size=settings.eval_batch_size,
-                          max_new_tokens=settings.max_new_tokens, progress=progress,
-                          description=f"test split, {len(records)} records")
-        saliency = measure_saliency(model, processor, test, module.spec, min(images, settings.saliency_images),
-                                    progress=progress)
-        report = {"final": final, "step": module.position.step, "total_steps": module.total_steps,
-                  "phase_steps": module.phase_steps(), "train_seconds": round(module.elapsed, 1),
-                  "test_images": images, "test_records": len(records), "eval": result.to_dict(),
-                  "saliency": saliency, "recipe": recipe, "recipe_file": recipe_file}
+        result = evaluate(
+            model,
+            processor,
+            records,
+            synthetic_config=test,
+            batch_size=settings.eval_batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            progress=progress,
+            description=f"test split, {len(records)} records",
+        )
+        saliency = measure_saliency(
+            model, processor, test, module.spec, min(images, settings.saliency_images), progress=progress
+        )
+        report = {
+            "final": final,
+            "step": module.position.step,
+            "total_steps": module.total_steps,
+            "phase_steps": module.phase_steps(),
+            "train_seconds": round(module.elapsed, 1),
+            "test_images": images,
+            "test_records": len(records),
+            "eval": result.to_dict(),
+            "saliency": saliency,
+            "recipe": recipe,
+            "recipe_file": recipe_file,
+        }
         if settings.conversation_turns:
             report["conversations"] = evaluate_conversations(
-                model, processor, test, images, settings.conversation_turns, settings.conversation_grounding,
-                settings.eval_batch_size, settings.max_new_tokens)
+                model,
+                processor,
+                test,
+                images,
+                settings.conversation_turns,
+                settings.conversation_grounding,
+                settings.eval_batch_size,
+                settings.max_new_tokens,
+            )
         target = Path(settings.export_dir)
         model.eval()
 
@@ -80,14 +111,24 @@ def export_base(module, settings: ExportSettings, final: bool, recipe: dict, log
         write_directory_atomically(target, write)
     finally:
         model.train(was_training)
-    print(f"exported step {module.position.step} to {target}: vqa {result.vqa_exact_match:.3f} "
-          f"grounding {result.grounding_acc50:.3f} miou {result.grounding_miou:.3f}", flush=True)
+    print(
+        f"exported step {module.position.step} to {target}: vqa {result.vqa_exact_match:.3f} "
+        f"grounding {result.grounding_acc50:.3f} miou {result.grounding_miou:.3f}",
+        flush=True,
+    )
     return target
 
 
 @torch.no_grad()
-def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaSpec, images: int,
-                     top: int = SALIENCY_TOP, progress: bool = False) -> dict:
+def measure_saliency(
+    model,
+    processor,
+    config: SyntheticConfig,
+    spec: TinyLlavaSpec,
+    images: int,
+    top: int = SALIENCY_TOP,
+    progress: bool = False,
+) -> dict:
     """Is CLS attention (the pruners' stage-1 score) a saliency map? Measured on test images.
 
     mass_on_objects: share of the CLS-attention mass on object patches (>= 25% covered);
@@ -109,8 +150,12 @@ def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaS
         task = bar.add_task("CLS-attention saliency", total=images)
         for first in range(0, images, SALIENCY_BATCH):
             scenes = [generate_scene(config, "test", i) for i in range(first, min(images, first + SALIENCY_BATCH))]
-            pixels = torch.stack([torch.from_numpy(np.asarray(render(s, config), dtype=np.float32)).permute(2, 0, 1)
-                                  for s in scenes]) / 255.0
+            pixels = (
+                torch.stack(
+                    [torch.from_numpy(np.asarray(render(s, config), dtype=np.float32)).permute(2, 0, 1) for s in scenes]
+                )
+                / 255.0
+            )
             pixels = (pixels - mean) / std
             scores = adapter.encode(pixels, NuwaConfig()).segments[0].scores
             scores = scores / scores.sum(1, keepdim=True)
@@ -124,32 +169,49 @@ def measure_saliency(model, processor, config: SyntheticConfig, spec: TinyLlavaS
                 total += len(scene.objects)
             bar.advance(task, len(scenes))
     model.train(was_training)
-    return {"images": images, "mass_on_objects": mass / images, "area_on_objects": area / images,
-            "mass_over_area": (mass / images) / max(area / images, 1e-9), f"objects_in_top{top}": found / max(total, 1)}
+    return {
+        "images": images,
+        "mass_on_objects": mass / images,
+        "area_on_objects": area / images,
+        "mass_over_area": (mass / images) / max(area / images, 1e-9),
+        f"objects_in_top{top}": found / max(total, 1),
+    }
 
 
 def report_markdown(report: dict) -> str:
     ev, sal = report["eval"], report["saliency"]
     status = "final" if report["final"] else f"snapshot, training in progress at step {report['step']}"
-    lines = [f"# Tiny base VLM: evaluation ({status})", "",
-             f"Test split of the synthetic benchmark, {report['test_images']} images ({report['test_records']} "
-             f"records), full vision tokens ({ev['vision_tokens_total']} per image), greedy decoding.", "",
-             "| metric | value |", "|---|---|",
-             f"| VQA exact match | {ev['vqa_exact_match']:.3f} ({ev['num_vqa']} questions) |",
-             f"| grounding Acc@IoU>=0.5 | {ev['grounding_acc50']:.3f} ({ev['num_grounding']} expressions) |",
-             f"| grounding mean IoU | {ev['grounding_miou']:.3f} |",
-             f"| unparseable boxes | {ev['unparseable']} |", "",
-             "| question kind | accuracy | records |", "|---|---|---|"]
+    lines = [
+        f"# Tiny base VLM: evaluation ({status})",
+        "",
+        f"Test split of the synthetic benchmark, {report['test_images']} images ({report['test_records']} "
+        f"records), full vision tokens ({ev['vision_tokens_total']} per image), greedy decoding.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| VQA exact match | {ev['vqa_exact_match']:.3f} ({ev['num_vqa']} questions) |",
+        f"| grounding Acc@IoU>=0.5 | {ev['grounding_acc50']:.3f} ({ev['num_grounding']} expressions) |",
+        f"| grounding mean IoU | {ev['grounding_miou']:.3f} |",
+        f"| unparseable boxes | {ev['unparseable']} |",
+        "",
+        "| question kind | accuracy | records |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v:.3f} | {ev['per_kind_count'][k]} |" for k, v in ev["per_kind"].items()]
     if report.get("conversations"):
         lines += ["", *conversation_markdown(report["conversations"])]
-    lines += ["", "CLS attention of the vision feature layer (the stage-1 pruning score), on "
-              f"{sal['images']} test images:", "",
-              f"- mass on object patches: {sal['mass_on_objects']:.3f} (object patches are "
-              f"{sal['area_on_objects']:.3f} of the image: {sal['mass_over_area']:.2f}x uniform)",
-              f"- objects with a patch in the CLS top-16: {sal['objects_in_top16']:.3f}", "",
-              f"Training: {report['step']} steps ({', '.join(f'{k} {v}' for k, v in report.get('phase_steps', {}).items())})"
-              f", {report['train_seconds'] / 60:.1f} minutes of training time.", ""]
+    lines += [
+        "",
+        f"CLS attention of the vision feature layer (the stage-1 pruning score), on {sal['images']} test images:",
+        "",
+        f"- mass on object patches: {sal['mass_on_objects']:.3f} (object patches are "
+        f"{sal['area_on_objects']:.3f} of the image: {sal['mass_over_area']:.2f}x uniform)",
+        f"- objects with a patch in the CLS top-16: {sal['objects_in_top16']:.3f}",
+        "",
+        f"Training: {report['step']} steps ({', '.join(f'{k} {v}' for k, v in report.get('phase_steps', {}).items())})"
+        f", {report['train_seconds'] / 60:.1f} minutes of training time.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -166,14 +228,24 @@ def readme_text(report: dict) -> str:
     model = recipe.get("model", {})
     recipe_file = report.get("recipe_file") or "recipes/tiny_base.yaml"
     run_dir = _run_dir(recipe)
-    export_dir = next((str(c["init_args"]["export_dir"]) for c in recipe.get("trainer", {}).get("callbacks") or []
-                       if str(c.get("class_path", "")).endswith("ExportBase") and "export_dir" in c.get("init_args", {})),
-                      "data/tiny_base")
-    origin = (f"continued from `{model['init_from']}` (see `recipe.yaml`)" if model.get("init_from")
-              else "trained from scratch")
-    layout = ("the question before the image (`user : question <image> assistant :`)"
-              if model.get("spec", {}).get("image_after_text") else
-              "the image first (`user : <image> question assistant :`), as LLaVA and Qwen-VL lay out a turn")
+    export_dir = next(
+        (
+            str(c["init_args"]["export_dir"])
+            for c in recipe.get("trainer", {}).get("callbacks") or []
+            if str(c.get("class_path", "")).endswith("ExportBase") and "export_dir" in c.get("init_args", {})
+        ),
+        "data/tiny_base",
+    )
+    origin = (
+        f"continued from `{model['init_from']}` (see `recipe.yaml`)"
+        if model.get("init_from")
+        else "trained from scratch"
+    )
+    layout = (
+        "the question before the image (`user : question <image> assistant :`)"
+        if model.get("spec", {}).get("image_after_text")
+        else "the image first (`user : <image> question assistant :`), as LLaVA and Qwen-VL lay out a turn"
+    )
     return f"""# Tiny base VLM (nuwa-train's stand-in for a pretrained VLM)
 
 A tiny `LlavaForConditionalGeneration` (CLIP vision tower + Llama LM, word-level tokenizer with
@@ -193,7 +265,7 @@ saliency map). This export is
 
 ## Reproduce
 
-From the repository root (2 CPU cores, about {report['train_seconds'] / 60:.0f} minutes of training here):
+From the repository root (2 CPU cores, about {report["train_seconds"] / 60:.0f} minutes of training here):
 
 ```
 OMP_NUM_THREADS=2 python -m nuwa_train.pretrain {recipe_file}    # or: nuwa-train pretrain-base {recipe_file}

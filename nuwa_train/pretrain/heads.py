@@ -19,8 +19,9 @@ def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
     """(H*W, dim) 2-D sine-cosine position table: half the channels encode rows, half columns."""
     quarter = dim // 4
     omega = 1.0 / (SINCOS_BASE ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float32),
-                                torch.arange(grid[1], dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32), indexing="ij"
+    )
     parts = []
     for coord in (rows.reshape(-1), cols.reshape(-1)):
         angles = coord[:, None] * omega[None]
@@ -59,8 +60,12 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     row gives one loss per assistant turn (every turn weighs as much as a single-turn record's answer). Answers
     are ordered by row, then by position in the row; 1-token answers weigh as much as 5-token boxes."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="none")
+    token = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
     valid = (shift_labels != IGNORE_INDEX).reshape(-1)
     # A new answer starts at a labelled token whose predecessor in the same row is not labelled.
     starts = shift_labels != IGNORE_INDEX
@@ -81,8 +86,15 @@ def answer_queries(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, positions
 
 
-def retrieval_loss(layer: nn.Module, layer_input: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                   rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, head: int) -> torch.Tensor:
+def retrieval_loss(
+    layer: nn.Module,
+    layer_input: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    head: int,
+) -> torch.Tensor:
     """-log of the attention mass that one head of an LLM decoder layer puts, from each answer's query token, on
     the patches of the objects its question is about (`targets` (A, L) bool over the row's positions).
 
@@ -123,8 +135,9 @@ class AuxHeads(nn.Module):
         self.presence = nn.Linear(vision_dim, len(targets.triples))
         self.referred = nn.Linear(text_dim, 1)
 
-    def vision_losses(self, features: torch.Tensor, batch: dict, pooled: torch.Tensor | None = None
-                      ) -> dict[str, torch.Tensor]:
+    def vision_losses(
+        self, features: torch.Tensor, batch: dict, pooled: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """features (B, 1 + N, D) of the feature layer, CLS first; `pooled` (B, D) replaces the CLS output
         as the input of the presence head (see `cls_attention_pool`)."""
         patches = self.patch_norm(features[:, 1:].float())
@@ -132,18 +145,22 @@ class AuxHeads(nn.Module):
         b, n, _ = patches.shape
         losses = {
             "class": F.cross_entropy(self.patch_class(patches).reshape(b * n, -1), batch["classes"].reshape(-1)),
-            "count": F.cross_entropy(self.patch_count(patches).reshape(b * n * self.count_slots, self.count_values),
-                                     batch["counts"][:, None, :].expand(b, n, -1).reshape(-1)),
+            "count": F.cross_entropy(
+                self.patch_count(patches).reshape(b * n * self.count_slots, self.count_values),
+                batch["counts"][:, None, :].expand(b, n, -1).reshape(-1),
+            ),
             "presence": F.binary_cross_entropy_with_logits(self.presence(cls), batch["presence"]),
         }
         boxes = batch["boxes"].reshape(-1)
         if (boxes != IGNORE_INDEX).any():
-            losses["box"] = F.cross_entropy(self.patch_box(patches).reshape(b * n * 4, self.bins), boxes,
-                                            ignore_index=IGNORE_INDEX)
+            losses["box"] = F.cross_entropy(
+                self.patch_box(patches).reshape(b * n * 4, self.bins), boxes, ignore_index=IGNORE_INDEX
+            )
         return losses
 
     def referred_loss(self, hidden: torch.Tensor, is_image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """BCE of 'this vision token is part of the referred object' on the LLM's vision tokens."""
         logits = self.referred(hidden[is_image].float()).squeeze(-1)
-        return F.binary_cross_entropy_with_logits(logits, target.reshape(-1),
-                                                  pos_weight=torch.tensor(self.referred_pos_weight))
+        return F.binary_cross_entropy_with_logits(
+            logits, target.reshape(-1), pos_weight=torch.tensor(self.referred_pos_weight)
+        )

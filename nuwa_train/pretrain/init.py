@@ -42,8 +42,10 @@ class InitReport:
         if self.new_layers:
             parts.append(f"new LLM layers {self.new_layers} start as the identity (zero o_proj / down_proj)")
         if self.fresh:
-            parts.append(f"{len(self.fresh)} tensors not in the source keep their initialisation "
-                         f"({', '.join(sorted({name.split('.')[0] for name in self.fresh}))})")
+            parts.append(
+                f"{len(self.fresh)} tensors not in the source keep their initialisation "
+                f"({', '.join(sorted({name.split('.')[0] for name in self.fresh}))})"
+            )
         return "; ".join(parts)
 
 
@@ -52,8 +54,10 @@ def source_weights(source: str | Path) -> dict[str, torch.Tensor]:
     path = Path(source)
     if path.is_dir():
         if not (path / EXPORT_WEIGHTS).is_file():
-            raise InitFromError(f"{INIT_KEY}={source!s}: the directory has no {EXPORT_WEIGHTS} (an exported base "
-                                f"directory, e.g. data/tiny_base, or a run's last.safetensors is expected)")
+            raise InitFromError(
+                f"{INIT_KEY}={source!s}: the directory has no {EXPORT_WEIGHTS} (an exported base "
+                f"directory, e.g. data/tiny_base, or a run's last.safetensors is expected)"
+            )
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(path)  # maps the saved layout to the module's names
@@ -62,8 +66,10 @@ def source_weights(source: str | Path) -> dict[str, torch.Tensor]:
         raise InitFromError(f"{INIT_KEY}={source!s}: no such file or directory")
     state = read_state(path)
     if "state_dict" not in state:
-        raise InitFromError(f"{INIT_KEY}={source!s}: not a pre-training state (no 'state_dict'); give a run's "
-                            f"last.safetensors or an exported base directory")
+        raise InitFromError(
+            f"{INIT_KEY}={source!s}: not a pre-training state (no 'state_dict'); give a run's "
+            f"last.safetensors or an exported base directory"
+        )
     return dict(state["state_dict"])
 
 
@@ -73,21 +79,30 @@ def load_initial_weights(module, source: str | Path) -> InitReport:
     target = module.state_dict()
     unknown = sorted(set(weights) - set(target))
     if unknown:
-        raise InitFromError(f"{INIT_KEY}={source!s}: {len(unknown)} source weights have no place in the recipe's "
-                            f"model (first: {unknown[:3]}); its model.spec must be at least the source's size "
-                            f"(only more LLM layers may be added)")
-    mismatched = [f"{name} {tuple(weights[name].shape)} -> {tuple(target[name].shape)}"
-                  for name in sorted(weights) if weights[name].shape != target[name].shape]
+        raise InitFromError(
+            f"{INIT_KEY}={source!s}: {len(unknown)} source weights have no place in the recipe's "
+            f"model (first: {unknown[:3]}); its model.spec must be at least the source's size "
+            f"(only more LLM layers may be added)"
+        )
+    mismatched = [
+        f"{name} {tuple(weights[name].shape)} -> {tuple(target[name].shape)}"
+        for name in sorted(weights)
+        if weights[name].shape != target[name].shape
+    ]
     if mismatched:
-        raise InitFromError(f"{INIT_KEY}={source!s}: {len(mismatched)} weights differ in shape from the recipe's "
-                            f"model (source -> recipe: {'; '.join(mismatched[:3])}); make model.spec's widths, "
-                            f"heads and vocabulary match the source's (only text_layers may grow)")
+        raise InitFromError(
+            f"{INIT_KEY}={source!s}: {len(mismatched)} weights differ in shape from the recipe's "
+            f"model (source -> recipe: {'; '.join(mismatched[:3])}); make model.spec's widths, "
+            f"heads and vocabulary match the source's (only text_layers may grow)"
+        )
     missing = sorted(set(target) - set(weights))
     new_layers = sorted({int(match.group(1)) for name in missing if (match := DECODER_LAYER.match(name))})
     source_layers = {int(match.group(1)) for name in weights if (match := DECODER_LAYER.match(name))}
     if new_layers and source_layers and min(new_layers) <= max(source_layers):
-        raise InitFromError(f"{INIT_KEY}={source!s}: the source lacks weights of LLM layers {new_layers} that lie "
-                            f"among its own layers (a partial source)")
+        raise InitFromError(
+            f"{INIT_KEY}={source!s}: the source lacks weights of LLM layers {new_layers} that lie "
+            f"among its own layers (a partial source)"
+        )
     with torch.no_grad():
         module.load_state_dict(weights, strict=False)
         for name, param in module.named_parameters():

@@ -64,11 +64,22 @@ class TinyBasePretrainer(L.LightningModule):
     `retrieval_layer` / `retrieval_head`: the LLM attention head a phase's `retrieval_weight` supervises (default:
     head 0 of the middle layer)."""
 
-    def __init__(self, phases: list[Phase], spec: TinyLlavaSpec = TinyLlavaSpec(),
-                 synthetic: SyntheticConfig = SyntheticConfig(), seed: int = 0, position_init_scale: float = 0.5,
-                 presence_from: PresenceInput = "cls", referred_layer: int = 2, referred_pos_weight: float = 4.0,
-                 weight_decay: float = 0.01, adam_betas: tuple[float, float] = (0.9, 0.98),
-                 init_from: str | None = None, retrieval_layer: int | None = None, retrieval_head: int = 0):
+    def __init__(
+        self,
+        phases: list[Phase],
+        spec: TinyLlavaSpec = TinyLlavaSpec(),
+        synthetic: SyntheticConfig = SyntheticConfig(),
+        seed: int = 0,
+        position_init_scale: float = 0.5,
+        presence_from: PresenceInput = "cls",
+        referred_layer: int = 2,
+        referred_pos_weight: float = 4.0,
+        weight_decay: float = 0.01,
+        adam_betas: tuple[float, float] = (0.9, 0.98),
+        init_from: str | None = None,
+        retrieval_layer: int | None = None,
+        retrieval_head: int = 0,
+    ):
         super().__init__()
         if presence_from not in ("cls", "cls_attention"):
             raise ValueError(f"model.presence_from={presence_from!r} must be one of cls, cls_attention")
@@ -81,21 +92,34 @@ class TinyBasePretrainer(L.LightningModule):
         if retrieval_layer is None:  # the middle of the LLM: its input has read the question, and layers are left
             retrieval_layer = self.spec.text_layers // 2
         if not 0 <= retrieval_layer < self.spec.text_layers or not 0 <= retrieval_head < self.spec.text_heads:
-            raise ValueError(f"model.retrieval_layer={retrieval_layer} / model.retrieval_head={retrieval_head} must "
-                             f"name a layer < {self.spec.text_layers} and a head < {self.spec.text_heads} of the LLM")
+            raise ValueError(
+                f"model.retrieval_layer={retrieval_layer} / model.retrieval_head={retrieval_head} must "
+                f"name a layer < {self.spec.text_layers} and a head < {self.spec.text_heads} of the LLM"
+            )
         self.retrieval_layer, self.retrieval_head = retrieval_layer, retrieval_head
         self.presence_from, self.referred_layer = presence_from, referred_layer
         self.weight_decay, self.adam_betas = weight_decay, tuple(adam_betas)
-        self.save_hyperparameters({"phases": [asdict(p) for p in self.phases], "spec": asdict(self.spec),
-                                   "synthetic": asdict(self.synthetic), "seed": seed,
-                                   "position_init_scale": position_init_scale, "presence_from": presence_from,
-                                   "referred_layer": referred_layer, "referred_pos_weight": referred_pos_weight,
-                                   "weight_decay": weight_decay, "adam_betas": list(self.adam_betas),
-                                   "init_from": init_from, "retrieval_layer": retrieval_layer,
-                                   "retrieval_head": retrieval_head})
+        self.save_hyperparameters(
+            {
+                "phases": [asdict(p) for p in self.phases],
+                "spec": asdict(self.spec),
+                "synthetic": asdict(self.synthetic),
+                "seed": seed,
+                "position_init_scale": position_init_scale,
+                "presence_from": presence_from,
+                "referred_layer": referred_layer,
+                "referred_pos_weight": referred_pos_weight,
+                "weight_decay": weight_decay,
+                "adam_betas": list(self.adam_betas),
+                "init_from": init_from,
+                "retrieval_layer": retrieval_layer,
+                "retrieval_head": retrieval_head,
+            }
+        )
         torch.manual_seed(seed)  # the initial weights are a function of the recipe
-        self.model, self.processor = build_tiny_llava(self.spec, vocabulary(self.synthetic),
-                                                      coordinate_tokens(self.synthetic))
+        self.model, self.processor = build_tiny_llava(
+            self.spec, vocabulary(self.synthetic), coordinate_tokens(self.synthetic)
+        )
         init_vision_positions(self.model, self.spec, position_init_scale)
         self.model.train()  # built in eval mode; Lightning keeps each module's mode
         self.targets = TargetMaker(self.synthetic, self.spec)
@@ -103,7 +127,8 @@ class TinyBasePretrainer(L.LightningModule):
         if init_from is not None:  # a resumed run then loads its own state over these weights
             print(load_initial_weights(self, init_from).summary(), flush=True)
         self.vision_params = set(self.model.model.vision_tower.parameters()) | {
-            p for n, p in self.heads.named_parameters() if not n.startswith("referred")}
+            p for n, p in self.heads.named_parameters() if not n.startswith("referred")
+        }
         self.position = Position()
         self.elapsed = 0.0  # training seconds over all sessions
         self.window: dict[str, list[float]] = defaultdict(list)  # metrics since the last log row
@@ -114,17 +139,20 @@ class TinyBasePretrainer(L.LightningModule):
             try:
                 phase_synthetic(self.synthetic, phase)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"model.phases.{index} ({phase.name!r}): bad data override {phase.data}: "
-                                 f"{error}") from None
+                raise ValueError(
+                    f"model.phases.{index} ({phase.name!r}): bad data override {phase.data}: {error}"
+                ) from None
 
     def _check_referred(self) -> None:
         """The referred head asks the LLM's vision tokens which patches the question is about: they can know only
         when the question comes before the image."""
         for index, phase in enumerate(self.phases):
             if phase.referred_weight > 0 and not self.spec.image_after_text:
-                raise ValueError(f"model.phases.{index} ({phase.name!r}): referred_weight={phase.referred_weight} "
-                                 f"needs model.spec.image_after_text: true (with the image first its tokens cannot "
-                                 f"see the question); set referred_weight: 0")
+                raise ValueError(
+                    f"model.phases.{index} ({phase.name!r}): referred_weight={phase.referred_weight} "
+                    f"needs model.spec.image_after_text: true (with the image first its tokens cannot "
+                    f"see the question); set referred_weight: 0"
+                )
 
     # ------------------------------------------------------------------------------- where the run is
     @property
@@ -194,24 +222,34 @@ class TinyBasePretrainer(L.LightningModule):
             embeds = self.model.get_input_embeddings()(ids.masked_fill(is_image, 0))
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
             language_model = self.model.model.language_model
-            out = language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                 output_hidden_states=phase.referred_weight > 0 or phase.retrieval_weight > 0)
+            out = language_model(
+                inputs_embeds=embeds,
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=phase.referred_weight > 0 or phase.retrieval_weight > 0,
+            )
             per_answer = answer_losses(self.model.lm_head(out.last_hidden_state), batch["labels"])
             if len(per_answer) != len(batch["kinds"]):
-                raise RuntimeError(f"the batch has {len(per_answer)} labelled answers for {len(batch['kinds'])} "
-                                   f"questions asked: an answer was cut or two answers were joined")
+                raise RuntimeError(
+                    f"the batch has {len(per_answer)} labelled answers for {len(batch['kinds'])} "
+                    f"questions asked: an answer was cut or two answers were joined"
+                )
             parts["lm"] = per_answer.mean()
             total = total + phase.lm_weight * parts["lm"]
             if phase.referred_weight > 0:
-                parts["referred"] = self.heads.referred_loss(out.hidden_states[self.referred_layer], is_image,
-                                                             batch["referred"])
+                parts["referred"] = self.heads.referred_loss(
+                    out.hidden_states[self.referred_layer], is_image, batch["referred"]
+                )
                 total = total + phase.referred_weight * parts["referred"]
             if phase.retrieval_weight > 0:
-                parts["retrieval"] = self._retrieval_loss(language_model, out.hidden_states, embeds, is_image,
-                                                          batch)
+                parts["retrieval"] = self._retrieval_loss(language_model, out.hidden_states, embeds, is_image, batch)
                 total = total + phase.retrieval_weight * parts["retrieval"]
-        self.log("loss", total.detach(), prog_bar=True, logger=False,  # log.csv gets the window means (PhaseClock)
-                 batch_size=phase.batch_size)
+        self.log(
+            "loss",
+            total.detach(),
+            prog_bar=True,
+            logger=False,  # log.csv gets the window means (PhaseClock)
+            batch_size=phase.batch_size,
+        )
         metrics = {k: float(v.detach()) for k, v in parts.items()}
         metrics.update(lr=lr, loss=float(total.detach()), threads=torch.get_num_threads())
         if per_answer is not None:
@@ -228,24 +266,37 @@ class TinyBasePretrainer(L.LightningModule):
         targets[is_image[rows]] = (batch["answer_referred"] >= COVER_THRESHOLD).reshape(-1)
         position_ids = torch.arange(is_image.shape[1], device=is_image.device)[None].expand(len(is_image), -1)
         rotary = language_model.rotary_emb(embeds, position_ids)  # the positions the model used (right padding)
-        return retrieval_loss(language_model.layers[self.retrieval_layer], hidden_states[self.retrieval_layer],
-                              rotary, rows, positions, targets, self.retrieval_head)
+        return retrieval_loss(
+            language_model.layers[self.retrieval_layer],
+            hidden_states[self.retrieval_layer],
+            rotary,
+            rows,
+            positions,
+            targets,
+            self.retrieval_head,
+        )
 
     def configure_optimizers(self):
         """AdamW over every weight (a phase freezes by requires_grad); no decay on biases, norms, embeddings."""
         decay, no_decay = [], []
         for name, param in itertools.chain(self.model.named_parameters(), self.heads.named_parameters()):
             (no_decay if param.ndim < 2 or "embed" in name else decay).append(param)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=0.0, betas=self.adam_betas)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=0.0,
+            betas=self.adam_betas,
+        )
 
     def configure_callbacks(self):
         return [PhaseClock()]  # without it the position never advances
 
     # ------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[STATE_KEY] = {"position": asdict(self.position), "elapsed": self.elapsed,
-                                 "torch_rng": torch.get_rng_state()}
+        checkpoint[STATE_KEY] = {
+            "position": asdict(self.position),
+            "elapsed": self.elapsed,
+            "torch_rng": torch.get_rng_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint[STATE_KEY]

@@ -43,8 +43,9 @@ class Phase:
         if self.steps < 0:
             raise ValueError(f"{where}: steps={self.steps} must be >= 0")
         if self.batch_size < 2 or self.batch_size % 2:
-            raise ValueError(f"{where}: batch_size={self.batch_size} must be even and >= 2 (a VQA and a grounding "
-                             f"record per image)")
+            raise ValueError(
+                f"{where}: batch_size={self.batch_size} must be even and >= 2 (a VQA and a grounding record per image)"
+            )
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"{where}: minutes={self.minutes} must be > 0 (or null for a phase measured in steps)")
         if self.single_object_fraction is not None:
@@ -53,8 +54,9 @@ class Phase:
                 raise ValueError(f"{where}: single_object_fraction must be [start, end]")
         self.conversation_turns = tuple(self.conversation_turns)
         if len(self.conversation_turns) != 2 or not 1 <= self.conversation_turns[0] <= self.conversation_turns[1]:
-            raise ValueError(f"{where}: conversation_turns={list(self.conversation_turns)} must be [min, max] with "
-                             f"1 <= min <= max")
+            raise ValueError(
+                f"{where}: conversation_turns={list(self.conversation_turns)} must be [min, max] with 1 <= min <= max"
+            )
         for key in ("conversation_fraction", "conversation_grounding"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"{where}: {key}={getattr(self, key)} must be in [0, 1]")
@@ -90,11 +92,19 @@ class Position:
         return by_steps
 
     def phase_done(self, phase: Phase) -> bool:
-        return self.inner >= phase.steps or (phase.minutes is not None and self.phase_seconds >= SECONDS_PER_MINUTE * phase.minutes)
+        return self.inner >= phase.steps or (
+            phase.minutes is not None and self.phase_seconds >= SECONDS_PER_MINUTE * phase.minutes
+        )
 
     def after_step(self, phase: Phase, seconds: float) -> Position:
-        return Position(self.step + 1, self.phase, self.inner + 1, self.phase_seconds + seconds,
-                        self.next_image + phase.images_per_step, list(self.done_steps))
+        return Position(
+            self.step + 1,
+            self.phase,
+            self.inner + 1,
+            self.phase_seconds + seconds,
+            self.next_image + phase.images_per_step,
+            list(self.done_steps),
+        )
 
     def next_phase(self) -> Position:
         return Position(self.step, self.phase + 1, 0, 0.0, self.next_image, [*self.done_steps, self.inner])

@@ -72,8 +72,13 @@ class StateCheckpoint(ModelCheckpoint):
         if minutes <= 0:
             raise ValueError(f"StateCheckpoint: minutes={minutes} must be > 0")
         # One file rewritten in place: a state a converted or copied run starts from is not versioned to last-v1.
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, train_time_interval=timedelta(minutes=minutes),
-                         enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            train_time_interval=timedelta(minutes=minutes),
+            enable_version_counter=False,
+        )
 
 
 def resume_state(run_dir: Path) -> Path | None:
@@ -166,16 +171,21 @@ def is_legacy_state(state: dict) -> bool:
 def fit_loop_state_at(step: int) -> dict:
     """Lightning's fit-loop progress as a stopped fit saves it after `step` optimizer steps (one batch per step):
     the stop has closed the epoch (a mid-epoch state with an iterable of unknown length does not resume)."""
-    trainer = lightning.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False)
+    trainer = lightning.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     loop = trainer.fit_loop.epoch_loop
     for counters in (loop.batch_progress.total, loop.batch_progress.current):
         counters.ready = counters.started = counters.processed = counters.completed = step
-    for counters in (loop.automatic_optimization.optim_progress.optimizer.step.total,
-                     loop.automatic_optimization.optim_progress.optimizer.step.current):
+    for counters in (
+        loop.automatic_optimization.optim_progress.optimizer.step.total,
+        loop.automatic_optimization.optim_progress.optimizer.step.current,
+    ):
         counters.ready = counters.completed = step
-    for counters in (loop.automatic_optimization.optim_progress.optimizer.zero_grad.total,
-                     loop.automatic_optimization.optim_progress.optimizer.zero_grad.current):
+    for counters in (
+        loop.automatic_optimization.optim_progress.optimizer.zero_grad.total,
+        loop.automatic_optimization.optim_progress.optimizer.zero_grad.current,
+    ):
         counters.ready = counters.started = counters.completed = step
     loop._batches_that_stepped = step
     for counters in (trainer.fit_loop.epoch_progress.total, trainer.fit_loop.epoch_progress.current):
@@ -189,7 +199,14 @@ def convert_legacy_state(state: dict) -> dict:
     step = int(state["step"])
     weights = {f"model.{k}": v for k, v in state["model"].items()}
     weights.update({f"heads.{k}": v for k, v in state["heads"].items()})
-    return {"pytorch-lightning_version": lightning.__version__, "epoch": STOPPED_EPOCHS, "global_step": step,
-            "state_dict": weights, "optimizer_states": [state["optimizer"]], "lr_schedulers": [],
-            "loops": {"fit_loop": fit_loop_state_at(step)}, "callbacks": {},
-            STATE_KEY: {"position": state["position"], "elapsed": state["elapsed"], "torch_rng": state["torch_rng"]}}
+    return {
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": STOPPED_EPOCHS,
+        "global_step": step,
+        "state_dict": weights,
+        "optimizer_states": [state["optimizer"]],
+        "lr_schedulers": [],
+        "loops": {"fit_loop": fit_loop_state_at(step)},
+        "callbacks": {},
+        STATE_KEY: {"position": state["position"], "elapsed": state["elapsed"], "torch_rng": state["torch_rng"]},
+    }

@@ -69,8 +69,13 @@ class TargetMaker:
         counts = [len(scene.objects)]
         counts += [sum(o.colour == c for o in scene.objects) for c in self.colours]
         counts += [sum(o.shape == s for o in scene.objects) for s in self.shapes]
-        return dict(cover=cover, classes=classes, boxes=boxes, presence=presence,
-                    counts=np.minimum(np.array(counts, dtype=np.int64), self.count_values - 1))
+        return dict(
+            cover=cover,
+            classes=classes,
+            boxes=boxes,
+            presence=presence,
+            counts=np.minimum(np.array(counts, dtype=np.int64), self.count_values - 1),
+        )
 
     @staticmethod
     def referred_patches(records: Record | Sequence[Record], cover: np.ndarray) -> np.ndarray:

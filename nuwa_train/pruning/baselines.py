@@ -60,8 +60,9 @@ def pooling_stage1(features: torch.Tensor, grid: tuple[int, int], keep: int) -> 
     return Stage1Output(pooled.flatten(2).transpose(1, 2), indices)
 
 
-def visionzip_stage1(features: torch.Tensor, sim_features: torch.Tensor, scores: torch.Tensor, keep: int,
-                     contextual_share: float) -> Stage1Output:
+def visionzip_stage1(
+    features: torch.Tensor, sim_features: torch.Tensor, scores: torch.Tensor, keep: int, contextual_share: float
+) -> Stage1Output:
     """VisionZip-like: dominant tokens by CLS attention plus contextual tokens merged by similarity.
 
     The remaining tokens are assigned to evenly spaced target tokens by cosine similarity and averaged
@@ -82,12 +83,14 @@ def visionzip_stage1(features: torch.Tensor, sim_features: torch.Tensor, scores:
     sim = F.normalize(sim_features.float(), dim=-1)
     affinity = _gather(sim, rest) @ _gather(sim, targets).transpose(1, 2)  # (B, R, C)
     assignment = affinity.argmax(dim=-1)
-    assignment.scatter_(1, target_slots.expand(batch, -1), torch.arange(contextual, device=features.device)
-                        .expand(batch, -1))  # each target belongs to itself
+    assignment.scatter_(
+        1, target_slots.expand(batch, -1), torch.arange(contextual, device=features.device).expand(batch, -1)
+    )  # each target belongs to itself
     sums = torch.zeros(batch, contextual, dim, dtype=torch.float32, device=features.device)
     sums.scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, dim), _gather(features, rest).float())
     counts = torch.zeros(batch, contextual, device=features.device).scatter_add_(
-        1, assignment, torch.ones_like(assignment, dtype=torch.float32))
+        1, assignment, torch.ones_like(assignment, dtype=torch.float32)
+    )
     merged = (sums / counts.unsqueeze(-1)).to(features.dtype)
     indices = torch.cat([dominant, targets], dim=1)
     tokens = torch.cat([_gather(features, dominant), merged], dim=1)

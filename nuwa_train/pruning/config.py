@@ -40,8 +40,11 @@ def _matches(value: object, hint: object) -> bool:
     if origin is Literal:
         return value in get_args(hint)
     if origin is tuple:
-        return isinstance(value, tuple) and len(value) == len(get_args(hint)) and all(
-            _matches(v, h) for v, h in zip(value, get_args(hint)))
+        return (
+            isinstance(value, tuple)
+            and len(value) == len(get_args(hint))
+            and all(_matches(v, h) for v, h in zip(value, get_args(hint)))
+        )
     if hint is type(None):
         return value is None
     if isinstance(value, bool):
@@ -59,8 +62,9 @@ def _describe(hint: object) -> str:
         return "one of " + ", ".join(repr(v) for v in get_args(hint))
     if origin is tuple:
         return f"a list of {len(get_args(hint))} ({', '.join(_describe(h) for h in get_args(hint))})"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,9 @@ class NuwaConfig:
             raise NuwaConfigError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         _positive_int("budget", self.budget)
         _positive_int("region_size", self.region_size)
-        if self.score_block is not None and (isinstance(self.score_block, bool) or not isinstance(self.score_block, int)):
+        if self.score_block is not None and (
+            isinstance(self.score_block, bool) or not isinstance(self.score_block, int)
+        ):
             raise NuwaConfigError(f"score_block={self.score_block!r} must be a vision block index or None")
         for key in ("top_n", "stage1_keep", "stage2_keep"):
             if getattr(self, key) is not None:
@@ -158,13 +164,15 @@ class NuwaConfig:
             keep1, keep2, top_n = self._nuwa_counts(grid, average, layer, num_layers)
             if keep2 > keep1:
                 raise NuwaConfigError(f"stage2_keep={keep2} exceeds the stage-1 keep K={keep1}")
-            return PruningPlan(Stage1Plan(self.method, keep1, top_n), Stage2Plan(layer, keep2), num_tokens, average,
-                               num_layers)
+            return PruningPlan(
+                Stage1Plan(self.method, keep1, top_n), Stage2Plan(layer, keep2), num_tokens, average, num_layers
+            )
         # Single-stage methods keep the average budget at every layer.
         keep = self.stage1_keep or max(1, round(average))
         if keep > num_tokens:
-            raise NuwaConfigError(f"budget={self.budget} keeps {keep} tokens but the {height}x{width} grid has "
-                                  f"only {num_tokens}")
+            raise NuwaConfigError(
+                f"budget={self.budget} keeps {keep} tokens but the {height}x{width} grid has only {num_tokens}"
+            )
         top_n = 0
         if selector.regional:
             top_n = self.top_n or self._min_top_n(grid, keep)
@@ -172,7 +180,7 @@ class NuwaConfig:
         return PruningPlan(Stage1Plan(self.method, keep, top_n), None, num_tokens, average, num_layers)
 
     def aggregation_for(self, grid: tuple[int, int]) -> str:
-        """"dense" or "windowed" for this grid ("auto" switches at `windowed_min_tokens`)."""
+        """ "dense" or "windowed" for this grid ("auto" switches at `windowed_min_tokens`)."""
         if self.aggregation != "auto":
             return self.aggregation
         return "windowed" if grid[0] * grid[1] >= self.windowed_min_tokens else "dense"
@@ -182,12 +190,13 @@ class NuwaConfig:
         if isinstance(layer, float):
             layer = round(layer * num_layers)
         if not 1 <= layer < num_layers:
-            raise NuwaConfigError(f"stage2_layer={self.stage2_layer!r} resolves to layer {layer}, outside "
-                                  f"[1, {num_layers - 1}] for a {num_layers}-layer LLM")
+            raise NuwaConfigError(
+                f"stage2_layer={self.stage2_layer!r} resolves to layer {layer}, outside "
+                f"[1, {num_layers - 1}] for a {num_layers}-layer LLM"
+            )
         return layer
 
-    def _nuwa_counts(self, grid: tuple[int, int], average: float, layer: int,
-                     num_layers: int) -> tuple[int, int, int]:
+    def _nuwa_counts(self, grid: tuple[int, int], average: float, layer: int, num_layers: int) -> tuple[int, int, int]:
         """(K, K2, top_n) with K2 = average / 4 and K solving the depth-average for stage 2 at `layer`."""
         keep2 = self.stage2_keep or max(1, round(STAGE2_PER_AVERAGE * average))
         keep1 = self.stage1_keep or max(1, round((num_layers * average - (num_layers - layer) * keep2) / layer))
@@ -201,32 +210,39 @@ class NuwaConfig:
     def _num_regions(self, grid: tuple[int, int]) -> int:
         height, width = grid
         if height % self.region_size or width % self.region_size:
-            raise NuwaConfigError(f"grid {height}x{width} is not divisible by region_size={self.region_size}; "
-                                  f"pad the grid (adapters do) or change region_size")
+            raise NuwaConfigError(
+                f"grid {height}x{width} is not divisible by region_size={self.region_size}; "
+                f"pad the grid (adapters do) or change region_size"
+            )
         return (height // self.region_size) * (width // self.region_size)
 
     def _check_regions(self, grid: tuple[int, int], keep: int, top_n: int) -> None:
         per_region = self.region_size**2
         if top_n > per_region:
-            raise NuwaConfigError(f"top_n={top_n} exceeds the {per_region} tokens of a {self.region_size}x"
-                                  f"{self.region_size} region (budget={self.budget} is too large for grid "
-                                  f"{grid[0]}x{grid[1]})")
+            raise NuwaConfigError(
+                f"top_n={top_n} exceeds the {per_region} tokens of a {self.region_size}x"
+                f"{self.region_size} region (budget={self.budget} is too large for grid "
+                f"{grid[0]}x{grid[1]})"
+            )
         capacity = self._num_regions(grid) * top_n
         if keep > capacity:
-            raise NuwaConfigError(f"stage-1 keep K={keep} exceeds the {capacity} regional candidates "
-                                  f"(top_n={top_n} per region on grid {grid[0]}x{grid[1]}); raise top_n or "
-                                  f"lower budget={self.budget}")
+            raise NuwaConfigError(
+                f"stage-1 keep K={keep} exceeds the {capacity} regional candidates "
+                f"(top_n={top_n} per region on grid {grid[0]}x{grid[1]}); raise top_n or "
+                f"lower budget={self.budget}"
+            )
 
     def _plan_fastv(self, num_tokens: int, average: float, num_layers: int) -> PruningPlan:
         layer = self.fastv_layer
         if not 1 <= layer < num_layers:
-            raise NuwaConfigError(f"fastv_layer={layer} must be in [1, {num_layers - 1}] for a "
-                                  f"{num_layers}-layer LLM")
+            raise NuwaConfigError(f"fastv_layer={layer} must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM")
         # Keep K_f after `layer` layers so that the depth-average equals the budget.
         keep = self.stage2_keep or round((num_layers * average - layer * num_tokens) / (num_layers - layer))
         if keep < 1:
-            raise NuwaConfigError(f"budget={self.budget} cannot be met by FastV at fastv_layer={layer} of "
-                                  f"{num_layers} layers (the first {layer} layers alone exceed it); lower fastv_layer")
+            raise NuwaConfigError(
+                f"budget={self.budget} cannot be met by FastV at fastv_layer={layer} of "
+                f"{num_layers} layers (the first {layer} layers alone exceed it); lower fastv_layer"
+            )
         return PruningPlan(None, Stage2Plan(layer, keep), num_tokens, average, num_layers)
 
 
@@ -250,7 +266,7 @@ class PruningPlan:
         first = self.stage1.keep if self.stage1 else self.num_tokens
         counts = [first] * self.num_layers
         if self.stage2:
-            counts[self.stage2.layer:] = [self.stage2.keep] * (self.num_layers - self.stage2.layer)
+            counts[self.stage2.layer :] = [self.stage2.keep] * (self.num_layers - self.stage2.layer)
         return counts
 
     @property

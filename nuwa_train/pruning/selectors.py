@@ -37,6 +37,7 @@ class Stage1Settings(Protocol):
 
     def aggregation_for(self, grid: tuple[int, int]) -> str: ...
 
+
 # hard: (plan, config, features, sim_features, scores, grid, generator) -> Stage1Output
 HardStage1 = Callable[..., Stage1Output]
 # soft: (plan, config, features, sim_features, scores, grid, temperature, noise) -> SoftStage1Output
@@ -66,17 +67,39 @@ class Selector:
 
 
 def _nuwa(plan: Stage1Plan, config: Stage1Settings, features, sim_features, scores, grid, generator) -> Stage1Output:
-    return nuwa_stage1(features, sim_features, scores, grid, plan.keep, top_n=plan.top_n, distance=config.distance,
-                       pillar_quantile=config.pillar_quantile, region=config.region_size,
-                       aggregation=config.aggregation_for(grid), window_tile=config.window_tile)
+    return nuwa_stage1(
+        features,
+        sim_features,
+        scores,
+        grid,
+        plan.keep,
+        top_n=plan.top_n,
+        distance=config.distance,
+        pillar_quantile=config.pillar_quantile,
+        region=config.region_size,
+        aggregation=config.aggregation_for(grid),
+        window_tile=config.window_tile,
+    )
 
 
-def _nuwa_soft(plan: Stage1Plan, config: Stage1Settings, features, sim_features, scores, grid, temperature,
-               noise) -> SoftStage1Output:
-    return nuwa_stage1_soft(features, sim_features, scores, grid, plan.keep, temperature, top_n=plan.top_n,
-                            distance=config.distance, pillar_quantile=config.pillar_quantile,
-                            region=config.region_size, aggregation=config.aggregation_for(grid),
-                            window_tile=config.window_tile, noise=noise)
+def _nuwa_soft(
+    plan: Stage1Plan, config: Stage1Settings, features, sim_features, scores, grid, temperature, noise
+) -> SoftStage1Output:
+    return nuwa_stage1_soft(
+        features,
+        sim_features,
+        scores,
+        grid,
+        plan.keep,
+        temperature,
+        top_n=plan.top_n,
+        distance=config.distance,
+        pillar_quantile=config.pillar_quantile,
+        region=config.region_size,
+        aggregation=config.aggregation_for(grid),
+        window_tile=config.window_tile,
+        noise=noise,
+    )
 
 
 def _random(plan, config, features, sim_features, scores, grid, generator) -> Stage1Output:
@@ -116,18 +139,33 @@ def selector(method: str) -> Selector:
     return SELECTORS[method]
 
 
-def run_stage1(plan: Stage1Plan, config: Stage1Settings, features: torch.Tensor, sim_features: torch.Tensor,
-               scores: torch.Tensor, grid: tuple[int, int], generator: torch.Generator | None = None) -> Stage1Output:
+def run_stage1(
+    plan: Stage1Plan,
+    config: Stage1Settings,
+    features: torch.Tensor,
+    sim_features: torch.Tensor,
+    scores: torch.Tensor,
+    grid: tuple[int, int],
+    generator: torch.Generator | None = None,
+) -> Stage1Output:
     """Select (and for Nüwa / VisionZip, merge) `plan.keep` tokens per image with the plan's selector."""
     return selector(plan.method).stage1(plan, config, features, sim_features, scores, grid, generator)
 
 
-def run_stage1_soft(plan: Stage1Plan, config: Stage1Settings, features: torch.Tensor, sim_features: torch.Tensor,
-                    scores: torch.Tensor, grid: tuple[int, int], temperature: float,
-                    noise: torch.Tensor | None = None) -> SoftStage1Output:
+def run_stage1_soft(
+    plan: Stage1Plan,
+    config: Stage1Settings,
+    features: torch.Tensor,
+    sim_features: torch.Tensor,
+    scores: torch.Tensor,
+    grid: tuple[int, int],
+    temperature: float,
+    noise: torch.Tensor | None = None,
+) -> SoftStage1Output:
     """The plan's selector in its differentiable form (every token, with a keep probability)."""
     soft = selector(plan.method).stage1_soft
     if soft is None:
-        raise ValueError(f"method {plan.method!r} has no soft stage-1 selection (soft methods: "
-                         f"{', '.join(SOFT_METHODS)})")
+        raise ValueError(
+            f"method {plan.method!r} has no soft stage-1 selection (soft methods: {', '.join(SOFT_METHODS)})"
+        )
     return soft(plan, config, features, sim_features, scores, grid, temperature, noise)

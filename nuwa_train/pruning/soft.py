@@ -40,8 +40,13 @@ def gumbel_like(scores: torch.Tensor, generator: torch.Generator | None = None) 
     return -torch.log(-torch.log(uniform)).to(scores.dtype)
 
 
-def soft_topk(scores: torch.Tensor, k: torch.Tensor | int, temperature: float, candidates: torch.Tensor | None = None,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
+def soft_topk(
+    scores: torch.Tensor,
+    k: torch.Tensor | int,
+    temperature: float,
+    candidates: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Keep probabilities p = sigmoid((z - theta) / temperature) with sum(p) = k per row.
 
     z are the standardised scores (plus optional Gumbel `noise`); theta is solved by bisection and
@@ -111,10 +116,22 @@ class SoftStage1Output:
     hard_indices: torch.Tensor  # (B, keep) the hard anchors (the limit as the temperature -> 0)
 
 
-def nuwa_stage1_soft(features: torch.Tensor, sim_features: torch.Tensor, scores: torch.Tensor, grid: tuple[int, int],
-                     keep: int, temperature: float, *, top_n: int = 1, distance: float = 280.0,
-                     pillar_quantile: float = 0.55, region: int = 2, aggregation: str = "dense",
-                     window_tile: int = 32, noise: torch.Tensor | None = None) -> SoftStage1Output:
+def nuwa_stage1_soft(
+    features: torch.Tensor,
+    sim_features: torch.Tensor,
+    scores: torch.Tensor,
+    grid: tuple[int, int],
+    keep: int,
+    temperature: float,
+    *,
+    top_n: int = 1,
+    distance: float = 280.0,
+    pillar_quantile: float = 0.55,
+    region: int = 2,
+    aggregation: str = "dense",
+    window_tile: int = 32,
+    noise: torch.Tensor | None = None,
+) -> SoftStage1Output:
     """Stage 1 for training: regional candidates stay hard, the global top-K among them is soft.
 
     Pillars are decided by the hard anchors' score quantile, as in the hard path, so that at a
@@ -135,5 +152,13 @@ def nuwa_stage1_soft(features: torch.Tensor, sim_features: torch.Tensor, scores:
     return SoftStage1Output(tokens, keep_prob, anchors)
 
 
-__all__ = ["soft_topk", "log_keep", "straight_through", "temperature_at", "nuwa_stage1_soft", "SoftStage1Output",
-           "standardise", "gumbel_like"]
+__all__ = [
+    "soft_topk",
+    "log_keep",
+    "straight_through",
+    "temperature_at",
+    "nuwa_stage1_soft",
+    "SoftStage1Output",
+    "standardise",
+    "gumbel_like",
+]

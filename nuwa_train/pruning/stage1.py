@@ -58,8 +58,10 @@ def select_anchors(scores: torch.Tensor, grid: tuple[int, int], keep: int, top_n
     """Alignment: the global top-`keep` regional candidates by score, sorted by raster index."""
     candidates = regional_candidates(scores, grid, top_n, region)
     if keep > candidates.shape[1]:
-        raise ValueError(f"keep={keep} exceeds the {candidates.shape[1]} regional candidates "
-                         f"(top_n={top_n} per {region}x{region} region); raise top_n")
+        raise ValueError(
+            f"keep={keep} exceeds the {candidates.shape[1]} regional candidates "
+            f"(top_n={top_n} per {region}x{region} region); raise top_n"
+        )
     best = scores.gather(1, candidates).topk(keep, dim=1).indices
     return candidates.gather(1, best).sort(dim=1).values
 
@@ -125,17 +127,29 @@ def aggregate_windowed(features, sim_features, anchors, grid, distance, pillars,
                 if members.numel() == 0:
                     continue
                 ids = anchors[b, members]
-                weights = F.relu(unit[b, ids] @ unit[b, window].T) * proximity(torch.cdist(xy[ids], xy[window]),
-                                                                                 distance)
+                weights = F.relu(unit[b, ids] @ unit[b, window].T) * proximity(
+                    torch.cdist(xy[ids], xy[window]), distance
+                )
                 self_column = torch.searchsorted(window, ids)
                 weights = _normalise_rows(weights, self_column, pillars[b, members])
                 out[b, members] = weights.to(features.dtype) @ features[b, window]
     return out
 
 
-def nuwa_stage1(features: torch.Tensor, sim_features: torch.Tensor, scores: torch.Tensor, grid: tuple[int, int],
-                keep: int, *, top_n: int = 1, distance: float = 280.0, pillar_quantile: float = 0.55,
-                region: int = 2, aggregation: str = "dense", window_tile: int = 32) -> Stage1Output:
+def nuwa_stage1(
+    features: torch.Tensor,
+    sim_features: torch.Tensor,
+    scores: torch.Tensor,
+    grid: tuple[int, int],
+    keep: int,
+    *,
+    top_n: int = 1,
+    distance: float = 280.0,
+    pillar_quantile: float = 0.55,
+    region: int = 2,
+    aggregation: str = "dense",
+    window_tile: int = 32,
+) -> Stage1Output:
     """Nüwa stage 1 (separation, alignment, aggregation) on a batch of patch grids.
 
     features (B, N, D) feed the projector; sim_features (B, N, Ds) define similarity; scores (B, N)

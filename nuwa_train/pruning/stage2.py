@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def last_token_attention(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+def last_token_attention(
+    query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Head-averaged attention probabilities of one query per sample.
 
     query (B, H, Dh) and keys (B, H, L, Dh) are post-RoPE (keys already repeated for GQA);
@@ -32,5 +33,7 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tenso
     """
     ranked = scores.float().masked_fill(~candidates, float("-inf"))
     order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     return (rank < keep.unsqueeze(1)) & candidates

@@ -29,6 +29,8 @@ def fastv_within_budget(config: NuwaConfig, grid: tuple[int, int], num_layers: i
                 candidate.plan(grid, num_layers)
             except NuwaConfigError:
                 continue
-            return candidate, (f"FastV after layer {layer}: fastv_layer={config.fastv_layer} cannot meet budget "
-                               f"{config.budget} on this {num_layers}-layer LLM")
+            return candidate, (
+                f"FastV after layer {layer}: fastv_layer={config.fastv_layer} cannot meet budget "
+                f"{config.budget} on this {num_layers}-layer LLM"
+            )
         raise unreachable

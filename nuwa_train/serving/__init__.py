@@ -42,12 +42,17 @@ def register() -> None:
 def _stand_in_for_pixtral_processor() -> None:
     if importlib.util.find_spec("torchvision") is not None or PIXTRAL_PROCESSOR_MODULE in sys.modules:
         return
-    module = types.ModuleType(PIXTRAL_PROCESSOR_MODULE, "Stand-in (nuwa_train.serving): the real module needs "
-                                                        "torchvision, which the serving environment does not have.")
+    module = types.ModuleType(
+        PIXTRAL_PROCESSOR_MODULE,
+        "Stand-in (nuwa_train.serving): the real module needs "
+        "torchvision, which the serving environment does not have.",
+    )
 
     def _num_image_tokens(*args, **kwargs):
-        raise ImportError("Pixtral image processing needs torchvision, which the serving environment (.venv-serve) "
-                          "leaves out; nuwa-train serves LLaVA-1.5-family models")
+        raise ImportError(
+            "Pixtral image processing needs torchvision, which the serving environment (.venv-serve) "
+            "leaves out; nuwa-train serves LLaVA-1.5-family models"
+        )
 
     module._num_image_tokens = _num_image_tokens
     sys.modules[PIXTRAL_PROCESSOR_MODULE] = module

@@ -19,8 +19,12 @@ def count_images(messages: object) -> int:
     """Image parts in an OpenAI chat `messages` list (anything else counts no image)."""
     if not isinstance(messages, list):
         return 0
-    parts = [part for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
-             for part in message["content"]]
+    parts = [
+        part
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    ]
     return sum(isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES for part in parts)
 
 
@@ -38,8 +42,10 @@ def request_problem(path: str, body: bytes) -> str | None:
         return None
     images = count_images(request.get("messages"))
     if images == 0:
-        return ("the request has no image: this server answers questions about one image (add a message part "
-                "{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}})")
+        return (
+            "the request has no image: this server answers questions about one image (add a message part "
+            '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}})'
+        )
     return None
 
 
@@ -50,6 +56,8 @@ async def one_image_per_request(request, call_next):
         if problem is not None:
             from starlette.responses import JSONResponse
 
-            return JSONResponse({"error": {"message": problem, "type": "BadRequestError", "param": "messages",
-                                           "code": BAD_REQUEST}}, status_code=BAD_REQUEST)
+            return JSONResponse(
+                {"error": {"message": problem, "type": "BadRequestError", "param": "messages", "code": BAD_REQUEST}},
+                status_code=BAD_REQUEST,
+            )
     return await call_next(request)

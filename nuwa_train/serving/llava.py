@@ -34,8 +34,8 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..models.scoring import clip_cls_attention
 from ..models.llava import ClipVision
+from ..models.scoring import clip_cls_attention
 from ..pruning import NuwaConfig, PruningPlan
 from ..pruning.selectors import run_stage1
 from . import NUWA_MODEL_MARK
@@ -106,11 +106,14 @@ class ServedClipVision(ClipVision):
         return clip_cls_attention(layer, hidden[self.feature_index - 1])[:, :, 1:].sum(dim=1)
 
 
-@MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=NuwaLlavaProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaMultiModalProcessor, info=NuwaLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
 class NuwaLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsMRoPE, SupportsMultiModalPruning):
-    hf_to_vllm_mapper = WeightsMapper(orig_to_new_regex={TOWER_WEIGHTS: "vision_tower.vision_model."}) | \
-        LlavaForConditionalGeneration.hf_to_vllm_mapper
+    hf_to_vllm_mapper = (
+        WeightsMapper(orig_to_new_regex={TOWER_WEIGHTS: "vision_tower.vision_model."})
+        | LlavaForConditionalGeneration.hf_to_vllm_mapper
+    )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -120,9 +123,12 @@ class NuwaLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsM
         if len(self.vision_tower.vision_model.encoder.layers) < vision.num_hidden_layers:
             # vLLM builds the tower up to the feature layer; the similarity features reach the last one
             with self._mark_tower_model(vllm_config, "image"):
-                self.vision_tower = CLIPVisionModel(vision, quant_config=vllm_config.quant_config,
-                                                    require_post_norm=False,
-                                                    prefix=maybe_prefix(prefix, "vision_tower"))
+                self.vision_tower = CLIPVisionModel(
+                    vision,
+                    quant_config=vllm_config.quant_config,
+                    require_post_norm=False,
+                    prefix=maybe_prefix(prefix, "vision_tower"),
+                )
         self.clip = ServedClipVision(self)
         self.full_tokens = self.grid[0] * self.grid[1]
         self.original_positions = self.nuwa_config.position_mode == "original"
@@ -133,12 +139,19 @@ class NuwaLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsM
         if image_input is None:
             return []
         if image_input["type"] != "pixel_values":
-            raise ValueError("Nüwa needs the image's pixels to select tokens; precomputed image embeddings cannot "
-                             "be pruned")
+            raise ValueError(
+                "Nüwa needs the image's pixels to select tokens; precomputed image embeddings cannot be pruned"
+            )
         clip = self.clip
         hidden = clip.hidden_states(image_input["pixel_values"])
-        selection = run_stage1(self.plan.stage1, self.nuwa_config, clip.features(hidden),
-                               clip.sim_features(hidden, self.nuwa_config), clip.cls_scores(hidden), self.grid)
+        selection = run_stage1(
+            self.plan.stage1,
+            self.nuwa_config,
+            clip.features(hidden),
+            clip.sim_features(hidden, self.nuwa_config),
+            clip.cls_scores(hidden),
+            self.grid,
+        )
         embeddings = self.multi_modal_projector(selection.tokens)
         self.recent_kept.extend(selection.indices.tolist())
         width = self.grid[1]
@@ -146,13 +159,22 @@ class NuwaLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsM
         return list(torch.cat([embeddings, raster.to(embeddings.dtype)], dim=-1))
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        positions, delta = prompt_positions(torch.tensor(input_tokens, dtype=torch.long),
-                                            self.config.image_token_index, self.plan.stage1.keep, self.full_tokens,
-                                            self.original_positions)
+        positions, delta = prompt_positions(
+            torch.tensor(input_tokens, dtype=torch.long),
+            self.config.image_token_index,
+            self.plan.stage1.keep,
+            self.full_tokens,
+            self.original_positions,
+        )
         return positions.expand(3, -1).clone(), delta
 
-    def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
-                                  mrope_positions: torch.Tensor, num_computed_tokens: int):
+    def recompute_mrope_positions(
+        self,
+        input_ids,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.Tensor,
+        num_computed_tokens: int,
+    ):
         embeddings = [embedding[:, :-RASTER_CHANNELS] for embedding in multimodal_embeddings]
         input_ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
         token, keep = self.config.image_token_index, self.plan.stage1.keep
@@ -162,11 +184,17 @@ class NuwaLlavaForConditionalGeneration(LlavaForConditionalGeneration, SupportsM
             indices = (raster[:, 0] * self.grid[1] + raster[:, 1]).cpu()
             positions = kept_positions(positions, input_ids, token, keep, num_computed_tokens, indices)
         updated = mrope_positions.clone()
-        updated[:, num_computed_tokens:len(input_ids)] = positions[num_computed_tokens:].to(updated.device)
+        updated[:, num_computed_tokens : len(input_ids)] = positions[num_computed_tokens:].to(updated.device)
         return embeddings, updated, delta
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: object):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ):
         # M-RoPE positions arrive as (3, tokens) with equal rows; the Llama LLM takes the 1-D row
         if positions.dim() == 2:
             positions = positions[0]

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 
-def prompt_positions(input_ids: torch.Tensor, image_token_id: int, kept: int, full: int,
-                     original: bool = True) -> tuple[torch.Tensor, int]:
+def prompt_positions(
+    input_ids: torch.Tensor, image_token_id: int, kept: int, full: int, original: bool = True
+) -> tuple[torch.Tensor, int]:
     """(positions (L,), decode delta) of a prompt holding `kept` placeholders per image.
 
     `original`: text after each image is shifted by `full - kept` (its unpruned position) and decoding continues
@@ -23,16 +24,23 @@ def prompt_positions(input_ids: torch.Tensor, image_token_id: int, kept: int, fu
     is_image = (input_ids == image_token_id).long()
     placeholders = int(is_image.sum())
     if placeholders % kept:
-        raise ValueError(f"the prompt holds {placeholders} image placeholders, not a multiple of the plan's {kept} "
-                         f"per image")
+        raise ValueError(
+            f"the prompt holds {placeholders} image placeholders, not a multiple of the plan's {kept} per image"
+        )
     shift = full - kept if original else 0
     images_before = (is_image.cumsum(0) - is_image) // kept  # whole images that end before each token
     positions = torch.arange(len(input_ids), dtype=torch.long) + shift * images_before
     return positions, shift * (placeholders // kept)
 
 
-def kept_positions(positions: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, kept: int,
-                   first: int, raster_indices: torch.Tensor) -> torch.Tensor:
+def kept_positions(
+    positions: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    kept: int,
+    first: int,
+    raster_indices: torch.Tensor,
+) -> torch.Tensor:
     """`positions` (from `prompt_positions`) with the placeholders from index `first` on, in order, moved to
     image start + their kept raster index (`raster_indices`, one per placeholder).
 
@@ -41,7 +49,7 @@ def kept_positions(positions: torch.Tensor, input_ids: torch.Tensor, image_token
     """
     is_image = input_ids == image_token_id
     slots = is_image.nonzero().squeeze(1)
-    slots = slots[slots >= first][:len(raster_indices)]
+    slots = slots[slots >= first][: len(raster_indices)]
     if len(slots) != len(raster_indices):
         raise ValueError(f"{len(raster_indices)} image embeddings for {len(slots)} placeholders from token {first}")
     rank = (is_image.long().cumsum(0) - 1)[slots] % kept  # rank of each placeholder inside its image

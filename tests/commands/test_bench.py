@@ -129,8 +129,13 @@ def test_gpu_suite_preset():
     from nuwa_train.commands.bench import bench_suite
 
     suite, out = bench_suite(Namespace(suite="gpu", out=None))
-    assert (suite.device, suite.full_depth, suite.shapes, suite.decode, suite.training) == \
-        ("cuda", True, ("llava15-7b",), "llava15-7b", "llava15-7b")
+    assert (suite.device, suite.full_depth, suite.shapes, suite.decode, suite.training) == (
+        "cuda",
+        True,
+        ("llava15-7b",),
+        "llava15-7b",
+        "llava15-7b",
+    )
     assert suite.training_depths == (SHAPES["llava15-7b"].depth,) and str(out) == "outputs/bench_gpu"
 
 

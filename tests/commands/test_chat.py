@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nuwa_train.commands.chat import ChatSession, load_chat_model
 from nuwa_train.cli import main
+from nuwa_train.commands.chat import ChatSession, load_chat_model
 from nuwa_train.data.geometry import box_iou, to_box01
 from nuwa_train.data.synthetic import SyntheticConfig, generate_scene, make_grounding, make_vqa, render
 from nuwa_train.evaluation import evaluate
@@ -42,12 +42,32 @@ def test_one_question_is_answered_as_evaluation_answers_it(tiny_base_dir, scenes
     for path, vqa, grounding in scenes:
         for record in (vqa, grounding):
             overlay = tmp_path / f"{record.id}.png"
-            lines, err = ask(capsys, tiny_base_dir, "--image", str(path), "--prompt", record.prompt,
-                             "--max-new-tokens", str(ANSWER_TOKENS), "--overlay", str(overlay))
-            row = {"id": record.id, "image": Image.open(path).convert("RGB"), "prompt": record.prompt,
-                   "answer": record.answer, "task": record.task, "box": record.box, "expression": record.expression}
-            expected = evaluate(model, processor, [row], pruning=NuwaConfig(), max_new_tokens=ANSWER_TOKENS,
-                                progress=False).predictions[0].prediction
+            lines, err = ask(
+                capsys,
+                tiny_base_dir,
+                "--image",
+                str(path),
+                "--prompt",
+                record.prompt,
+                "--max-new-tokens",
+                str(ANSWER_TOKENS),
+                "--overlay",
+                str(overlay),
+            )
+            row = {
+                "id": record.id,
+                "image": Image.open(path).convert("RGB"),
+                "prompt": record.prompt,
+                "answer": record.answer,
+                "task": record.task,
+                "box": record.box,
+                "expression": record.expression,
+            }
+            expected = (
+                evaluate(model, processor, [row], pruning=NuwaConfig(), max_new_tokens=ANSWER_TOKENS, progress=False)
+                .predictions[0]
+                .prediction
+            )
             assert lines[-1] == expected  # the answer is stdout's last line
             assert "nuwa at budget 64 (defaults)" in err and f"kept tokens: {overlay}" in err
             assert overlay.stat().st_size > 0
@@ -70,8 +90,9 @@ def test_the_shipped_base_answers_and_gives_the_box_in_pixels(scenes, capsys):
 def test_a_conversation_reads_stdin_keeps_its_turns_and_stops_at_exit(tiny_base_dir, scenes, capsys, monkeypatch):
     path, vqa, grounding = scenes[1]
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{vqa.prompt}\n\n{grounding.prompt}\nexit\nnever asked\n"))
-    lines, err = ask(capsys, tiny_base_dir, "--image", str(path), "--max-new-tokens", str(ANSWER_TOKENS),
-                     "--no-overlay")
+    lines, err = ask(
+        capsys, tiny_base_dir, "--image", str(path), "--max-new-tokens", str(ANSWER_TOKENS), "--no-overlay"
+    )
     assert len(lines) == 2  # two answers: the blank line is skipped, nothing after "exit" is asked
     assert "ask for a box as: 'locate <expression>.'" in err
 

@@ -33,8 +33,14 @@ def _nuwa_train(*args: str, debug_env: bool = False) -> subprocess.CompletedProc
     """The command as a user runs it (exit status and stderr are what is asserted)."""
     environment = {key: value for key, value in os.environ.items() if key != DEBUG_ENV}
     environment.update(OMP_NUM_THREADS="1", **({DEBUG_ENV: "1"} if debug_env else {}))
-    return subprocess.run([sys.executable, "-m", "nuwa_train", *args], capture_output=True, text=True, timeout=300,
-                          env=environment, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "nuwa_train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        cwd=ROOT,
+    )
 
 
 def test_a_user_error_is_one_line_on_stderr_and_the_traceback_needs_debug(tmp_path):
@@ -49,20 +55,30 @@ def test_a_user_error_is_one_line_on_stderr_and_the_traceback_needs_debug(tmp_pa
         assert done.returncode != 0 and "Traceback" in done.stderr and "ModelPathError" in done.stderr
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["eval", "--budget", "0"], "argument --budget: expected comma-separated positive integers, got 0"),
-    (["eval", "--budget", "64,x"], "argument --budget: expected comma-separated positive integers, got 'x'"),
-    (["eval", "--limit", "-1"], "argument --limit: expected a positive integer, got -1"),
-    (["eval", "--budgets", ","], "argument --budgets: expected comma-separated positive integers, got ','"),
-    (["eval", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
-    (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
-    (["export-data", "out", "--vqa-per-image", "-2"], "argument --vqa-per-image: expected an integer >= 0, got -2"),
-    (["chat", "model", "--image", "a.png", "--budget", "0"], "argument --budget: expected a positive integer, got 0"),
-    (["chat", "model", "--image", "a.png", "--budget", "-64"],
-     "argument --budget: expected a positive integer, got -64"),
-    (["chat", "model", "--image", "a.png", "--max-new-tokens", "0"],
-     "argument --max-new-tokens: expected a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "--budget", "0"], "argument --budget: expected comma-separated positive integers, got 0"),
+        (["eval", "--budget", "64,x"], "argument --budget: expected comma-separated positive integers, got 'x'"),
+        (["eval", "--limit", "-1"], "argument --limit: expected a positive integer, got -1"),
+        (["eval", "--budgets", ","], "argument --budgets: expected comma-separated positive integers, got ','"),
+        (["eval", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+        (["bench", "--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
+        (["export-data", "out", "--vqa-per-image", "-2"], "argument --vqa-per-image: expected an integer >= 0, got -2"),
+        (
+            ["chat", "model", "--image", "a.png", "--budget", "0"],
+            "argument --budget: expected a positive integer, got 0",
+        ),
+        (
+            ["chat", "model", "--image", "a.png", "--budget", "-64"],
+            "argument --budget: expected a positive integer, got -64",
+        ),
+        (
+            ["chat", "model", "--image", "a.png", "--max-new-tokens", "0"],
+            "argument --max-new-tokens: expected a positive integer, got 0",
+        ),
+    ],
+)
 def test_bad_numbers_are_refused_when_the_command_line_is_parsed(argv, message, capsys, monkeypatch):
     import nuwa_train.commands.eval as eval_command
 
@@ -81,8 +97,10 @@ def test_library_errors_are_exceptions_and_the_command_turns_them_into_one_line(
         parse_data_sources(["coco=x"])  # a caller of the library gets an exception, not an exit
     with pytest.raises(SystemExit) as exited:
         main(["eval", "--data", "coco=x"])
-    assert exited.value.code == "nuwa-train eval: error: --data 'coco=x' must be FORMAT=PATH with FORMAT one of " \
-                                "llava, refcoco, sharegpt"
+    assert (
+        exited.value.code == "nuwa-train eval: error: --data 'coco=x' must be FORMAT=PATH with FORMAT one of "
+        "llava, refcoco, sharegpt"
+    )
     with pytest.raises(UsageError):
         main(["--debug", "eval", "--data", "coco=x"])
     monkeypatch.setenv(DEBUG_ENV, "1")
@@ -91,8 +109,9 @@ def test_library_errors_are_exceptions_and_the_command_turns_them_into_one_line(
     monkeypatch.setenv(DEBUG_ENV, "0")
     with pytest.raises(SystemExit, match=f"recipe {tmp_path / 'recipe.yaml'} does not exist"):
         main(["eval", "--model", str(tmp_path / "recipe.yaml")])  # a missing recipe: named, not a traceback
-    with pytest.raises(SystemExit, match=f"{tmp_path} is neither a HF model directory .no config.json., an "
-                                         f"adapter-only export"):
+    with pytest.raises(
+        SystemExit, match=f"{tmp_path} is neither a HF model directory .no config.json., an adapter-only export"
+    ):
         main(["eval", "--model", str(tmp_path)])  # a folder, but not a model
     library = [path for path in (ROOT / "nuwa_train").rglob("*.py") if path != ROOT / "nuwa_train/cli.py"]
     exits = [str(path) for path in library if "SystemExit" in path.read_text()]
@@ -162,12 +181,16 @@ def no_network(monkeypatch):
 
 
 @pytest.mark.parametrize("base", ["llava-hf/llava-1.5-7b-hf", "checkpoints/moved-base"])
-def test_an_adapter_only_export_loads_its_base_locally_or_names_it(adapter_export, tmp_path, base, no_network,
-                                                                   monkeypatch):
+def test_an_adapter_only_export_loads_its_base_locally_or_names_it(
+    adapter_export, tmp_path, base, no_network, monkeypatch
+):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the loader itself must not go online
     renamed = _named_base(adapter_export, base, tmp_path)
-    with pytest.raises(ModelPathError, match=f"adapter-only export {renamed} .*names the base model '{base}'.*does "
-                                             f"not exist.*never downloads.*--model-path"):
+    with pytest.raises(
+        ModelPathError,
+        match=f"adapter-only export {renamed} .*names the base model '{base}'.*does "
+        f"not exist.*never downloads.*--model-path",
+    ):
         load_pruned(renamed)
     assert no_network == []
     model = load_pruned(adapter_export)  # the recorded base is a local directory: merged onto it
@@ -183,9 +206,14 @@ def test_eval_runs_an_adapter_only_export_on_its_recorded_base(adapter_export, t
     assert saved["records"] == 4 and (out / "kept_tokens.png").is_file()
 
 
-@pytest.mark.parametrize("text,message", [("{\"budget\": 64,", "is not valid JSON"),
-                                          ("[64]", "must hold a JSON object, not list"),
-                                          ("{\"budgett\": 64}", "unknown NuwaConfig key")])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"budget": 64,', "is not valid JSON"),
+        ("[64]", "must hold a JSON object, not list"),
+        ('{"budgett": 64}', "unknown NuwaConfig key"),
+    ],
+)
 def test_a_corrupted_nuwa_config_json_is_an_error_naming_the_file(tmp_path, text, message):
     (tmp_path / NUWA_CONFIG_NAME).write_text(text)
     named = f"{tmp_path / NUWA_CONFIG_NAME}{' .*' if 'JSON' in message else ': '}{message}"
@@ -231,9 +259,18 @@ def test_export_from_another_working_directory_finds_the_base(tiny_base_dir, tmp
     monkeypatch.chdir(project)
     module = NuwaFineTuner(model_path="data/tiny_base", lora=LoraSettings(rank=2))
     assert module.hparams.model_path == str(project / "data/tiny_base")
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        use_distributed_sampler=False, default_root_dir=project / "runs")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=project / "runs",
+    )
     trainer.fit(module, NuwaDataModule(processor_path="data/tiny_base", train_images=2, val_images=1, batch_size=2))
     checkpoint = project / "runs/last.ckpt"
     trainer.save_checkpoint(checkpoint)

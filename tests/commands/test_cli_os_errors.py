@@ -35,8 +35,10 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_saying_the_target_is_u
         main(COMMAND)
     line = exited.value.code
     assert isinstance(line, str) and "\n" not in line  # a string code: Python prints it and exits with status 1
-    assert line == f"{PREFIX}[Errno {errno.ENOSPC}] No space left on device; {target} was left as it was: the new " \
-                   f"file was written beside it and removed"
+    assert (
+        line == f"{PREFIX}[Errno {errno.ENOSPC}] No space left on device; {target} was left as it was: the new "
+        f"file was written beside it and removed"
+    )
     assert target.read_bytes() == b"old checkpoint" and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     with pytest.raises(OSError) as raised:  # --debug: the exception itself, so its traceback
         main(["--debug", *COMMAND])
@@ -54,8 +56,14 @@ def test_permission_quota_and_read_only_errors_name_the_file(tmp_path, monkeypat
         main(["--debug", *COMMAND])
 
 
-@pytest.mark.parametrize("error", [OSError(errno.EBADF, "Bad file descriptor"), OSError("no errno"),
-                                   FileNotFoundError(errno.ENOENT, "No such file", "internal/table.json")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.EBADF, "Bad file descriptor"),
+        OSError("no errno"),
+        FileNotFoundError(errno.ENOENT, "No such file", "internal/table.json"),
+    ],
+)
 def test_other_os_errors_keep_their_traceback(monkeypatch, error):
     _handler_raising(monkeypatch, lambda: error)
     with pytest.raises(OSError) as raised:  # possibly a bug: not hidden behind one line

@@ -15,8 +15,16 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
 def test_eval_compare_writes_the_table_and_the_overlay(tiny_base_dir, tmp_path):
     main(["eval", "--model", tiny_base_dir, "--images", "2", "--compare", "--budgets", "64", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["full tokens", "random", "pooling", "uniform", "FastV", "VisionZip-like",
-                                           "Nüwa stage 1", "Nüwa"]
+    assert [r["method"] for r in rows] == [
+        "full tokens",
+        "random",
+        "pooling",
+        "uniform",
+        "FastV",
+        "VisionZip-like",
+        "Nüwa stage 1",
+        "Nüwa",
+    ]
     fastv = rows[4]
     assert fastv["vqa_em"] is None and "cannot be met by FastV" in fastv["note"]  # 4 LLM layers are too few
     assert rows[-1]["vision_tokens"] == 16.0 and rows[0]["vision_tokens"] == 144.0
@@ -25,8 +33,7 @@ def test_eval_compare_writes_the_table_and_the_overlay(tiny_base_dir, tmp_path):
     assert settings == {"full tokens"} | {f"{r['method']} @ 64" for r in rows[1:] if r["method"] != "FastV"}
 
 
-def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_predictions(tiny_base_dir,
-                                                                                            tmp_path):
+def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_predictions(tiny_base_dir, tmp_path):
     from nuwa_train.data.formats import export_split
     from nuwa_train.data.records import export_conversations
     from nuwa_train.data.synthetic import SyntheticConfig
@@ -34,8 +41,25 @@ def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_
     llava, refcoco = export_split(tmp_path / "files", SyntheticConfig(), "val", 3)  # 3 VQA + 3 grounding records
     conversations = export_conversations(tmp_path / "swift", SyntheticConfig(), "val", 2, 0, 1)  # 2 grounding
     out = tmp_path / "out"
-    main(["eval", "--model", tiny_base_dir, "--method", "nuwa", "--budget", "64", "--out", str(out),
-          "--data", f"llava={llava}", "--data", f"refcoco={refcoco}", "--data", f"sharegpt={conversations}"])
+    main(
+        [
+            "eval",
+            "--model",
+            tiny_base_dir,
+            "--method",
+            "nuwa",
+            "--budget",
+            "64",
+            "--out",
+            str(out),
+            "--data",
+            f"llava={llava}",
+            "--data",
+            f"refcoco={refcoco}",
+            "--data",
+            f"sharegpt={conversations}",
+        ]
+    )
     saved = json.loads((out / "results.json").read_text())
     assert saved["records"] == 8 and "sharegpt=" in saved["data"]
     full, pruned = saved["rows"]
@@ -44,14 +68,40 @@ def test_eval_scores_every_record_of_users_files_in_every_format_and_writes_the_
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 16 and {p["setting"] for p in predictions} == {"full tokens", "nuwa @ 64"}
     assert {"id", "task", "answer", "prediction", "correct", "iou"} <= set(predictions[0])
-    main(["eval", "--model", tiny_base_dir, "--method", "none", "--out", str(out / "capped"), "--limit", "2",
-          "--data", f"refcoco={refcoco}"])
+    main(
+        [
+            "eval",
+            "--model",
+            tiny_base_dir,
+            "--method",
+            "none",
+            "--out",
+            str(out / "capped"),
+            "--limit",
+            "2",
+            "--data",
+            f"refcoco={refcoco}",
+        ]
+    )
     assert json.loads((out / "capped" / "results.json").read_text())["records"] == 2
-    main(["eval", "--model", tiny_base_dir, "--compare", "--budgets", "64", "--out", str(out / "compared"),
-          "--data", f"refcoco={refcoco}"])  # every pruner on the same files
+    main(
+        [
+            "eval",
+            "--model",
+            tiny_base_dir,
+            "--compare",
+            "--budgets",
+            "64",
+            "--out",
+            str(out / "compared"),
+            "--data",
+            f"refcoco={refcoco}",
+        ]
+    )  # every pruner on the same files
     compared = _result_rows(out / "compared")
-    assert len(compared) == 8 and {r["num_grounding"] for r in compared if r["vqa_em"] is not None or
-                                   r["grounding_acc50"] is not None} == {3}
+    assert len(compared) == 8 and {
+        r["num_grounding"] for r in compared if r["vqa_em"] is not None or r["grounding_acc50"] is not None
+    } == {3}
     with pytest.raises(SystemExit, match="must be FORMAT=PATH with FORMAT one of llava, refcoco, sharegpt"):
         main(["eval", "--model", tiny_base_dir, "--data", f"coco={refcoco}"])
 
@@ -125,8 +175,11 @@ def test_eval_measures_retention_against_the_exports_base_model_or_the_given_ref
         from safetensors.torch import load_file, save_file
 
         weights = load_file(export / "model.safetensors")
-        save_file({k: v * 0 if "lm_head" in k else v for k, v in weights.items()}, export / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v * 0 if "lm_head" in k else v for k, v in weights.items()},
+            export / "model.safetensors",
+            metadata={"format": "pt"},
+        )
     origin = {"base_model": str(Path(tiny_base_dir).resolve()), "merged": True}
     (export / "nuwa_config.json").write_text(json.dumps({**NuwaConfig().to_dict(), "exported_from": origin}))
     main(["eval", "--model", str(export), "--images", "3", "--out", str(tmp_path / "a")])
@@ -168,8 +221,13 @@ def test_demo_runs_the_main_job(tiny_base_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["demo", "--recipe", "recipe.yaml", "--out", "demo", "--test-images", "2", "--max-steps", "2"])
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["full tokens", "Nüwa, training-free", "Nüwa, fine-tuned",
-                                           "VisionZip-like, fine-tuned", "FastV, fine-tuned"]
+    assert [r["method"] for r in rows] == [
+        "full tokens",
+        "Nüwa, training-free",
+        "Nüwa, fine-tuned",
+        "VisionZip-like, fine-tuned",
+        "FastV, fine-tuned",
+    ]
     for picture in ("training_curves.png", "kept_tokens_base.png", "kept_tokens_fine_tuned.png"):
         assert (tmp_path / "demo" / picture).stat().st_size > 0
     assert (tmp_path / "demo" / "export" / "nuwa_config.json").is_file()
@@ -253,10 +311,16 @@ def _trained_with(cli) -> dict:
     [checkpoint] = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]  # the recipe's best-ckpt is off
     [logger] = trainer.loggers
     assert isinstance(logger, CSVLogger) and isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
-    return {"pruning": module.pruning, "mode": module.selection.mode, "anneal_steps": module.selection.anneal_steps,
-            "max_steps": trainer.max_steps, "log_every_n_steps": trainer.log_every_n_steps,
-            "root": Path(trainer.default_root_dir), "log_dir": Path(logger.log_dir),
-            "checkpoints": (Path(checkpoint.dirpath), checkpoint.save_last, checkpoint._every_n_train_steps)}
+    return {
+        "pruning": module.pruning,
+        "mode": module.selection.mode,
+        "anneal_steps": module.selection.anneal_steps,
+        "max_steps": trainer.max_steps,
+        "log_every_n_steps": trainer.log_every_n_steps,
+        "root": Path(trainer.default_root_dir),
+        "log_dir": Path(logger.log_dir),
+        "checkpoints": (Path(checkpoint.dirpath), checkpoint.save_last, checkpoint._every_n_train_steps),
+    }
 
 
 # What the demo compares: each method's training selection mode and the pruning settings it needs beyond the recipe.
@@ -281,7 +345,11 @@ def test_each_demo_fine_tune_trains_with_the_settings_the_demo_intends(tmp_path,
         expected_pruning = {**recipe_file["model"]["pruning"], "method": fine_tune.method, **method_pruning}
         assert {key: getattr(used["pruning"], key) for key in expected_pruning} == expected_pruning
         assert (used["mode"], used["max_steps"], used["anneal_steps"], used["log_every_n_steps"]) == (
-            mode, steps, anneal, log_every)
+            mode,
+            steps,
+            anneal,
+            log_every,
+        )
         assert used["root"] == run_dir and used["log_dir"] == run_dir / "csv" / "version_0"
         assert used["checkpoints"] == (run_dir / "checkpoints", True, demo.CHECKPOINT_EVERY)
 

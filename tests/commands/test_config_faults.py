@@ -27,20 +27,37 @@ def test_a_missing_model_directory_says_so_and_that_nothing_is_downloaded(tmp_pa
 @pytest.fixture
 def recipe(tiny_base_dir, tmp_path):
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path)},
-        "model": {"model_path": tiny_base_dir}, "data": {"batch_size": 2, "train_images": 2}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "accelerator": "cpu",
+                    "max_steps": 1,
+                    "logger": False,
+                    "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path),
+                },
+                "model": {"model_path": tiny_base_dir},
+                "data": {"batch_size": 2, "train_images": 2},
+            }
+        )
+    )
     return str(path)
 
 
-@pytest.mark.parametrize("key,value,allowed", [("model.selection.mode", "sfot", "straight_through"),
-                                               ("model.dtype", "fp32", "bfloat16"),
-                                               ("data.on_error", "ignore", "skip"),
-                                               ("model.lora.targets", "all", "lm+vision"),
-                                               ("model.pruning.method", "nuwaa", "visionzip")])
-def test_a_misspelt_choice_fails_when_the_recipe_is_parsed_naming_key_and_choices(recipe, key, value, allowed,
-                                                                                   capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("model.selection.mode", "sfot", "straight_through"),
+        ("model.dtype", "fp32", "bfloat16"),
+        ("data.on_error", "ignore", "skip"),
+        ("model.lora.targets", "all", "lm+vision"),
+        ("model.pruning.method", "nuwaa", "visionzip"),
+    ],
+)
+def test_a_misspelt_choice_fails_when_the_recipe_is_parsed_naming_key_and_choices(
+    recipe, key, value, allowed, capsys, monkeypatch
+):
     built = []
     monkeypatch.setattr(NuwaFineTuner, "configure_model", lambda self: built.append(self))
     with pytest.raises(SystemExit):
@@ -50,10 +67,15 @@ def test_a_misspelt_choice_fails_when_the_recipe_is_parsed_naming_key_and_choice
     assert not built  # nothing was built before the error
 
 
-@pytest.mark.parametrize("settings,message", [({"distance": "x"}, "distance='x' must be a number"),
-                                              ({"sim_layers": 3}, "sim_layers=3 must be a list of 2"),
-                                              ({"stage2_layer": True}, "stage2_layer=True must be an integer or a"),
-                                              ({"budget": 64.5}, "budget=64.5 must be an integer")])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"distance": "x"}, "distance='x' must be a number"),
+        ({"sim_layers": 3}, "sim_layers=3 must be a list of 2"),
+        ({"stage2_layer": True}, "stage2_layer=True must be an integer or a"),
+        ({"budget": 64.5}, "budget=64.5 must be an integer"),
+    ],
+)
 def test_a_wrongly_typed_nuwa_config_json_is_a_nuwa_config_error(tmp_path, settings, message):
     (tmp_path / "nuwa_config.json").write_text(json.dumps({**NuwaConfig().to_dict(), **settings}))
     with pytest.raises(NuwaConfigError, match=message):
@@ -100,8 +122,9 @@ def kill_at(monkeypatch, function: str, call: int):
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
 @pytest.mark.parametrize("kill", ["before-swap", "mid-swap", "before-cleanup"])
-def test_a_killed_export_leaves_a_whole_old_or_new_export_and_the_next_one_cleans_up(exported, monkeypatch, exchange,
-                                                                                      kill):
+def test_a_killed_export_leaves_a_whole_old_or_new_export_and_the_next_one_cleans_up(
+    exported, monkeypatch, exchange, kill
+):
     model, processor, target = exported
     if not exchange:
         monkeypatch.setattr(nuwa_io, "_exchange", lambda first, second: False)

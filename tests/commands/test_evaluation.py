@@ -20,8 +20,11 @@ CONFIG = SyntheticConfig()
 @pytest.fixture(scope="module")
 def model_and_processor():
     torch.manual_seed(0)
-    return build_tiny_llava(TinyLlavaSpec(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=4,
-                                          text_heads=2, text_kv_heads=1), vocabulary(CONFIG), coordinate_tokens(CONFIG))
+    return build_tiny_llava(
+        TinyLlavaSpec(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=4, text_heads=2, text_kv_heads=1),
+        vocabulary(CONFIG),
+        coordinate_tokens(CONFIG),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +55,14 @@ def test_full_tokens(model_and_processor, records):
     assert [p.prediction for p in single.predictions] == [p.prediction for p in result.predictions]
 
 
-@pytest.mark.parametrize("method, budget, expected", [
-    ("nuwa", 64, (2 * 28 + 2 * 4) / 4),  # K=28 for layers 0-1, K2=4 for layers 2-3 (stage 2 at half depth)
-    ("random", 64, 16.0),  # 64/576 of the 144 patches at every layer
-    ("fastv", 192, (144 + 3 * 16) / 4),  # all tokens at layer 0, then K such that the average is 48
-])
+@pytest.mark.parametrize(
+    "method, budget, expected",
+    [
+        ("nuwa", 64, (2 * 28 + 2 * 4) / 4),  # K=28 for layers 0-1, K2=4 for layers 2-3 (stage 2 at half depth)
+        ("random", 64, 16.0),  # 64/576 of the 144 patches at every layer
+        ("fastv", 192, (144 + 3 * 16) / 4),  # all tokens at layer 0, then K such that the average is 48
+    ],
+)
 def test_pruned_counts_vision_tokens(model_and_processor, records, method, budget, expected):
     model, processor = model_and_processor
     config = NuwaConfig(method=method, budget=budget, fastv_layer=1)
@@ -72,8 +78,17 @@ def test_pruned_counts_vision_tokens(model_and_processor, records, method, budge
 
 def test_datasets_rows_and_limit(model_and_processor, records):
     model, processor = model_and_processor
-    rows = [{"id": r.id, "image": render(r.scene, CONFIG), "prompt": r.prompt, "answer": r.answer,
-             "task": r.task, "box": list(r.box) if r.box else None} for r in records]
+    rows = [
+        {
+            "id": r.id,
+            "image": render(r.scene, CONFIG),
+            "prompt": r.prompt,
+            "answer": r.answer,
+            "task": r.task,
+            "box": list(r.box) if r.box else None,
+        }
+        for r in records
+    ]
     result = evaluate(model, processor, rows, batch_size=8, max_new_tokens=5, limit=4, progress=False)
     assert result.num_vqa + result.num_grounding == 4
     assert {p.kind for p in result.predictions} <= {r.kind for r in records}

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from nuwa_train.cli import main
-from nuwa_train.pruning.within_budget import fastv_within_budget
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
+from nuwa_train.pruning.within_budget import fastv_within_budget
 
 SHIPPED_GRID, SHIPPED_LAYERS = (12, 12), 10  # data/tiny_base
 

@@ -30,10 +30,25 @@ IMAGES = 4  # 4 VQA + 4 grounding records: small for CI, both tasks and both set
 
 def _lmms_eval(model_args: str, tasks: str, out: Path, env: dict) -> dict:
     """Run `python -m lmms_eval` (the CLI users run); its results and per-record samples."""
-    command = [sys.executable, "-m", "lmms_eval", "--model", "nuwa", "--model_args", model_args, "--tasks", tasks,
-               "--include_path", str(TASKS_DIR), "--output_path", str(out), "--log_samples", "--batch_size", "4"]
-    done = subprocess.run(command, env={**os.environ, **OFFLINE, **env}, capture_output=True, text=True,
-                          timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "nuwa",
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(TASKS_DIR),
+        "--output_path",
+        str(out),
+        "--log_samples",
+        "--batch_size",
+        "4",
+    ]
+    done = subprocess.run(command, env={**os.environ, **OFFLINE, **env}, capture_output=True, text=True, timeout=600)
     results = glob.glob(str(out / "**" / "*_results.json"), recursive=True)
     assert done.returncode == 0 and results, done.stdout[-3000:] + done.stderr[-3000:]  # it exits 0 on errors too
     samples = {}
@@ -47,26 +62,50 @@ def test_lmms_eval_cli_gives_exactly_the_numbers_of_nuwa_train_eval_on_the_same_
     data = tmp_path / "synthetic"
     main(["export-data", str(data), "--format", "llava-refcoco", "--split", "test", "--images", str(IMAGES)])
     llava, refcoco = data / "llava_vqa.json", data / "refcoco_grounding.json"
-    main(["eval", "--model", str(SHIPPED_BASE), "--method", "nuwa", "--budget", "64", "--out", str(tmp_path / "ours"),
-          "--data", f"llava={llava}", "--data", f"refcoco={refcoco}"])
+    main(
+        [
+            "eval",
+            "--model",
+            str(SHIPPED_BASE),
+            "--method",
+            "nuwa",
+            "--budget",
+            "64",
+            "--out",
+            str(tmp_path / "ours"),
+            "--data",
+            f"llava={llava}",
+            "--data",
+            f"refcoco={refcoco}",
+        ]
+    )
     ours = {row["method"]: row for row in json.loads((tmp_path / "ours" / "results.json").read_text())["rows"]}
     predictions = {}
     for line in (tmp_path / "ours" / "predictions.jsonl").read_text().splitlines():
         record = json.loads(line)
         predictions.setdefault(record["setting"], []).append(record)
     env = {"NUWA_SYNTHETIC_DIR": str(data), "HF_HOME": str(tmp_path / "hf")}
-    for setting, row, model_args in (("full tokens", "full tokens", "method=none"),
-                                     ("nuwa @ 64", "nuwa", "method=nuwa,budget=64")):
-        theirs = _lmms_eval(f"pretrained={SHIPPED_BASE},{model_args}", "nuwa_synthetic_vqa,nuwa_synthetic_grounding",
-                            tmp_path / f"lmms_{row.replace(' ', '_')}", env)
+    for setting, row, model_args in (
+        ("full tokens", "full tokens", "method=none"),
+        ("nuwa @ 64", "nuwa", "method=nuwa,budget=64"),
+    ):
+        theirs = _lmms_eval(
+            f"pretrained={SHIPPED_BASE},{model_args}",
+            "nuwa_synthetic_vqa,nuwa_synthetic_grounding",
+            tmp_path / f"lmms_{row.replace(' ', '_')}",
+            env,
+        )
         vqa, grounding = theirs["results"]["nuwa_synthetic_vqa"], theirs["results"]["nuwa_synthetic_grounding"]
         assert vqa["vqa_em,none"] == pytest.approx(ours[row]["vqa_em"], abs=1e-12)
         assert grounding["grounding_acc50,none"] == pytest.approx(ours[row]["grounding_acc50"], abs=1e-12)
         assert grounding["grounding_miou,none"] == pytest.approx(ours[row]["grounding_miou"], abs=1e-12)
         assert grounding["unparseable,none"] == ours[row]["unparseable"]
         said = {p["id"]: p["prediction"] for p in predictions[setting]}
-        answered = [said[f"test-{s['doc_id']:06d}-{task}"] == s["filtered_resps"].strip()
-                    for task in ("vqa", "grounding") for s in theirs["samples"][f"nuwa_synthetic_{task}"]]
+        answered = [
+            said[f"test-{s['doc_id']:06d}-{task}"] == s["filtered_resps"].strip()
+            for task in ("vqa", "grounding")
+            for s in theirs["samples"][f"nuwa_synthetic_{task}"]
+        ]
         assert len(answered) == 2 * IMAGES and all(answered)  # the same answer to every record, not only the means
     assert 0 < ours["nuwa"]["grounding_miou"] < ours["full tokens"]["grounding_miou"]  # the settings really differ
 
@@ -96,8 +135,9 @@ def test_the_plugin_loads_an_adapter_only_export_onto_its_base(tiny_base_dir, tm
     from nuwa_train.harness.model import NuwaLMM
     from nuwa_train.lightning import NuwaFineTuner
 
-    adapter = export_module(NuwaFineTuner(model_path=tiny_base_dir, pruning=NuwaConfig(budget=128)),
-                            tmp_path / "adapter", merge=False)
+    adapter = export_module(
+        NuwaFineTuner(model_path=tiny_base_dir, pruning=NuwaConfig(budget=128)), tmp_path / "adapter", merge=False
+    )
     assert (adapter / "adapter_config.json").is_file()
     lm = NuwaLMM(pretrained=str(adapter))
     assert not hasattr(lm.model, "peft_config") and lm.model._nuwa.config.budget == 128
@@ -119,11 +159,19 @@ def _non_square_refcoco_rec(folder: Path) -> list[dict]:
 
     (folder / "images").mkdir(parents=True)
     rows = []
-    for number, (size, box) in enumerate((((120, 80), [10, 20, 50, 40]), ((64, 96), [8, 50, 40, 30]),
-                                          ((100, 100), [30, 30, 40, 20]))):
+    for number, (size, box) in enumerate(
+        (((120, 80), [10, 20, 50, 40]), ((64, 96), [8, 50, 40, 30]), ((100, 100), [30, 30, 40, 20]))
+    ):
         Image.new("RGB", size, (40 * number, 90, 160)).save(folder / "images" / f"{number}.png")
-        rows.append({"question_id": f"q{number}", "image": f"images/{number}.png", "bbox": box,
-                     "answer": ["the red circle"], "size": size})
+        rows.append(
+            {
+                "question_id": f"q{number}",
+                "image": f"images/{number}.png",
+                "bbox": box,
+                "answer": ["the red circle"],
+                "size": size,
+            }
+        )
     (folder / "refcoco_rec.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "size"} for r in rows]))
     return rows
 
@@ -141,18 +189,25 @@ def test_lmms_evals_own_refcoco_scorers_read_the_plugins_llava_answers(tmp_path,
     processor.save_pretrained(tmp_path / "llava")
     rows = _non_square_refcoco_rec(tmp_path / "rec")
     codec = LlavaBox()
-    truth = [codec.render_coordinates((x / w, y / h, (x + bw) / w, (y + bh) / h), ImageFrame(w, h))
-             for row in rows for (w, h), (x, y, bw, bh) in [(row["size"], row["bbox"])]]
+    truth = [
+        codec.render_coordinates((x / w, y / h, (x + bw) / w, (y + bh) / h), ImageFrame(w, h))
+        for row in rows
+        for (w, h), (x, y, bw, bh) in [(row["size"], row["bbox"])]
+    ]
     assert truth[0] != "[0.08, 0.25, 0.50, 0.75]"  # the padded square's numbers are not the image's
     answers = iter(truth)  # what a perfect LLaVA says, in request (= document) order
-    monkeypatch.setattr(plugin, "generate_answers", lambda model, tokenizer, batch, max_new_tokens:
-                        [next(answers) for _ in range(batch["input_ids"].shape[0])])
+    monkeypatch.setattr(
+        plugin,
+        "generate_answers",
+        lambda model, tokenizer, batch, max_new_tokens: [next(answers) for _ in range(batch["input_ids"].shape[0])],
+    )
     monkeypatch.setenv("NUWA_REFCOCO_REC_FILE", str(tmp_path / "rec" / "refcoco_rec.json"))
     for key, value in {**OFFLINE, "HF_HOME": str(tmp_path / "hf")}.items():
         monkeypatch.setenv(key, value)
     lm = plugin.NuwaLMM(pretrained=str(tmp_path / "llava"), method="none")
-    scored = simple_evaluate(model=lm, tasks=["nuwa_refcoco_bbox_rec"],
-                             task_manager=TaskManager(include_path=str(TASKS_DIR)))["results"]["nuwa_refcoco_bbox_rec"]
+    scored = simple_evaluate(
+        model=lm, tasks=["nuwa_refcoco_bbox_rec"], task_manager=TaskManager(include_path=str(TASKS_DIR))
+    )["results"]["nuwa_refcoco_bbox_rec"]
     assert scored["refcoco_ACC@0.5,none"] == 1.0 and scored["refcoco_IoU,none"] > 0.95
 
 
@@ -181,10 +236,19 @@ def test_the_plugin_answers_every_family_as_evaluate_does(family, tiny_base_dir,
     lm = NuwaLMM(pretrained=str(directory), method="nuwa", budget=64, batch_size=4)
     docs = [{"image": render(r.scene, config)} for r in records]
     lm.task_dict = {"task": {"test": docs}}
-    requests = [SimpleNamespace(args=(r.expression if r.task == "grounding" else r.prompt,
-                                      {REQUEST_KIND: GROUNDING} if r.task == "grounding" else {},
-                                      lambda doc: [doc["image"]], number, "task", "test"))
-                for number, r in enumerate(records)]
+    requests = [
+        SimpleNamespace(
+            args=(
+                r.expression if r.task == "grounding" else r.prompt,
+                {REQUEST_KIND: GROUNDING} if r.task == "grounding" else {},
+                lambda doc: [doc["image"]],
+                number,
+                "task",
+                "test",
+            )
+        )
+        for number, r in enumerate(records)
+    ]
     answers = lm.generate_until(requests)
     assert [a.strip() for a in answers] == [p.prediction for p in expected.predictions]
     assert lm.model._nuwa.config.budget == 64
@@ -194,10 +258,27 @@ def test_the_launcher_fails_when_lmms_eval_writes_no_results_and_says_what_the_t
     """lmms-eval itself exits 0 when a task's data folder is missing (a RetryError deep in `datasets`)."""
     missing = tmp_path / "never_exported"
     environment = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "NUWA_SYNTHETIC_DIR": str(missing)}
-    done = subprocess.run([str(ROOT / "launch.sh"), "lmms-eval", "--model", "nuwa", "--model_args",
-                           f"pretrained={SHIPPED_BASE}", "--tasks", "nuwa_synthetic_vqa", "--output_path",
-                           str(tmp_path / "out"), "--limit", "2"], env=environment, capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            str(ROOT / "launch.sh"),
+            "lmms-eval",
+            "--model",
+            "nuwa",
+            "--model_args",
+            f"pretrained={SHIPPED_BASE}",
+            "--tasks",
+            "nuwa_synthetic_vqa",
+            "--output_path",
+            str(tmp_path / "out"),
+            "--limit",
+            "2",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stderr[-3000:]
     assert f"wrote no results file under {tmp_path / 'out'}" in done.stderr
     assert "NUWA_SYNTHETIC_DIR" in done.stderr and f"(now: {missing})" in done.stderr

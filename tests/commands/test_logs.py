@@ -89,17 +89,36 @@ def test_durations_read_as_an_eta():
 
 def test_a_piped_fit_writes_step_lines_and_none_of_the_startup_notices(tiny_base_dir, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": FIT_STEPS, "limit_val_batches": 0,
-                    "num_sanity_val_steps": 0, "enable_model_summary": False, "use_distributed_sampler": False,
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {
+                    "accelerator": "cpu",
+                    "devices": 1,
+                    "max_steps": FIT_STEPS,
+                    "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0,
+                    "enable_model_summary": False,
+                    "use_distributed_sampler": False,
                     "default_root_dir": str(tmp_path / "run"),
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path / "run")}}},
-        "model": {"model_path": tiny_base_dir, "lora": {"rank": 4, "dropout": 0.0}},
-        "data": {"batch_size": 2, "train_images": 4, "val_images": 2}}))
-    done = subprocess.run([sys.executable, "-m", "nuwa_train", "fit", "--config", str(recipe)], capture_output=True,
-                          text=True, timeout=FIT_TIMEOUT_SECONDS, cwd=tmp_path)
+                    "logger": {
+                        "class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "init_args": {"save_dir": str(tmp_path / "run")},
+                    },
+                },
+                "model": {"model_path": tiny_base_dir, "lora": {"rank": 4, "dropout": 0.0}},
+                "data": {"batch_size": 2, "train_images": 4, "val_images": 2},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "nuwa_train", "fit", "--config", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=FIT_TIMEOUT_SECONDS,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     pattern = re.compile(rf"step (\d+)/{FIT_STEPS} \(\d+%\) loss [\d.e+-]+ .*[\d.]+ it/s ETA \d+s$")
@@ -128,6 +147,6 @@ def test_startup_warnings_are_dropped_by_message_only():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_startup_notices()
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use something else", FutureWarning)
-        warnings.warn("another FutureWarning the user should see", FutureWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use something else", FutureWarning, stacklevel=1)
+        warnings.warn("another FutureWarning the user should see", FutureWarning, stacklevel=1)
     assert [str(warning.message) for warning in caught] == ["another FutureWarning the user should see"]

@@ -61,9 +61,15 @@ data:
 
 def _recipe(tmp_path: Path, name: str, steps: int, vision: int = VISION_STEPS) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(RECIPE.format(steps=steps, vision=vision, run=tmp_path / name / "run",
-                                  export=tmp_path / name / "export",
-                                  threads=int(os.environ.get("NUWA_TEST_THREADS", "2"))))
+    path.write_text(
+        RECIPE.format(
+            steps=steps,
+            vision=vision,
+            run=tmp_path / name / "run",
+            export=tmp_path / name / "export",
+            threads=int(os.environ.get("NUWA_TEST_THREADS", "2")),
+        )
+    )
     return path
 
 
@@ -163,15 +169,24 @@ def test_short_run_learns_and_exports(tmp_path):
     last = np.mean([float(r["lm"]) for r in rows[-5:]])
     assert last < first - 0.5, (first, last)
     export = tmp_path / "learn/export"
-    for name in ("model.safetensors", "config.json", "eval_report.json", "eval_report.md", "README.md",
-                 "training_log.csv", "recipe.yaml"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "eval_report.json",
+        "eval_report.md",
+        "README.md",
+        "training_log.csv",
+        "recipe.yaml",
+    ):
         assert (export / name).exists(), name
     model, processor = load_tiny_llava(export)
     assert model.config.text_config.num_hidden_layers == 2
     assert not any("heads" in key or "referred" in key for key in model.state_dict())  # aux heads stay behind
     assert processor.apply_chat_template(  # the exported processor keeps the question-first layout
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-        add_generation_prompt=True, tokenize=False).startswith("user : hi <image>")
+        add_generation_prompt=True,
+        tokenize=False,
+    ).startswith("user : hi <image>")
     report = json.loads((export / "eval_report.json").read_text())
     assert report["final"] and report["step"] == VISION_STEPS + 40
     assert report["phase_steps"] == {"vision": VISION_STEPS, "all": 40}
@@ -245,9 +260,13 @@ def test_a_state_of_the_loop_before_lightning_is_converted_and_resumes(tmp_path,
         assert main([str(recipe)]) == 0
     new = load_tensor_tree(run / STATE_NAME)
     weights = new["state_dict"]
-    old = {"model": {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")},
-           "heads": {k[len("heads."):]: v for k, v in weights.items() if k.startswith("heads.")},
-           "optimizer": new["optimizer_states"][0], "step": new["global_step"], **new["nuwa_pretrain"]}
+    old = {
+        "model": {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.")},
+        "heads": {k[len("heads.") :]: v for k, v in weights.items() if k.startswith("heads.")},
+        "optimizer": new["optimizer_states"][0],
+        "step": new["global_step"],
+        **new["nuwa_pretrain"],
+    }
     assert convert_legacy_state(old)["loops"]["fit_loop"] == new["loops"]["fit_loop"]  # as Lightning saved it
     save_tensor_tree(run / STATE_NAME, old)
     assert main([str(recipe)]) == 0

@@ -31,8 +31,9 @@ def shipped_copy(tmp_path) -> tuple[Path, Path, Path]:
     recipe["trainer"]["default_root_dir"] = str(run)
     callbacks = recipe["trainer"]["callbacks"]
     callbacks[0]["init_args"]["dirpath"] = str(run)
-    callbacks[3]["init_args"].update(export_dir=str(export), final_eval_images=EXPORT_IMAGES,
-                                     saliency_images=EXPORT_IMAGES)
+    callbacks[3]["init_args"].update(
+        export_dir=str(export), final_eval_images=EXPORT_IMAGES, saliency_images=EXPORT_IMAGES
+    )
     path = tmp_path / "tiny_base.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path, run, export

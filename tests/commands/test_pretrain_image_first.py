@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from test_pretrain import _log, _recipe
 
 from nuwa_train.data.schema import IGNORE_INDEX
 from nuwa_train.data.synthetic import SyntheticConfig, generate_scene, make_conversation, make_grounding, make_vqa
@@ -20,8 +21,6 @@ from nuwa_train.pretrain.heads import answer_losses
 from nuwa_train.pretrain.init import InitFromError, load_initial_weights
 from nuwa_train.pretrain.phases import Phase
 from nuwa_train.pretrain.state import LOG_NAME, STATE_NAME
-
-from test_pretrain import _log, _recipe
 
 CONVERSATIONS = {"conversation_fraction": 0.5, "conversation_turns": [2, 4], "conversation_grounding": 0.3}
 
@@ -80,8 +79,11 @@ def test_conversation_settings_are_checked_by_name():
 def test_the_referred_head_is_refused_with_the_image_first(tmp_path):
     recipe = _recipe(tmp_path, "referred", 2)
     spec = {**yaml.safe_load(recipe.read_text())["model"]["spec"], "image_after_text": False}
-    with pytest.raises(ValueError, match=r"model.phases.1 \('all'\): referred_weight=0.5 needs "
-                                         r"model.spec.image_after_text: true"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.phases.1 \('all'\): referred_weight=0.5 needs "
+        r"model.spec.image_after_text: true",
+    ):
         _module(recipe, spec=spec)
 
 
@@ -144,8 +146,9 @@ def test_init_from_a_run_state_copies_model_and_heads(tmp_path, question_first_r
     for name, value in source.items():
         assert torch.equal(state[name], value), name
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
-    assert module.processor.apply_chat_template(chat, add_generation_prompt=True,
-                                                tokenize=False).startswith("user : <image> hi")
+    assert module.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False).startswith(
+        "user : <image> hi"
+    )
 
 
 def test_init_from_an_export_copies_the_model_and_grows_identity_layers(tmp_path, question_first_run):
@@ -164,16 +167,18 @@ def test_init_from_an_export_copies_the_model_and_grows_identity_layers(tmp_path
     ids = torch.tensor([[2, 5, 6, 7, 8]])
     with torch.no_grad():  # the grown LLM computes what the source's did
         expected = source.model.language_model(input_ids=ids).last_hidden_state
-        assert torch.allclose(grown.model.model.language_model(input_ids=ids).last_hidden_state, expected,
-                              atol=1e-5)
+        assert torch.allclose(grown.model.model.language_model(input_ids=ids).last_hidden_state, expected, atol=1e-5)
 
 
 def test_init_from_refuses_what_does_not_fit(tmp_path, question_first_run):
     recipe = _recipe(tmp_path, "misfit", 2)
     spec = yaml.safe_load(recipe.read_text())["model"]["spec"]
     state = str(question_first_run / "run" / STATE_NAME)
-    with pytest.raises(InitFromError, match=r"model.init_from=.*weights differ in shape .*text_hidden|"
-                                            r"model.init_from=.*differ in shape"):
+    with pytest.raises(
+        InitFromError,
+        match=r"model.init_from=.*weights differ in shape .*text_hidden|"
+        r"model.init_from=.*differ in shape",
+    ):
         _module(recipe, spec={**spec, "text_hidden": 64, "text_heads": 2}, init_from=state)
     with pytest.raises(InitFromError, match="have no place in the recipe's model"):
         _module(recipe, spec={**spec, "text_layers": 1}, init_from=state)
@@ -199,7 +204,8 @@ def test_image_first_conversations_continue_from_a_base_and_learn(tmp_path, ques
     model, processor = load_tiny_llava(tmp_path / "first/export")
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
     assert processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False).startswith(
-        "user : <image> hi")
+        "user : <image> hi"
+    )
     report = json.loads((tmp_path / "first/export/eval_report.json").read_text())
     assert report["final"] and report["step"] == 30
     assert report["recipe"]["model"]["init_from"] == str(question_first_run / "run" / STATE_NAME)
@@ -236,8 +242,10 @@ def test_the_first_turn_of_a_test_conversation_is_scored_as_the_single_turn_eval
     records = make_conversation(generate_scene(config, "test", 0), config, turns, 0.3)
     messages = conversation_messages(list(records[:2]), records[2])
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
-    assert messages[1]["content"][0]["text"] == records[0].answer and messages[4]["content"][0]["text"] == \
-        records[2].prompt
+    assert (
+        messages[1]["content"][0]["text"] == records[0].answer
+        and messages[4]["content"][0]["text"] == records[2].prompt
+    )
     assert [part["type"] for part in messages[0]["content"]] == ["image", "text"]
     assert [part["type"] for part in messages[2]["content"]] == ["text"]
 
@@ -246,10 +254,20 @@ def test_later_turns_are_compared_with_the_first_on_the_same_kinds():
     from nuwa_train.pretrain.conversations import conversation_markdown, conversation_report
 
     # turn 1: colour 1.0 (2 asked), count 0.5 (2 asked); turn 2: colour 1.0 (1), count 0.0 (3)
-    correct = {(0, "colour"): [True, True], (0, "count"): [True, False], (1, "colour"): [True],
-               (1, "count"): [False, False, False], (0, "attribute"): [True], (1, "attribute"): [True, False]}
-    tasks = {(0, "vqa"): [True, True, True, False], (1, "vqa"): [True, False, False, False],
-             (0, "grounding"): [True], (1, "grounding"): [True, False]}
+    correct = {
+        (0, "colour"): [True, True],
+        (0, "count"): [True, False],
+        (1, "colour"): [True],
+        (1, "count"): [False, False, False],
+        (0, "attribute"): [True],
+        (1, "attribute"): [True, False],
+    }
+    tasks = {
+        (0, "vqa"): [True, True, True, False],
+        (1, "vqa"): [True, False, False, False],
+        (0, "grounding"): [True],
+        (1, "grounding"): [True, False],
+    }
     kinds = {"colour": "vqa", "count": "vqa", "attribute": "grounding"}
     report = conversation_report(correct, tasks, kinds, images=5, turns=2, grounding_share=0.3)
     second = report["per_turn"][1]
@@ -283,7 +301,9 @@ def test_the_image_first_recipe_resumes_its_committed_state():
     assert logged == sorted(logged) and logged[-1] > module.position.step - recipe["trainer"]["log_every_n_steps"]
     text = module.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert text.startswith("user : <image> hi")
 
 
@@ -303,12 +323,17 @@ def test_the_retrieval_loss_is_the_layers_own_attention_on_the_asked_objects(tmp
     is_image = ids == model.config.image_token_index
     features = model.model.vision_tower(batch["pixel_values"]).last_hidden_state
     image_features = model.model.multi_modal_projector(features[batch["image_of_record"], 1:])
-    embeds = model.get_input_embeddings()(ids.masked_fill(is_image, 0)).masked_scatter(is_image.unsqueeze(-1),
-                                                                                       image_features)
+    embeds = model.get_input_embeddings()(ids.masked_fill(is_image, 0)).masked_scatter(
+        is_image.unsqueeze(-1), image_features
+    )
     language_model = model.model.language_model
     with torch.no_grad():
-        out = language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True,
-                              output_attentions=True)
+        out = language_model(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+            output_attentions=True,
+        )
         loss = module._retrieval_loss(language_model, out.hidden_states, embeds, is_image, batch)
     rows, positions = answer_queries(batch["labels"])
     assert len(rows) == len(batch["kinds"])  # one query per answer

@@ -15,8 +15,11 @@ def test_the_moving_average_is_debiased_and_follows_a_step_with_the_expected_lag
 
 def test_curves_png_is_written_with_raw_and_smoothed_losses(tmp_path):
     rows = ["epoch,step,train/hard,train/lm_loss,train/temperature"]
-    rows += [f"0,{step},{float(step >= 10)},{1.0 / (1 + step) + (step % 3) * 0.1},{0.5 ** step}" for step in range(30)]
+    rows += [f"0,{step},{float(step >= 10)},{1.0 / (1 + step) + (step % 3) * 0.1},{0.5**step}" for step in range(30)]
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
-    path = plot_training_curves({"run": tmp_path / "metrics.csv", "missing": tmp_path / "none.csv"},
-                                tmp_path / "curves.png", metrics=("train/lm_loss", "train/temperature"))
+    path = plot_training_curves(
+        {"run": tmp_path / "metrics.csv", "missing": tmp_path / "none.csv"},
+        tmp_path / "curves.png",
+        metrics=("train/lm_loss", "train/temperature"),
+    )
     assert path.stat().st_size > 0

@@ -22,8 +22,11 @@ def grid_boxes(name: str, frame: ImageFrame) -> list[tuple[float, ...]]:
     """Boxes whose every coordinate sits exactly on the format's quantisation grid, inside the image."""
     if name == "loc_tokens":
         centres = [(2 * k + 1) * 1000 // 64 / 1000 for k in range(32)]
-        return [(a, b, c, d) for a, c in itertools.combinations(centres[::5], 2)
-                for b, d in itertools.combinations(centres[::7], 2)]
+        return [
+            (a, b, c, d)
+            for a, c in itertools.combinations(centres[::5], 2)
+            for b, d in itertools.combinations(centres[::7], 2)
+        ]
     if name == "llava":
         side, dx, dy = LlavaBox.square(frame)
         xs = [(k / 100 * side - dx) / frame.width for k in range(101) if 0 <= k / 100 * side - dx <= frame.width]
@@ -53,8 +56,13 @@ def test_render_then_parse_is_the_identity_on_the_grid_and_a_perfect_answer_scor
 @pytest.mark.parametrize("name", list(BOX_FORMATS))
 def test_any_box_is_recovered_within_the_formats_resolution(name):
     codec, frame = box_format(name), FRAMES[0]
-    resolution = {"loc_tokens": 1 / 32, "llava": 0.01 * 120 / 80, "qwen2_vl": 1e-3, "qwen2_5_vl": 1 / 80,
-                  "qwen3_vl": 1e-3}[name]
+    resolution = {
+        "loc_tokens": 1 / 32,
+        "llava": 0.01 * 120 / 80,
+        "qwen2_vl": 1e-3,
+        "qwen2_5_vl": 1 / 80,
+        "qwen3_vl": 1e-3,
+    }[name]
     for box in [(0.1234, 0.2345, 0.5678, 0.9012), (0.0, 0.0, 1.0, 1.0), (0.333, 0.05, 0.334, 0.06)]:
         parsed = codec.parse(codec.render(box, frame), frame)
         if parsed is None:  # only a box thinner than the grid collapses
@@ -63,23 +71,29 @@ def test_any_box_is_recovered_within_the_formats_resolution(name):
         assert max(abs(p - b) for p, b in zip(parsed, box)) <= resolution
 
 
-@pytest.mark.parametrize("name, text, expected", [
-    ("llava", "It is at [0.10, 0.20, 0.30, 0.40] or maybe [0.5, 0.5, 0.6, 0.6]", (0.10, 0.20, 0.30, 0.40)),
-    ("llava", "[0.30, 0.20, 0.10, 0.40] then [0.5, 0.5, 0.6, 0.6]", (0.5, 0.5, 0.6, 0.6)),  # inverted: next one
-    ("llava", "[0.1, 0.2, 0.3]", None),
-    ("llava", "no box here", None),
-    ("qwen2_vl", "<|box_start|>(100,200),(300,400)<|box_end|> and (1,2),(3,4)", (0.1, 0.2, 0.3, 0.4)),
-    ("qwen2_vl", "(100, 200), (300, 400)", (0.1, 0.2, 0.3, 0.4)),  # spaces are tolerated
-    ("qwen2_vl", "(100,200)", None),
-    ("qwen2_5_vl", '```json\n[{"bbox_2d": [10, 20, 50, 40], "label": "x"}]\n```', (0.1, 0.2, 0.5, 0.4)),
-    ("qwen2_5_vl", '{"bbox_2d": [10, 20, 50]}', None),
-    ("qwen3_vl", '```json\n[{"bbox_2d": [100, 200, 500, 400], "label": "x"}]\n```', (0.1, 0.2, 0.5, 0.4)),
-    ("qwen3_vl", '[{"bbox_2d": [100, 200, 1500, 400]}]', (0.1, 0.2, 1.0, 0.4)),  # clipped to the image
-    ("loc_tokens", "<loc_1><loc_2><loc_3><loc_4>", tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (1, 2, 3, 4))),
-    ("loc_tokens", "<loc_1><loc_2><loc_40><loc_4><loc_5><loc_6><loc_7>",
-     tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (4, 5, 6, 7))),
-    ("loc_tokens", "<loc_1><loc_2><loc_3>", None),
-])
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("llava", "It is at [0.10, 0.20, 0.30, 0.40] or maybe [0.5, 0.5, 0.6, 0.6]", (0.10, 0.20, 0.30, 0.40)),
+        ("llava", "[0.30, 0.20, 0.10, 0.40] then [0.5, 0.5, 0.6, 0.6]", (0.5, 0.5, 0.6, 0.6)),  # inverted: next one
+        ("llava", "[0.1, 0.2, 0.3]", None),
+        ("llava", "no box here", None),
+        ("qwen2_vl", "<|box_start|>(100,200),(300,400)<|box_end|> and (1,2),(3,4)", (0.1, 0.2, 0.3, 0.4)),
+        ("qwen2_vl", "(100, 200), (300, 400)", (0.1, 0.2, 0.3, 0.4)),  # spaces are tolerated
+        ("qwen2_vl", "(100,200)", None),
+        ("qwen2_5_vl", '```json\n[{"bbox_2d": [10, 20, 50, 40], "label": "x"}]\n```', (0.1, 0.2, 0.5, 0.4)),
+        ("qwen2_5_vl", '{"bbox_2d": [10, 20, 50]}', None),
+        ("qwen3_vl", '```json\n[{"bbox_2d": [100, 200, 500, 400], "label": "x"}]\n```', (0.1, 0.2, 0.5, 0.4)),
+        ("qwen3_vl", '[{"bbox_2d": [100, 200, 1500, 400]}]', (0.1, 0.2, 1.0, 0.4)),  # clipped to the image
+        ("loc_tokens", "<loc_1><loc_2><loc_3><loc_4>", tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (1, 2, 3, 4))),
+        (
+            "loc_tokens",
+            "<loc_1><loc_2><loc_40><loc_4><loc_5><loc_6><loc_7>",
+            tuple((2 * k + 1) * 1000 // 64 / 1000 for k in (4, 5, 6, 7)),
+        ),
+        ("loc_tokens", "<loc_1><loc_2><loc_3>", None),
+    ],
+)
 def test_parsing_takes_the_first_well_formed_box_and_nothing_else(name, text, expected):
     frame = ImageFrame(100, 100, (100, 100))
     parsed = box_format(name).parse(text, frame)
@@ -136,7 +150,7 @@ def test_the_tiny_base_answers_in_its_coordinate_tokens_and_its_records_do_not_c
     records = [synthetic[i] for i in range(len(synthetic)) if synthetic[i]["task"] == "grounding"]
     native, plain = data.collator(), VisionLanguageCollator(data.processor)
     for first in range(0, len(records), 8):
-        chunk = records[first:first + 8]
+        chunk = records[first : first + 8]
         a, b = native(chunk), plain(chunk)
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
@@ -168,8 +182,15 @@ def test_each_family_is_asked_and_answered_in_its_own_format(family):
     codec = box_format_for(family, processor.tokenizer)
     assert codec.name == FAMILIES[family].box_format
     image = Image.new("RGB", (120, 80), (0, 0, 0))
-    record = {"id": "g", "image": image, "task": "grounding", "prompt": "locate the red circle.",
-              "answer": "<loc_1><loc_2><loc_3><loc_4>", "box": [100, 250, 500, 750], "expression": "the red circle"}
+    record = {
+        "id": "g",
+        "image": image,
+        "task": "grounding",
+        "prompt": "locate the red circle.",
+        "answer": "<loc_1><loc_2><loc_3><loc_4>",
+        "box": [100, 250, 500, 750],
+        "expression": "the red circle",
+    }
     collate = VisionLanguageCollator(processor, box_format=codec)
     checked = collate.validate(record, 0)
     prompt, answer = checked.prompt, checked.answer
@@ -192,8 +213,15 @@ def test_llava_grounding_images_are_padded_so_a_box_maps_back_to_the_original_pi
     image = Image.new("RGB", (120, 60), (0, 0, 255))
     pixels = (30, 6, 90, 54)  # in the 120x120 square: (30, 36, 90, 84), on LLaVA's two-decimal grid
     ImageDraw.Draw(image).rectangle((pixels[0], pixels[1], pixels[2] - 1, pixels[3] - 1), fill=(255, 0, 0))
-    record = {"id": "g", "image": image, "task": "grounding", "prompt": "x", "answer": "x",
-              "box": [250, 100, 750, 900], "expression": "the red circle"}
+    record = {
+        "id": "g",
+        "image": image,
+        "task": "grounding",
+        "prompt": "x",
+        "answer": "x",
+        "box": [250, 100, 750, 900],
+        "expression": "the red circle",
+    }
     codec = box_format("llava")
     checked = VisionLanguageCollator(processor, box_format=codec).validate(record, 0)
     padded, answer = checked.image, checked.answer

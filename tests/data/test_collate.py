@@ -22,8 +22,12 @@ def _image(seed):
 
 RECORDS = [
     {"id": "a", "image": _image(0), "prompt": "what colour is the circle?", "answer": "red"},
-    {"id": "b", "image": _image(1), "prompt": "locate the small blue square to the left of the red circle.",
-     "answer": "<loc_3><loc_5><loc_20><loc_30>"},
+    {
+        "id": "b",
+        "image": _image(1),
+        "prompt": "locate the small blue square to the left of the red circle.",
+        "answer": "<loc_3><loc_5><loc_20><loc_30>",
+    },
     {"id": "c", "image": _image(2), "prompt": "what is above the triangle?", "answer": "green circle"},
 ]
 
@@ -54,15 +58,22 @@ def test_labels_are_the_answer_only(processor, side):
         answer = tokenizer(" " + record["answer"] + " </s>", add_special_tokens=False)["input_ids"]
         labelled = labels[row] != -100
         assert labels[row][labelled].tolist() == answer
-        assert ids[row][real][-len(answer):].tolist() == answer
-        assert labelled.nonzero().squeeze(1).tolist() == positions[-len(answer):].tolist()
+        assert ids[row][real][-len(answer) :].tolist() == answer
+        assert labelled.nonzero().squeeze(1).tolist() == positions[-len(answer) :].tolist()
         assert labels[row][ids[row] == image_id].eq(-100).all()
         assert int((ids[row] == image_id).sum()) == 144
         # the unlabelled part is exactly the generation prompt evaluation will feed
-        prompt = processor(images=[record["image"]], text=[processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["prompt"]}]}],
-            add_generation_prompt=True, tokenize=False)])["input_ids"][0]
-        assert ids[row][real][:-len(answer)].tolist() == list(prompt)
+        prompt = processor(
+            images=[record["image"]],
+            text=[
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record["prompt"]}]}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+            ],
+        )["input_ids"][0]
+        assert ids[row][real][: -len(answer)].tolist() == list(prompt)
 
 
 def test_image_placement_follows_the_template(processor):
@@ -93,14 +104,17 @@ def test_max_length_truncates_the_answer_never_the_prompt(processor):
         VisionLanguageCollator(processor, max_length=20)(RECORDS[1:2])
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"answer": None}, "record 1 \\(id 'b'\\): field 'answer' is missing"),
-    ({"prompt": "  "}, "record 1 \\(id 'b'\\): field 'prompt' must be a non-empty"),
-    ({"prompt": "<image> what?"}, "must not contain '<image>'"),
-    ({"image": 42}, "record 1 \\(id 'b'\\): field 'image' must be"),
-    ({"image": np.zeros((4, 4))}, "HxWx3"),
-    ({"answer": "purple"}, "record 1 \\(id 'b'\\): the answer 'purple' has words the tokenizer does not know"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"answer": None}, "record 1 \\(id 'b'\\): field 'answer' is missing"),
+        ({"prompt": "  "}, "record 1 \\(id 'b'\\): field 'prompt' must be a non-empty"),
+        ({"prompt": "<image> what?"}, "must not contain '<image>'"),
+        ({"image": 42}, "record 1 \\(id 'b'\\): field 'image' must be"),
+        ({"image": np.zeros((4, 4))}, "HxWx3"),
+        ({"answer": "purple"}, "record 1 \\(id 'b'\\): the answer 'purple' has words the tokenizer does not know"),
+    ],
+)
 def test_bad_record_names_the_record(processor, bad, message):
     records = [dict(RECORDS[0]), {**RECORDS[1], **bad}]
     with pytest.raises(CollateError, match=message):

@@ -11,17 +11,24 @@ from nuwa_train.data.schema import IGNORE_INDEX, TURNS_DROPPED
 from nuwa_train.models import attach_nuwa
 from nuwa_train.pruning import NuwaConfig
 
-TURNS = [("what colour is the circle ?", "red"),
-         ("how many blue square are there ?", "there are how many"),  # words of the tiny vocabulary
-         ("is there the green triangle left of the circle ?", "no")]
+TURNS = [
+    ("what colour is the circle ?", "red"),
+    ("how many blue square are there ?", "there are how many"),  # words of the tiny vocabulary
+    ("is there the green triangle left of the circle ?", "no"),
+]
 
 
 def conversation(turns=TURNS, image=None, record_id="c0") -> dict:
     messages = []
     for question, answer in turns:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return {"id": record_id, "image": image if image is not None else make_images(1)[0], "prompt": turns[0][0],
-            "answer": turns[0][1], "messages": messages}
+    return {
+        "id": record_id,
+        "image": image if image is not None else make_images(1)[0],
+        "prompt": turns[0][0],
+        "answer": turns[0][1],
+        "messages": messages,
+    }
 
 
 def labelled_spans(labels: torch.Tensor) -> list[list[int]]:
@@ -40,8 +47,7 @@ def per_token_losses(model, batch) -> list[torch.Tensor]:
     output = model(**batch)
     handle = getattr(model, "_nuwa", None)
     labels = handle.output_labels() if handle is not None else batch["labels"]
-    losses = F.cross_entropy(output.logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE_INDEX,
-                             reduction="none")
+    losses = F.cross_entropy(output.logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="none")
     spans, current = [], []
     for loss, label in zip(losses, labels[0, 1:].tolist()):
         if label != IGNORE_INDEX:
@@ -55,16 +61,20 @@ def test_every_answer_is_labelled_and_nothing_else(tiny_llava):
     _, processor = tiny_llava
     batch = VisionLanguageCollator(processor)([conversation()])
     tokenizer = processor.tokenizer
-    expected = [tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                for _, answer in TURNS]
+    expected = [
+        tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _, answer in TURNS
+    ]
     assert labelled_spans(batch["labels"][0]) == expected
     text = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
     for question, _ in TURNS:  # every question is in the sequence, unlabelled
         assert question.replace(" ?", "") in text
 
 
-@pytest.mark.parametrize("pruning", [None, NuwaConfig(budget=64, method="nuwa_stage1"), NuwaConfig(budget=64)],
-                         ids=["unpruned", "nuwa_stage1", "nuwa"])
+@pytest.mark.parametrize(
+    "pruning",
+    [None, NuwaConfig(budget=64, method="nuwa_stage1"), NuwaConfig(budget=64)],
+    ids=["unpruned", "nuwa_stage1", "nuwa"],
+)
 def test_each_turns_losses_equal_a_record_holding_the_preceding_turns(tiny_llava, pruning):
     model, processor = tiny_llava
     collate = VisionLanguageCollator(processor)
@@ -97,7 +107,7 @@ def test_a_pruned_conversation_forward_equals_turn_by_turn_cached_inference(tiny
         rest = batch["input_ids"][:, start:]
         for step in range(rest.shape[1] - 1):  # teacher-forced, one token at a time, as generate feeds them
             mask = torch.ones(1, start + step + 1, dtype=torch.long)
-            out = model(input_ids=rest[:, step:step + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=rest[:, step : step + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits.append(out.logits[0, -1])
     cached = torch.stack(logits)  # predictions after unpruned positions start - 1 .. end - 2

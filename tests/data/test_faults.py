@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from nuwa_train.data.collate import CollateError
-from nuwa_train.data.schema import ANSWER_TRUNCATED, PROMPT_TOO_LONG, PROMPT_UNKNOWN_TOKENS
 from nuwa_train.data.formats import LLAVA_FILE, REFCOCO_FILE, DatasetFormatError, export_split, read_image
 from nuwa_train.data.records import FileRecords
+from nuwa_train.data.schema import ANSWER_TRUNCATED, PROMPT_TOO_LONG, PROMPT_UNKNOWN_TOKENS
 from nuwa_train.data.synthetic import SyntheticConfig
 from nuwa_train.lightning import NuwaDataModule, NuwaFineTuner
 from nuwa_train.lightning.data import DATA_REPORT_NAME
@@ -71,8 +71,10 @@ def test_a_truncated_image_fails_when_read_naming_the_file_and_record(files):
     bad = records_of(files / REFCOCO_FILE)[3]
     truncate_image(files, bad)
     data = FileRecords([], [str(files / REFCOCO_FILE)], "raise")
-    with pytest.raises(DatasetFormatError, match=f"{files / REFCOCO_FILE}: record 3 \\(id '{bad['id']}'\\): "
-                                                 f"field 'image': cannot read image"):
+    with pytest.raises(
+        DatasetFormatError,
+        match=f"{files / REFCOCO_FILE}: record 3 \\(id '{bad['id']}'\\): field 'image': cannot read image",
+    ):
         data[3]
 
 
@@ -89,8 +91,7 @@ def test_a_truncated_image_is_skipped_and_counted_with_on_error_skip(files):
 def test_a_bad_image_met_in_training_names_its_file_and_record_id(files, tiny_base_dir):
     bad = records_of(files / LLAVA_FILE)[0]
     truncate_image(files, bad)
-    data = NuwaDataModule(processor_path=tiny_base_dir, train_files={"llava": [str(files / LLAVA_FILE)]},
-                          batch_size=4)
+    data = NuwaDataModule(processor_path=tiny_base_dir, train_files={"llava": [str(files / LLAVA_FILE)]}, batch_size=4)
     records = [data.dataset("train")[i] for i in range(1, 4)]
     assert "source" in records[0]  # records know their file, so collate errors can name it
     with pytest.raises(DatasetFormatError, match=f"{files / LLAVA_FILE}: record 0 \\(id '{bad['id']}'\\)"):
@@ -134,14 +135,22 @@ def test_a_large_image_is_decoded_reduced_but_never_below_what_the_processor_nee
     Image.fromarray(rng.integers(0, 255, (1800, 2400, 3), dtype=np.uint8)).save(path, kind)
     for needed in (224, 336, 900):
         image = read_image(str(path), min_side=needed)
-        assert needed <= min(image.size) < 2 * needed + 1 and image.size[0] / image.size[1] == pytest.approx(4 / 3, 1e-2)
+        assert needed <= min(image.size) < 2 * needed + 1 and image.size[0] / image.size[1] == pytest.approx(
+            4 / 3, 1e-2
+        )
     assert read_image(str(path)).size == (2400, 1800)  # no processor size known: decoded in full
 
 
 # ----------------------------------------------------------------------------- text the model cannot train on
 def vqa_record(prompt: str, answer: str = "red") -> dict:
-    return {"id": "long-1", "source": "train.json", "index": 7, "image": Image.new("RGB", (96, 96)),
-            "prompt": prompt, "answer": answer}
+    return {
+        "id": "long-1",
+        "source": "train.json",
+        "index": 7,
+        "image": Image.new("RGB", (96, 96)),
+        "prompt": prompt,
+        "answer": answer,
+    }
 
 
 def test_the_models_context_is_the_default_max_length_and_an_over_long_prompt_is_refused(tiny_base_dir):
@@ -149,8 +158,9 @@ def test_the_models_context_is_the_default_max_length_and_an_over_long_prompt_is
     collate = data.collator()
     assert data.max_length == 1024  # the tiny base's max_position_embeddings
     long_prompt = " ".join(["what colour is the circle ?"] * 700)  # ~4000 tokens
-    with pytest.raises(CollateError, match="train.json: record 7 \\(id 'long-1'\\): the prompt alone has \\d+ tokens"
-                                           ".*max_length=1024"):
+    with pytest.raises(
+        CollateError, match="train.json: record 7 \\(id 'long-1'\\): the prompt alone has \\d+ tokens.*max_length=1024"
+    ):
         collate([vqa_record(long_prompt)])
 
 
@@ -158,9 +168,14 @@ def test_with_skip_refused_records_leave_the_batch_and_truncation_and_unknown_te
     data = NuwaDataModule(processor_path=tiny_base_dir, on_error="skip", max_length=200)
     collate = data.collator()
     long_prompt = " ".join(["what colour is the circle ?"] * 100)
-    batch = collate([vqa_record("what colour is the circle ?"), vqa_record(long_prompt),
-                     vqa_record("what colour is the 🙂 circle ?"),
-                     vqa_record("what colour is the circle ?" + " ?" * 44, answer="red " * 30)])
+    batch = collate(
+        [
+            vqa_record("what colour is the circle ?"),
+            vqa_record(long_prompt),
+            vqa_record("what colour is the 🙂 circle ?"),
+            vqa_record("what colour is the circle ?" + " ?" * 44, answer="red " * 30),
+        ]
+    )
     assert batch["input_ids"].shape[0] == 3  # the over-long prompt was left out
     assert batch["input_ids"].shape[1] <= 200
     assert collate.counts == {PROMPT_TOO_LONG: 1, PROMPT_UNKNOWN_TOKENS: 1, ANSWER_TRUNCATED: 1}
@@ -174,12 +189,24 @@ def test_fit_writes_the_data_report_with_skips_per_file_and_reason(files, tiny_b
     write_records(files / LLAVA_FILE, records)
     truncate_image(files, records_of(files / REFCOCO_FILE)[0])
     module = NuwaFineTuner(model_path=tiny_base_dir)
-    data = NuwaDataModule(processor_path=tiny_base_dir, on_error="skip", batch_size=4,
-                          train_files={"llava": [str(files / LLAVA_FILE)], "refcoco": [str(files / REFCOCO_FILE)]})
+    data = NuwaDataModule(
+        processor_path=tiny_base_dir,
+        on_error="skip",
+        batch_size=4,
+        train_files={"llava": [str(files / LLAVA_FILE)], "refcoco": [str(files / REFCOCO_FILE)]},
+    )
     run_dir = tmp_path / "run"
-    L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-              default_root_dir=run_dir).fit(module, data)
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=run_dir,
+    ).fit(module, data)
     report = json.loads((run_dir / DATA_REPORT_NAME).read_text())
     llava, refcoco = report["files"][str(files / LLAVA_FILE)], report["files"][str(files / REFCOCO_FILE)]
     assert llava["at_start"]["skipped_by_reason"] == {"image: file not found": 1}

@@ -13,8 +13,8 @@ from PIL import Image
 
 from nuwa_train.data.boxes import box_format
 from nuwa_train.data.collate import VisionLanguageCollator, as_image
-from nuwa_train.data.geometry import to_box01
 from nuwa_train.data.formats import DatasetFormatError, parse_llava_json, parse_refcoco_json, read_image
+from nuwa_train.data.geometry import to_box01
 from nuwa_train.data.records import FileRecords
 from nuwa_train.data.sharegpt import load_sharegpt_json, parse_sharegpt_json
 
@@ -25,9 +25,15 @@ def grounding_record(record_id: str, bbox, bbox_type: str | None = "real", image
     objects = {"ref": ["the red block"], "bbox": [bbox]}
     if bbox_type is not None:
         objects["bbox_type"] = bbox_type
-    return {"id": record_id, "images": [image], "objects": objects,
-            "messages": [{"role": "user", "content": "<image>Find <ref-object>"},
-                         {"role": "assistant", "content": "<bbox>"}]}
+    return {
+        "id": record_id,
+        "images": [image],
+        "objects": objects,
+        "messages": [
+            {"role": "user", "content": "<image>Find <ref-object>"},
+            {"role": "assistant", "content": "<bbox>"},
+        ],
+    }
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -46,8 +52,10 @@ def folder(tmp_path) -> Path:
 @pytest.mark.parametrize("bbox_type", ["real", None])  # None: no bbox_type, which means "real" (ms-swift)
 @pytest.mark.parametrize("bbox", [[500, 500, 900, 900], [50, 50, 300, 300], [10, 10, 98, 40]])
 def test_a_pixel_box_outside_its_image_is_an_error_naming_file_record_and_field(folder, bbox, bbox_type):
-    path = write_jsonl(folder / "data.jsonl", [grounding_record("ok", [10, 10, 40, 40], bbox_type),
-                                               grounding_record("far", bbox, bbox_type)])
+    path = write_jsonl(
+        folder / "data.jsonl",
+        [grounding_record("ok", [10, 10, 40, 40], bbox_type), grounding_record("far", bbox, bbox_type)],
+    )
     with pytest.raises(DatasetFormatError) as caught:  # the image read at load: checked at once
         load_sharegpt_json(path)
     message = str(caught.value)
@@ -61,37 +69,46 @@ def test_a_pixel_box_outside_its_image_is_an_error_naming_file_record_and_field(
 
 
 def test_with_skip_an_outside_box_is_left_out_and_counted(folder):
-    path = write_jsonl(folder / "data.jsonl", [grounding_record("far", [500, 500, 900, 900]),
-                                               grounding_record("ok", [10, 10, 40, 40])])
+    path = write_jsonl(
+        folder / "data.jsonl", [grounding_record("far", [500, 500, 900, 900]), grounding_record("ok", [10, 10, 40, 40])]
+    )
     rows, report = parse_sharegpt_json(path, on_error="skip")
     assert [row["id"] for row in rows] == ["ok"] and report.skipped == 1
     assert report.by_reason == {"objects.bbox[]: outside the image (bbox_type 'real')": 1}
     data = FileRecords([], [], "skip", sharegpt_files=[str(path)])
     assert data[0]["id"] == "ok"  # the next readable record stands in
     access = data.access_reports[str(path)]
-    assert access.skipped == 1 and access.first_ids == {"objects.bbox[]: outside the image (bbox_type 'real')":
-                                                        ["far"]}
+    assert access.skipped == 1 and access.first_ids == {"objects.bbox[]: outside the image (bbox_type 'real')": ["far"]}
 
 
-@pytest.mark.parametrize("bbox, expected", [
-    ([0, 0, SIDE, SIDE], (0.0, 0.0, 1.0, 1.0)),  # edges on the border: inside
-    ([48, 0, SIDE + 0.6, SIDE + 1], (0.5, 0.0, 1.0, 1.0)),  # overhang of rounding (x + w): clamped
-    ([0.5, 24, 48, 72.25], (0.5 / SIDE, 0.25, 0.5, 72.25 / SIDE)),
-])
+@pytest.mark.parametrize(
+    "bbox, expected",
+    [
+        ([0, 0, SIDE, SIDE], (0.0, 0.0, 1.0, 1.0)),  # edges on the border: inside
+        ([48, 0, SIDE + 0.6, SIDE + 1], (0.5, 0.0, 1.0, 1.0)),  # overhang of rounding (x + w): clamped
+        ([0.5, 24, 48, 72.25], (0.5 / SIDE, 0.25, 0.5, 72.25 / SIDE)),
+    ],
+)
 def test_pixel_boxes_on_the_border_or_within_rounding_are_inside(folder, bbox, expected):
     path = write_jsonl(folder / "data.jsonl", [grounding_record("edge", bbox)])
     assert load_sharegpt_json(path)[0]["objects"]["bbox"][0] == pytest.approx(list(expected))
     assert FileRecords([], [], "raise", sharegpt_files=[str(path)])[0]["objects"]["bbox"][0] == pytest.approx(
-        list(expected))
+        list(expected)
+    )
 
 
 def test_a_box_below_one_grid_cell_is_counted_and_named(folder, tiny_base_dir, caplog):
     from nuwa_train.data.schema import BOX_BELOW_GRID
     from nuwa_train.models.loading import load_processor
 
-    path = write_jsonl(folder / "data.jsonl", [grounding_record("large", [10, 10, 60, 60]),
-                                               grounding_record("thin", [10, 10, 11, 60]),  # 1 px of 96: < 1/32
-                                               grounding_record("dot", [10, 10, 10.05, 10.05])])  # < 1/1000
+    path = write_jsonl(
+        folder / "data.jsonl",
+        [
+            grounding_record("large", [10, 10, 60, 60]),
+            grounding_record("thin", [10, 10, 11, 60]),  # 1 px of 96: < 1/32
+            grounding_record("dot", [10, 10, 10.05, 10.05]),
+        ],
+    )  # < 1/1000
     data = FileRecords([], [], "raise", sharegpt_files=[str(path)])
     rows = [data[i] for i in range(len(data))]
     collator = VisionLanguageCollator(load_processor(tiny_base_dir), box_format=box_format("loc_tokens", bins=32))
@@ -113,8 +130,11 @@ def test_nan_and_infinity_in_a_box_are_a_field_error_and_skippable(folder, bbox_
     path = folder / "data.jsonl"
     path.write_text(json.dumps(good) + "\n" + bad + "\n")
     for check_images in (True, False):
-        with pytest.raises(DatasetFormatError, match=rf"{path}: record 1 \(id 'bad'\): field 'objects.bbox\[0\]': "
-                                                     rf"box .* not a finite number"):
+        with pytest.raises(
+            DatasetFormatError,
+            match=rf"{path}: record 1 \(id 'bad'\): field 'objects.bbox\[0\]': "
+            rf"box .* not a finite number",
+        ):
             parse_sharegpt_json(path, check_images=check_images)
         rows, report = parse_sharegpt_json(path, on_error="skip", check_images=check_images)
         assert [row["id"] for row in rows] == ["good"]
@@ -227,7 +247,7 @@ def rotated_jpeg(path: Path, orientation: int) -> Path:
 def _red_inside(image: Image.Image, box) -> float:
     pixels = np.asarray(image).astype(int)
     x1, y1, x2, y2 = (round(v) for v in box)
-    inner = pixels[y1 + 2:y2 - 2, x1 + 2:x2 - 2]
+    inner = pixels[y1 + 2 : y2 - 2, x1 + 2 : x2 - 2]
     return float(((inner[..., 0] > 200) & (inner[..., 2] < 60)).mean())
 
 
@@ -251,8 +271,14 @@ def test_exif_orientation_turns_image_and_box_frame_as_shown(folder, orientation
 
 def test_a_declared_size_is_the_shown_one_and_a_stored_one_is_explained(folder):
     rotated_jpeg(folder / "images" / "photo.jpg", 6)
-    record = {"id": "r", "image": "images/photo.jpg", "problem": "the red block",
-              "normalized_solution": [625, 666, 950, 966], "width": DISPLAYED[0], "height": DISPLAYED[1]}
+    record = {
+        "id": "r",
+        "image": "images/photo.jpg",
+        "problem": "the red block",
+        "normalized_solution": [625, 666, 950, 966],
+        "width": DISPLAYED[0],
+        "height": DISPLAYED[1],
+    }
     path = folder / "refcoco.json"
     path.write_text(json.dumps([record]))
     assert parse_refcoco_json(path)[1].loaded == 1
@@ -266,8 +292,11 @@ def test_a_declared_size_is_the_shown_one_and_a_stored_one_is_explained(folder):
 
 # ----------------------------------------------------------------------------- 5. links out of the data root
 def llava_record(record_id: str, image: str) -> dict:
-    return {"id": record_id, "image": image, "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
-                                                               {"from": "gpt", "value": "blue"}]}
+    return {
+        "id": record_id,
+        "image": image,
+        "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "blue"}],
+    }
 
 
 @pytest.fixture
@@ -287,8 +316,11 @@ def test_a_link_in_the_root_pointing_outside_is_refused_unless_allowed(linked, i
     path = linked / "llava.json"
     path.write_text(json.dumps([llava_record("out", image)]))
     for check_images in (True, False):
-        with pytest.raises(DatasetFormatError, match=r"record 0 \(id 'out'\): field 'image': path .* symbolic link"
-                                                     r".*outside the dataset root"):
+        with pytest.raises(
+            DatasetFormatError,
+            match=r"record 0 \(id 'out'\): field 'image': path .* symbolic link"
+            r".*outside the dataset root",
+        ):
             parse_llava_json(path, check_images=check_images)
         rows, report = parse_llava_json(path, on_error="skip", check_images=check_images)
         assert not rows and report.by_reason == {"image: link outside the root": 1}
@@ -313,12 +345,22 @@ def test_a_root_reached_through_a_link_is_its_own_inside(linked, tmp_path_factor
 
 # ----------------------------------------------------------------------------- 6. dataset_info.json in the library
 def test_load_sharegpt_json_reads_a_dataset_info_registration(folder):
-    records = [{"id": "c1", "dialog": [{"speaker": "me", "text": "<image>What colour?"},
-                                       {"speaker": "bot", "text": "blue"}], "pictures": ["images/a.png"]}]
+    records = [
+        {
+            "id": "c1",
+            "dialog": [{"speaker": "me", "text": "<image>What colour?"}, {"speaker": "bot", "text": "blue"}],
+            "pictures": ["images/a.png"],
+        }
+    ]
     write_jsonl(folder / "mine.jsonl", records)
-    info = {"mine": {"file_name": "mine.jsonl", "formatting": "sharegpt",
-                     "columns": {"messages": "dialog", "images": "pictures"},
-                     "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}}}
+    info = {
+        "mine": {
+            "file_name": "mine.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "dialog", "images": "pictures"},
+            "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"},
+        }
+    }
     (folder / "dataset_info.json").write_text(json.dumps(info))
     spec = f"{folder / 'dataset_info.json'}:mine"
     data = load_sharegpt_json(spec)
@@ -348,8 +390,15 @@ def test_a_prediction_shows_the_expected_box_as_the_model_is_trained_to_answer(f
     perfect = score_answer(row, trained, asking)  # the expected answer, generated, scores as a hit
     assert perfect.correct and perfect.iou > 0.85  # loc_tokens: bin centres of 32 bins
 
-    refcoco_row = {"id": "r", "image": row["image"], "task": "grounding", "prompt": "Where is the block?",
-                   "answer": "<loc_1><loc_2><loc_3><loc_4>", "box": [125, 250, 625, 750], "expression": "the block"}
+    refcoco_row = {
+        "id": "r",
+        "image": row["image"],
+        "task": "grounding",
+        "prompt": "Where is the block?",
+        "answer": "<loc_1><loc_2><loc_3><loc_4>",
+        "box": [125, 250, 625, 750],
+        "expression": "the block",
+    }
     expected = VisionLanguageCollator(processor, box_format=codec).validate(refcoco_row, 0).answer
     assert score_answer(refcoco_row, "", asking).answer == expected
     assert codec.parse(expected, frame) == pytest.approx(to_box01((125, 250, 625, 750)), abs=1 / 32)
@@ -361,8 +410,19 @@ def test_eval_writes_the_expected_box_into_predictions_jsonl(tiny_base_dir, tmp_
     from nuwa_train.data.synthetic import SyntheticConfig
 
     conversations = export_conversations(tmp_path / "swift", SyntheticConfig(), "val", 2, 0, 1)  # 2 grounding
-    main(["eval", "--model", tiny_base_dir, "--method", "none", "--out", str(tmp_path / "out"),
-          "--data", f"sharegpt={conversations}"])
+    main(
+        [
+            "eval",
+            "--model",
+            tiny_base_dir,
+            "--method",
+            "none",
+            "--out",
+            str(tmp_path / "out"),
+            "--data",
+            f"sharegpt={conversations}",
+        ]
+    )
     predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     boxes = [json.loads(line)["objects"]["bbox"][0] for line in conversations.read_text().splitlines()]
     assert [p["task"] for p in predictions] == ["grounding", "grounding"]
@@ -381,10 +441,25 @@ def test_the_default_recipe_trains_on_files_with_the_documented_flags_alone(tiny
     recipe = Path(__file__).parents[2] / "recipes" / "default.yaml"
     conversations = export_conversations(tmp_path / "my_data", SyntheticConfig(), "train", 4)
     monkeypatch.chdir(tmp_path)  # the recipe's run directories land here
-    cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, run=False, args=[
-        "--config", str(recipe), "--model.model_path", tiny_base_dir,
-        "--data.train_files", json.dumps({"sharegpt": [str(conversations)]}),
-        "--trainer.max_steps", "1", "--data.batch_size", "2", "--trainer.limit_val_batches", "0"])
+    cli = NuwaCLI(
+        NuwaFineTuner,
+        NuwaDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(recipe),
+            "--model.model_path",
+            tiny_base_dir,
+            "--data.train_files",
+            json.dumps({"sharegpt": [str(conversations)]}),
+            "--trainer.max_steps",
+            "1",
+            "--data.batch_size",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+        ],
+    )
     assert cli.datamodule.hparams.group_by_image  # the recipe's synthetic setting, still there, does not apply
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 1

@@ -53,9 +53,17 @@ def test_export_then_load_gives_back_prompts_answers_boxes_and_images(exported):
     for dataset, expected, task in ((llava, vqa, "vqa"), (refcoco, grounding, "grounding")):
         assert len(dataset) == len(expected) == NUM_IMAGES
         for row, record in zip(dataset, expected):
-            assert (row["id"], row["task"], row["prompt"], row["answer"]) == (record.id, task, record.prompt, record.answer)
+            assert (row["id"], row["task"], row["prompt"], row["answer"]) == (
+                record.id,
+                task,
+                record.prompt,
+                record.answer,
+            )
             assert row["box"] == (None if record.box is None else list(record.box))
-            assert row["messages"] == [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.answer}]
+            assert row["messages"] == [
+                {"role": "user", "content": record.prompt},
+                {"role": "assistant", "content": record.answer},
+            ]
             assert np.array_equal(_pixels(row["image"]), _pixels(render(record.scene, CONFIG)))
     assert len(datasets.concatenate_datasets([llava, refcoco])) == 2 * NUM_IMAGES
 
@@ -91,6 +99,7 @@ def test_llava_grounding_answers_multi_turn_and_integer_ids(exported, tmp_path):
 
 def _set(path, value):
     """A mutation that sets record[path...] = value; None deletes the key."""
+
     def mutate(record, root):
         *parents, last = path
         for key in parents:
@@ -99,6 +108,7 @@ def _set(path, value):
             del record[last]
         else:
             record[last] = value
+
     return mutate
 
 
@@ -117,16 +127,40 @@ LLAVA_CASES = {
     "missing id": (_set(["id"], None), "id", "missing"),
     "missing conversations": (_set(["conversations"], None), "conversations", "missing"),
     "conversations not a list": (_set(["conversations"], "hi"), "conversations", "expected list"),
-    "no answer turn": (_set(["conversations"], [{"from": "human", "value": "<image>\nhi?"}]), "conversations", "got 1 turns"),
-    "no image placeholder": (_set(["conversations", 0, "value"], "what colour is it?"), "conversations[0].value", "'<image>'"),
+    "no answer turn": (
+        _set(["conversations"], [{"from": "human", "value": "<image>\nhi?"}]),
+        "conversations",
+        "got 1 turns",
+    ),
+    "no image placeholder": (
+        _set(["conversations", 0, "value"], "what colour is it?"),
+        "conversations[0].value",
+        "'<image>'",
+    ),
     "non-alternating": (_set(["conversations", 1, "from"], "human"), "conversations[1].from", "expected 'gpt'"),
     "placeholder in a later turn": (_late_image_token, "conversations[2].value", "only the first turn"),
     "value not a string": (_set(["conversations", 1, "value"], 3), "conversations[1].value", "expected str"),
     "empty answer": (_set(["conversations", 1, "value"], "  "), "conversations[1].value", "empty answer"),
-    "inverted box answer": (_set(["conversations", 1, "value"], "[500, 10, 400, 90]"), "conversations[1].value", "x1 >= x2"),
-    "zero-width token box": (_set(["conversations", 1, "value"], "<loc_3><loc_4><loc_3><loc_9>"), "conversations[1].value", "x1 >= x2"),
-    "five coordinate tokens": (_set(["conversations", 1, "value"], "<loc_1><loc_2><loc_3><loc_4><loc_5>"), "conversations[1].value", "exactly one box"),
-    "coordinate token out of range": (_set(["conversations", 1, "value"], "<loc_1><loc_2><loc_3><loc_40>"), "conversations[1].value", "32 bins"),
+    "inverted box answer": (
+        _set(["conversations", 1, "value"], "[500, 10, 400, 90]"),
+        "conversations[1].value",
+        "x1 >= x2",
+    ),
+    "zero-width token box": (
+        _set(["conversations", 1, "value"], "<loc_3><loc_4><loc_3><loc_9>"),
+        "conversations[1].value",
+        "x1 >= x2",
+    ),
+    "five coordinate tokens": (
+        _set(["conversations", 1, "value"], "<loc_1><loc_2><loc_3><loc_4><loc_5>"),
+        "conversations[1].value",
+        "exactly one box",
+    ),
+    "coordinate token out of range": (
+        _set(["conversations", 1, "value"], "<loc_1><loc_2><loc_3><loc_40>"),
+        "conversations[1].value",
+        "32 bins",
+    ),
 }
 
 REFCOCO_CASES = {
@@ -135,12 +169,20 @@ REFCOCO_CASES = {
     "missing problem": (_set(["problem"], None), "problem", "missing"),
     "empty problem": (_set(["problem"], ""), "problem", "empty"),
     "missing box": (_set(["normalized_solution"], None), "normalized_solution", "missing"),
-    "inverted x": (_set(["normalized_solution"], [10, 5, 3, 40]), "normalized_solution", "box [10, 5, 3, 40] has x1 >= x2"),
+    "inverted x": (
+        _set(["normalized_solution"], [10, 5, 3, 40]),
+        "normalized_solution",
+        "box [10, 5, 3, 40] has x1 >= x2",
+    ),
     "zero-width box": (_set(["normalized_solution"], [10, 5, 10, 40]), "normalized_solution", "has x1 >= x2"),
     "inverted y": (_set(["normalized_solution"], [10, 50, 30, 40]), "normalized_solution", "has y1 >= y2"),
     "coordinate 1000": (_set(["normalized_solution"], [10, 5, 30, 1000]), "normalized_solution", "outside [0, 1000)"),
     "negative coordinate": (_set(["normalized_solution"], [-1, 5, 30, 40]), "normalized_solution", "outside [0, 1000)"),
-    "float coordinates": (_set(["normalized_solution"], [10.5, 5, 30, 40]), "normalized_solution", "list of 4 integers"),
+    "float coordinates": (
+        _set(["normalized_solution"], [10.5, 5, 30, 40]),
+        "normalized_solution",
+        "list of 4 integers",
+    ),
     "three coordinates": (_set(["normalized_solution"], [10, 5, 30]), "normalized_solution", "list of 4 integers"),
     "width mismatch": (_set(["width"], 640), "width", "640 does not match the image's width 96"),
     "missing height": (_set(["height"], None), "height", "missing"),
@@ -183,7 +225,10 @@ def test_error_message_reads_like_the_documented_example(exported, tmp_path):
     path, _ = _broken_file(exported, tmp_path, REFCOCO_FILE, _set(["normalized_solution"], [10, 5, 3, 40]))
     with pytest.raises(DatasetFormatError) as error:
         load_refcoco_json(path)
-    assert str(error.value) == f"{path}: record 3 (id 'val-000003-grounding'): field 'normalized_solution': box [10, 5, 3, 40] has x1 >= x2"
+    assert (
+        str(error.value)
+        == f"{path}: record 3 (id 'val-000003-grounding'): field 'normalized_solution': box [10, 5, 3, 40] has x1 >= x2"
+    )
 
 
 def test_record_that_is_not_an_object(exported, tmp_path):
@@ -204,9 +249,14 @@ def test_file_that_is_not_a_list_of_records(tmp_path, text, reason):
 
 def test_skip_mode_drops_and_counts_every_bad_record(exported, tmp_path):
     shutil.copytree(exported / "images", tmp_path / "images")
-    broken = {1: "missing image file", 4: "inverted box answer", 9: "no image placeholder"}, {1: "missing image file", 4: "inverted x", 9: "width mismatch"}
-    for name, parse, load, cases, breaks in ((LLAVA_FILE, parse_llava_json, load_llava_json, LLAVA_CASES, broken[0]),
-                                             (REFCOCO_FILE, parse_refcoco_json, load_refcoco_json, REFCOCO_CASES, broken[1])):
+    broken = (
+        {1: "missing image file", 4: "inverted box answer", 9: "no image placeholder"},
+        {1: "missing image file", 4: "inverted x", 9: "width mismatch"},
+    )
+    for name, parse, load, cases, breaks in (
+        (LLAVA_FILE, parse_llava_json, load_llava_json, LLAVA_CASES, broken[0]),
+        (REFCOCO_FILE, parse_refcoco_json, load_refcoco_json, REFCOCO_CASES, broken[1]),
+    ):
         records = json.loads((exported / name).read_text())
         for index, case in breaks.items():
             cases[case][0](records[index], tmp_path)
@@ -241,7 +291,9 @@ def test_committed_sample_regenerates_exactly(tmp_path):
     images = sorted(p.name for p in (SAMPLE_DIR / "images").iterdir())
     assert images == sorted(p.name for p in (tmp_path / "images").iterdir())
     for name in images:  # compare pixels: PNG bytes may differ across zlib builds
-        assert np.array_equal(_pixels(Image.open(tmp_path / "images" / name)), _pixels(Image.open(SAMPLE_DIR / "images" / name)))
+        assert np.array_equal(
+            _pixels(Image.open(tmp_path / "images" / name)), _pixels(Image.open(SAMPLE_DIR / "images" / name))
+        )
     assert len(load_llava_json(SAMPLE_DIR / LLAVA_FILE)) == len(load_refcoco_json(SAMPLE_DIR / REFCOCO_FILE)) == 24
     assert sum(p.stat().st_size for p in SAMPLE_DIR.rglob("*") if p.is_file()) < 500_000
 

@@ -19,9 +19,17 @@ def _rows(data) -> list[dict]:
 def test_file_records_iterate_once_over_their_rows_and_indexing_still_wraps(tmp_path):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32), (30, 60, 90)).save(tmp_path / "images" / "a.png")
-    records = [{"id": f"r{i}", "images": ["images/a.png"],
-                "messages": [{"role": "user", "content": f"<image>question {i}"},
-                             {"role": "assistant", "content": f"answer {i}"}]} for i in range(3)]
+    records = [
+        {
+            "id": f"r{i}",
+            "images": ["images/a.png"],
+            "messages": [
+                {"role": "user", "content": f"<image>question {i}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ],
+        }
+        for i in range(3)
+    ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     data = FileRecords([], [], "raise", sharegpt_files=[str(path)])

@@ -10,10 +10,10 @@ from PIL import Image, ImageDraw
 
 from nuwa_train.data.boxes import ImageFrame, box_format, qwen_model_size
 from nuwa_train.data.collate import CollateError, VisionLanguageCollator
-from nuwa_train.data.geometry import box_iou
-from nuwa_train.data.schema import IGNORE_INDEX
 from nuwa_train.data.formats import DatasetFormatError
+from nuwa_train.data.geometry import box_iou
 from nuwa_train.data.records import FileRecords
+from nuwa_train.data.schema import IGNORE_INDEX
 from nuwa_train.data.sharegpt import load_sharegpt_json, parse_sharegpt_json, sharegpt_source
 from nuwa_train.evaluation import _score
 from nuwa_train.models.families import FAMILIES
@@ -27,27 +27,46 @@ WORDS = ["find", "the", "sheep", "dog", "and", "are", "here", "what", "colour", 
 def swift_records() -> list[dict]:
     """ms-swift's documented shapes: a grounding question, a dense answer with two objects, a VQA and a text turn."""
     return [
-        {"messages": [{"role": "user", "content": "<image>find the <ref-object>"},
-                      {"role": "assistant", "content": "<bbox>"},
-                      {"role": "user", "content": "what colour is it"},
-                      {"role": "assistant", "content": "white"}],
-         "images": ["images/field.png"], "objects": {"ref": ["sheep"], "bbox": [SHEEP]}},
-        {"messages": [{"role": "user", "content": "<image>what are here"},
-                      {"role": "assistant", "content": "<ref-object><bbox> and <ref-object><bbox>"}],
-         "images": ["images/field.png"], "objects": {"ref": ["the sheep", "the dog"], "bbox": [SHEEP, DOG]}},
-        {"id": "norm", "messages": [{"role": "user", "content": "<image>find the <ref-object>"},
-                                    {"role": "assistant", "content": "<bbox>"}],
-         "images": ["images/field.png"],
-         "objects": {"ref": ["dog"], "bbox": [[v / s * 1000 for v, s in zip(DOG, (WIDTH, HEIGHT) * 2)]],
-                     "bbox_type": "norm_1000"}},
+        {
+            "messages": [
+                {"role": "user", "content": "<image>find the <ref-object>"},
+                {"role": "assistant", "content": "<bbox>"},
+                {"role": "user", "content": "what colour is it"},
+                {"role": "assistant", "content": "white"},
+            ],
+            "images": ["images/field.png"],
+            "objects": {"ref": ["sheep"], "bbox": [SHEEP]},
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "<image>what are here"},
+                {"role": "assistant", "content": "<ref-object><bbox> and <ref-object><bbox>"},
+            ],
+            "images": ["images/field.png"],
+            "objects": {"ref": ["the sheep", "the dog"], "bbox": [SHEEP, DOG]},
+        },
+        {
+            "id": "norm",
+            "messages": [
+                {"role": "user", "content": "<image>find the <ref-object>"},
+                {"role": "assistant", "content": "<bbox>"},
+            ],
+            "images": ["images/field.png"],
+            "objects": {
+                "ref": ["dog"],
+                "bbox": [[v / s * 1000 for v, s in zip(DOG, (WIDTH, HEIGHT) * 2)]],
+                "bbox_type": "norm_1000",
+            },
+        },
         {"messages": [{"role": "user", "content": "help"}, {"role": "assistant", "content": "you"}]},
     ]
 
 
 def as_llama_factory(record: dict) -> dict:
     """The same record in LLaMA-Factory's sharegpt default tags (conversations / from / value / human / gpt)."""
-    turns = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
-             for m in record["messages"]]
+    turns = [
+        {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in record["messages"]
+    ]
     return {**{k: v for k, v in record.items() if k != "messages"}, "conversations": turns}
 
 
@@ -80,17 +99,30 @@ def test_json_jsonl_llama_factory_and_dataset_info_read_the_same_rows(folder):
     for other in ("swift.jsonl", "factory.json"):
         assert comparable(parse_sharegpt_json(folder / other)[0]) == comparable(rows)
     info = folder / "dataset_info.json"
-    renamed = [{**{k: v for k, v in r.items() if k not in ("conversations", "images")},
-                "chat": r["conversations"], "pictures": r.get("images")}
-               for r in (as_llama_factory(r) for r in swift_records())]
+    renamed = [
+        {
+            **{k: v for k, v in r.items() if k not in ("conversations", "images")},
+            "chat": r["conversations"],
+            "pictures": r.get("images"),
+        }
+        for r in (as_llama_factory(r) for r in swift_records())
+    ]
     for record in renamed:
         for turn in record["chat"]:
             turn["speaker"], turn["text"] = {"human": "asker", "gpt": "bot"}[turn.pop("from")], turn.pop("value")
     (folder / "renamed.json").write_text(json.dumps(renamed))
-    info.write_text(json.dumps({"field": {"file_name": "renamed.json", "formatting": "sharegpt",
-                                          "columns": {"messages": "chat", "images": "pictures"},
-                                          "tags": {"role_tag": "speaker", "content_tag": "text",
-                                                   "user_tag": "asker", "assistant_tag": "bot"}}}))
+    info.write_text(
+        json.dumps(
+            {
+                "field": {
+                    "file_name": "renamed.json",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "chat", "images": "pictures"},
+                    "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "asker", "assistant_tag": "bot"},
+                }
+            }
+        )
+    )
     path, layout = sharegpt_source(f"{info}:field")
     assert comparable(parse_sharegpt_json(path, layout=layout)[0]) == comparable(rows)
 
@@ -98,12 +130,19 @@ def test_json_jsonl_llama_factory_and_dataset_info_read_the_same_rows(folder):
 def test_a_save_to_disk_folder_with_embedded_images_reads_the_same_rows(folder, tmp_path):
     records = [r for r in swift_records() if "images" in r]
     table = datasets.Dataset.from_dict(
-        {"messages": [r["messages"] for r in records],
-         "images": [[str(folder / "images" / "field.png")] for _ in records],
-         "objects": [json.dumps(r["objects"]) for r in records]},
-        features=datasets.Features({"messages": datasets.List({"role": datasets.Value("string"),
-                                                               "content": datasets.Value("string")}),
-                                    "images": datasets.List(datasets.Image()), "objects": datasets.Value("string")}))
+        {
+            "messages": [r["messages"] for r in records],
+            "images": [[str(folder / "images" / "field.png")] for _ in records],
+            "objects": [json.dumps(r["objects"]) for r in records],
+        },
+        features=datasets.Features(
+            {
+                "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+                "images": datasets.List(datasets.Image()),
+                "objects": datasets.Value("string"),
+            }
+        ),
+    )
     table = table.map(lambda r: r)  # embeds the image bytes, as a hub download does
     table.save_to_disk(str(tmp_path / "saved"))
     rows, _ = parse_sharegpt_json(tmp_path / "saved")
@@ -135,24 +174,32 @@ def test_pixel_boxes_of_unread_images_are_resolved_when_the_record_is_read(folde
 def test_placeholders_are_written_in_each_familys_format_and_score_as_the_original_box(folder, family):
     model, processor = FAMILIES[family].build_tiny(words=WORDS)
     codec = box_format(FAMILIES[family].box_format)
-    rows = [{**row, "image": row["image"] and Image.open(row["image"]).convert("RGB")}
-            for row in parse_sharegpt_json(folder / "swift.json")[0]]
+    rows = [
+        {**row, "image": row["image"] and Image.open(row["image"]).convert("RGB")}
+        for row in parse_sharegpt_json(folder / "swift.json")[0]
+    ]
     collate = VisionLanguageCollator(processor, box_format=codec)
     frame = collate.image_frame(rows[0]["image"])
     sheep, dog = ([v / s for v, s in zip(box, (WIDTH, HEIGHT) * 2)] for box in (SHEEP, DOG))
     first, dense = collate.validate(rows[0], 0), collate.validate(rows[1], 1)
-    assert first.turns == [(f"find the {codec.render_ref('sheep')}", codec.render_coordinates(sheep, frame)),
-                           ("what colour is it", "white")]
-    assert dense.answer == (f"{codec.render_ref('the sheep')}{codec.render_coordinates(sheep, frame)} and "
-                            f"{codec.render_ref('the dog')}{codec.render_coordinates(dog, frame)}")
+    assert first.turns == [
+        (f"find the {codec.render_ref('sheep')}", codec.render_coordinates(sheep, frame)),
+        ("what colour is it", "white"),
+    ]
+    assert dense.answer == (
+        f"{codec.render_ref('the sheep')}{codec.render_coordinates(sheep, frame)} and "
+        f"{codec.render_ref('the dog')}{codec.render_coordinates(dog, frame)}"
+    )
     parsed = codec.parse(first.answer, frame)
     assert box_iou(parsed, sheep) > 0.97  # the format's quantisation only
     batch = collate(rows)
     assert (batch["labels"] != IGNORE_INDEX).sum(1).gt(0).all()
     prompts = VisionLanguageCollator(processor, box_format=codec, with_answer=False)  # as evaluation asks
     assert prompts.validate(rows[0], 0).turns == [(first.prompt, None)]
-    graded = [_score({**row, "kind": row["task"]}, written, 32, prompts)
-              for row, written in ((rows[0], first.answer), (rows[1], dense.answer), (rows[2], "no box"))]
+    graded = [
+        _score({**row, "kind": row["task"]}, written, 32, prompts)
+        for row, written in ((rows[0], first.answer), (rows[1], dense.answer), (rows[2], "no box"))
+    ]
     assert [p.correct for p in graded] == [True, True, False]
     assert graded[0].iou == pytest.approx(box_iou(parsed, sheep)) and graded[2].iou is None  # unparseable
     if family == "qwen2_5_vl":
@@ -161,22 +208,66 @@ def test_placeholders_are_written_in_each_familys_format_and_score_as_the_origin
         assert first.image.size == (WIDTH, WIDTH)  # padded to the square its boxes refer to
 
 
-@pytest.mark.parametrize("record, field, reason", [
-    ({"messages": [{"role": "user", "content": "<image>find <ref-object>"}, {"role": "assistant", "content": "<bbox>"}],
-      "images": ["images/field.png"], "objects": {"ref": ["a"], "bbox": []}}, "objects.bbox", "1 <bbox> placeholders"),
-    ({"messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "<bbox>"}],
-      "images": ["images/field.png"], "objects": {"bbox": [[1, 2, 3, 4]], "bbox_type": "pixels"}},
-     "objects.bbox_type", "'pixels' is not one of real, norm_1000, norm_1"),
-    ({"messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "<bbox>"}],
-      "images": ["images/field.png"], "objects": {"bbox": [[0.5, 0.2, 0.4, 0.9]], "bbox_type": "norm_1"}},
-     "objects.bbox[0]", "needs x1 < x2"),
-    ({"messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}],
-      "images": ["images/field.png", "images/field.png"]}, "images", "2 images"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<bbox>"}],
-      "objects": {"bbox": [[1, 2, 3, 4]]}}, "messages", "placeholders need the record's image"),
-    ({"messages": [{"role": "user", "content": "<image>x"}, {"role": "user", "content": "y"}],
-      "images": ["images/field.png"]}, "messages[1].role", "expected 'assistant'"),
-], ids=["too-few-boxes", "bbox-type", "reversed-box", "two-images", "no-image", "roles"])
+@pytest.mark.parametrize(
+    "record, field, reason",
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>find <ref-object>"},
+                    {"role": "assistant", "content": "<bbox>"},
+                ],
+                "images": ["images/field.png"],
+                "objects": {"ref": ["a"], "bbox": []},
+            },
+            "objects.bbox",
+            "1 <bbox> placeholders",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "<bbox>"}],
+                "images": ["images/field.png"],
+                "objects": {"bbox": [[1, 2, 3, 4]], "bbox_type": "pixels"},
+            },
+            "objects.bbox_type",
+            "'pixels' is not one of real, norm_1000, norm_1",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "<bbox>"}],
+                "images": ["images/field.png"],
+                "objects": {"bbox": [[0.5, 0.2, 0.4, 0.9]], "bbox_type": "norm_1"},
+            },
+            "objects.bbox[0]",
+            "needs x1 < x2",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}],
+                "images": ["images/field.png", "images/field.png"],
+            },
+            "images",
+            "2 images",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<bbox>"}],
+                "objects": {"bbox": [[1, 2, 3, 4]]},
+            },
+            "messages",
+            "placeholders need the record's image",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "<image>x"}, {"role": "user", "content": "y"}],
+                "images": ["images/field.png"],
+            },
+            "messages[1].role",
+            "expected 'assistant'",
+        ),
+    ],
+    ids=["too-few-boxes", "bbox-type", "reversed-box", "two-images", "no-image", "roles"],
+)
 def test_a_malformed_record_is_refused_naming_the_field(folder, tmp_path, record, field, reason):
     path = folder / f"bad-{field}.json"
     path.write_text(json.dumps([record]))
@@ -199,7 +290,8 @@ def test_a_system_prompt_reaches_a_template_with_a_system_role_and_is_refused_by
     qwen.chat_template = qwen.chat_template.replace(  # a template with a system role, as real Qwen-VL ones have
         "{% if message['role'] == 'user' %}",
         "{% if message['role'] == 'system' %}system : {{ message['content'][0]['text'] }} "
-        "{% elif message['role'] == 'user' %}")
+        "{% elif message['role'] == 'user' %}",
+    )
     checked = VisionLanguageCollator(qwen).validate(row, 0)
     assert checked.system == "be brief"
     batch = VisionLanguageCollator(qwen)([row])

@@ -145,7 +145,11 @@ def test_more_records_per_image_keep_the_first_and_draw_new_ones():
 def test_splits_never_share_an_image():
     digests = {split: {_image_digest(generate_scene(CONFIG, split, i)) for i in range(100)} for split in SPLITS}
     assert all(len(d) == 100 for d in digests.values())
-    assert not digests["train"] & digests["val"] and not digests["train"] & digests["test"] and not digests["val"] & digests["test"]
+    assert (
+        not digests["train"] & digests["val"]
+        and not digests["train"] & digests["test"]
+        and not digests["val"] & digests["test"]
+    )
     layouts = {split: generate_scene(CONFIG, split, 5).objects for split in SPLITS}
     assert len(set(layouts.values())) == len(SPLITS)
 
@@ -171,9 +175,13 @@ def test_objects_fit_with_margin_and_gap_and_have_distinct_attributes(records):
             assert x2 - x1 == y2 - y1 and lo <= x2 - x1 <= hi
             assert CONFIG.margin <= x1 and x2 <= CONFIG.width - CONFIG.margin
             assert CONFIG.margin <= y1 and y2 <= CONFIG.height - CONFIG.margin
-            for p in objects[i + 1:]:
-                apart = (x2 + CONFIG.gap <= p.box[0] or p.box[2] + CONFIG.gap <= x1
-                         or y2 + CONFIG.gap <= p.box[1] or p.box[3] + CONFIG.gap <= y1)
+            for p in objects[i + 1 :]:
+                apart = (
+                    x2 + CONFIG.gap <= p.box[0]
+                    or p.box[2] + CONFIG.gap <= x1
+                    or y2 + CONFIG.gap <= p.box[1]
+                    or p.box[3] + CONFIG.gap <= y1
+                )
                 assert apart, f"{o} and {p} are closer than the gap"
 
 
@@ -206,7 +214,7 @@ def test_single_object_fraction_is_a_curriculum_knob():
 def test_background_is_noisy_light_grey():
     config = replace(CONFIG, single_object_fraction=1.0)
     pixels = np.asarray(render(generate_scene(config, "train", 0), config)).astype(float)
-    corner = pixels[:CONFIG.margin, :, 0]  # objects never reach the margin
+    corner = pixels[: CONFIG.margin, :, 0]  # objects never reach the margin
     assert abs(corner.mean() - CONFIG.background) < 3
     assert 0.5 * CONFIG.noise_std < corner.std() < 1.5 * CONFIG.noise_std
 
@@ -220,7 +228,9 @@ def test_every_vqa_answer_follows_from_the_objects_and_is_unambiguous(records):
     for record in vqa:
         assert _oracle_answer(record.prompt, record.scene.objects) == record.answer, record
     assert {r.kind for r in vqa} == {"colour", "shape", "count", "existence", "spatial"}
-    asked = {re.sub(r"(to the left of|to the right of|above|below).*", r"\1", r.prompt) for r in vqa if r.kind == "spatial"}
+    asked = {
+        re.sub(r"(to the left of|to the right of|above|below).*", r"\1", r.prompt) for r in vqa if r.kind == "spatial"
+    }
     assert asked == {f"what is {p}" for p in PHRASES}
 
 
@@ -248,14 +258,17 @@ def test_vqa_mix_controls_question_kinds():
     assert kinds == {"colour", "existence"}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"vqa_mix": (("spatial", 1.0),)}, "every image gets a question"),
-    ({"vqa_mix": (("weather", 1.0), ("count", 1.0))}, "vqa_mix kinds"),
-    ({"sizes": (("small", 14, 95),)}, "fit inside the image"),
-    ({"shapes": ("circle", "star")}, "shapes"),
-    ({"object_count": (3, 2)}, "object_count"),
-    ({"grounding_template": "locate it."}, "grounding_template"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vqa_mix": (("spatial", 1.0),)}, "every image gets a question"),
+        ({"vqa_mix": (("weather", 1.0), ("count", 1.0))}, "vqa_mix kinds"),
+        ({"sizes": (("small", 14, 95),)}, "fit inside the image"),
+        ({"shapes": ("circle", "star")}, "shapes"),
+        ({"object_count": (3, 2)}, "object_count"),
+        ({"grounding_template": "locate it."}, "grounding_template"),
+    ],
+)
 def test_config_rejects_settings_that_cannot_work(overrides, message):
     with pytest.raises(ValueError, match=message):
         replace(CONFIG, **overrides)
@@ -275,7 +288,8 @@ def _worst_exact_iou(config):
     m, bins = config.margin, config.coordinate_bins
     for _, lo, hi in config.sizes:
         for side in range(lo, hi + 1):
-            def intervals(extent, axis):
+
+            def intervals(extent, axis, side=side):
                 truth, decoded = [], []
                 for p in range(m, extent - m - side + 1):
                     pixel_box = (p, m, p + side, m + side) if axis == 0 else (m, p, m + side, p + side)
@@ -288,7 +302,11 @@ def _worst_exact_iou(config):
             ix = np.clip(np.minimum(tx[:, 1], dx[:, 1]) - np.maximum(tx[:, 0], dx[:, 0]), 0, None)
             iy = np.clip(np.minimum(ty[:, 1], dy[:, 1]) - np.maximum(ty[:, 0], dy[:, 0]), 0, None)
             inter = np.outer(ix, iy)
-            union = np.outer(tx[:, 1] - tx[:, 0], ty[:, 1] - ty[:, 0]) + np.outer(dx[:, 1] - dx[:, 0], dy[:, 1] - dy[:, 0]) - inter
+            union = (
+                np.outer(tx[:, 1] - tx[:, 0], ty[:, 1] - ty[:, 0])
+                + np.outer(dx[:, 1] - dx[:, 0], dy[:, 1] - dy[:, 0])
+                - inter
+            )
             worst = min(worst, float((inter / union).min()))
     return worst
 
@@ -314,16 +332,19 @@ def test_box_tokens_round_trip_to_bin_centres():
     assert tokens_to_box("<loc_0> <loc_16> <loc_31> <loc_1>", 32) == (15, 515, 984, 46)
 
 
-@pytest.mark.parametrize("text, box", [
-    ("[123, 456, 789, 999]", (123, 456, 789, 999)),
-    ("(123,456),(789,999)", (123, 456, 789, 999)),
-    ("the box is [1, 2, 3, 4].", (1, 2, 3, 4)),
-    ("<loc_1><loc_2><loc_3>", None),  # too few coordinates
-    ("<loc_1><loc_2><loc_3><loc_4><loc_5>", None),  # too many
-    ("<loc_1><loc_2><loc_3><loc_32>", None),  # beyond 32 bins
-    ("[123, 456, 789, 1000]", None),  # outside [0, 1000)
-    ("a red circle", None),
-])
+@pytest.mark.parametrize(
+    "text, box",
+    [
+        ("[123, 456, 789, 999]", (123, 456, 789, 999)),
+        ("(123,456),(789,999)", (123, 456, 789, 999)),
+        ("the box is [1, 2, 3, 4].", (1, 2, 3, 4)),
+        ("<loc_1><loc_2><loc_3>", None),  # too few coordinates
+        ("<loc_1><loc_2><loc_3><loc_4><loc_5>", None),  # too many
+        ("<loc_1><loc_2><loc_3><loc_32>", None),  # beyond 32 bins
+        ("[123, 456, 789, 1000]", None),  # outside [0, 1000)
+        ("a red circle", None),
+    ],
+)
 def test_tokens_to_box_reads_tokens_and_plain_integers(text, box):
     assert tokens_to_box(text, 32) == box
 

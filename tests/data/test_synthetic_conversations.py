@@ -30,8 +30,9 @@ def test_each_image_is_one_conversation_of_its_records_in_order():
         row = conversations[image]
         records = [singles[image * per_image + k] for k in range(per_image)]
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * per_image
-        assert [(r["task"], r["box"]) for r in records if r["task"] == "grounding"] == \
-            [("grounding", tuple(int(v) for v in b)) for b in row["objects"]["bbox"]]
+        assert [(r["task"], r["box"]) for r in records if r["task"] == "grounding"] == [
+            ("grounding", tuple(int(v) for v in b)) for b in row["objects"]["bbox"]
+        ]
         assert row["objects"]["ref"] == [r["expression"] for r in records if r["task"] == "grounding"]
         assert (row["task"], row["box"], row["kind"]) == (records[0]["task"], records[0]["box"], records[0]["kind"])
 
@@ -45,7 +46,7 @@ def test_in_loc_tokens_the_turns_are_the_single_turn_records_text_token_for_toke
         records = [singles[image * per_image + k] for k in range(per_image)]
         assert collate.validate(conversations[image], 0).turns == [(r["prompt"], r["answer"]) for r in records]
     batch = collate([conversations[i] for i in range(4)])
-    answers = (batch["labels"] != IGNORE_INDEX)
+    answers = batch["labels"] != IGNORE_INDEX
     starts = (answers[:, 1:] & ~answers[:, :-1]).sum(1) + answers[:, 0]
     assert starts.tolist() == [per_image] * 4  # every answer of every conversation is labelled
 
@@ -70,8 +71,9 @@ def test_every_grounding_turn_is_written_in_the_familys_format_and_parses_back_t
         assert any(codec.render_ref(ref) in q for ref in row["objects"]["ref"] for q in questions)
 
 
-def test_the_exported_sharegpt_file_batches_exactly_like_the_in_memory_conversations_and_trains(tiny_base_dir,
-                                                                                                  tmp_path):
+def test_the_exported_sharegpt_file_batches_exactly_like_the_in_memory_conversations_and_trains(
+    tiny_base_dir, tmp_path
+):
     import lightning as L
     import torch
 
@@ -80,14 +82,27 @@ def test_the_exported_sharegpt_file_batches_exactly_like_the_in_memory_conversat
 
     path = export_conversations(tmp_path / "data", CONFIG, "train", 4, *PER_IMAGE)
     files = NuwaDataModule(processor_path=tiny_base_dir, train_files={"sharegpt": [str(path)]}, batch_size=2)
-    memory = NuwaDataModule(processor_path=tiny_base_dir, train_conversations=True, train_images=4,
-                            train_vqa_per_image=PER_IMAGE[0], train_grounding_per_image=PER_IMAGE[1])
+    memory = NuwaDataModule(
+        processor_path=tiny_base_dir,
+        train_conversations=True,
+        train_images=4,
+        train_vqa_per_image=PER_IMAGE[0],
+        train_grounding_per_image=PER_IMAGE[1],
+    )
     from_files = files.collator()([files.dataset("train")[i] for i in range(4)])
     in_memory = memory.collator()([memory.dataset("train")[i] for i in range(4)])
     for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
         assert torch.equal(from_files[key], in_memory[key]), key
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        use_distributed_sampler=False, default_root_dir=tmp_path / "run")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path / "run",
+    )
     trainer.fit(NuwaFineTuner(model_path=tiny_base_dir), files)
     assert trainer.global_step == 2

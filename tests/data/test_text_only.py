@@ -8,8 +8,8 @@ from conftest import make_images
 
 from nuwa_train.data import load_llava_json
 from nuwa_train.data.collate import CollateError, VisionLanguageCollator
-from nuwa_train.data.schema import IGNORE_INDEX, TEXT_TASK
 from nuwa_train.data.formats import TEXT_ONLY_SKIPPED, DatasetFormatError, parse_llava_json
+from nuwa_train.data.schema import IGNORE_INDEX, TEXT_TASK
 from nuwa_train.models import attach_nuwa
 from nuwa_train.pruning import NuwaConfig
 
@@ -18,10 +18,21 @@ from nuwa_train.pruning import NuwaConfig
 def mixed_file(tmp_path):
     make_images(1)[0].save(tmp_path / "a.png")
     records = [
-        {"id": "img", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour is the circle ?"},
-                                                           {"from": "gpt", "value": "red"}]},
-        {"id": "txt", "conversations": [{"from": "human", "value": "how many are there ?"},
-                                        {"from": "gpt", "value": "there are how many"}]},
+        {
+            "id": "img",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour is the circle ?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+        {
+            "id": "txt",
+            "conversations": [
+                {"from": "human", "value": "how many are there ?"},
+                {"from": "gpt", "value": "there are how many"},
+            ],
+        },
     ]
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(records))

@@ -24,25 +24,33 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from simulated_disk import SimulatedDisk
 from torch.utils.data import DataLoader, TensorDataset
 
 from nuwa_train.io import load_checkpoint_file
 from nuwa_train.lightning.checkpoints import SafeCheckpointIO
 from nuwa_train.pretrain.state import SafetensorsCheckpointIO, read_state
-from simulated_disk import SimulatedDisk
 
 OLD, NEW = 1, 2  # the version of the previous checkpoint and of the one the save replaces it with
 TENSOR_VALUES = 1 << 19  # 2 MiB of float32: big enough for writes with a middle, small enough to be quick
 READY_TIMEOUT_SECONDS = 300  # a DeepSpeed start on a loaded 2-core machine
 DEEPSPEED_WIDTH, DEEPSPEED_BATCH, DEEPSPEED_SAMPLES = 256, 2, 8
-TEST_ZERO2_CONFIG = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
-                     "steps_per_print": 1_000_000, "train_micro_batch_size_per_gpu": DEEPSPEED_BATCH}
+TEST_ZERO2_CONFIG = {
+    "zero_optimization": {"stage": 2},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 1_000_000,
+    "train_micro_batch_size_per_gpu": DEEPSPEED_BATCH,
+}
 
 
 def trainer_checkpoint(version: int) -> dict:
     """A Lightning checkpoint dict whose step and weights say which version it is."""
-    return {"pytorch-lightning_version": L.__version__, "global_step": version, "epoch": 0,
-            "state_dict": {"layer.weight": torch.full((TENSOR_VALUES,), float(version))}}
+    return {
+        "pytorch-lightning_version": L.__version__,
+        "global_step": version,
+        "epoch": 0,
+        "state_dict": {"layer.weight": torch.full((TENSOR_VALUES,), float(version))},
+    }
 
 
 def checked_version(state: dict, weights: torch.Tensor) -> int:
@@ -156,10 +164,18 @@ class DeepSpeedCheckpoint:
 
         L.seed_everything(0)
         data = DataLoader(TensorDataset(torch.randn(DEEPSPEED_SAMPLES, DEEPSPEED_WIDTH)), batch_size=DEEPSPEED_BATCH)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=NEW, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            strategy=CPUDeepSpeedStrategy(config=json.loads(json.dumps(TEST_ZERO2_CONFIG))),
-                            callbacks=[SaveEachStep(target, between)], default_root_dir=target.parent)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=NEW,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            strategy=CPUDeepSpeedStrategy(config=json.loads(json.dumps(TEST_ZERO2_CONFIG))),
+            callbacks=[SaveEachStep(target, between)],
+            default_root_dir=target.parent,
+        )
         trainer.fit(TinyRegression(), data)
 
     def saved_version(self, target: Path) -> int:
@@ -172,8 +188,12 @@ class DeepSpeedCheckpoint:
         return int(states["global_step"])
 
 
-KINDS = {"lightning": LightningCheckpoint, "pretrain-state": PretrainState, "export": Export,
-         "deepspeed": DeepSpeedCheckpoint}
+KINDS = {
+    "lightning": LightningCheckpoint,
+    "pretrain-state": PretrainState,
+    "export": Export,
+    "deepspeed": DeepSpeedCheckpoint,
+}
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -264,8 +284,11 @@ def describe(kind, run: Path, reference: dict) -> dict:
         version = kind.saved_version(target)
     except Exception as error:  # the test reports every point that does not load
         version = f"{type(error).__name__}: {error}"
-    return {"bytes_of": next((name for name, value in reference.items() if value is not None and held == value), None),
-            "version": version, "beside": sorted(p.name for p in (run / DISK).iterdir() if p != target)}
+    return {
+        "bytes_of": next((name for name, value in reference.items() if value is not None and held == value), None),
+        "version": version,
+        "beside": sorted(p.name for p in (run / DISK).iterdir() if p != target),
+    }
 
 
 def points_to_kill(count: int, most: int) -> list[int]:
@@ -291,8 +314,10 @@ def kills(kind, directory: Path, most: int) -> dict:
     """Kill the save at its points; the target after each kill, and after a save again into a killed one."""
     reference_run = directory / "reference"
     assert exit_code(save_on_disk(kind, reference_run)) == 0, "the save without a kill failed"
-    reference = {"old": json.loads((reference_run / OLD_DIGEST).read_text()),
-                 "new": digest(reference_run / DISK / kind.target_name)}
+    reference = {
+        "old": json.loads((reference_run / OLD_DIGEST).read_text()),
+        "new": digest(reference_run / DISK / kind.target_name),
+    }
     points = json.loads((reference_run / POINTS).read_text())
     killed = []
     for point in points_to_kill(len(points), most):
@@ -301,9 +326,12 @@ def kills(kind, directory: Path, most: int) -> dict:
         killed.append({"point": points[point], **describe(kind, run, reference)})
     first = directory / f"kill-{points_to_kill(len(points), most)[0]}"  # a save again after a kill
     assert exit_code(in_child(lambda: kind.save_versions(first / DISK / kind.target_name, lambda: None))) == 0
-    return {"points": points, "kills": killed,
-            "reference_versions": [kind.saved_version(reference_run / DISK / kind.target_name)],
-            "after_a_save_again": sorted(p.name for p in (first / DISK).iterdir())}
+    return {
+        "points": points,
+        "kills": killed,
+        "reference_versions": [kind.saved_version(reference_run / DISK / kind.target_name)],
+        "after_a_save_again": sorted(p.name for p in (first / DISK).iterdir()),
+    }
 
 
 def main(mode: str, kind_name: str, directory: str, result_file: str, *most: str) -> None:

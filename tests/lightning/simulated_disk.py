@@ -29,33 +29,53 @@ PAUSE_SECONDS = 3600  # a paused save waits for its SIGKILL, never for this
 
 
 class SimulatedDisk:
-    def __init__(self, root: Path, free_bytes: int | None = None, pause_at: int | None = None,
-                 ready: Path | None = None):
+    def __init__(
+        self, root: Path, free_bytes: int | None = None, pause_at: int | None = None, ready: Path | None = None
+    ):
         self.root = Path(root).resolve()
         self.free_bytes, self.pause_at, self.ready = free_bytes, pause_at, ready
         self.points: list[str] = []
 
     def install(self, patches) -> SimulatedDisk:
         """Patch the writers through `patches` (a `pytest.MonkeyPatch`); undone when it is."""
-        originals = {"save": torch.save, "sendfile": os.sendfile, "rename": os.rename, "replace": os.replace,
-                     "fsync": os.fsync, "exchange": nuwa_train.io._exchange}
+        originals = {
+            "save": torch.save,
+            "sendfile": os.sendfile,
+            "rename": os.rename,
+            "replace": os.replace,
+            "fsync": os.fsync,
+            "exchange": nuwa_train.io._exchange,
+        }
         self._os_write = os.write
-        patches.setattr(torch, "save", lambda obj, f, *args, **kwargs: self._save(originals["save"], obj, f,
-                                                                                   *args, **kwargs))
+        patches.setattr(
+            torch, "save", lambda obj, f, *args, **kwargs: self._save(originals["save"], obj, f, *args, **kwargs)
+        )
         save_file = safetensors.torch.save_file
-        patches.setattr(safetensors.torch, "save_file", lambda tensors, filename, metadata=None: self._save_tensors(
-            save_file, tensors, filename, metadata))
+        patches.setattr(
+            safetensors.torch,
+            "save_file",
+            lambda tensors, filename, metadata=None: self._save_tensors(save_file, tensors, filename, metadata),
+        )
         for module in ("transformers.modeling_utils", "peft.peft_model"):  # their own `safe_save_file` name
             patches.setattr(f"{module}.safe_save_file", safetensors.torch.save_file, raising=False)
         patches.setattr(os, "write", self._write_descriptor)
-        patches.setattr(os, "sendfile", lambda out, source, offset, count: self._sendfile(
-            originals["sendfile"], out, source, offset, count))
+        patches.setattr(
+            os,
+            "sendfile",
+            lambda out, source, offset, count: self._sendfile(originals["sendfile"], out, source, offset, count),
+        )
         for name in ("rename", "replace"):
-            patches.setattr(os, name, lambda source, target, *args, _original=originals[name], **kwargs:
-                            self._rename(_original, source, target, *args, **kwargs))
+            patches.setattr(
+                os,
+                name,
+                lambda source, target, *args, _original=originals[name], **kwargs: self._rename(
+                    _original, source, target, *args, **kwargs
+                ),
+            )
         patches.setattr(os, "fsync", lambda descriptor: self._fsync(originals["fsync"], descriptor))
-        patches.setattr(nuwa_train.io, "_exchange", lambda first, second: self._exchange(originals["exchange"],
-                                                                                         first, second))
+        patches.setattr(
+            nuwa_train.io, "_exchange", lambda first, second: self._exchange(originals["exchange"], first, second)
+        )
         return self
 
     # ------------------------------------------------------------------------------------------- points
@@ -83,7 +103,7 @@ class SimulatedDisk:
             room = len(part) if self.free_bytes is None else min(len(part), self.free_bytes)
             view = memoryview(part)[:room]
             while view:
-                view = view[self._os_write(descriptor, view):]
+                view = view[self._os_write(descriptor, view) :]
             if self.free_bytes is not None:
                 self.free_bytes -= room
             if room < len(part):

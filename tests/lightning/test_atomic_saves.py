@@ -32,8 +32,9 @@ from nuwa_train.pruning import NuwaConfig
 HERE = Path(__file__).resolve().parent
 HARNESS_TIMEOUT_SECONDS = 1200  # a loaded 2-core machine; a hang must fail the test, not the CI job
 UMASKS = (0o022, 0o027)
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="DeepSpeed is an optional extra (launch.sh test installs it)")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is an optional extra (launch.sh test installs it)"
+)
 KIND_PARAMETERS = ["lightning", "pretrain-state", "export", pytest.param("deepspeed", marks=needs_deepspeed)]
 KILLS_PER_KIND = {"lightning": 8, "pretrain-state": 8, "export": 6, "deepspeed": 4}  # points killed at, at most
 
@@ -41,10 +42,25 @@ KILLS_PER_KIND = {"lightning": 8, "pretrain-state": 8, "export": 6, "deepspeed":
 def run_harness(mode: str, kind_name: str, directory: Path, *arguments: str) -> dict:
     """saves.py in a process of its own (DeepSpeed starts one process group per process)."""
     result_file = directory / "result.json"
-    environment = {**os.environ, "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(HERE / "saves.py"), mode, kind_name, str(directory / "runs"),
-                    str(result_file), *arguments], check=True, env=environment, timeout=HARNESS_TIMEOUT_SECONDS)
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "saves.py"),
+            mode,
+            kind_name,
+            str(directory / "runs"),
+            str(result_file),
+            *arguments,
+        ],
+        check=True,
+        env=environment,
+        timeout=HARNESS_TIMEOUT_SECONDS,
+    )
     return json.loads(result_file.read_text())
 
 
@@ -66,13 +82,29 @@ def test_fit_resumes_from_last_after_a_full_disk_failed_its_next_save(tiny_base_
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / TMPDIR))
     disk = tmp_path / "disk"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
-                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "default_root_dir": str(disk),
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}]},
-        "model": {"model_path": tiny_base_dir, "lora": {"rank": 4}},
-        "data": {"batch_size": 2, "train_images": 8, "val_images": 2}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "accelerator": "cpu",
+                    "devices": 1,
+                    "logger": False,
+                    "enable_progress_bar": False,
+                    "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0,
+                    "default_root_dir": str(disk),
+                    "callbacks": [
+                        {
+                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
+                        }
+                    ],
+                },
+                "model": {"model_path": tiny_base_dir, "lora": {"rank": 4}},
+                "data": {"batch_size": 2, "train_images": 8, "val_images": 2},
+            }
+        )
+    )
 
     def fit(*args):
         lightning_cli(["fit", "--config", str(recipe), *args])
@@ -141,8 +173,9 @@ def test_exports_and_checkpoints_get_the_modes_the_umask_gives(umask, tmp_path):
         assert target.stat().st_mode & 0o777 == file_mode
     written = write_directory_atomically(tmp_path / "folder", lambda staging: (staging / "a").mkdir())
     assert set(modes(written).values()) == {folder_mode}
-    assert write_atomically(tmp_path / "file", lambda staging: staging.write_text("x")).stat().st_mode & 0o777 == \
-        file_mode
+    assert (
+        write_atomically(tmp_path / "file", lambda staging: staging.write_text("x")).stat().st_mode & 0o777 == file_mode
+    )
 
 
 # ----------------------------------------------------------------------------------------------- NaN / Inf
@@ -174,8 +207,9 @@ def test_an_export_of_nan_or_inf_weights_is_refused_naming_them_and_writes_nothi
     assert not (tmp_path / "new").exists()
 
 
-def test_nuwa_train_export_refuses_a_checkpoint_with_nan_weights_before_loading_the_model(tiny_base_dir, tmp_path,
-                                                                                         monkeypatch):
+def test_nuwa_train_export_refuses_a_checkpoint_with_nan_weights_before_loading_the_model(
+    tiny_base_dir, tmp_path, monkeypatch
+):
     from nuwa_train.lightning import LoraSettings, NuwaFineTuner
     from nuwa_train.lightning.strategies import trainable_checkpoint
 
@@ -188,9 +222,14 @@ def test_nuwa_train_export_refuses_a_checkpoint_with_nan_weights_before_loading_
     for name in lora[:2]:
         checkpoint["state_dict"][name][0, 0] = float("nan")
     torch.save(checkpoint, tmp_path / "diverged.ckpt")
-    with monkeypatch.context() as patches, pytest.raises(
-            SystemExit, match=rf"nuwa-train export: error: refused to export the checkpoint "
-                              rf"{tmp_path / 'diverged.ckpt'}: 2 of \d+ tensors hold NaN") as refused:
+    with (
+        monkeypatch.context() as patches,
+        pytest.raises(
+            SystemExit,
+            match=rf"nuwa-train export: error: refused to export the checkpoint "
+            rf"{tmp_path / 'diverged.ckpt'}: 2 of \d+ tensors hold NaN",
+        ) as refused,
+    ):
         patches.setattr(NuwaFineTuner, "load_from_checkpoint", lambda *args, **kwargs: pytest.fail("model loaded"))
         main(["export", str(tmp_path / "diverged.ckpt"), str(tmp_path / "export")])
     assert all(f"{name} (1 NaN, 0 Inf" in str(refused.value) for name in lora[:2])

@@ -16,10 +16,15 @@ BUDGETS = [32, 64, "all"]
 
 
 def make(base_dir, budgets=BUDGETS, weights=None):
-    module = NuwaFineTuner(model_path=base_dir, pruning=NuwaConfig(budget=64, stage2_layer=0.75),
-                           lora=LoraSettings(rank=4, dropout=0.0), optimizer=OptimizerSettings(warmup_steps=1),
-                           selection=SelectionSettings(mode="soft", anneal_steps=4), train_budgets=budgets,
-                           train_budget_weights=weights)
+    module = NuwaFineTuner(
+        model_path=base_dir,
+        pruning=NuwaConfig(budget=64, stage2_layer=0.75),
+        lora=LoraSettings(rank=4, dropout=0.0),
+        optimizer=OptimizerSettings(warmup_steps=1),
+        selection=SelectionSettings(mode="soft", anneal_steps=4),
+        train_budgets=budgets,
+        train_budget_weights=weights,
+    )
     return module, NuwaDataModule(processor_path=base_dir, train_images=8, val_images=4, batch_size=4)
 
 
@@ -32,22 +37,32 @@ class TokensSeen(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
         kept = module.nuwa.kept
         tokens = float(kept.vision_tokens_per_layer().mean() / kept.images_per_sample.sum())
-        self.steps[trainer.global_step - 1] = (module.step_budget(trainer.global_step - 1), tokens,
-                                              module.nuwa.config)
+        self.steps[trainer.global_step - 1] = (module.step_budget(trainer.global_step - 1), tokens, module.nuwa.config)
 
 
 def test_each_step_trains_at_its_drawn_budget_and_the_export_records_the_budgets(tiny_base_dir, tmp_path):
     module, data = make(tiny_base_dir)
     seen = TokensSeen()
-    L.Trainer(accelerator="cpu", max_steps=9, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False, use_distributed_sampler=False,
-              default_root_dir=tmp_path, callbacks=[seen]).fit(module, data)
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=9,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+        callbacks=[seen],
+    ).fit(module, data)
     tokens_at = {32: 8.0, 64: 16.0, "all": 144.0}  # of the tiny grid's 144 (budgets are per 576, depth-averaged)
     assert {budget for budget, _, _ in seen.steps.values()} == set(BUDGETS)  # 9 steps draw every budget here
     for step, (budget, tokens, config) in seen.steps.items():
         assert tokens == pytest.approx(tokens_at[budget], abs=0.5), (step, budget)
-        assert config == (NuwaConfig(method="none") if budget == "all" else NuwaConfig(budget=budget,
-                                                                                       stage2_layer=0.75))
+        assert config == (
+            NuwaConfig(method="none") if budget == "all" else NuwaConfig(budget=budget, stage2_layer=0.75)
+        )
     again, _ = make(tiny_base_dir)
     assert [again.step_budget(s) for s in range(50)] == [module.step_budget(s) for s in range(50)]  # resume-safe
     export = export_module(module, tmp_path / "export")
@@ -59,9 +74,14 @@ def test_each_step_trains_at_its_drawn_budget_and_the_export_records_the_budgets
         load_pruned(export, budget=192)
 
 
-@pytest.mark.parametrize("budgets, message", [([], "must list distinct budgets"),
-                                              ([64, 64], "must list distinct budgets"),
-                                              ([64, 0], "model.train_budgets: budget=0")])
+@pytest.mark.parametrize(
+    "budgets, message",
+    [
+        ([], "must list distinct budgets"),
+        ([64, 64], "must list distinct budgets"),
+        ([64, 0], "model.train_budgets: budget=0"),
+    ],
+)
 def test_bad_train_budgets_are_errors_naming_the_key(tiny_base_dir, budgets, message):
     with pytest.raises(NuwaConfigError, match=message):
         make(tiny_base_dir, budgets)
@@ -79,11 +99,15 @@ def test_budgets_are_drawn_in_proportion_to_their_weights(tiny_base_dir, weights
     assert [again.step_budget(s) for s in range(1000, 1100)] == [module.step_budget(s) for s in range(1000, 1100)]
 
 
-@pytest.mark.parametrize("budgets, weights, message", [
-    (BUDGETS, [1, 1], "one positive weight per budget"),
-    (BUDGETS, [1, 0, 1], "one positive weight per budget"),
-    (BUDGETS, [1, float("nan"), 1], "one positive weight per budget"),
-    (None, [1.0], "model.train_budget_weights needs model.train_budgets")])
+@pytest.mark.parametrize(
+    "budgets, weights, message",
+    [
+        (BUDGETS, [1, 1], "one positive weight per budget"),
+        (BUDGETS, [1, 0, 1], "one positive weight per budget"),
+        (BUDGETS, [1, float("nan"), 1], "one positive weight per budget"),
+        (None, [1.0], "model.train_budget_weights needs model.train_budgets"),
+    ],
+)
 def test_bad_train_budget_weights_are_errors_naming_the_key(tiny_base_dir, budgets, weights, message):
     with pytest.raises(NuwaConfigError, match=message):
         make(tiny_base_dir, budgets, weights)
@@ -98,8 +122,19 @@ def test_a_single_budget_export_warns_at_other_budgets(tiny_base_dir, tmp_path):
         load_pruned(tmp_path / "export", budget=128)
     from nuwa_train.cli import main
 
-    main(["eval", "--model", str(tmp_path / "export"), "--images", "2", "--budget", "64,128", "--out",
-          str(tmp_path / "out")])
+    main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "export"),
+            "--images",
+            "2",
+            "--budget",
+            "64,128",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [row["budget"] for row in rows] == [None, 64, 128]
     assert "outside the budgets" not in rows[1]["note"] and "budget 128 is outside the budgets" in rows[2]["note"]

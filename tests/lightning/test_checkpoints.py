@@ -21,19 +21,32 @@ STEPS, SAVE_EVERY = 7, 5  # a run whose length is not a multiple of the checkpoi
 
 
 def make(base_dir):
-    module = NuwaFineTuner(model_path=base_dir, pruning=NuwaConfig(budget=64), lora=LoraSettings(rank=4, dropout=0.0),
-                           optimizer=OptimizerSettings(lr=2e-3, warmup_steps=2),
-                           selection=SelectionSettings(mode="soft", anneal_steps=4))
+    module = NuwaFineTuner(
+        model_path=base_dir,
+        pruning=NuwaConfig(budget=64),
+        lora=LoraSettings(rank=4, dropout=0.0),
+        optimizer=OptimizerSettings(lr=2e-3, warmup_steps=2),
+        selection=SelectionSettings(mode="soft", anneal_steps=4),
+    )
     return module, NuwaDataModule(processor_path=base_dir, train_images=12, val_images=2, batch_size=4)
 
 
 def fit(directory: Path, base_dir, callbacks=(), ckpt_path=None, steps=STEPS):
     module, data = make(base_dir)
     checkpoints = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_train_steps=SAVE_EVERY)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        use_distributed_sampler=False, default_root_dir=directory,
-                        callbacks=[checkpoints, *callbacks])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=directory,
+        callbacks=[checkpoints, *callbacks],
+    )
     L.seed_everything(0)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
@@ -67,8 +80,9 @@ def test_last_checkpoint_holds_the_final_step_when_max_steps_is_not_a_save_step(
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_finishes_the_step_saves_and_the_resume_equals_the_uninterrupted_run(finished_run, tiny_base_dir,
-                                                                                      tmp_path, number):
+def test_a_signal_finishes_the_step_saves_and_the_resume_equals_the_uninterrupted_run(
+    finished_run, tiny_base_dir, tmp_path, number
+):
     _, expected = finished_run
     handler = signal.getsignal(number)
     trainer, _ = fit(tmp_path, tiny_base_dir, [SignalAt(3, number)])  # returns normally: a clean stop
@@ -115,19 +129,32 @@ def test_export_refuses_a_checkpoint_that_would_run_code(payload_checkpoint, tmp
 def test_fit_resume_refuses_a_checkpoint_that_would_run_code(payload_checkpoint, tiny_base_dir, tmp_path):
     path, marker = payload_checkpoint
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": STEPS, "logger": False,
-                    "enable_progress_bar": False, "limit_val_batches": 0, "num_sanity_val_steps": 0,
-                    "default_root_dir": str(tmp_path)},
-        "model": {"model_path": tiny_base_dir, "lora": {"rank": 4}},
-        "data": {"batch_size": 4, "train_images": 12, "val_images": 2}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "accelerator": "cpu",
+                    "devices": 1,
+                    "max_steps": STEPS,
+                    "logger": False,
+                    "enable_progress_bar": False,
+                    "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0,
+                    "default_root_dir": str(tmp_path),
+                },
+                "model": {"model_path": tiny_base_dir, "lora": {"rank": 4}},
+                "data": {"batch_size": 4, "train_images": 12, "val_images": 2},
+            }
+        )
+    )
     with pytest.raises(UnsafeCheckpointError, match=f"refused to load the checkpoint {path}"):
         lightning_cli(["fit", "--config", str(recipe), "--ckpt_path", str(path)])
     assert not marker.exists()
 
 
-def test_a_checkpoint_stores_the_resolved_base_path_and_export_says_which_path_failed(tiny_base_dir, tmp_path,
-                                                                                      monkeypatch, finished_run):
+def test_a_checkpoint_stores_the_resolved_base_path_and_export_says_which_path_failed(
+    tiny_base_dir, tmp_path, monkeypatch, finished_run
+):
     monkeypatch.chdir(Path(tiny_base_dir).parent)
     module = NuwaFineTuner(model_path=Path(tiny_base_dir).name)  # relative, as a recipe would give it
     assert module.hparams.model_path == str(Path(tiny_base_dir).resolve())
@@ -137,5 +164,6 @@ def test_a_checkpoint_stores_the_resolved_base_path_and_export_says_which_path_f
     torch.save(state, tmp_path / "moved.ckpt")
     with pytest.raises(ExportError, match=f"base model '{tmp_path / 'moved_base'}'.*does not exist.*--model-path"):
         export_checkpoint(tmp_path / "moved.ckpt", tmp_path / "export")
-    assert (export_checkpoint(tmp_path / "moved.ckpt", tmp_path / "export", model_path=tiny_base_dir)
-            / "model.safetensors").is_file()
+    assert (
+        export_checkpoint(tmp_path / "moved.ckpt", tmp_path / "export", model_path=tiny_base_dir) / "model.safetensors"
+    ).is_file()

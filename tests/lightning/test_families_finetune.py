@@ -30,18 +30,31 @@ def family_dir(request, tmp_path_factory):
 
 
 def make(path, mode="soft"):
-    module = NuwaFineTuner(model_path=path, pruning=NuwaConfig(budget=128, stage2_layer=2),
-                           lora=LoraSettings(rank=4, dropout=0.0, targets="lm+vision"),
-                           optimizer=OptimizerSettings(lr=5e-3, warmup_steps=1),
-                           selection=SelectionSettings(mode=mode, anneal_steps=4), distill_weight=0.5)
+    module = NuwaFineTuner(
+        model_path=path,
+        pruning=NuwaConfig(budget=128, stage2_layer=2),
+        lora=LoraSettings(rank=4, dropout=0.0, targets="lm+vision"),
+        optimizer=OptimizerSettings(lr=5e-3, warmup_steps=1),
+        selection=SelectionSettings(mode=mode, anneal_steps=4),
+        distill_weight=0.5,
+    )
     data = NuwaDataModule(processor_path=path, train_images=4, val_images=2, batch_size=4)
     return module, data
 
 
 def fit(module, data, tmp_path, steps):
-    L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
-              default_root_dir=tmp_path).fit(module, data)
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(module, data)
 
 
 @pytest.mark.parametrize("mode", ["soft", "straight_through"])
@@ -70,8 +83,12 @@ def test_export_reload_gives_the_same_logits(family_dir, tmp_path):
         reloaded = model(**batch).logits
     processor = load_processor(target)  # the image-only Qwen processor round-trips too
     assert type(processor) is type(module.processor)
-    assert torch.equal(VisionLanguageCollator(processor, padding_side="left", with_answer=False)(
-        [data.dataset("val")[i] for i in range(4)])["input_ids"], batch["input_ids"])
+    assert torch.equal(
+        VisionLanguageCollator(processor, padding_side="left", with_answer=False)(
+            [data.dataset("val")[i] for i in range(4)]
+        )["input_ids"],
+        batch["input_ids"],
+    )
     assert reloaded.shape == expected.shape and reloaded.shape[1] < batch["input_ids"].shape[1]
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
 
@@ -104,12 +121,41 @@ def test_family_recipes_train_two_steps_on_a_tiny_model_of_their_family(recipe, 
     path = _family_dir(family, tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     root = Path(__file__).resolve().parents[2]
-    cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, run=False, args=[
-        "--config", str(root / "recipes" / f"{recipe}.yaml"), "--model.model_path", path,
-        "--data.train_files", "null", "--data.val_files", "null",
-        "--data.test_files", "null", "--data.train_images", "4", "--data.batch_size", "2", "--data.num_workers", "0",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-        "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    cli = NuwaCLI(
+        NuwaFineTuner,
+        NuwaDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(root / "recipes" / f"{recipe}.yaml"),
+            "--model.model_path",
+            path,
+            "--data.train_files",
+            "null",
+            "--data.val_files",
+            "null",
+            "--data.test_files",
+            "null",
+            "--data.train_images",
+            "4",
+            "--data.batch_size",
+            "2",
+            "--data.num_workers",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy",
+            "auto",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+        ],
+    )
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 2
 

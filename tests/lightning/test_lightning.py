@@ -40,17 +40,33 @@ class KillAt(Callback):
 
 
 def make(base_dir, mode="soft", lr=2e-3, dropout=0.05, gumbel=0.0, distill=0.0, train_images=40):
-    module = NuwaFineTuner(model_path=base_dir, pruning=NuwaConfig(budget=64),
-                           lora=LoraSettings(rank=8, dropout=dropout), optimizer=OptimizerSettings(lr=lr, warmup_steps=2),
-                           selection=SelectionSettings(mode=mode, anneal_steps=10, gumbel=gumbel), distill_weight=distill)
+    module = NuwaFineTuner(
+        model_path=base_dir,
+        pruning=NuwaConfig(budget=64),
+        lora=LoraSettings(rank=8, dropout=dropout),
+        optimizer=OptimizerSettings(lr=lr, warmup_steps=2),
+        selection=SelectionSettings(mode=mode, anneal_steps=10, gumbel=gumbel),
+        distill_weight=distill,
+    )
     data = NuwaDataModule(processor_path=base_dir, train_images=train_images, val_images=4, batch_size=4)
     return module, data
 
 
 def trainer(tmp_path, steps, callbacks=(), **kwargs):
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                     use_distributed_sampler=False, default_root_dir=tmp_path, callbacks=list(callbacks), **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
 
 
 def test_a_few_soft_steps_reduce_the_loss(base_dir, tmp_path):
@@ -89,8 +105,9 @@ def uninterrupted_run(tiny_base_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kill_before", [4, 7, 10])  # resumes from the checkpoints of steps 3 (early), 6 and 9 (late)
-def test_resume_from_any_saved_step_equals_the_uninterrupted_run(uninterrupted_run, tiny_base_dir, tmp_path,
-                                                                 kill_before):
+def test_resume_from_any_saved_step_equals_the_uninterrupted_run(
+    uninterrupted_run, tiny_base_dir, tmp_path, kill_before
+):
     expected, expected_weights = uninterrupted_run
     L.seed_everything(0)
     module, data = make(tiny_base_dir, mode="soft", gumbel=0.5)
@@ -101,8 +118,9 @@ def test_resume_from_any_saved_step_equals_the_uninterrupted_run(uninterrupted_r
 
     module, data = make(tiny_base_dir, mode="soft", gumbel=0.5)
     resumed = BatchRecorder()
-    trainer(tmp_path, RESUME_STEPS, [resumed], enable_checkpointing=False).fit(module, data,
-                                                                             ckpt_path=str(tmp_path / "last.ckpt"))
+    trainer(tmp_path, RESUME_STEPS, [resumed], enable_checkpointing=False).fit(
+        module, data, ckpt_path=str(tmp_path / "last.ckpt")
+    )
     assert sorted(resumed.losses) == list(range(saved + 1, RESUME_STEPS + 1))
     for step in resumed.losses:
         assert torch.equal(resumed.batches[step], expected.batches[step]), f"step {step} trained on other samples"
@@ -119,9 +137,11 @@ def test_sampler_passes_are_permutations_that_keep_groups_and_resume_mid_pass(gr
     assert sorted(stream[:24]) == sorted(stream[24:48]) == list(range(24)) and stream[:24] != stream[24:48]
     assert all(stream[k] // group == stream[k - k % group] // group for k in range(64))  # a group stays together
     assert list(ResumableSampler(24, batch_size=4, start=28, total=64, seed=3, group=group)) == stream[28:]
-    ranks = [list(ResumableSampler(24, batch_size=4, start=0, total=64, seed=3, rank=r, world=2, group=group))
-             for r in (0, 1)]
-    assert [i for step in range(0, 64, 8) for r in (0, 1) for i in ranks[r][step // 2:step // 2 + 4]] == stream
+    ranks = [
+        list(ResumableSampler(24, batch_size=4, start=0, total=64, seed=3, rank=r, world=2, group=group))
+        for r in (0, 1)
+    ]
+    assert [i for step in range(0, 64, 8) for r in (0, 1) for i in ranks[r][step // 2 : step // 2 + 4]] == stream
 
 
 def test_grouped_data_settings_are_checked(base_dir):
@@ -132,8 +152,12 @@ def test_grouped_data_settings_are_checked(base_dir):
 
 
 def test_temperature_and_hard_final_phase_follow_the_step(base_dir):
-    module = NuwaFineTuner(model_path=base_dir, selection=SelectionSettings(temperature_start=1.0,
-                           temperature_end=0.01, anneal_steps=100, hard_final_fraction=0.25))
+    module = NuwaFineTuner(
+        model_path=base_dir,
+        selection=SelectionSettings(
+            temperature_start=1.0, temperature_end=0.01, anneal_steps=100, hard_final_fraction=0.25
+        ),
+    )
     assert module.temperature(0) == 1.0 and module.temperature(100) == pytest.approx(0.01)
     module.trainer = L.Trainer(max_steps=400, logger=False)
     assert module.selection_mode(299) == "soft" and module.selection_mode(300) == "hard"
@@ -180,8 +204,9 @@ def test_unknown_loss_reduction_is_a_clear_error(base_dir):
 
 def test_lora_never_targets_vision_layers_without_gradient(tmp_path):
     config = SyntheticConfig()
-    model, processor = build_tiny_llava(TinyLlavaSpec(vision_feature_layer=-2), vocabulary(config),
-                                        coordinate_tokens(config))
+    model, processor = build_tiny_llava(
+        TinyLlavaSpec(vision_feature_layer=-2), vocabulary(config), coordinate_tokens(config)
+    )
     save_tiny_llava(model, processor, tmp_path)
     module = NuwaFineTuner(model_path=str(tmp_path), lora=LoraSettings(targets="lm+vision"))
     module.configure_model()
@@ -233,8 +258,13 @@ def test_export_is_atomic(base_dir, tmp_path, monkeypatch):
 def test_test_scores_the_whole_test_split_unless_capped(base_dir, tmp_path, test_records, scored):
     module = NuwaFineTuner(model_path=base_dir, test_records=test_records, eval_records=1)
     data = NuwaDataModule(processor_path=base_dir, test_images=3, eval_batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.test(module, data, verbose=False)
     assert module.full_token_reference["records"] == scored  # retention is against the base on the same records
     assert {"test/vqa_em", "test/grounding_acc50", "test/vision_tokens"} <= set(trainer.callback_metrics)

@@ -14,19 +14,23 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from nuwa_train.errors import UsageError
 from nuwa_train.io import load_checkpoint_file
-from nuwa_train.lightning.checkpoints import TrainingStopped
-from nuwa_train.lightning.module import NonFiniteTrainingError
 from nuwa_train.lightning import LoraSettings, NuwaDataModule, NuwaFineTuner, OptimizerSettings, SelectionSettings
+from nuwa_train.lightning.checkpoints import TrainingStopped
 from nuwa_train.lightning.data import ResumableSampler, TrainingStream, plan_training_stream
+from nuwa_train.lightning.module import NonFiniteTrainingError
 from nuwa_train.pruning import NuwaConfig, NuwaConfigError
 
 TINY_GRID_TOKENS = 144  # the tiny base's 12x12 patch grid
 
 
 def make_module(base_dir, module_class=NuwaFineTuner, **settings):
-    settings = {"pruning": NuwaConfig(budget=64), "lora": LoraSettings(rank=4, dropout=0.0),
-                "optimizer": OptimizerSettings(lr=2e-3, warmup_steps=2),
-                "selection": SelectionSettings(mode="soft", anneal_steps=4), **settings}
+    settings = {
+        "pruning": NuwaConfig(budget=64),
+        "lora": LoraSettings(rank=4, dropout=0.0),
+        "optimizer": OptimizerSettings(lr=2e-3, warmup_steps=2),
+        "selection": SelectionSettings(mode="soft", anneal_steps=4),
+        **settings,
+    }
     return module_class(model_path=base_dir, **settings)
 
 
@@ -35,11 +39,24 @@ def make_data(base_dir, batch_size=4, **settings):
 
 
 def trainer(directory, steps, callbacks=(), **settings):
-    settings = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False, "devices": 1,
-                **settings}
-    return L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, use_distributed_sampler=False, default_root_dir=directory,
-                     callbacks=list(callbacks), **settings)
+    settings = {
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "enable_checkpointing": False,
+        "devices": 1,
+        **settings,
+    }
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=directory,
+        callbacks=list(callbacks),
+        **settings,
+    )
 
 
 class StepsRun(Callback):
@@ -69,33 +86,41 @@ NO_PERIODIC = 1000  # every_n_train_steps of a ModelCheckpoint that only FinalCh
 def test_a_training_budget_the_grid_cannot_hold_is_an_error_at_start_naming_the_key(tiny_base_dir, tmp_path, budgets):
     module = make_module(tiny_base_dir, train_budgets=budgets)
     steps = StepsRun()
-    with pytest.raises(NuwaConfigError, match=f"model.train_budgets: {budgets[1]} .*12x12 grid \\({TINY_GRID_TOKENS} "
-                                              f"vision tokens per image.*24x24 reference grid"):
+    with pytest.raises(
+        NuwaConfigError,
+        match=f"model.train_budgets: {budgets[1]} .*12x12 grid \\({TINY_GRID_TOKENS} "
+        f"vision tokens per image.*24x24 reference grid",
+    ):
         trainer(tmp_path, 4, [steps]).fit(module, make_data(tiny_base_dir))
     assert steps.batches == []  # before the first step, not when a step draws it
 
 
 # ----------------------------------------------------------------------------- a resume under other batch settings
-@pytest.mark.parametrize("seen, step, max_steps, batch, accumulation, world, counted, expected", [
-    (32, 8, 12, 2, 1, 1, 8, TrainingStream(32, 40, 8, 1)),  # issue 31: batch 4 -> 2 (was an empty, endless stream)
-    (32, 8, 12, 4, 1, 1, 8, TrainingStream(32, 48, 8, 1)),  # unchanged: where an uninterrupted run goes on
-    (32, 8, 12, 1, 1, 2, 8, TrainingStream(32, 40, 8, 1)),  # 4 ranks -> 2 ranks of batch 1
-    (32, 8, 12, 2, 2, 1, 8, TrainingStream(32, 48, 8, 2)),  # accumulation 1 -> 2 on a step Lightning's count fits
-    (28, 7, 10, 2, 2, 1, 7, TrainingStream(28, 38, 7, 1)),  # ... and on one it does not: the first step takes 1
-    (48, 6, 9, 2, 4, 2, 6, TrainingStream(48, 88, 6, 2)),   # 6 batches into accumulation 4: first step 2 of 4
-    (32, 8, 8, 2, 1, 1, 8, TrainingStream(32, 32, 8, 0)),   # nothing left: an empty stream, fit ends at once
-    (32, 8, 6, 2, 1, 1, 8, TrainingStream(32, 32, 8, 0)),   # max_steps below the checkpoint's step: the same
-])
-def test_a_resume_trains_the_steps_left_on_the_samples_after_those_seen(seen, step, max_steps, batch, accumulation,
-                                                                       world, counted, expected):
+@pytest.mark.parametrize(
+    "seen, step, max_steps, batch, accumulation, world, counted, expected",
+    [
+        (32, 8, 12, 2, 1, 1, 8, TrainingStream(32, 40, 8, 1)),  # issue 31: batch 4 -> 2 (was an empty, endless stream)
+        (32, 8, 12, 4, 1, 1, 8, TrainingStream(32, 48, 8, 1)),  # unchanged: where an uninterrupted run goes on
+        (32, 8, 12, 1, 1, 2, 8, TrainingStream(32, 40, 8, 1)),  # 4 ranks -> 2 ranks of batch 1
+        (32, 8, 12, 2, 2, 1, 8, TrainingStream(32, 48, 8, 2)),  # accumulation 1 -> 2 on a step Lightning's count fits
+        (28, 7, 10, 2, 2, 1, 7, TrainingStream(28, 38, 7, 1)),  # ... and on one it does not: the first step takes 1
+        (48, 6, 9, 2, 4, 2, 6, TrainingStream(48, 88, 6, 2)),  # 6 batches into accumulation 4: first step 2 of 4
+        (32, 8, 8, 2, 1, 1, 8, TrainingStream(32, 32, 8, 0)),  # nothing left: an empty stream, fit ends at once
+        (32, 8, 6, 2, 1, 1, 8, TrainingStream(32, 32, 8, 0)),  # max_steps below the checkpoint's step: the same
+    ],
+)
+def test_a_resume_trains_the_steps_left_on_the_samples_after_those_seen(
+    seen, step, max_steps, batch, accumulation, world, counted, expected
+):
     stream = plan_training_stream(seen, step, max_steps, batch, accumulation, world, counted)
     assert stream == expected
     steps_left = max(0, max_steps - step)
     trained = (stream.first_step_batches + (steps_left - 1) * accumulation) * batch * world if steps_left else 0
     assert stream.total - stream.start == trained  # every sample of the stream is trained once, none replayed
     for rank in range(world):  # Lightning's epoch ends with the stream: counted + the stream's batches
-        sampler = ResumableSampler(10, batch, stream.start, stream.total, seed=0, rank=rank, world=world,
-                                   counted=counted * batch)
+        sampler = ResumableSampler(
+            10, batch, stream.start, stream.total, seed=0, rank=rank, world=world, counted=counted * batch
+        )
         assert len(sampler) == (counted + (stream.total - stream.start) // (batch * world)) * batch
         assert len(list(sampler)) == (stream.total - stream.start) // world
 
@@ -113,34 +138,44 @@ def fit_saving_last(directory, base_dir, steps, batch_size, callbacks=(), ckpt_p
 def stream_at_batch_2(tiny_base_dir, tmp_path_factory):
     """The samples of a 24-step run at batch 2, in order: the stream every run of this data and seed reads."""
     steps = StepsRun()
-    trainer(tmp_path_factory.mktemp("batch2"), 24, [steps]).fit(make_module(tiny_base_dir),
-                                                                make_data(tiny_base_dir, 2))
+    trainer(tmp_path_factory.mktemp("batch2"), 24, [steps]).fit(make_module(tiny_base_dir), make_data(tiny_base_dir, 2))
     return steps.rows()
 
 
-@pytest.mark.parametrize("batch_size, accumulation, steps_run", [(2, 1, list(range(8, 12))),
-                                                                 (2, 2, [8, 8, 9, 9, 10, 10, 11, 11]),
-                                                                 (4, 1, list(range(8, 12)))])
+@pytest.mark.parametrize(
+    "batch_size, accumulation, steps_run",
+    [(2, 1, list(range(8, 12))), (2, 2, [8, 8, 9, 9, 10, 10, 11, 11]), (4, 1, list(range(8, 12)))],
+)
 def test_a_resume_with_other_batch_settings_trains_the_steps_left_on_the_next_samples(
-        stream_at_batch_2, tiny_base_dir, tmp_path, batch_size, accumulation, steps_run):
+    stream_at_batch_2, tiny_base_dir, tmp_path, batch_size, accumulation, steps_run
+):
     """8 steps at batch 4 (32 samples), then 12 steps at another batch (issue 31: batch 2 looped forever)."""
     fit_saving_last(tmp_path, tiny_base_dir, 8, 4)
     resumed = StepsRun()
-    run, module = fit_saving_last(tmp_path, tiny_base_dir, 12, batch_size, [resumed],
-                                  ckpt_path=str(tmp_path / "last.ckpt"), accumulate_grad_batches=accumulation)
+    run, module = fit_saving_last(
+        tmp_path,
+        tiny_base_dir,
+        12,
+        batch_size,
+        [resumed],
+        ckpt_path=str(tmp_path / "last.ckpt"),
+        accumulate_grad_batches=accumulation,
+    )
     assert run.global_step == 12 and resumed.steps == steps_run
     samples = len(steps_run) * batch_size
     assert module.samples_seen == 32 + samples
-    assert resumed.rows() == stream_at_batch_2[32:32 + samples]  # the stream goes on: nothing replayed or skipped
+    assert resumed.rows() == stream_at_batch_2[32 : 32 + samples]  # the stream goes on: nothing replayed or skipped
 
 
 def test_a_resume_whose_step_count_does_not_fit_the_new_accumulation_shortens_only_its_first_step(
-        stream_at_batch_2, tiny_base_dir, tmp_path):
+    stream_at_batch_2, tiny_base_dir, tmp_path
+):
     fit_saving_last(tmp_path, tiny_base_dir, 7, 4)
     resumed = StepsRun()
     with pytest.warns(UserWarning, match="7 batches into Lightning's epoch.*step 8 accumulates 1 batches"):
-        run, module = fit_saving_last(tmp_path, tiny_base_dir, 10, 2, [resumed], ckpt_path=str(tmp_path / "last.ckpt"),
-                                      accumulate_grad_batches=2)
+        run, module = fit_saving_last(
+            tmp_path, tiny_base_dir, 10, 2, [resumed], ckpt_path=str(tmp_path / "last.ckpt"), accumulate_grad_batches=2
+        )
     assert run.global_step == 10 and resumed.steps == [7, 8, 8, 9, 9]
     assert module.samples_seen == 38 and resumed.rows() == stream_at_batch_2[28:38]
     assert load_checkpoint_file(tmp_path / "last.ckpt")["global_step"] == 10
@@ -182,8 +217,14 @@ class SignalWhen(Callback):
 def validating_fit(directory, base_dir, callbacks, steps=6):
     """A fit that validates every VALIDATE_EVERY steps (VAL_BATCHES batches, then generate-based metrics)."""
     checkpoints = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0, every_n_train_steps=NO_PERIODIC)
-    run = trainer(directory, steps, [checkpoints, *callbacks], enable_checkpointing=True,
-                  limit_val_batches=VAL_BATCHES, val_check_interval=VALIDATE_EVERY)
+    run = trainer(
+        directory,
+        steps,
+        [checkpoints, *callbacks],
+        enable_checkpointing=True,
+        limit_val_batches=VAL_BATCHES,
+        val_check_interval=VALIDATE_EVERY,
+    )
     module = make_module(base_dir, eval_records=2)
     return run, module, make_data(base_dir, eval_batch_size=1)
 
@@ -202,10 +243,13 @@ def test_a_stop_requested_just_before_a_validation_saves_the_step_without_valida
     assert run.limit_val_batches == VAL_BATCHES and signal.getsignal(number) is handler
 
 
-@pytest.mark.parametrize("hook, when", [
-    ("on_validation_batch_start", lambda trainer: True),  # as the validation starts
-    ("on_validation_batch_end", lambda trainer: trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch),
-])  # ... and after its last batch, before the generate-based metrics
+@pytest.mark.parametrize(
+    "hook, when",
+    [
+        ("on_validation_batch_start", lambda trainer: True),  # as the validation starts
+        ("on_validation_batch_end", lambda trainer: trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch),
+    ],
+)  # ... and after its last batch, before the generate-based metrics
 def test_a_stop_requested_during_a_validation_ends_it_at_once_and_saves_the_step(tiny_base_dir, tmp_path, hook, when):
     signalled = SignalWhen(hook, when)
     run, module, data = validating_fit(tmp_path, tiny_base_dir, [signalled])
@@ -221,8 +265,9 @@ class NoBatches(NuwaDataModule):
 
     def train_dataloader(self):
         empty = ResumableSampler(len(self.dataset("train")), 4, start=0, total=0, seed=0, counted=32)
-        return torch.utils.data.DataLoader(self.dataset("train"), batch_size=4, sampler=empty,
-                                           collate_fn=self.collator())
+        return torch.utils.data.DataLoader(
+            self.dataset("train"), batch_size=4, sampler=empty, collate_fn=self.collator()
+        )
 
 
 class EpochLimit(Callback):
@@ -262,10 +307,16 @@ trainer({directory!r}, 4, [Steps()]).fit(make_module({base!r}), SignalledWhileRe
 
 def test_sigterm_before_the_first_step_ends_the_process_at_once(tiny_base_dir, tmp_path):
     """Nothing is trained yet: SIGTERM acts as without fit (before: Lightning noted it and ran a step first)."""
-    script = STOPPED_WHILE_READING_DATA.format(tests=os.path.dirname(__file__), directory=str(tmp_path),
-                                               base=tiny_base_dir)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script = STOPPED_WHILE_READING_DATA.format(
+        tests=os.path.dirname(__file__), directory=str(tmp_path), base=tiny_base_dir
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
     assert "still reading" not in done.stdout and "a step started" not in done.stdout
 
@@ -314,8 +365,16 @@ def test_a_diverging_learning_rate_stops_fit_before_a_non_finite_state_is_saved(
 
 
 # ----------------------------------------------------------------------------- under DDP: every rank stops alike
-DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
-                   "PL_GLOBAL_SEED")  # the test process's own, if an earlier test set them
+DISTRIBUTED_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "PL_GLOBAL_SEED",
+)  # the test process's own, if an earlier test set them
 DDP_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
@@ -348,18 +407,29 @@ except NonFiniteTrainingError as error:
 @pytest.mark.parametrize("fault", ["nan", "sigterm"])
 def test_under_ddp_a_fault_on_one_rank_stops_every_rank_at_the_same_step(tiny_base_dir, tmp_path, fault):
     script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), directory=str(tmp_path / "run"),
-                                        base=tiny_base_dir, fault=fault))
+    script.write_text(
+        DDP_SCRIPT.format(
+            tests=os.path.dirname(__file__), directory=str(tmp_path / "run"), base=tiny_base_dir, fault=fault
+        )
+    )
     env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_ENV}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
     assert (tmp_path / "run" / "last.ckpt").is_file(), done.stdout[-2000:] + done.stderr[-4000:]
     saved = load_checkpoint_file(tmp_path / "run" / "last.ckpt")
     if fault == "nan":  # NaN on rank 1 only: both ranks raise at its step, before the update; the save before stays
         assert done.returncode != 0
         assert f"rank 0 error: the training loss is not finite at step {NAN_STEP} (on another rank)" in done.stdout
-        assert f"rank 1 error: the training loss is not finite at step {NAN_STEP} (train/loss nan on global rank 1)" \
-            in done.stdout, done.stdout[-3000:]
+        assert (
+            f"rank 1 error: the training loss is not finite at step {NAN_STEP} (train/loss nan on global rank 1)"
+            in done.stdout
+        ), done.stdout[-3000:]
         assert saved["global_step"] == NAN_STEP - 1
     else:  # SIGTERM on rank 1 only: both ranks finish step 3 and stop; the final save holds it
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

@@ -26,16 +26,37 @@ def recipe(tiny_base_dir, tmp_path, monkeypatch):
     """A recipe as recipes/*.yaml write them (no folder named: no logger, no checkpoint dirpath), run in tmp_path."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / f"{RECIPE_NAME}.yaml"
-    path.write_text(yaml.safe_dump({
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": STEPS, "limit_val_batches": 0,
-                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-                    "log_every_n_steps": 1, "use_distributed_sampler": False,
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}]},
-        "model": {"model_path": tiny_base_dir, "lora": {"rank": 4, "dropout": 0.0},
-                  "optimizer": {"lr": LR}, "eval_max_new_tokens": 4},
-        "data": {"batch_size": 2, "train_images": 4, "val_images": 2, "test_images": TEST_IMAGES}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {
+                    "accelerator": "cpu",
+                    "devices": 1,
+                    "max_steps": STEPS,
+                    "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "log_every_n_steps": 1,
+                    "use_distributed_sampler": False,
+                    "callbacks": [
+                        {
+                            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
+                        }
+                    ],
+                },
+                "model": {
+                    "model_path": tiny_base_dir,
+                    "lora": {"rank": 4, "dropout": 0.0},
+                    "optimizer": {"lr": LR},
+                    "eval_max_new_tokens": 4,
+                },
+                "data": {"batch_size": 2, "train_images": 4, "val_images": 2, "test_images": TEST_IMAGES},
+            }
+        )
+    )
     return str(path)
 
 
@@ -118,8 +139,17 @@ def test_a_distributed_fit_makes_one_run_folder_and_continues_in_it(recipe, tmp_
     launch("--launcher", "local", "--devices", str(PROCESSES), *flags)
     [run_dir] = [p for p in root.iterdir() if p.name != "latest"]
     assert_is_a_complete_run(run_dir)
-    launch("--launcher", "torchrun", "--devices", str(PROCESSES), *flags, "--ckpt_path", "last",
-           "--trainer.max_steps", str(STEPS + 1))
+    launch(
+        "--launcher",
+        "torchrun",
+        "--devices",
+        str(PROCESSES),
+        *flags,
+        "--ckpt_path",
+        "last",
+        "--trainer.max_steps",
+        str(STEPS + 1),
+    )
     assert sorted(p.name for p in root.iterdir()) == [run_dir.name, "latest"] and step_of(run_dir) == STEPS + 1
     assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["version_0", "version_1"]
 
@@ -145,8 +175,10 @@ def test_command_line_model_flags_win_over_the_checkpoint_in_test_and_fit_refuse
         fit(recipe, "--ckpt_path", str(run_dir), "--model.optimizer.lr", "0.5")
     assert step_of(run_dir) == STEPS
     # a flag that agrees with the checkpoint drops nothing: the run continues
-    assert fit(recipe, "--ckpt_path", str(run_dir), "--model.optimizer.lr", str(LR),
-               "--trainer.max_steps", str(STEPS + 1)) == run_dir
+    assert (
+        fit(recipe, "--ckpt_path", str(run_dir), "--model.optimizer.lr", str(LR), "--trainer.max_steps", str(STEPS + 1))
+        == run_dir
+    )
     assert step_of(run_dir) == STEPS + 1
 
 

@@ -50,15 +50,32 @@ STEPS = 4
 CHECKPOINT_EVERY = 1  # resume tests restart from an early and a late step, not only from half-way
 IMAGE_FREE_RANK, IMAGE_FREE_STEP = 1, 1  # rank 1's second batch loses its images
 RUN_TIMEOUT_SECONDS = 300  # a hung collective must fail the test, not the CI job
-DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
-                   "GROUP_RANK", "CROSS_RANK", "TORCHELASTIC_RUN_ID")
+DISTRIBUTED_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "CROSS_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 # Lightning writes into a strategy's config dict: give every strategy its own copy.
-TEST_ZERO3_CONFIG = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # shard everything
-                     "zero_allow_untested_optimizer": True, "steps_per_print": 1_000_000}
-TEST_ZERO2_CONFIG = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
-                     "steps_per_print": 1_000_000}
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="DeepSpeed is an optional extra (launch.sh test installs it)")
+TEST_ZERO3_CONFIG = {
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # shard everything
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 1_000_000,
+}
+TEST_ZERO2_CONFIG = {
+    "zero_optimization": {"stage": 2},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 1_000_000,
+}
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is an optional extra (launch.sh test installs it)"
+)
 
 
 # ----------------------------------------------------------------------------- loaded by the launched processes
@@ -69,9 +86,13 @@ class RankLog(Callback):
         self.path = Path(path)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
-        row = {"step": trainer.global_step, "loss": float(outputs["loss"]),
-               "logged": float(trainer.callback_metrics["train/loss"]), "images": "pixel_values" in batch,
-               "samples": hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()}
+        row = {
+            "step": trainer.global_step,
+            "loss": float(outputs["loss"]),
+            "logged": float(trainer.callback_metrics["train/loss"]),
+            "images": "pixel_values" in batch,
+            "samples": hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest(),
+        }
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as log:
             log.write(json.dumps(row) + "\n")
 
@@ -140,10 +161,22 @@ def launch(*args: str, timeout: float = RUN_TIMEOUT_SECONDS) -> subprocess.Compl
     """launch.sh with one thread per process and no inherited distributed settings; kills the whole tree on timeout
     (launchers put their workers in sessions of their own)."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), str(HERE.parent),  # this file, conftest
-                                                                              env.get("PYTHONPATH")])))
-    process = subprocess.Popen(["bash", str(LAUNCH), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            filter(
+                None,
+                [
+                    str(HERE),
+                    str(HERE.parent),  # this file, conftest
+                    env.get("PYTHONPATH"),
+                ],
+            )
+        ),
+    )
+    process = subprocess.Popen(
+        ["bash", str(LAUNCH), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -165,27 +198,53 @@ def write_yaml(path: Path, content: dict) -> str:
 
 def base_recipe(directory: Path, model_dir: str) -> str:
     """A few soft-Nüwa LoRA steps on the tiny model (LoRA on LM and vision, no dropout: ranks and runs compare)."""
-    return write_yaml(directory / "base.yaml", {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": PROCESSES, "max_steps": STEPS, "limit_val_batches": 0,
-                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
-                    "use_distributed_sampler": False, "logger": False, "default_root_dir": str(directory)},
-        "model": {"model_path": model_dir, "pruning": {"method": "nuwa", "budget": 64},
-                  "lora": {"rank": 4, "dropout": 0.0, "targets": "lm+vision"},
-                  "selection": {"mode": "soft", "anneal_steps": 10},
-                  "optimizer": {"lr": 2.0e-3, "warmup_steps": 1}},
-        "data": {"batch_size": 2, "train_images": 16, "val_images": 2},
-    })
+    return write_yaml(
+        directory / "base.yaml",
+        {
+            "seed_everything": 0,
+            "trainer": {
+                "accelerator": "cpu",
+                "devices": PROCESSES,
+                "max_steps": STEPS,
+                "limit_val_batches": 0,
+                "num_sanity_val_steps": 0,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "use_distributed_sampler": False,
+                "logger": False,
+                "default_root_dir": str(directory),
+            },
+            "model": {
+                "model_path": model_dir,
+                "pruning": {"method": "nuwa", "budget": 64},
+                "lora": {"rank": 4, "dropout": 0.0, "targets": "lm+vision"},
+                "selection": {"mode": "soft", "anneal_steps": 10},
+                "optimizer": {"lr": 2.0e-3, "warmup_steps": 1},
+            },
+            "data": {"batch_size": 2, "train_images": 16, "val_images": 2},
+        },
+    )
 
 
 def run_config(directory: Path, name: str, strategy=None, plugins=(), callbacks=()) -> str:
-    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                   "init_args": {"dirpath": str(directory / name / "checkpoints"), "save_top_k": -1,
-                                 "every_n_train_steps": CHECKPOINT_EVERY, "filename": "step-{step}",
-                                 "auto_insert_metric_name": False}}
-    trainer = {"callbacks": [checkpoints, {"class_path": "test_scaleout.RankLog",
-                                           "init_args": {"path": str(directory / name / "log")}},
-                             {"class_path": "test_scaleout.DropImages"}, *callbacks]}
+    checkpoints = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(directory / name / "checkpoints"),
+            "save_top_k": -1,
+            "every_n_train_steps": CHECKPOINT_EVERY,
+            "filename": "step-{step}",
+            "auto_insert_metric_name": False,
+        },
+    }
+    trainer = {
+        "callbacks": [
+            checkpoints,
+            {"class_path": "test_scaleout.RankLog", "init_args": {"path": str(directory / name / "log")}},
+            {"class_path": "test_scaleout.DropImages"},
+            *callbacks,
+        ]
+    }
     if strategy is not None:
         trainer["strategy"] = strategy
     if plugins:
@@ -219,23 +278,60 @@ def test_launch_sh_prints_the_command_of_each_launcher(recipe_file, tmp_path):
     hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
     threads = {"OMP_NUM_THREADS": "3"}  # a value you set wins over cores / processes
     cases = {
-        ("--launcher", "torchrun", "--devices", "2", recipe_file, "--trainer.max_steps", "3"):
-            f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 torchrun --standalone --nproc-per-node 2 -m nuwa_train fit "
-            f"--config {recipe_file} --trainer.max_steps 3 --trainer.devices 2 --trainer.num_nodes 1",
-        ("--launcher", "torchrun", "--devices", "8", "--nodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
-         "--master-port", "29600", recipe_file):
-            f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 torchrun --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
-            f"--master-port 29600 --nproc-per-node 8 -m nuwa_train fit --config {recipe_file} --trainer.devices 8 "
-            f"--trainer.num_nodes 2",
-        ("--devices", "2", "--nodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", recipe_file):
-            f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NODE_RANK=0 python -m "
-            f"nuwa_train fit "
-            f"--config {recipe_file} --trainer.devices 2 --trainer.num_nodes 2",
+        (
+            "--launcher",
+            "torchrun",
+            "--devices",
+            "2",
+            recipe_file,
+            "--trainer.max_steps",
+            "3",
+        ): f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 torchrun --standalone --nproc-per-node 2 -m nuwa_train fit "
+        f"--config {recipe_file} --trainer.max_steps 3 --trainer.devices 2 --trainer.num_nodes 1",
+        (
+            "--launcher",
+            "torchrun",
+            "--devices",
+            "8",
+            "--nodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--master-addr",
+            "10.0.0.1",
+            "--master-port",
+            "29600",
+            recipe_file,
+        ): f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 torchrun --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
+        f"--master-port 29600 --nproc-per-node 8 -m nuwa_train fit --config {recipe_file} --trainer.devices 8 "
+        f"--trainer.num_nodes 2",
+        (
+            "--devices",
+            "2",
+            "--nodes",
+            "2",
+            "--node-rank",
+            "0",
+            "--master-addr",
+            "10.0.0.1",
+            recipe_file,
+        ): f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NODE_RANK=0 python -m "
+        f"nuwa_train fit "
+        f"--config {recipe_file} --trainer.devices 2 --trainer.num_nodes 2",
         (recipe_file, "--ckpt_path", "last"): f"python -m nuwa_train fit --config {recipe_file} --ckpt_path last",
-        ("--launcher", "deepspeed", "--devices", "8", "--nodes", "2", "--hostfile", str(hostfile), recipe_file):
-            f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 deepspeed --hostfile {hostfile} --num_nodes 2 --num_gpus 8 "
-            f"--no_local_rank --module nuwa_train fit --config {recipe_file} --trainer.devices 8 --trainer.num_nodes 2 "
-            f"--trainer.plugins nuwa_train.lightning.strategies.DeepSpeedLauncherEnvironment",
+        (
+            "--launcher",
+            "deepspeed",
+            "--devices",
+            "8",
+            "--nodes",
+            "2",
+            "--hostfile",
+            str(hostfile),
+            recipe_file,
+        ): f"env OMP_NUM_THREADS=3 MKL_NUM_THREADS=3 deepspeed --hostfile {hostfile} --num_nodes 2 --num_gpus 8 "
+        f"--no_local_rank --module nuwa_train fit --config {recipe_file} --trainer.devices 8 --trainer.num_nodes 2 "
+        f"--trainer.plugins nuwa_train.lightning.strategies.DeepSpeedLauncherEnvironment",
         ("test", "-q"): "python -m pytest -q",
         ("demo",): "nuwa-train demo",
         ("bench", "--shapes", "tiny"): "nuwa-train bench --shapes tiny",
@@ -249,35 +345,80 @@ def test_launch_sh_prints_the_command_of_each_launcher(recipe_file, tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert fabric[1:3] == [f"OMP_NUM_THREADS={max(1, cores // 2)}", f"MKL_NUM_THREADS={max(1, cores // 2)}"]
     assert fabric[3:9] == ["fabric", "run", "--devices", "2", "--num-nodes", "1"]
-    assert Path(fabric[9]).name == "nuwa-train" and fabric[10:] == ["fit", "--config", recipe_file, "--trainer.devices",
-                                                                    "2", "--trainer.num_nodes", "1"]
+    assert Path(fabric[9]).name == "nuwa-train" and fabric[10:] == [
+        "fit",
+        "--config",
+        recipe_file,
+        "--trainer.devices",
+        "2",
+        "--trainer.num_nodes",
+        "1",
+    ]
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--launcher", "torchrun", "--devices", "2", "--hostfile", "HOSTFILE", "RECIPE"),
-     "--hostfile is for --launcher deepspeed only"),
-    (("--node-rank", "1", "RECIPE"), "--node-rank needs --nodes M with M > 1"),
-    (("--master-addr", "10.0.0.1", "RECIPE"), "--master-addr needs --nodes M with M > 1"),
-    (("--launcher", "mpirun", "RECIPE"), "--launcher must be one of"),
-    (("--launcher", "torchrun", "RECIPE"), "--launcher torchrun needs --devices N"),
-    (("--devices", "0", "RECIPE"), "--devices must be a positive integer"),
-    (("--master-port", "99999", "RECIPE"), "--master-port must be a port number"),
-    (("--launcher", "torchrun", "--devices", "2", "--nodes", "2", "--node-rank", "0", "RECIPE"),
-     "needs --master-addr"),
-    (("--launcher", "torchrun", "--devices", "2", "--nodes", "2", "--master-addr", "a", "RECIPE"), "needs --node-rank"),
-    (("--launcher", "fabric", "--devices", "2", "--nodes", "2", "--node-rank", "2", "--master-addr", "a", "RECIPE"),
-     "--node-rank 2 must be below --nodes 2"),
-    (("--launcher", "deepspeed", "--devices", "2", "--nodes", "2", "RECIPE"), "needs --hostfile"),
-    (("--launcher", "deepspeed", "--devices", "2", "--nodes", "2", "--hostfile", "HOSTFILE", "--node-rank", "1",
-      "RECIPE"), "--node-rank does not apply to --launcher deepspeed"),
-    (("--devices", "2", "demo"), "launch options apply to a training recipe"),
-    (("RECIPE", "--devices", "2"), "launch option --devices must come before the recipe"),
-    (("--launcher", "torchrun", "--devices", "2", "RECIPE", "--trainer.devices", "4"), "contradicts the launcher"),
-    (("--devices", "RECIPE"), "no recipe or command after the launch options"),
-    (("--launcher",), "--launcher needs a value"),
-    (("--gpus", "2", "RECIPE"), "unknown launch option --gpus"),
-    (("missing/recipe.yaml",), "recipe missing/recipe.yaml not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ("--launcher", "torchrun", "--devices", "2", "--hostfile", "HOSTFILE", "RECIPE"),
+            "--hostfile is for --launcher deepspeed only",
+        ),
+        (("--node-rank", "1", "RECIPE"), "--node-rank needs --nodes M with M > 1"),
+        (("--master-addr", "10.0.0.1", "RECIPE"), "--master-addr needs --nodes M with M > 1"),
+        (("--launcher", "mpirun", "RECIPE"), "--launcher must be one of"),
+        (("--launcher", "torchrun", "RECIPE"), "--launcher torchrun needs --devices N"),
+        (("--devices", "0", "RECIPE"), "--devices must be a positive integer"),
+        (("--master-port", "99999", "RECIPE"), "--master-port must be a port number"),
+        (
+            ("--launcher", "torchrun", "--devices", "2", "--nodes", "2", "--node-rank", "0", "RECIPE"),
+            "needs --master-addr",
+        ),
+        (
+            ("--launcher", "torchrun", "--devices", "2", "--nodes", "2", "--master-addr", "a", "RECIPE"),
+            "needs --node-rank",
+        ),
+        (
+            (
+                "--launcher",
+                "fabric",
+                "--devices",
+                "2",
+                "--nodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--master-addr",
+                "a",
+                "RECIPE",
+            ),
+            "--node-rank 2 must be below --nodes 2",
+        ),
+        (("--launcher", "deepspeed", "--devices", "2", "--nodes", "2", "RECIPE"), "needs --hostfile"),
+        (
+            (
+                "--launcher",
+                "deepspeed",
+                "--devices",
+                "2",
+                "--nodes",
+                "2",
+                "--hostfile",
+                "HOSTFILE",
+                "--node-rank",
+                "1",
+                "RECIPE",
+            ),
+            "--node-rank does not apply to --launcher deepspeed",
+        ),
+        (("--devices", "2", "demo"), "launch options apply to a training recipe"),
+        (("RECIPE", "--devices", "2"), "launch option --devices must come before the recipe"),
+        (("--launcher", "torchrun", "--devices", "2", "RECIPE", "--trainer.devices", "4"), "contradicts the launcher"),
+        (("--devices", "RECIPE"), "no recipe or command after the launch options"),
+        (("--launcher",), "--launcher needs a value"),
+        (("--gpus", "2", "RECIPE"), "unknown launch option --gpus"),
+        (("missing/recipe.yaml",), "recipe missing/recipe.yaml not found"),
+    ],
+)
 def test_launch_sh_refuses_contradictory_options(recipe_file, tmp_path, args, message):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=2\n")
@@ -297,8 +438,11 @@ def test_deepspeed_launcher_environment_reads_the_node_rank(monkeypatch):
 
 # ----------------------------------------------------------------------------- every rank runs the same modules
 def test_a_batch_without_images_runs_the_image_path_without_changing_the_loss(tiny_base_dir):
-    module = NuwaFineTuner(model_path=tiny_base_dir, pruning=NuwaConfig(budget=64),
-                           lora=LoraSettings(rank=4, dropout=0.0, targets="lm+vision"))
+    module = NuwaFineTuner(
+        model_path=tiny_base_dir,
+        pruning=NuwaConfig(budget=64),
+        lora=LoraSettings(rank=4, dropout=0.0, targets="lm+vision"),
+    )
     module.configure_model()
     data = NuwaDataModule(processor_path=tiny_base_dir, train_images=4)
     batch = data.collator()([data.dataset("train")[i] for i in range(3)])
@@ -326,8 +470,12 @@ def ddp_run(tmp_path_factory, tiny_base_dir):
     directory = tmp_path_factory.mktemp("ddp")
     recipe = base_recipe(directory, tiny_base_dir)
     writes = directory / "writes.log"
-    config = run_config(directory, "run", strategy="ddp", plugins=[
-        {"class_path": "test_scaleout.WriteLog", "init_args": {"path": str(writes)}}])
+    config = run_config(
+        directory,
+        "run",
+        strategy="ddp",
+        plugins=[{"class_path": "test_scaleout.WriteLog", "init_args": {"path": str(writes)}}],
+    )
     launch("--launcher", "local", "--devices", str(PROCESSES), recipe, "--config", config)  # the Trainer spawns
     return {"directory": directory, "recipe": recipe, "writes": writes}
 
@@ -356,16 +504,26 @@ def test_ddp_resume_from_any_step_equals_the_uninterrupted_run(ddp_run, saved_st
     name = f"resumed-{saved_step}"
     config = run_config(directory, name, strategy="ddp")
     checkpoint = directory / "run" / "checkpoints" / f"step-{saved_step}.ckpt"
-    launch("--launcher", "torchrun", "--devices", str(PROCESSES), ddp_run["recipe"], "--config", config,
-           "--ckpt_path", str(checkpoint))
+    launch(
+        "--launcher",
+        "torchrun",
+        "--devices",
+        str(PROCESSES),
+        ddp_run["recipe"],
+        "--config",
+        config,
+        "--ckpt_path",
+        str(checkpoint),
+    )
     for rank in range(PROCESSES):
         uninterrupted, resumed = read_log(directory / "run" / "log", rank), read_log(directory / name / "log", rank)
         assert sorted(resumed) == list(range(saved_step + 1, STEPS + 1))
         for step in resumed:
             assert resumed[step]["samples"] == uninterrupted[step]["samples"], f"rank {rank} step {step}: other samples"
             assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-6)
-        assert_same_weights(read_weights(directory / name / "log", rank), read_weights(directory / "run" / "log", rank),
-                            atol=1e-6)
+        assert_same_weights(
+            read_weights(directory / name / "log", rank), read_weights(directory / "run" / "log", rank), atol=1e-6
+        )
 
 
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO-2 / ZeRO-3, 2 processes
@@ -376,9 +534,17 @@ def zero_runs(tmp_path_factory, tiny_base_dir):
     trainable = directory / "zero3" / "trainable.ckpt"
     zero2 = run_config(directory, "zero2", strategy=deepspeed_strategy(directory, "zero2", TEST_ZERO2_CONFIG))
     launch("--launcher", "deepspeed", "--devices", str(PROCESSES), recipe, "--config", zero2)
-    zero3 = run_config(directory, "zero3", strategy=deepspeed_strategy(directory, "zero3", TEST_ZERO3_CONFIG),
-                       callbacks=[{"class_path": "nuwa_train.lightning.strategies.SaveTrainableWeights",
-                                   "init_args": {"path": str(trainable)}}])
+    zero3 = run_config(
+        directory,
+        "zero3",
+        strategy=deepspeed_strategy(directory, "zero3", TEST_ZERO3_CONFIG),
+        callbacks=[
+            {
+                "class_path": "nuwa_train.lightning.strategies.SaveTrainableWeights",
+                "init_args": {"path": str(trainable)},
+            }
+        ],
+    )
     launch("--launcher", "fabric", "--devices", str(PROCESSES), recipe, "--config", zero3)
     return {"directory": directory, "trainable": trainable}
 
@@ -389,15 +555,20 @@ def test_zero_stages_train_like_ddp(zero_runs, ddp_run, stage, weight_tolerance)
     """Same data, same start, the same image-free batch on rank 1: the same losses and weights as DDP (ZeRO-3
     reduce-scatters gradients in another summation order: 2e-5 apart after 4 Adam steps of 2e-3, measured)."""
     for rank in range(PROCESSES):
-        zero, ddp = read_log(zero_runs["directory"] / stage / "log", rank), read_log(ddp_run["directory"] / "run" / "log",
-                                                                                    rank)
+        zero, ddp = (
+            read_log(zero_runs["directory"] / stage / "log", rank),
+            read_log(ddp_run["directory"] / "run" / "log", rank),
+        )
         assert sorted(zero) == sorted(ddp)
         for step in ddp:
             assert math.isfinite(zero[step]["loss"])
             assert zero[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5)
             assert zero[step]["logged"] == pytest.approx(ddp[step]["logged"], abs=1e-5)
-    assert_same_weights(read_weights(zero_runs["directory"] / stage / "log"),
-                        read_weights(ddp_run["directory"] / "run" / "log"), atol=weight_tolerance)
+    assert_same_weights(
+        read_weights(zero_runs["directory"] / stage / "log"),
+        read_weights(ddp_run["directory"] / "run" / "log"),
+        atol=weight_tolerance,
+    )
 
 
 @needs_deepspeed
@@ -457,20 +628,43 @@ def one_rank_deepspeed():
 def test_zero3_resume_restores_weights_optimizer_and_data_position(one_rank_deepspeed, tiny_base_dir, tmp_path):
     def fit(callbacks, ckpt_path=None):
         L.seed_everything(0)
-        module = NuwaFineTuner(model_path=tiny_base_dir, pruning=NuwaConfig(budget=64),
-                               lora=LoraSettings(rank=4, dropout=0.05, targets="lm+vision"),
-                               optimizer=OptimizerSettings(lr=2e-3, warmup_steps=1),
-                               selection=SelectionSettings(mode="soft", anneal_steps=10))
+        module = NuwaFineTuner(
+            model_path=tiny_base_dir,
+            pruning=NuwaConfig(budget=64),
+            lora=LoraSettings(rank=4, dropout=0.05, targets="lm+vision"),
+            optimizer=OptimizerSettings(lr=2e-3, warmup_steps=1),
+            selection=SelectionSettings(mode="soft", anneal_steps=10),
+        )
         data = NuwaDataModule(processor_path=tiny_base_dir, train_images=8, batch_size=2)
-        trainer = L.Trainer(accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(config=copy.deepcopy(TEST_ZERO3_CONFIG)),
-                            max_steps=STEPS, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-                            default_root_dir=tmp_path, callbacks=callbacks)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            strategy=CPUDeepSpeedStrategy(config=copy.deepcopy(TEST_ZERO3_CONFIG)),
+            max_steps=STEPS,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            default_root_dir=tmp_path,
+            callbacks=callbacks,
+        )
         trainer.fit(module, data, ckpt_path=ckpt_path)
 
     uninterrupted, resumed = LossRecorder(), LossRecorder()
-    fit([uninterrupted, ModelCheckpoint(dirpath=tmp_path, filename="step-{step}", save_top_k=-1,
-                                        every_n_train_steps=CHECKPOINT_EVERY, auto_insert_metric_name=False)])
+    fit(
+        [
+            uninterrupted,
+            ModelCheckpoint(
+                dirpath=tmp_path,
+                filename="step-{step}",
+                save_top_k=-1,
+                every_n_train_steps=CHECKPOINT_EVERY,
+                auto_insert_metric_name=False,
+            ),
+        ]
+    )
     checkpoint = tmp_path / f"step-{CHECKPOINT_EVERY}.ckpt"
     saved = torch.load(next((checkpoint / "checkpoint").glob("*model_states.pt")), weights_only=False)
     assert all("lora_" in k or "modules_to_save" in k for k in saved["module"])  # no frozen weight was written
@@ -495,8 +689,9 @@ def _numbers_only(value) -> bool:
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_llava_7b_recipe_trains_two_steps_on_the_cpu(one_rank_deepspeed, stage, tiny_base_dir, small_files, tmp_path,
-                                                      monkeypatch):
+def test_llava_7b_recipe_trains_two_steps_on_the_cpu(
+    one_rank_deepspeed, stage, tiny_base_dir, small_files, tmp_path, monkeypatch
+):
     """The 7B recipe itself, with a tiny model and data, one CPU process and the CPU-support strategy class."""
     recipe = ROOT / "recipes" / f"llava15_7b_zero{stage}.yaml"
     settings = yaml.safe_load(recipe.read_text())
@@ -507,20 +702,48 @@ def test_llava_7b_recipe_trains_two_steps_on_the_cpu(one_rank_deepspeed, stage, 
     assert _numbers_only(deepspeed_config) and "gradient_accumulation_steps" not in deepspeed_config
 
     monkeypatch.chdir(tmp_path)  # the recipe's relative run directories land here
-    cli = NuwaCLI(NuwaFineTuner, NuwaDataModule, run=False, args=[
-        "--config", str(recipe), "--model.model_path", tiny_base_dir, "--data.train_files", small_files,
-        "--data.val_files", small_files, "--data.test_files", small_files, "--data.batch_size", "2",
-        "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.strategy.class_path", "nuwa_train.lightning.strategies.CPUDeepSpeedStrategy",
-        "--trainer.strategy.init_args.config", str(ROOT / strategy["init_args"]["config"]),
-        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    cli = NuwaCLI(
+        NuwaFineTuner,
+        NuwaDataModule,
+        run=False,
+        args=[
+            "--config",
+            str(recipe),
+            "--model.model_path",
+            tiny_base_dir,
+            "--data.train_files",
+            small_files,
+            "--data.val_files",
+            small_files,
+            "--data.test_files",
+            small_files,
+            "--data.batch_size",
+            "2",
+            "--data.num_workers",
+            "0",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy.class_path",
+            "nuwa_train.lightning.strategies.CPUDeepSpeedStrategy",
+            "--trainer.strategy.init_args.config",
+            str(ROOT / strategy["init_args"]["config"]),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+        ],
+    )
     assert isinstance(cli.trainer.strategy, NuwaDeepSpeedStrategy) and cli.trainer.precision == "bf16-mixed"
     cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 2 and cli.trainer.strategy.zero_stage_3 == (stage == 3)
     assert cli.model.base_model.model.language_model.layers[0].gradient_checkpointing
     run_dir = Path(cli.trainer.default_root_dir)  # runs/<recipe name>/<start time>: the recipe names no folder
     assert run_dir.parent == Path("runs") / f"llava15_7b_zero{stage}" and (run_dir / "trainable.ckpt").is_file()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_dir()  # sharded: `nuwa-train export <run_dir>` reads trainable.ckpt
+    assert (
+        run_dir / "checkpoints" / "last.ckpt"
+    ).is_dir()  # sharded: `nuwa-train export <run_dir>` reads trainable.ckpt
 
 
 # ----------------------------------------------------------------------------- gradient checkpointing
@@ -533,13 +756,17 @@ def test_gradient_checkpointing_keeps_loss_and_gradients_with_pruning_active(tin
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        module = NuwaFineTuner(model_path=tiny_base_dir, pruning=NuwaConfig(budget=64), gradient_checkpointing=checkpointing,
-                               lora=LoraSettings(rank=4, dropout=0.1, targets="lm+vision"))
+        module = NuwaFineTuner(
+            model_path=tiny_base_dir,
+            pruning=NuwaConfig(budget=64),
+            gradient_checkpointing=checkpointing,
+            lora=LoraSettings(rank=4, dropout=0.1, targets="lm+vision"),
+        )
         module.configure_model()
         module.nuwa.set_selection(mode, 0.5)
         recomputed = []
         layer = module.base_model.model.language_model.layers[-1]
-        layer.self_attn.register_forward_hook(lambda *args: recomputed.append(1))
+        layer.self_attn.register_forward_hook(lambda *args, calls=recomputed: calls.append(1))
         torch.manual_seed(1)
         loss = module.model(**batch).loss
         loss.backward()

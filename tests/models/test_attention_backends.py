@@ -101,8 +101,10 @@ def test_sdpa_soft_layers_get_the_bias_as_a_kwarg_not_a_differentiable_mask(back
         mask = kwargs.get("attention_mask")
         seen.append((kwargs.get(KEY_BIAS_KWARG), mask is not None and mask.requires_grad))
 
-    hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True)
-             for layer in model.model.language_model.layers]
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(record, with_kwargs=True)
+        for layer in model.model.language_model.layers
+    ]
     try:
         with attach_nuwa(model, CONFIG) as handle:
             assert model.config.text_config._attn_implementation == KEY_BIAS_ATTENTION

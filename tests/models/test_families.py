@@ -18,11 +18,16 @@ from nuwa_train.models.qwen2_vl import Qwen2VLImageProcessorOnly
 ROOT = Path(__file__).resolve().parents[2]
 # Who may name a family's classes: the families' own modules and the box formats; every other module asks.
 OWNERS = ("nuwa_train/models/", "nuwa_train/data/boxes.py")
-ASKING_FILES = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "nuwa_train").rglob("*.py")
-                      if not str(path.relative_to(ROOT)).startswith(OWNERS))
-FAMILY_NAMES = re.compile(r"LlavaBox|Qwen25VLBox|Qwen2VLBox|Qwen3VLBox|LocTokens|Qwen2VL|Qwen2_5_VL|Qwen3VL|"
-                          r"in\s+type\([^)]*\)\.__name__|\.__name__\s*(==|!=|in\b)|"
-                          r"isinstance\([^)]*(Box|Format|Codec|Processor)")
+ASKING_FILES = sorted(
+    str(path.relative_to(ROOT))
+    for path in (ROOT / "nuwa_train").rglob("*.py")
+    if not str(path.relative_to(ROOT)).startswith(OWNERS)
+)
+FAMILY_NAMES = re.compile(
+    r"LlavaBox|Qwen25VLBox|Qwen2VLBox|Qwen3VLBox|LocTokens|Qwen2VL|Qwen2_5_VL|Qwen3VL|"
+    r"in\s+type\([^)]*\)\.__name__|\.__name__\s*(==|!=|in\b)|"
+    r"isinstance\([^)]*(Box|Format|Codec|Processor)"
+)
 WORDS = ["the", "red", "circle"]
 
 
@@ -53,8 +58,18 @@ def test_the_collator_asks_the_box_format_for_its_frame_and_image():
     image = Image.new("RGB", (120, 80))
     assert collate.image_frame(image) == ImageFrame(120, 80, (60, 40))
     assert collate.native_image(image).size == (60, 40)
-    checked = collate.validate({"id": "g", "image": image, "task": "grounding", "prompt": "p", "answer": "a",
-                                "box": [100, 250, 500, 750], "expression": "the red circle"}, 0)
+    checked = collate.validate(
+        {
+            "id": "g",
+            "image": image,
+            "task": "grounding",
+            "prompt": "p",
+            "answer": "a",
+            "box": [100, 250, 500, 750],
+            "expression": "the red circle",
+        },
+        0,
+    )
     assert checked.image.size == (60, 40) and checked.prompt == "where is the red circle"
     assert checked.answer == "<6,15,30,45>"  # the format's frame (60 px wide), not the image's 120
     # no box format: the image as it is
@@ -84,7 +99,7 @@ def test_llava_box_owns_its_padded_square_and_its_way_back_to_the_image():
 def test_qwen_processor_quirks_are_declared_by_the_family(tmp_path):
     _, processor = FAMILIES["qwen2_vl"].build_tiny(words=WORDS)
     area = processor.image_processor.size["longest_edge"]
-    assert FAMILIES["qwen2_vl"].image_side(processor) == image_side(processor, "qwen2_vl") == int(area ** 0.5)
+    assert FAMILIES["qwen2_vl"].image_side(processor) == image_side(processor, "qwen2_vl") == int(area**0.5)
     assert needed_image_side(processor) == area  # read as a side, the area is wrong: hence the family's flag
     assert not FAMILIES["llava"].image_sizes_are_areas
     assert processor_classes()["Qwen2VLImageProcessorOnly"] is Qwen2VLImageProcessorOnly
@@ -96,12 +111,19 @@ def test_qwen_processor_quirks_are_declared_by_the_family(tmp_path):
 
 def test_a_family_is_one_registry_entry(monkeypatch, tmp_path):
     """A new entry alone makes a model found, its processor loaded in its own class and its boxes its format's."""
+
     class RenamedQwenProcessor(Qwen2VLImageProcessorOnly):
         pass
 
     llava = FAMILIES["llava"]
-    entry = ModelFamily("llava", llava.adapter, llava.model_class, "qwen2_vl", llava.tiny_builder,
-                        {"LlavaProcessor": RenamedQwenProcessor})
+    entry = ModelFamily(
+        "llava",
+        llava.adapter,
+        llava.model_class,
+        "qwen2_vl",
+        llava.tiny_builder,
+        {"LlavaProcessor": RenamedQwenProcessor},
+    )
     monkeypatch.setitem(families.FAMILIES, "llava", entry)
     model, processor = entry.build_tiny(words=WORDS)
     assert family_of(model) is entry

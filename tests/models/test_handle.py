@@ -59,11 +59,13 @@ def test_a_setting_that_cannot_work_leaves_the_handle_as_it_was(tiny_llava, inpu
 
 def test_evaluate_runs_an_attached_models_own_handle_with_the_given_setting(tiny_llava):
     model, processor = tiny_llava
-    records = [{"id": str(i), "image": image, "prompt": "what colour is the circle ?", "answer": "red", "task": "vqa"}
-               for i, image in enumerate(make_images(3))]
+    records = [
+        {"id": str(i), "image": image, "prompt": "what colour is the circle ?", "answer": "red", "task": "vqa"}
+        for i, image in enumerate(make_images(3))
+    ]
     alone = evaluate(model, processor, records, pruning=SECOND, progress=False, max_new_tokens=2)
     with attach_nuwa(model, FIRST) as handle:
         attached = evaluate(model, processor, records, pruning=SECOND, progress=False, max_new_tokens=2)
-        assert handle.config == FIRST and getattr(model, "_nuwa") is handle  # still attached, as it was
+        assert handle.config == FIRST and model._nuwa is handle  # still attached, as it was
     assert [p.prediction for p in attached.predictions] == [p.prediction for p in alone.predictions]
     assert attached.average_vision_tokens == alone.average_vision_tokens

@@ -30,8 +30,9 @@ def masked_reference(model, inputs, layout, plan, labels=None):
     batch = input_ids.shape[0]
     assert not hasattr(model, "_nuwa"), "the reference runs on the unpatched model"
     with torch.no_grad():
-        full_features = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"])
-                                       .pooler_output))
+        full_features = torch.cat(
+            list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        )
         embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         embeds[is_image] = full_features
         slots = is_image.nonzero()[:, 1].view(-1, plan.num_tokens)
@@ -54,8 +55,10 @@ def masked_reference(model, inputs, layout, plan, labels=None):
 
         hooks = []
         if plan.stage2 is not None:
-            hooks = [layer.register_forward_pre_hook(later_layers, with_kwargs=True)
-                     for layer in model.model.language_model.layers[plan.stage2.layer:]]
+            hooks = [
+                layer.register_forward_pre_hook(later_layers, with_kwargs=True)
+                for layer in model.model.language_model.layers[plan.stage2.layer :]
+            ]
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = model(inputs_embeds=embeds, attention_mask=masks[0], position_ids=positions, labels=labels)
         for hook in hooks:
@@ -143,8 +146,9 @@ def test_batched_equals_one_by_one_with_padding_and_multiple_images(tiny_llava, 
     prompts = [PROMPTS[1], PROMPTS[0].replace("<image>", "<image> <image>"), PROMPTS[2]]
     images = make_images(4, seed=1)
     with attach_nuwa(model, NuwaConfig(method=method, budget=64)) as handle:
-        assert_batched_equals_one_by_one(model, processor, handle, prompts, [[images[0]], images[1:3], [images[3]]],
-                                         padding_side)
+        assert_batched_equals_one_by_one(
+            model, processor, handle, prompts, [[images[0]], images[1:3], [images[3]]], padding_side
+        )
 
 
 def test_records_sharing_an_image_share_one_tower_pass(tiny_llava):
@@ -200,7 +204,9 @@ def test_detach_restores_the_model_exactly(tiny_llava):
             attach_nuwa(model)
         handle.detach()
         assert "get_image_features" not in model.model.__dict__ and not hasattr(model, "_nuwa")
-        assert not model._forward_pre_hooks and not any(l._forward_pre_hooks for l in model.model.language_model.layers)
+        assert not model._forward_pre_hooks and not any(
+            layer._forward_pre_hooks for layer in model.model.language_model.layers
+        )
         torch.testing.assert_close(model(**inputs).logits, before, atol=0, rtol=0)
 
 
@@ -212,10 +218,13 @@ def test_bad_inputs_raise_clear_errors(tiny_llava):
         with pytest.raises(NuwaInputError, match="contain no image token"):
             model(**text_only, pixel_values=inputs["pixel_values"][:1])
         with pytest.raises(NuwaInputError, match="pixel_values hold 1 image"):
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                  pixel_values=inputs["pixel_values"][:1])
+            model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"][:1],
+            )
         row = inputs["input_ids"][0]
-        one_short = torch.cat([row[:int(row.eq(model.config.image_token_index).nonzero()[0])], row[-20:]])[None]
+        one_short = torch.cat([row[: int(row.eq(model.config.image_token_index).nonzero()[0])], row[-20:]])[None]
         with pytest.raises(NuwaInputError, match=r"sample 0 has \d+ image tokens, not a multiple of the 144"):
             model(input_ids=one_short, pixel_values=inputs["pixel_values"][:1])
         with pytest.raises(NuwaInputError, match="no pixel_values were given"):
@@ -224,8 +233,9 @@ def test_bad_inputs_raise_clear_errors(tiny_llava):
             model(**{**inputs, "attention_mask": inputs["attention_mask"][:, None, None, :]})
     with pytest.raises(NuwaConfigError, match="budget=640 is too large for grid 12x12"):
         attach_nuwa(model, NuwaConfig(budget=640))
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM is not supported"):
         attach_nuwa(llama)
 

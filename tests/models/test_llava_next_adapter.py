@@ -37,15 +37,18 @@ def make_images(sizes, seed=0):
 
 
 def inputs_for(processor, sizes=SIZES[:3], padding_side="left", prompts=PROMPTS):
-    return encode(processor, list(prompts[:len(sizes)]), make_images(sizes), padding_side)
+    return encode(processor, list(prompts[: len(sizes)]), make_images(sizes), padding_side)
 
 
 def reference_features(model, inputs):
     """HF's own packed image features (a list of (N_i, D)) on the un-attached model."""
     assert not hasattr(model, "_nuwa")
     with torch.no_grad():
-        return list(model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                   image_sizes=inputs["image_sizes"]).pooler_output)
+        return list(
+            model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+            ).pooler_output
+        )
 
 
 def image_slots(inputs, selection, image_token):
@@ -57,8 +60,9 @@ def image_slots(inputs, selection, image_token):
 def text_positions(inputs, token_map, image_token):
     """Pairs (b, pruned j, unpruned p) of every real text token in the pruned output."""
     is_text = (inputs["input_ids"] != image_token) & inputs["attention_mask"].bool()
-    return [(b, j, p) for b, row in enumerate(token_map.tolist()) for j, p in enumerate(row)
-            if p >= 0 and is_text[b, p]]
+    return [
+        (b, j, p) for b, row in enumerate(token_map.tolist()) for j, p in enumerate(row) if p >= 0 and is_text[b, p]
+    ]
 
 
 def masked_reference(model, inputs, layout, stage2_layer):
@@ -86,11 +90,15 @@ def masked_reference(model, inputs, layout, stage2_layer):
 
         hooks = []
         if stage2_layer is not None:
+
             def later_layers(layer, args, kwargs):
                 kwargs["attention_mask"] = causal_keys_mask(allowed2, eager=False)
                 return args, kwargs
-            hooks = [layer.register_forward_pre_hook(later_layers, with_kwargs=True)
-                     for layer in model.model.language_model.layers[stage2_layer:]]
+
+            hooks = [
+                layer.register_forward_pre_hook(later_layers, with_kwargs=True)
+                for layer in model.model.language_model.layers[stage2_layer:]
+            ]
         try:
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             mask1 = causal_keys_mask(allowed1, eager=False)
@@ -134,8 +142,9 @@ def test_kept_tokens_are_the_models_own_tokens_at_their_placeholders(tiny_next, 
         offsets = selection.kept_indices[image][selection.kept[image]]
         assert offsets.unique().numel() == offsets.numel() and (offsets < len(reference)).all()
         assert (offsets >= 16).any() and (offsets < 16).any()  # both grids contribute
-        torch.testing.assert_close(selection.pooler_output[image][: len(offsets)], reference[offsets],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            selection.pooler_output[image][: len(offsets)], reference[offsets], atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("region_size", [2, 3])
@@ -147,11 +156,15 @@ def test_encode_reads_each_tiles_cls_row_in_hf_packing_order(tiny_next, region_s
     # Where HF packs every (tile, patch): sentinel features through the model's own pack_image_features.
     tiles = [1 + r * c for r, c in (anyres_layout(s, config).tiles for s in inputs["image_sizes"])]
     first_tile = np.cumsum([0] + tiles[:-1])
-    sentinels = [torch.stack([(int(t0) + torch.arange(n))[:, None].expand(n, side * side),
-                              torch.arange(side * side).expand(n, -1)], -1).float()
-                 for t0, n in zip(first_tile, tiles)]
-    packed, _ = model.model.pack_image_features(sentinels, inputs["image_sizes"], "default",
-                                                image_newline=torch.tensor([-1.0, -1.0]))
+    sentinels = [
+        torch.stack(
+            [(int(t0) + torch.arange(n))[:, None].expand(n, side * side), torch.arange(side * side).expand(n, -1)], -1
+        ).float()
+        for t0, n in zip(first_tile, tiles)
+    ]
+    packed, _ = model.model.pack_image_features(
+        sentinels, inputs["image_sizes"], "default", image_newline=torch.tensor([-1.0, -1.0])
+    )
     real_tiles = torch.cat([pixels[:n] for pixels, n in zip(inputs["pixel_values"], tiles)])
     tower = model.model.vision_tower
     feature_index = config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
@@ -164,7 +177,9 @@ def test_encode_reads_each_tiles_cls_row_in_hf_packing_order(tiny_next, region_s
             tower.config._attn_implementation = "sdpa"
     expected_scores = cls_row / cls_row.sum(1, keepdim=True)
     with attach_nuwa(model, NuwaConfig(region_size=region_size, budget=100)) as handle, torch.no_grad():
-        encodings = handle.adapter.encode(inputs["pixel_values"], handle.config, image_sizes=inputs["image_sizes"]).segments
+        encodings = handle.adapter.encode(
+            inputs["pixel_values"], handle.config, image_sizes=inputs["image_sizes"]
+        ).segments
     assert any(e.images.tolist() == [0, 2] for e in encodings)  # same-layout images share groups
     assert any(e.images.tolist() == list(range(len(SIZES))) for e in encodings)  # all base tiles: one group
     covered = [0] * len(tiles)
@@ -179,8 +194,8 @@ def test_encode_reads_each_tiles_cls_row_in_hf_packing_order(tiny_next, region_s
             assert (e.scores[row, ~real] < e.scores[row, real].min()).all()
             grid = e.features[row].view(*e.grid, -1)
             h, w = int(real.view(e.grid).any(1).sum()), int(real.view(e.grid).any(0).sum())
-            assert torch.equal(grid[h:], grid[h - 1:h].expand_as(grid[h:]))  # padding repeats the edge
-            assert torch.equal(grid[:, w:], grid[:, w - 1:w].expand_as(grid[:, w:]))
+            assert torch.equal(grid[h:], grid[h - 1 : h].expand_as(grid[h:]))  # padding repeats the edge
+            assert torch.equal(grid[:, w:], grid[:, w - 1 : w].expand_as(grid[:, w:]))
             covered[image] += int(real.sum())
     newlines = [int((p[:, 0] < 0).sum()) for p in packed]
     assert [c + n for c, n in zip(covered, newlines)] == [len(p) for p in packed]  # every token exactly once
@@ -225,7 +240,7 @@ def test_one_newline_per_local_row_that_keeps_a_token(tiny_next):
             b, column = slots[image][position].tolist()
             j = layout.source[b].tolist().index(column)
             assert torch.equal(seen["embeds"][b, j], newline)
-            assert layout.position_ids[b, j] == inputs["attention_mask"][b, :column + 1].sum() - 1
+            assert layout.position_ids[b, j] == inputs["attention_mask"][b, : column + 1].sum() - 1
     assert kept_rows > 0 and dropped_rows > 0  # the budget leaves some rows empty
 
 
@@ -240,7 +255,7 @@ def test_batched_equals_one_by_one(tiny_next, padding_side, grid):
         batched = model(**inputs).logits
         batched_map = handle.kept.token_map()
         for b in range(len(sizes)):
-            alone_inputs = encode(processor, [PROMPTS[b]], make_images(sizes)[b:b + 1])
+            alone_inputs = encode(processor, [PROMPTS[b]], make_images(sizes)[b : b + 1])
             alone = model(**alone_inputs).logits[0]
             alone_map = handle.kept.token_map()[0]
             offset = int(inputs["attention_mask"][b].nonzero().min())  # left padding shifts the unpruned index
@@ -261,8 +276,15 @@ def test_generate_with_cache_equals_cache_free_greedy_loop(tiny_next, grid):
         assert_cached_generate_equals_greedy(model, inputs, steps, image_keys=("pixel_values", "image_sizes"))
 
 
-@pytest.mark.parametrize("method,mode,grid", [("nuwa", "soft", "even"), ("nuwa_stage1", "soft", "even"),
-                                              ("nuwa", "soft", "padded"), ("nuwa", "straight_through", "even")])
+@pytest.mark.parametrize(
+    "method,mode,grid",
+    [
+        ("nuwa", "soft", "even"),
+        ("nuwa_stage1", "soft", "even"),
+        ("nuwa", "soft", "padded"),
+        ("nuwa", "straight_through", "even"),
+    ],
+)
 def test_soft_at_tiny_temperature_equals_hard(tiny_next, method, mode, grid):
     model, processor = tiny_next
     inputs = inputs_for(processor, SIZES[:3], "left")
@@ -282,15 +304,19 @@ def test_soft_at_tiny_temperature_equals_hard(tiny_next, method, mode, grid):
     assert (bias < -1).any() and (bias > -1e-3).any()  # tokens are really switched off and on
     assert hard.keys() == soft.keys() and len(hard) > 30
     keys = sorted(hard)
-    torch.testing.assert_close(torch.stack([soft[k] for k in keys]), torch.stack([hard[k] for k in keys]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.stack([soft[k] for k in keys]), torch.stack([hard[k] for k in keys]), atol=1e-5, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("override,key", [
-    (dict(vision_feature_select_strategy="full"), "vision_feature_select_strategy"),
-    (dict(vision_feature_layer=[-2, -1]), "vision_feature_layer"),
-    (dict(image_grid_pinpoints=[[32, 64], [48, 32]]), "image_grid_pinpoints"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        (dict(vision_feature_select_strategy="full"), "vision_feature_select_strategy"),
+        (dict(vision_feature_layer=[-2, -1]), "vision_feature_layer"),
+        (dict(image_grid_pinpoints=[[32, 64], [48, 32]]), "image_grid_pinpoints"),
+    ],
+)
 def test_unsupported_layouts_are_refused_by_name(override, key):
     model, _ = build_tiny_llava_next(words=WORDS, **override)
     with pytest.raises(UnsupportedModelError, match=key):
@@ -318,7 +344,7 @@ def test_blank_image_and_lora_targets(tiny_next):
     assert count == processor._get_num_multimodal_tokens(image_sizes=size).num_image_tokens[0]
     ids = processor.tokenizer(["user : <image> what is the circle ?"], return_tensors="pt").input_ids
     image_at = int((ids[0] == model.config.image_token_index).nonzero())
-    ids = torch.cat([ids[:, :image_at], ids[:, image_at:image_at + 1].expand(1, count), ids[:, image_at + 1:]], 1)
+    ids = torch.cat([ids[:, :image_at], ids[:, image_at : image_at + 1].expand(1, count), ids[:, image_at + 1 :]], 1)
     with attach_nuwa(model, NuwaConfig()) as handle, torch.no_grad():
         model(input_ids=ids, **image_inputs)
         assert handle._layout.selection.placeholder_counts.tolist() == [count]

@@ -15,8 +15,7 @@ from nuwa_train.pruning import NuwaConfig, last_token_attention
 
 def eager_tiny():
     torch.manual_seed(1)
-    return build_tiny_llava(TinyLlavaSpec(attn_implementation="eager", vision_layers=4, vision_feature_layer=-2),
-                            WORDS)
+    return build_tiny_llava(TinyLlavaSpec(attn_implementation="eager", vision_layers=4, vision_feature_layer=-2), WORDS)
 
 
 def test_cls_saliency_and_similarity_features_match_the_vision_tower():

@@ -11,8 +11,12 @@ from nuwa_train.pruning import NuwaConfig, NuwaConfigError
 def text_logits_by_position(logits, token_map, inputs, image_token):
     """{(b, unpruned position): logits} for every real text token."""
     is_text = (inputs["input_ids"] != image_token) & inputs["attention_mask"].bool()
-    return {(b, p): logits[b, j] for b, row in enumerate(token_map.tolist()) for j, p in enumerate(row)
-            if p >= 0 and is_text[b, p]}
+    return {
+        (b, p): logits[b, j]
+        for b, row in enumerate(token_map.tolist())
+        for j, p in enumerate(row)
+        if p >= 0 and is_text[b, p]
+    }
 
 
 @pytest.mark.parametrize("method", ["nuwa", "nuwa_stage1", "fastv"])
@@ -32,8 +36,9 @@ def test_soft_at_tiny_temperature_equals_hard(tiny_llava, method, mode, padding_
         soft_text = text_logits_by_position(soft, handle.kept.token_map(), inputs, image_token)
     assert hard_text.keys() == soft_text.keys() and len(hard_text) > 30
     keys = sorted(hard_text)
-    torch.testing.assert_close(torch.stack([soft_text[k] for k in keys]), torch.stack([hard_text[k] for k in keys]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.stack([soft_text[k] for k in keys]), torch.stack([hard_text[k] for k in keys]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_soft_selection_sends_gradients_to_both_score_paths(tiny_llava):
@@ -52,8 +57,9 @@ def test_soft_selection_sends_gradients_to_both_score_paths(tiny_llava):
         vision_layer = model.model.vision_tower.encoder.layers[handle.adapter.clip.feature_index - 1].self_attn
         llm_layer = model.model.language_model.layers[handle.plan.stage2.layer - 1].self_attn
         direction = torch.randn_like(stage1_bias)
-        (to_vision,) = torch.autograd.grad((stage1_bias * direction).sum(), vision_layer.k_proj.weight,
-                                           retain_graph=True)
+        (to_vision,) = torch.autograd.grad(
+            (stage1_bias * direction).sum(), vision_layer.k_proj.weight, retain_graph=True
+        )
         (to_llm,) = torch.autograd.grad((stage2_keep * torch.randn_like(stage2_keep)).sum(), llm_layer.q_proj.weight)
         assert to_vision.abs().sum() > 0  # stage-1 scores come from the vision tower's own attention
         assert to_llm.abs().sum() > 0  # stage-2 scores come from the LLM's attention at layer L2-1

@@ -46,9 +46,12 @@ def encode(processor, questions, images, padding_side="left", answers=None):
 
 
 def rope_positions(model, inputs):
-    positions, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                              image_grid_thw=inputs["image_grid_thw"],
-                                              attention_mask=inputs["attention_mask"])
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )
     return positions
 
 
@@ -82,13 +85,22 @@ def masked_reference(model, inputs, layout, stage2_layer):
             kwargs["attention_mask"] = masks[1]
             return args, kwargs
 
-        hooks = [layer.register_forward_pre_hook(later_layers, with_kwargs=True)
-                 for layer in model.model.language_model.layers[stage2_layer:]] if stage2_layer else []
+        hooks = (
+            [
+                layer.register_forward_pre_hook(later_layers, with_kwargs=True)
+                for layer in model.model.language_model.layers[stage2_layer:]
+            ]
+            if stage2_layer
+            else []
+        )
         kept_slots = slots[chosen, 0], slots[chosen, 1]
         for index, features in enumerate(getattr(image_output, "deepstack_features", None) or []):
             added = torch.cat(features)[chosen]  # the placeholders' own DeepStack features, kept slots only
-            hooks.append(model.model.language_model.layers[index].register_forward_hook(
-                lambda layer, args, output, added=added: output.index_put(kept_slots, added, accumulate=True)))
+            hooks.append(
+                model.model.language_model.layers[index].register_forward_hook(
+                    lambda layer, args, output, added=added: output.index_put(kept_slots, added, accumulate=True)
+                )
+            )
         try:
             return model(inputs_embeds=embeds, attention_mask=masks[0], position_ids=rope_positions(model, inputs))
         finally:
@@ -98,7 +110,9 @@ def masked_reference(model, inputs, layout, stage2_layer):
 
 def text_pairs(inputs, token_map, image_token):
     is_text = (inputs["input_ids"] != image_token) & inputs["attention_mask"].bool()
-    return [(b, j, p) for b, row in enumerate(token_map.tolist()) for j, p in enumerate(row) if p >= 0 and is_text[b, p]]
+    return [
+        (b, j, p) for b, row in enumerate(token_map.tolist()) for j, p in enumerate(row) if p >= 0 and is_text[b, p]
+    ]
 
 
 @pytest.mark.parametrize("method", ["nuwa", "nuwa_stage1"])
@@ -158,7 +172,7 @@ def test_batched_equals_one_by_one_with_different_image_sizes(tiny_qwen, padding
         batched = model(**inputs).logits
         batched_map = handle.kept.token_map()
         for b in range(3):
-            alone = model(**encode(processor, QUESTIONS[b:b + 1], images[b:b + 1])).logits[0]
+            alone = model(**encode(processor, QUESTIONS[b : b + 1], images[b : b + 1])).logits[0]
             alone_map = handle.kept.token_map()[0]
             offset = int(inputs["attention_mask"][b].nonzero().min())
             rows = {p: j for j, p in enumerate(batched_map[b].tolist()) if p >= 0}
@@ -173,8 +187,9 @@ def test_generate_with_cache_equals_cache_free_greedy_loop(tiny_qwen):
     inputs = encode(processor, QUESTIONS[:2], make_images(SIZES[:2]), "left")
     steps = 5
     with attach_nuwa(model, NuwaConfig(budget=192, stage2_layer=2)):
-        assert_cached_generate_equals_greedy(model, inputs, steps, image_keys=("pixel_values", "image_grid_thw"),
-                                             token_keys=("mm_token_type_ids",))
+        assert_cached_generate_equals_greedy(
+            model, inputs, steps, image_keys=("pixel_values", "image_grid_thw"), token_keys=("mm_token_type_ids",)
+        )
 
 
 @pytest.mark.parametrize("mode", ["soft", "straight_through"])
@@ -191,8 +206,9 @@ def test_soft_at_tiny_temperature_equals_hard(tiny_qwen, mode):
         soft_text = {(b, p): soft[b, j] for b, j, p in text_pairs(inputs, handle.kept.token_map(), image_token)}
     keys = sorted(hard_text)
     assert keys == sorted(soft_text) and len(keys) > 20
-    torch.testing.assert_close(torch.stack([soft_text[k] for k in keys]), torch.stack([hard_text[k] for k in keys]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.stack([soft_text[k] for k in keys]), torch.stack([hard_text[k] for k in keys]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_scores_are_received_attention_in_raster_order(tiny_qwen):
@@ -207,11 +223,13 @@ def test_scores_are_received_attention_in_raster_order(tiny_qwen):
     inputs = encode(processor, QUESTIONS[:2], images)
     visual = model.model.visual
     with attach_nuwa(model, NuwaConfig()) as handle, torch.no_grad():
-        encodings = handle.adapter.encode(inputs["pixel_values"], handle.config,
-                                          image_grid_thw=inputs["image_grid_thw"]).segments
+        encodings = handle.adapter.encode(
+            inputs["pixel_values"], handle.config, image_grid_thw=inputs["image_grid_thw"]
+        ).segments
         block_index = handle.adapter._score_block(handle.config)
-        hidden = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"],
-                        output_hidden_states=True).hidden_states[block_index]
+        hidden = visual(
+            inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], output_hidden_states=True
+        ).hidden_states[block_index]
     grid = inputs["image_grid_thw"]
     if handle.adapter.windowed:  # hidden states are in window order: restore raster order per merge unit
         hidden = hidden.view(-1, 4, hidden.shape[-1])[handle.adapter._raster_order(grid)].reshape(hidden.shape)
@@ -221,7 +239,7 @@ def test_scores_are_received_attention_in_raster_order(tiny_qwen):
     query, key = apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin)
     start = 0
     for image, (_, h, w) in enumerate(grid.tolist()):
-        q, k = query[start:start + h * w].transpose(0, 1), key[start:start + h * w].transpose(0, 1)
+        q, k = query[start : start + h * w].transpose(0, 1), key[start : start + h * w].transpose(0, 1)
         start += h * w
         received = ((q @ k.transpose(-1, -2)) * block.attn.scaling).softmax(-1).mean(dim=(0, 1))
         expected = received.view(-1, 4).mean(1)  # per merged token, raster order of the merged grid
@@ -280,8 +298,8 @@ def test_deepstack_features_are_those_of_exactly_the_kept_tokens(tiny_qwen):
         assert 0 < len(offsets) < selection.placeholder_counts[image]
         for layer in range(layers):
             expected = own[layer][image][offsets]  # HF's own features of the kept placeholders, in order
-            torch.testing.assert_close(selection.layer_tokens[image, :len(offsets), layer], expected)
-        assert not selection.layer_tokens[image, len(offsets):].any()  # padding rows carry nothing
+            torch.testing.assert_close(selection.layer_tokens[image, : len(offsets), layer], expected)
+        assert not selection.layer_tokens[image, len(offsets) :].any()  # padding rows carry nothing
 
 
 def test_stage2_before_the_last_deepstack_layer_is_refused_by_name(tiny_qwen):

@@ -29,7 +29,7 @@ def received_attention_before_the_move(block, hidden, kwargs, query_chunk):
         keys = key[:, start:end]
         total = keys.new_zeros(end - start, dtype=torch.float32)
         for first in range(start, end, query_chunk):
-            queries = query[:, first:min(end, first + query_chunk)]
+            queries = query[:, first : min(end, first + query_chunk)]
             probs = ((queries @ keys.transpose(-1, -2)) * attn.scaling).float().softmax(dim=-1)
             total = total + probs.sum(dim=(0, 1))
         received.append(total / (attn.num_heads * (end - start)))
@@ -65,8 +65,9 @@ def test_qwen_scores_are_bitwise_those_of_the_adapters_own_code_before_the_move(
             hook.remove()
         after = adapter._received_attention(block, captured["hidden"], captured["kwargs"])
         before = received_attention_before_the_move(block, captured["hidden"], captured["kwargs"], query_chunk)
-        encodings = adapter.encode(inputs["pixel_values"], handle.config,
-                                   image_grid_thw=inputs["image_grid_thw"]).segments
+        encodings = adapter.encode(
+            inputs["pixel_values"], handle.config, image_grid_thw=inputs["image_grid_thw"]
+        ).segments
     assert after.shape == (sum(h * w for _, h, w in inputs["image_grid_thw"].tolist()),)
     assert after.dtype == torch.float32 and torch.equal(after, before)
     # per image, the mean over its queries and heads of a softmax: one unit of attention per query, spread

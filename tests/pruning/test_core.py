@@ -50,8 +50,9 @@ def random_grid_inputs(batch, grid, dim=32, sim_dim=24, seed=0):
     return features, sim, scores
 
 
-@pytest.mark.parametrize("grid,keep,top_n", [((24, 24), 112, 1), ((24, 24), 224, 2), ((24, 24), 336, 3),
-                                             ((12, 12), 28, 1), ((8, 12), 40, 2)])
+@pytest.mark.parametrize(
+    "grid,keep,top_n", [((24, 24), 112, 1), ((24, 24), 224, 2), ((24, 24), 336, 3), ((12, 12), 28, 1), ((8, 12), 40, 2)]
+)
 def test_stage1_reproduces_released_code_for_every_batch_element(grid, keep, top_n):
     features, sim, scores = random_grid_inputs(3, grid)
     out = nuwa_stage1(features, sim, scores, grid, keep, top_n=top_n)
@@ -66,7 +67,7 @@ def test_batch_elements_are_independent_and_keep_the_full_budget():
     features, sim, scores = random_grid_inputs(4, (24, 24))
     batched = nuwa_stage1(features, sim, scores, (24, 24), 112)
     for b in range(4):
-        alone = nuwa_stage1(features[b:b + 1], sim[b:b + 1], scores[b:b + 1], (24, 24), 112)
+        alone = nuwa_stage1(features[b : b + 1], sim[b : b + 1], scores[b : b + 1], (24, 24), 112)
         assert torch.equal(batched.indices[b], alone.indices[0])
         torch.testing.assert_close(batched.tokens[b], alone.tokens[0])
 
@@ -131,22 +132,31 @@ def test_paper_presets_and_derived_budgets():
     assert fastv.stage1 is None and fastv.stage2.layer == 2 and abs(fastv.average_tokens - 64) < 1
 
 
-@pytest.mark.parametrize("kwargs,grid,layers,message", [
-    (dict(budget=640), (24, 24), 32, "top_n=8 exceeds the 4 tokens"),
-    (dict(budget=64), (11, 12), 32, "not divisible by region_size=2"),
-    (dict(budget=64, stage2_layer=40), (24, 24), 32, "stage2_layer=40"),
-    (dict(method="fastv", budget=64, fastv_layer=2), (12, 12), 3, "cannot be met by FastV"),
-    (dict(method="random", budget=4000), (24, 24), 32, "grid has only 576"),
-    (dict(budget=64, stage1_keep=100, top_n=1), (12, 12), 4, "exceeds the 36 regional candidates"),
-])
+@pytest.mark.parametrize(
+    "kwargs,grid,layers,message",
+    [
+        (dict(budget=640), (24, 24), 32, "top_n=8 exceeds the 4 tokens"),
+        (dict(budget=64), (11, 12), 32, "not divisible by region_size=2"),
+        (dict(budget=64, stage2_layer=40), (24, 24), 32, "stage2_layer=40"),
+        (dict(method="fastv", budget=64, fastv_layer=2), (12, 12), 3, "cannot be met by FastV"),
+        (dict(method="random", budget=4000), (24, 24), 32, "grid has only 576"),
+        (dict(budget=64, stage1_keep=100, top_n=1), (12, 12), 4, "exceeds the 36 regional candidates"),
+    ],
+)
 def test_budget_the_grid_cannot_satisfy_is_a_clear_error(kwargs, grid, layers, message):
     with pytest.raises(NuwaConfigError, match=message):
         NuwaConfig(**kwargs).plan(grid, layers)
 
 
-@pytest.mark.parametrize("kwargs,message", [(dict(budget=0), "budget=0"), (dict(method="tome"), "method='tome'"),
-                                            (dict(pillar_quantile=1.5), "pillar_quantile"),
-                                            (dict(stage2_layer=1.5), "stage2_layer")])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(budget=0), "budget=0"),
+        (dict(method="tome"), "method='tome'"),
+        (dict(pillar_quantile=1.5), "pillar_quantile"),
+        (dict(stage2_layer=1.5), "stage2_layer"),
+    ],
+)
 def test_config_validation_names_the_key(kwargs, message):
     with pytest.raises(NuwaConfigError, match=message):
         NuwaConfig(**kwargs)
@@ -161,8 +171,12 @@ def test_config_round_trips_through_dict():
 
 def test_baselines_keep_ascending_indices_and_sensible_tokens():
     features, sim, scores = random_grid_inputs(2, (12, 12))
-    for out in (random_stage1(features, 16, torch.Generator().manual_seed(0)), uniform_stage1(features, (12, 12), 16),
-                pooling_stage1(features, (12, 12), 16), visionzip_stage1(features, sim, scores, 16, 10 / 64)):
+    for out in (
+        random_stage1(features, 16, torch.Generator().manual_seed(0)),
+        uniform_stage1(features, (12, 12), 16),
+        pooling_stage1(features, (12, 12), 16),
+        visionzip_stage1(features, sim, scores, 16, 10 / 64),
+    ):
         assert out.indices.shape[1] <= 16 and out.tokens.shape[:2] == out.indices.shape
         assert (out.indices.diff(dim=1) > 0).all()
     pooled = pooling_stage1(features, (12, 12), 16)  # a 4x4 lattice of 3x3 windows

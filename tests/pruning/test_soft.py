@@ -62,17 +62,22 @@ def test_temperature_schedules():
 
 def test_soft_stage1_tends_to_hard_stage1():
     gen = torch.Generator().manual_seed(0)
-    features, sim, scores = torch.randn(2, 144, 16, generator=gen), torch.randn(2, 144, 8, generator=gen), \
-        torch.rand(2, 144, generator=gen)
+    features, sim, scores = (
+        torch.randn(2, 144, 16, generator=gen),
+        torch.randn(2, 144, 8, generator=gen),
+        torch.rand(2, 144, generator=gen),
+    )
     hard = nuwa_stage1(features, sim, scores, (12, 12), 28)
     soft = nuwa_stage1_soft(features, sim, scores, (12, 12), 28, temperature=1e-4)
     indicator = torch.zeros_like(scores).scatter_(1, hard.indices, 1.0)
     torch.testing.assert_close(soft.keep_prob, indicator, atol=1e-5, rtol=0)
     assert torch.equal(soft.hard_indices, hard.indices)
-    torch.testing.assert_close(soft.tokens.gather(1, hard.indices[..., None].expand(-1, -1, 16)), hard.tokens,
-                               atol=1e-5, rtol=1e-5)
-    windowed = nuwa_stage1_soft(features, sim, scores, (12, 12), 28, temperature=1e-4, aggregation="windowed",
-                                window_tile=4)
+    torch.testing.assert_close(
+        soft.tokens.gather(1, hard.indices[..., None].expand(-1, -1, 16)), hard.tokens, atol=1e-5, rtol=1e-5
+    )
+    windowed = nuwa_stage1_soft(
+        features, sim, scores, (12, 12), 28, temperature=1e-4, aggregation="windowed", window_tile=4
+    )
     torch.testing.assert_close(windowed.tokens, soft.tokens, atol=1e-5, rtol=1e-5)
 
 
@@ -96,8 +101,15 @@ def test_every_registered_selector_plans_the_stages_its_entry_declares(method):
     assert (method in SOFT_METHODS) == (selector.stage1 is None or selector.stage1_soft is not None)
     if plan.stage1 is not None:
         features, scores = torch.randn(2, 576, 16), torch.rand(2, 576)
-        hard = run_stage1(plan.stage1, NuwaConfig(method=method), features, features, scores, (24, 24),
-                          torch.Generator().manual_seed(0))
+        hard = run_stage1(
+            plan.stage1,
+            NuwaConfig(method=method),
+            features,
+            features,
+            scores,
+            (24, 24),
+            torch.Generator().manual_seed(0),
+        )
         assert hard.indices.shape == (2, plan.stage1.keep)
 
 
@@ -112,5 +124,6 @@ def test_every_soft_stage1_selector_tends_to_its_hard_form(method):
     soft = run_stage1_soft(plan, config, features, sim, scores, (12, 12), temperature=1e-4)
     kept = torch.zeros(2, 144).scatter_(1, hard.indices, 1.0)
     torch.testing.assert_close(soft.keep_prob, kept, atol=1e-5, rtol=0)
-    torch.testing.assert_close(soft.tokens.gather(1, hard.indices[..., None].expand(-1, -1, 16)), hard.tokens,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        soft.tokens.gather(1, hard.indices[..., None].expand(-1, -1, 16)), hard.tokens, atol=1e-5, rtol=1e-5
+    )

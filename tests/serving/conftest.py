@@ -23,8 +23,12 @@ BUDGET = 64  # 16 of the tiny base's 144 image tokens
 MAX_TOKENS = 16  # longer than any tiny-base answer (they end with </s>)
 TOP_LOGPROBS = 5
 # Single-threaded, small KV cache, no thread pinning: the machine is shared (FIELD_NOTES, "vLLM on this CPU")
-VLLM_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                    "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+VLLM_ENVIRONMENT = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+}
 VLLM_TIMEOUT_S = 1800
 SKIP_ENV = "NUWA_SKIP_SERVING"  # launch.sh's switch: no serving environment, no vLLM tests
 
@@ -73,12 +77,13 @@ def reference_answers(config, model_dir: Path = MODEL) -> Reference:
             inputs = processor(images=[image.convert("RGB")], text=[text], return_tensors="pt")
         ids = inputs["input_ids"][0].tolist()
         first, count = ids.index(image_token), ids.count(image_token)
-        reference.prompt_token_ids.append(ids[:first + 1] + ids[first + count:])
+        reference.prompt_token_ids.append(ids[: first + 1] + ids[first + count :])
         reference.images.append(str(image_path))
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
-        reference.answers.append(out.sequences[0, len(ids):].tolist())
+            out = model.generate(
+                **inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        reference.answers.append(out.sequences[0, len(ids) :].tolist())
         reference.first_logprobs.append(torch.log_softmax(out.scores[0][0].float(), dim=-1))
         reference.kept.append(model._nuwa.kept.first_image_of(0).stage1)
     return reference
@@ -86,14 +91,26 @@ def reference_answers(config, model_dir: Path = MODEL) -> Reference:
 
 def vllm_answers(python: str, reference: Reference, runs: dict, tmp_path: Path, model_dir: Path = MODEL) -> dict:
     """{run name: vllm_answers.py's result} for the reference's prompts; each run is one engine."""
-    job = {"model": str(model_dir), "max_tokens": MAX_TOKENS, "logprobs": TOP_LOGPROBS, "runs": runs,
-           "records": [{"prompt_token_ids": ids, "image": image}
-                       for ids, image in zip(reference.prompt_token_ids, reference.images)]}
+    job = {
+        "model": str(model_dir),
+        "max_tokens": MAX_TOKENS,
+        "logprobs": TOP_LOGPROBS,
+        "runs": runs,
+        "records": [
+            {"prompt_token_ids": ids, "image": image}
+            for ids, image in zip(reference.prompt_token_ids, reference.images)
+        ],
+    }
     job_path, out_path = tmp_path / "job.json", tmp_path / "answers.json"
     job_path.write_text(json.dumps(job))
-    done = subprocess.run([python, str(Path(__file__).with_name("vllm_answers.py")), str(job_path), str(out_path)],
-                          env={**os.environ, **VLLM_ENVIRONMENT}, capture_output=True, text=True,
-                          timeout=VLLM_TIMEOUT_S, check=False)
+    done = subprocess.run(
+        [python, str(Path(__file__).with_name("vllm_answers.py")), str(job_path), str(out_path)],
+        env={**os.environ, **VLLM_ENVIRONMENT},
+        capture_output=True,
+        text=True,
+        timeout=VLLM_TIMEOUT_S,
+        check=False,
+    )
     if done.returncode:
         sys.stderr.write(done.stderr[-20000:])
         raise AssertionError(f"vLLM run failed with status {done.returncode} (its stderr is above)")
@@ -102,9 +119,11 @@ def vllm_answers(python: str, reference: Reference, runs: dict, tmp_path: Path, 
 
 def largest_logprob_difference(served: dict, reference: Reference) -> float:
     """Largest |log p| difference over vLLM's top first-token candidates of every record."""
-    return max(abs(logprob - float(full[int(token)]))
-               for top, full in zip(served["first_logprobs"], reference.first_logprobs)
-               for token, logprob in top.items())
+    return max(
+        abs(logprob - float(full[int(token)]))
+        for top, full in zip(served["first_logprobs"], reference.first_logprobs)
+        for token, logprob in top.items()
+    )
 
 
 def matching(served: dict, reference: Reference) -> int:

@@ -40,10 +40,16 @@ def data_url(path) -> str:
 
 
 def chat(url: str, parts: list[dict]) -> tuple[int, dict]:
-    body = {"model": str(MODEL), "messages": [{"role": "user", "content": parts}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, "return_token_ids": True}
-    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+    body = {
+        "model": str(MODEL),
+        "messages": [{"role": "user", "content": parts}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
             return response.status, json.loads(response.read())
@@ -59,10 +65,24 @@ def question(text: str, image_path) -> list[dict]:
 def server(serving_python):
     """(URL, process) of `nuwa-train serve` on a free port; stopped (and checked to stop) by the test that says so."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "nuwa_train", "serve", str(MODEL), "--port", str(port),
-                                "--budget", str(BUDGET), *SERVER_FLAGS],
-                               env={**os.environ, **VLLM_ENVIRONMENT, "NUWA_SERVE_PYTHON": serving_python},
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nuwa_train",
+            "serve",
+            str(MODEL),
+            "--port",
+            str(port),
+            "--budget",
+            str(BUDGET),
+            *SERVER_FLAGS,
+        ],
+        env={**os.environ, **VLLM_ENVIRONMENT, "NUWA_SERVE_PYTHON": serving_python},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     line = ""
     while time.monotonic() < deadline and process.poll() is None:
@@ -94,10 +114,17 @@ def test_http_answers_equal_load_pruned_and_bad_requests_get_400(server):
     refused = {
         "no image": [{"type": "text", "text": text}],
         "two images": question(text, image_path)[:1] + question(text, image_path),
-        "corrupt data URL": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA!notbase64"}},
-                             {"type": "text", "text": text}],
-        "not an image": [{"type": "image_url", "image_url": {
-            "url": "data:image/png;base64," + base64.b64encode(b"plain text").decode()}}, {"type": "text", "text": text}],
+        "corrupt data URL": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA!notbase64"}},
+            {"type": "text", "text": text},
+        ],
+        "not an image": [
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"plain text").decode()},
+            },
+            {"type": "text", "text": text},
+        ],
     }
     for name, parts in refused.items():
         status, response = chat(url, parts)
@@ -114,8 +141,9 @@ def test_ctrl_c_stops_the_server_and_its_processes(server):
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/health", timeout=5)
     port = url.rsplit(":", 1)[1]
-    left = subprocess.run(["pgrep", "-f", f"api_server.entry.*--port {port}"], capture_output=True, text=True,
-                          check=False)
+    left = subprocess.run(
+        ["pgrep", "-f", f"api_server.entry.*--port {port}"], capture_output=True, text=True, check=False
+    )
     assert left.stdout == "", f"vLLM processes left running: {left.stdout}"
 
 
@@ -124,8 +152,10 @@ def test_request_checks_without_a_server():
     assert count_images([{"role": "user", "content": "just text"}]) == 0
     assert count_images("not a list") == 0
     assert "no image" in request_problem("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}]}')
-    assert request_problem("/v1/chat/completions", b'{"messages": [{"role": "user", "content": '
-                                                   b'[{"type": "image_url"}]}]}') is None
+    assert (
+        request_problem("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}')
+        is None
+    )
     assert request_problem("/v1/chat/completions", b"not json") is None  # vLLM answers it
     assert "/v1/chat/completions" in request_problem("/v1/completions", b"{}")
     assert request_problem("/v1/models", b"") is None

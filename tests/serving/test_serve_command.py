@@ -51,12 +51,17 @@ def test_a_two_stage_export_is_served_stage1_only_with_a_warning(tmp_path, capsy
     assert f"warning: {export} was fine-tuned with two-stage Nüwa" in err and "served stage-1-only" in err
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda path: None, "does not exist"),
-    (lambda path: (path.mkdir(), (path / "adapter_config.json").write_text("{}")), "adapter-only export"),
-    (lambda path: (path.mkdir(), (path / "config.json").write_text('{"model_type": "qwen2_vl"}')),
-     "model_type 'qwen2_vl'"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda path: None, "does not exist"),
+        (lambda path: (path.mkdir(), (path / "adapter_config.json").write_text("{}")), "adapter-only export"),
+        (
+            lambda path: (path.mkdir(), (path / "config.json").write_text('{"model_type": "qwen2_vl"}')),
+            "model_type 'qwen2_vl'",
+        ),
+    ],
+)
 def test_unservable_directories_are_refused_in_one_line(tmp_path, capsys, setup, message):
     target = tmp_path / "model"
     setup(target)

@@ -36,10 +36,12 @@ def references():
 
 @pytest.fixture(scope="module")
 def served(serving_python, references, tmp_path_factory):
-    runs = {"eager": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM)},
-            "chunked": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM), "engine": CHUNKED},
-            "compiled": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM), "engine": {"enforce_eager": False}},
-            "compact": {"hf_overrides": hf_overrides(COMPACT, HEAD_DIM)}}
+    runs = {
+        "eager": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM)},
+        "chunked": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM), "engine": CHUNKED},
+        "compiled": {"hf_overrides": hf_overrides(ORIGINAL, HEAD_DIM), "engine": {"enforce_eager": False}},
+        "compact": {"hf_overrides": hf_overrides(COMPACT, HEAD_DIM)},
+    }
     return vllm_answers(serving_python, references["original"], runs, tmp_path_factory.mktemp("vllm"))
 
 
@@ -51,15 +53,19 @@ def test_vllm_answers_keeps_and_logprobs_equal_load_pruned(served, references, r
     assert all(len(kept) == 16 for kept in answers["kept"])
     assert answers["answers"] == reference.answers
     difference = largest_logprob_difference(answers, reference)
-    print(f"{run}: {matching(answers, reference)}/{len(reference.answers)} answers equal, largest first-token "
-          f"log-prob difference {difference:.2e}, engine start {answers['init_s']:.1f} s")
+    print(
+        f"{run}: {matching(answers, reference)}/{len(reference.answers)} answers equal, largest first-token "
+        f"log-prob difference {difference:.2e}, engine start {answers['init_s']:.1f} s"
+    )
     assert difference < LOGPROB_TOLERANCE
 
 
 def test_compact_positions_are_caught_and_match_compact_load_pruned(served, references):
     compact = served["compact"]
-    print(f"compact positions: {matching(compact, references['original'])}/{len(compact['answers'])} answers equal "
-          f"the original-position reference, {matching(compact, references['compact'])} the compact one")
+    print(
+        f"compact positions: {matching(compact, references['original'])}/{len(compact['answers'])} answers equal "
+        f"the original-position reference, {matching(compact, references['compact'])} the compact one"
+    )
     assert compact["kept"] == references["original"].kept  # same selection: only the positions differ
     assert matching(compact, references["original"]) < len(references["original"].answers) // 2
     assert largest_logprob_difference(compact, references["original"]) > LOGPROB_TOLERANCE
@@ -92,8 +98,10 @@ def test_a_two_stage_export_served_stage1_only_equals_its_stage1_load_pruned(ser
     assert all(len(kept) == 32 for kept in answers["kept"]) and answers["kept"] == reference.kept
     assert answers["answers"] == reference.answers
     difference = largest_logprob_difference(answers, reference)
-    print(f"export: {matching(answers, reference)}/{len(reference.answers)} answers equal, largest first-token "
-          f"log-prob difference {difference:.2e}")
+    print(
+        f"export: {matching(answers, reference)}/{len(reference.answers)} answers equal, largest first-token "
+        f"log-prob difference {difference:.2e}"
+    )
     assert difference < LOGPROB_TOLERANCE
 
 

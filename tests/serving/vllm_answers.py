@@ -16,8 +16,14 @@ import sys
 import time
 
 # Small and deterministic on a shared 2-core machine (FIELD_NOTES, "vLLM on this CPU")
-ENGINE_DEFAULTS = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 4, "limit_mm_per_prompt": {"image": 1},
-                   "enforce_eager": True, "seed": 0}
+ENGINE_DEFAULTS = {
+    "dtype": "float32",
+    "max_model_len": 512,
+    "max_num_seqs": 4,
+    "limit_mm_per_prompt": {"image": 1},
+    "enforce_eager": True,
+    "seed": 0,
+}
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -40,15 +46,22 @@ def answer(job: dict, run: dict) -> dict:
     prompts = []
     for record in job["records"]:
         with Image.open(record["image"]) as image:
-            prompts.append(TokensPrompt(prompt_token_ids=record["prompt_token_ids"],
-                                        multi_modal_data={"image": image.convert("RGB")}))
+            prompts.append(
+                TokensPrompt(
+                    prompt_token_ids=record["prompt_token_ids"], multi_modal_data={"image": image.convert("RGB")}
+                )
+            )
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=job["logprobs"])
     outputs = llm.generate(prompts, params, use_tqdm=False)
     kept = llm.apply_model(lambda model: list(model.recent_kept))[0]
-    result = {"answers": [list(output.outputs[0].token_ids) for output in outputs],
-              "first_logprobs": [{str(token): entry.logprob for token, entry in output.outputs[0].logprobs[0].items()}
-                                 for output in outputs],
-              "kept": kept, "init_s": init_s}
+    result = {
+        "answers": [list(output.outputs[0].token_ids) for output in outputs],
+        "first_logprobs": [
+            {str(token): entry.logprob for token, entry in output.outputs[0].logprobs[0].items()} for output in outputs
+        ],
+        "kept": kept,
+        "init_s": init_s,
+    }
     del llm
     gc.collect()
     return result
