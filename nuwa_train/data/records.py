@@ -100,17 +100,7 @@ class SyntheticRecords(IndexedRecords):
                 "image": pixels,
             }
         make, draw = self.tasks[position]
-        record = make(scene, self.config, draw)
-        return dict(
-            id=record.id,
-            image=pixels,
-            prompt=record.prompt,
-            answer=record.answer,
-            task=record.task,
-            box=record.box,
-            kind=record.kind,
-            expression=record.expression,
-        )
+        return make(scene, self.config, draw).as_row(pixels)
 
     def _scene(self, image: int):
         """Layout and rendering of one image, reused while its records are read one after another."""

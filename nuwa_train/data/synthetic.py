@@ -167,6 +167,19 @@ class Record:
     # expression, the object asked about, the objects counted or found; empty when the answer is "no" / "0".
     referred: tuple[int, ...] = ()
 
+    def as_row(self, image) -> dict:
+        """The dataset row the collator and the scorers read (`image`: the rendered scene or its pixels)."""
+        return dict(
+            id=self.id,
+            image=image,
+            prompt=self.prompt,
+            answer=self.answer,
+            task=self.task,
+            box=self.box,
+            kind=self.kind,
+            expression=self.expression,
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # coordinate tokens

@@ -30,19 +30,6 @@ def conversation_messages(history: list[Record], question: Record) -> list[dict]
     return messages
 
 
-def _row(record: Record, image) -> dict:
-    return dict(
-        id=record.id,
-        image=image,
-        prompt=record.prompt,
-        answer=record.answer,
-        task=record.task,
-        box=record.box,
-        kind=record.kind,
-        expression=record.expression,
-    )
-
-
 @torch.no_grad()
 def evaluate_conversations(
     model,
@@ -87,7 +74,7 @@ def evaluate_conversations(
                 answers = generate_answers(model, tokenizer, dict(batch), max_new_tokens)
                 for (image, records), text in zip(chunk, answers):
                     record = records[turn]
-                    score = score_answer(_row(record, image), text, collator).correct
+                    score = score_answer(record.as_row(image), text, collator).correct
                     correct[turn, record.kind].append(score)
                     tasks[turn, record.task].append(score)
                     kind_task[record.kind] = record.task
