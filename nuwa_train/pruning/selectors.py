@@ -66,13 +66,9 @@ class Selector:
         return self.stage1 is None or self.stage1_soft is not None
 
 
-def _nuwa(plan: Stage1Plan, config: Stage1Settings, features, sim_features, scores, grid, generator) -> Stage1Output:
-    return nuwa_stage1(
-        features,
-        sim_features,
-        scores,
-        grid,
-        plan.keep,
+def _anchor_settings(plan: Stage1Plan, config: Stage1Settings, grid) -> dict:
+    """The keyword settings hard and soft Nüwa stage 1 share, so the two modes cannot drift apart."""
+    return dict(
         top_n=plan.top_n,
         distance=config.distance,
         pillar_quantile=config.pillar_quantile,
@@ -80,6 +76,10 @@ def _nuwa(plan: Stage1Plan, config: Stage1Settings, features, sim_features, scor
         aggregation=config.aggregation_for(grid),
         window_tile=config.window_tile,
     )
+
+
+def _nuwa(plan: Stage1Plan, config: Stage1Settings, features, sim_features, scores, grid, generator) -> Stage1Output:
+    return nuwa_stage1(features, sim_features, scores, grid, plan.keep, **_anchor_settings(plan, config, grid))
 
 
 def _nuwa_soft(
@@ -92,13 +92,8 @@ def _nuwa_soft(
         grid,
         plan.keep,
         temperature,
-        top_n=plan.top_n,
-        distance=config.distance,
-        pillar_quantile=config.pillar_quantile,
-        region=config.region_size,
-        aggregation=config.aggregation_for(grid),
-        window_tile=config.window_tile,
         noise=noise,
+        **_anchor_settings(plan, config, grid),
     )
 
 
